@@ -1,0 +1,179 @@
+"""Personalized captioning (inference): one code path for single-, 2- and 4-concept queries.
+
+Greedy decoding, batched by similar prompt size, left padding. Each query gets its reference concepts either
+from the ground truth (skip-retrieval) or from the retrieval database; captions are written in RePIC's caption
+format `[query_image, [gt keys], caption, question]`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from repic.io import RepicError, resolve_image
+from repic.prompts import CAPTION_QUESTIONS, caption_messages
+
+SETTINGS = ("single", "multi2", "multi4")
+
+
+@dataclass
+class Query:
+    """One captioning request: a query image, its ground-truth keys and the reference keys shown."""
+
+    image: str
+    gt_keys: list[str]
+    question: str
+    ref_keys: list[str] = field(default_factory=list)
+    retrieval: dict[str, Any] = field(default_factory=dict)
+
+
+def expand_queries(query_map: dict[str, Any], setting: str, source: str = "queries") -> list[Query]:
+    """RePIC query maps -> queries. 4-concept maps hold a list of 4-key subsets per image: one query each."""
+    if setting not in SETTINGS:
+        raise RepicError(f"setting: expected one of {SETTINGS}, got {setting!r}")
+    queries: list[Query] = []
+    for image, keys in query_map.items():
+        subsets = keys if setting == "multi4" else [keys]
+        for subset in subsets:
+            if not isinstance(subset, list) or not all(isinstance(k, str) for k in subset):
+                raise RepicError(f"{source}: entry {image!r} must map to a list of keys"
+                                 + (" per subset (list of lists)" if setting == "multi4" else ""))
+            question = CAPTION_QUESTIONS[len(queries) % len(CAPTION_QUESTIONS)]
+            queries.append(Query(image=image, gt_keys=list(subset), question=question))
+    return queries
+
+
+def _open(root: str | os.PathLike, rel: str) -> Image.Image:
+    path = resolve_image(root, rel)
+    try:
+        return Image.open(path).convert("RGB")
+    except OSError as exc:
+        raise RepicError(f"cannot read image {path} ({exc})") from None
+
+
+def build_conversation(query: Query, database: dict[str, Any], root: str | os.PathLike
+                       ) -> tuple[list[dict], list[Image.Image]]:
+    """Messages + images (references in order, query last) for one query."""
+    concepts = database["concept_dict"]
+    refs, images = [], []
+    for key in query.ref_keys:
+        entry = concepts.get(key)
+        if entry is None:
+            raise RepicError(f"database: reference key {key!r} of query {query.image!r} is not in concept_dict")
+        refs.append({"name": key, "info": entry["info"]})
+        images.append(_open(root, entry["image"]))
+    images.append(_open(root, query.image))
+    return caption_messages(refs, query.question), images
+
+
+@torch.inference_mode()
+def generate_captions(model: Any, processor: Any, conversations: list[tuple[list[dict], list[Image.Image]]],
+                      *, batch_size: int, max_new_tokens: int) -> list[str]:
+    """Greedy captions for many conversations, batched by similar prompt size (sorted), left padded."""
+    texts = [processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+             for msgs, _ in conversations]
+    sizes = [sum(img.width * img.height for img in imgs) + len(t) for t, (_, imgs) in zip(texts, conversations)]
+    order = sorted(range(len(texts)), key=lambda i: sizes[i])
+    captions: list[str] = [""] * len(texts)
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        inputs = processor(
+            text=[texts[i] for i in idx], images=[conversations[i][1] for i in idx],
+            return_tensors="pt", padding=True, padding_side="left",
+        ).to(device)
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
+                             pad_token_id=processor.tokenizer.pad_token_id)
+        decoded = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        for i, text in zip(idx, decoded):
+            captions[i] = text.strip()
+    return captions
+
+
+def caption_rows(queries: list[Query], captions: list[str]) -> list[list[Any]]:
+    """RePIC's caption file rows: `[query_image, [gt keys], caption, question]`."""
+    return [[q.image, q.gt_keys, c, q.question] for q, c in zip(queries, captions)]
+
+
+def attach_retrieval(queries: list[Query], retrieve_keys: Any) -> list[Query]:
+    """Copies of `queries` whose references are the retrieved concepts (`retrieve_keys(image) -> dict`)."""
+    cache: dict[str, dict[str, Any]] = {}
+    out = []
+    for q in queries:
+        if q.image not in cache:
+            cache[q.image] = retrieve_keys(q.image)
+        hit = cache[q.image]
+        out.append(Query(image=q.image, gt_keys=q.gt_keys, question=q.question,
+                         ref_keys=list(hit["keys"]), retrieval=hit))
+    return out
+
+
+def caption_all(model: Any, processor: Any, queries_by_mode: dict[str, list[Query]], database: dict[str, Any],
+                root: str | os.PathLike, *, batch_size: int, max_new_tokens: int) -> dict[str, list[list[Any]]]:
+    """Caption every mode's queries with one model; returns RePIC caption rows per mode."""
+    rows = {}
+    for mode, queries in queries_by_mode.items():
+        conversations = [build_conversation(q, database, root) for q in queries]
+        captions = generate_captions(model, processor, conversations, batch_size=batch_size,
+                                     max_new_tokens=max_new_tokens)
+        rows[mode] = caption_rows(queries, captions)
+    return rows
+
+
+def make_retriever(index_dir: str | os.PathLike, root: str | os.PathLike, params: dict[str, Any], k: int
+                   ) -> Any:
+    """`image -> {"keys", "hits"}` over the index built by `build_db` (its embedder is read from the index
+    meta, so captioning always embeds queries as the database was embedded). Hits whose image is missing
+    are reported in `hits` and left out of `keys`."""
+    from pathlib import Path
+
+    from repic.retrieval import load_index, make_detector, make_embedder, retrieve
+
+    index, id_map, meta = load_index(Path(index_dir))
+    embedder = make_embedder(meta["embedder"], **meta.get("embedder_kwargs", {}))
+    detector = make_detector(params["detector"], **params["detector_kwargs"])
+
+    def retrieve_keys(image: Image.Image) -> dict[str, Any]:
+        hits = retrieve(image, index, id_map, embedder, detector, k, root=Path(root))
+        return {"keys": [h["key"] for h in hits if not h["missing"]], "hits": hits}
+
+    return retrieve_keys
+
+
+def run_setting(setting: str, queries_path: str, database_path: str, root: str, index_dir: str,
+                model_path: str, adapter: str, params: dict[str, Any], *, device: str = "auto",
+                dtype: str = "auto") -> tuple[dict[str, list[list[Any]]], dict[str, Any]]:
+    """Everything `caption_<setting>` does: queries, retrieval, base and base+adapter captions."""
+    from peft import PeftModel
+
+    from repic.io import read_json
+    from repic.models import load_model, load_processor
+    from repic.retrieval import retrieval_recall
+
+    database = read_json(database_path)
+    queries = expand_queries(read_json(queries_path), setting, source=queries_path)
+    for q in queries:
+        q.ref_keys = list(q.gt_keys)
+    retriever = make_retriever(index_dir, root, params, k=params["top_k"][setting])
+    retrieved = attach_retrieval(queries, lambda image: retriever(_open(root, image)))
+    missing = sorted({h["image"] for q in retrieved for h in q.retrieval["hits"] if h.get("missing")})
+    by_mode = {"skip": queries, "retrieval": retrieved}
+    gen = dict(batch_size=params["batch_size"], max_new_tokens=params["max_new_tokens"])
+    processor = load_processor(model_path)
+    model = load_model(model_path, device=device, dtype=dtype)
+    rows = {f"base_{m}": r for m, r in caption_all(model, processor, by_mode, database, root, **gen).items()}
+    model = PeftModel.from_pretrained(model, adapter).eval()
+    rows |= {f"trained_{m}": r for m, r in caption_all(model, processor, by_mode, database, root, **gen).items()}
+    summary = {
+        "setting": setting,
+        "k": params["top_k"][setting],
+        "recall_at_k": retrieval_recall([q.ref_keys for q in retrieved], [q.gt_keys for q in retrieved]),
+        "n_queries": len(queries),
+        "missing_images": missing,
+        "per_query": [{"query_image": q.image, "gt_keys": q.gt_keys, "retrieved": q.ref_keys} for q in retrieved],
+    }
+    return rows, summary

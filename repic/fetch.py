@@ -1,0 +1,42 @@
+"""fetch_data: produce the inputs of the pipeline (data root in RePIC's layout + base model checkpoint)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from repic.io import atomic_dir
+from repic.prompts import CAPTION_QUESTIONS, CAPTION_SYSTEM_PROMPT, ICT_SUFFIXES, OCT_SUFFIX, VLT_SUFFIX
+
+
+def world_texts(root: Path) -> Iterator[str]:
+    """Every string the pipeline will show the tiny model: tokenizer training corpus."""
+    yield from (CAPTION_SYSTEM_PROMPT, OCT_SUFFIX, VLT_SUFFIX, *CAPTION_QUESTIONS, *(s for _, s in ICT_SUFFIXES))
+    yield "This is the query image. Name: Info: system user assistant You are a helpful assistant."
+    for path in sorted(root.rglob("*.json")):
+        yield json.dumps(json.loads(path.read_text(encoding="utf-8")), ensure_ascii=False)
+
+
+def fetch_synthetic(out_data: str | os.PathLike, out_model: str | os.PathLike, params: dict[str, Any],
+                    seed: int) -> dict[str, Any]:
+    """Seeded concept world + tiny Qwen2.5-VL (tokenizer trained on the world's and the warm-up's text,
+    then the supervised warm-up of repic.warmup)."""
+    from repic.models import build_tiny_model
+    from repic.warmup import warmup, warmup_examples
+    from repic.world import make_world
+
+    world, wcfg = params["world"], params["warmup"]
+    examples = warmup_examples(seed=seed, n_concepts=world["n_concepts"], n_train_concepts=None,
+                               n_distractors=world["n_distractors"], image_size=world["image_size"],
+                               n_examples=wcfg["examples"], n_names=wcfg["names"], name_rate=wcfg["name_rate"])
+    with atomic_dir(out_data) as data_tmp:
+        summary = make_world(data_tmp, seed=seed, **world)
+        texts = [*world_texts(data_tmp), *(json.dumps(e["messages"]) + e["target"] for e in examples)]
+        with atomic_dir(out_model) as model_tmp:
+            build_tiny_model(model_tmp, texts, params["tiny_model"], seed=seed)
+            losses = warmup(model_tmp, examples, steps=wcfg["steps"], batch_size=wcfg["batch_size"],
+                            learning_rate=wcfg["learning_rate"], seed=seed)
+    return {**summary, "warmup_loss": [losses[0], losses[-1]] if losses else None}

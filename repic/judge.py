@@ -1,0 +1,191 @@
+"""Pairwise LLM judge: which of two captions of the same query is better, asked in both orders.
+
+Protocol: the judge sees the reference concepts (image, name, info), the query image and captions A and B,
+and answers 'A', 'B' or 'tie'. Each pair is asked twice with the positions swapped; a method wins a pair only
+if it wins both orders, otherwise the pair is a tie. Answers are cached by a content hash of everything the
+judge saw, so a rerun asks (and bills) nothing. Backends: `local` (a `from_pretrained` Qwen2.5-VL) and
+`openai` (any OpenAI-compatible chat-completions endpoint; the key comes from the environment only).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from repic.io import RepicError, write_text
+
+JUDGE_INSTRUCTION = (
+    "You are judging personalized image captions. The reference images above show concepts with their names. "
+    "A good caption names the concepts that appear in the query image, correctly, and describes the image "
+    "faithfully. Which caption is better? Answer with exactly one of: A, B, tie."
+)
+
+Judge = Callable[[list[dict[str, Any]], list[Image.Image]], str]
+
+
+def judge_messages(references: list[dict[str, Any]], caption_a: str, caption_b: str) -> list[dict[str, Any]]:
+    content: list[dict[str, Any]] = []
+    for i, ref in enumerate(references, start=1):
+        content += [{"type": "image"}, {"type": "text", "text": f"{i}. Name: {ref['name']}, Info: {ref['info']}\n"}]
+    content += [{"type": "image"}, {"type": "text", "text": "This is the query image.\n"
+                                    f"Caption A: {caption_a}\nCaption B: {caption_b}\n{JUDGE_INSTRUCTION}"}]
+    return [{"role": "user", "content": content}]
+
+
+def parse_verdict(answer: str) -> str:
+    """'A' | 'B' | 'tie' | 'invalid' from the judge's free text (first standalone answer word wins)."""
+    m = re.search(r"\b(tie|A|B)\b", answer.strip(), flags=re.IGNORECASE)
+    if not m:
+        return "invalid"
+    word = m.group(1)
+    return "tie" if word.lower() == "tie" else word.upper()
+
+
+def content_hash(backend_id: str, messages: list[dict[str, Any]], images: list[Image.Image]) -> str:
+    h = hashlib.sha256(backend_id.encode())
+    h.update(json.dumps(messages, sort_keys=True).encode())
+    for img in images:
+        h.update(img.tobytes())
+        h.update(repr(img.size).encode())
+    return h.hexdigest()
+
+
+class AnswerCache:
+    """Append-only JSONL cache of judge answers keyed by content hash."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.answers: dict[str, str] = {}
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    rec = json.loads(line)
+                    self.answers[rec["hash"]] = rec["answer"]
+        self.asked = 0
+
+    def get_or_ask(self, key: str, ask: Callable[[], str]) -> str:
+        if key not in self.answers:
+            self.answers[key] = ask()
+            self.asked += 1
+        return self.answers[key]
+
+    def save(self) -> None:
+        write_text(self.path, "".join(json.dumps({"hash": k, "answer": v}) + "\n" for k, v in self.answers.items()))
+
+
+def local_judge(model_path: str, *, device: str, dtype: str, max_new_tokens: int) -> tuple[str, Judge]:
+    from repic.captioning import generate_captions
+    from repic.models import load_model, load_processor
+
+    processor = load_processor(model_path)
+    model = load_model(model_path, device=device, dtype=dtype)
+
+    def ask(messages: list[dict[str, Any]], images: list[Image.Image]) -> str:
+        return generate_captions(model, processor, [(messages, images)], batch_size=1,
+                                 max_new_tokens=max_new_tokens)[0]
+
+    return f"local:{Path(model_path).resolve() if Path(model_path).exists() else model_path}", ask
+
+
+def _data_url(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def openai_judge(base_url: str, model: str, api_key_env: str, *, max_new_tokens: int) -> tuple[str, Judge]:
+    """OpenAI-compatible chat completions over HTTP; the key is read from `api_key_env` and never logged."""
+    import urllib.request
+
+    key = os.environ.get(api_key_env)
+    if not key:
+        raise RepicError(f"judge_llm.openai.api_key_env: environment variable {api_key_env} is not set")
+
+    def ask(messages: list[dict[str, Any]], images: list[Image.Image]) -> str:
+        it = iter(images)
+        wire = [{"role": m["role"], "content": [
+            {"type": "image_url", "image_url": {"url": _data_url(next(it))}} if b["type"] == "image" else b
+            for b in m["content"]]} for m in messages]
+        body = json.dumps({"model": model, "messages": wire, "max_tokens": max_new_tokens, "temperature": 0})
+        req = urllib.request.Request(base_url.rstrip("/") + "/chat/completions", data=body.encode(),
+                                     headers={"Authorization": f"Bearer {key}",
+                                              "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            reply = json.loads(resp.read())
+        try:
+            return reply["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            raise RepicError(f"judge {base_url}: malformed chat-completions reply") from None
+
+    return f"openai:{base_url}:{model}", ask
+
+
+def judge_pairs(pairs: list[dict[str, Any]], backend_id: str, ask: Judge, cache: AnswerCache) -> list[dict]:
+    """Judge each pair in both orders. A pair: references, images (refs + query), caption_trained,
+    caption_base. Returns per-pair verdict records with outcome trained|base|tie."""
+    records = []
+    for pair in pairs:
+        verdicts = []
+        for order in ("trained_first", "base_first"):
+            a, b = ((pair["caption_trained"], pair["caption_base"]) if order == "trained_first"
+                    else (pair["caption_base"], pair["caption_trained"]))
+            messages = judge_messages(pair["references"], a, b)
+            key = content_hash(backend_id, messages, pair["images"])
+            answer = cache.get_or_ask(key, lambda m=messages: ask(m, pair["images"]))
+            verdict = parse_verdict(answer)
+            # Map the positional verdict back to the method.
+            winner = {"A": "trained", "B": "base"} if order == "trained_first" else {"A": "base", "B": "trained"}
+            verdicts.append(winner.get(verdict, verdict))
+        first, second = verdicts
+        outcome = first if first == second and first in ("trained", "base") else "tie"
+        records.append({**{k: pair[k] for k in ("setting", "mode", "query_image")},
+                        "gt_keys": pair["gt_keys"], "verdict_trained_first": first,
+                        "verdict_base_first": second, "outcome": outcome})
+    return records
+
+
+def win_rates(records: list[dict[str, Any]]) -> dict[str, Any]:
+    n = len(records)
+    count = {o: sum(r["outcome"] == o for r in records) for o in ("trained", "base", "tie")}
+    invalid = sum(r["verdict_trained_first"] == "invalid" or r["verdict_base_first"] == "invalid"
+                  for r in records)
+    return {"n_pairs": n, "trained_win_rate": count["trained"] / n if n else None,
+            "base_win_rate": count["base"] / n if n else None, "tie_rate": count["tie"] / n if n else None,
+            "pairs_with_invalid_answer": invalid}
+
+
+def build_pairs(captions_dir: str | os.PathLike, settings: list[str], database: dict[str, Any],
+                root: str | os.PathLike, max_pairs: int) -> list[dict[str, Any]]:
+    """Pair base and trained captions of the same query, per setting and mode (first `max_pairs` each).
+
+    The judge is shown the ground-truth concepts as references, whichever the captioner was shown.
+    """
+    from repic.captioning import _open
+    from repic.io import read_json
+
+    pairs = []
+    for setting in settings:
+        for mode in ("skip", "retrieval"):
+            base = read_json(Path(captions_dir) / setting / f"base_{mode}.json")
+            trained = read_json(Path(captions_dir) / setting / f"trained_{mode}.json")
+            for b, t in list(zip(base, trained))[:max_pairs]:
+                if b[0] != t[0] or b[1] != t[1]:
+                    raise RepicError(f"{captions_dir}/{setting}: base and trained caption files are not aligned "
+                                     f"at query {b[0]!r}")
+                concepts = [database["concept_dict"][k] for k in b[1]]
+                pairs.append({
+                    "setting": setting, "mode": mode, "query_image": b[0], "gt_keys": b[1],
+                    "references": [{"name": k, "info": c["info"]} for k, c in zip(b[1], concepts)],
+                    "images": [_open(root, c["image"]) for c in concepts] + [_open(root, b[0])],
+                    "caption_base": b[2], "caption_trained": t[2],
+                })
+    return pairs

@@ -1,0 +1,227 @@
+"""Name precision / recall / F1 of personalized captions: RePIC's scoring protocol and a corrected one.
+
+`repic` matches RePIC's `evaluation/eval_single_concept.py`, `eval_multi_2_concept.py` and
+`eval_multi_4_concept.py` exactly:
+
+- remove `</s>`, split on whitespace, strip `.,!?;:()[]{}"'-` from each token's ends, drop empty tokens;
+- lowercase caption and keys for `single` and `multi4`; `multi2` is case-sensitive;
+- candidate pool = the set of ground-truth keys in the file (for `single`, each row's first key);
+- a key is present if its bracketed form (`<anya>`) or bare form (`anya`) equals a token;
+- per ground-truth slot: "correct" if that key is present, else "miss" if a pool key outside this row's
+  ground truth is present, else "none";
+- precision = correct / (correct + miss), recall = correct / slots, F1 their harmonic mean (0 if both are 0).
+
+Consequences kept on purpose: a multi-word key (`<black widow>`) can never equal a whitespace token, and
+`<Anya>'s` / `Anya's` do not match, because `'s` is not stripped.
+
+`strict` keeps the tokenisation and case rules but also finds multi-word keys as token phrases, accepts a
+possessive `'s` (also with a typographic apostrophe) and, given the database, the display names of
+`concept_dict[key]["name"]` (bare and bracketed, e.g. "Iron Man" / `<Iron Man>` for `<ironman>`).
+It is reported beside `repic`, never instead of it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from repic.io import RepicError, read_json
+
+PUNCT_STRIP = ".,!?;:()[]{}\"'-"
+SETTINGS = {"single": 1, "multi2": 2, "multi4": 4}  # setting -> ground-truth keys per row
+PROTOCOLS = ("repic", "strict")
+_POSSESSIVES = ("'s", "\u2019s")
+
+
+def strip_brackets(key: str) -> str:
+    """'<Anya>' -> 'Anya'; anything not wrapped in angle brackets is returned unchanged."""
+    return key[1:-1] if key.startswith("<") and key.endswith(">") else key
+
+
+def tokenize_caption(caption: str, lowercase: bool) -> list[str]:
+    """RePIC's caption tokens: drop `</s>`, split on whitespace, strip boundary punctuation, drop empties.
+
+    >>> tokenize_caption("<Anya> and (Bond)! </s> -", lowercase=False)
+    ['<Anya>', 'and', 'Bond']
+    """
+    caption = caption.replace("</s>", "")
+    if lowercase:
+        caption = caption.lower()
+    return [w.strip(PUNCT_STRIP) for w in caption.split() if w.strip(PUNCT_STRIP)]
+
+
+def _token_variants(token: str) -> set[str]:
+    """A token and, if it ends in a possessive `'s`, the token without it (strict protocol)."""
+    variants = {token}
+    for suffix in _POSSESSIVES:
+        if token.endswith(suffix):
+            stem = token[: -len(suffix)].strip(PUNCT_STRIP)
+            if stem:
+                variants.add(stem)
+    return variants
+
+
+def _contains_phrase(token_variants: list[set[str]], phrase: Sequence[str]) -> bool:
+    n = len(phrase)
+    if n == 0:
+        return False
+    for start in range(len(token_variants) - n + 1):
+        if all(phrase[i] in token_variants[start + i] for i in range(n)):
+            return True
+    return False
+
+
+class _Matcher:
+    """Decides which pool keys a caption mentions, under one protocol and case rule."""
+
+    def __init__(self, protocol: str, lowercase: bool, display_names: dict[str, str]):
+        self.protocol = protocol
+        self.lowercase = lowercase
+        self.display_names = display_names
+
+    def norm(self, key: str) -> str:
+        return key.lower() if self.lowercase else key
+
+    def _surface_phrases(self, key: str) -> list[list[str]]:
+        """Token sequences that mention `key` under `strict`: key, bare key, display name, <display name>."""
+        forms = [key, strip_brackets(key)]
+        name = self.display_names.get(key)
+        if name:
+            forms += [name, f"<{name}>"]
+        phrases = []
+        for form in forms:
+            # A form is tokenised like a caption so that "<black widow>" -> ["<black", "widow>"].
+            phrase = tokenize_caption(form, self.lowercase)
+            if phrase and phrase not in phrases:
+                phrases.append(phrase)
+        return phrases
+
+    def present(self, caption: str, pool: Sequence[str]) -> set[str]:
+        """Normalised, bracket-stripped forms of the pool keys the caption mentions."""
+        tokens = tokenize_caption(caption, self.lowercase)
+        if self.protocol == "repic":
+            token_set = set(tokens)
+            return {
+                strip_brackets(self.norm(k)) for k in pool
+                if self.norm(k) in token_set or strip_brackets(self.norm(k)) in token_set
+            }
+        variants = [_token_variants(t) for t in tokens]
+        return {
+            strip_brackets(self.norm(k)) for k in pool
+            if any(_contains_phrase(variants, p) for p in self._surface_phrases(k))
+        }
+
+
+def _display_names(database: dict | None) -> dict[str, str]:
+    if not database:
+        return {}
+    concepts = database.get("concept_dict", {})
+    return {
+        key: str(entry["name"])
+        for key, entry in concepts.items()
+        if isinstance(entry, dict) and entry.get("name")
+    }
+
+
+def prf(n_correct: int, n_predicted: int, n_slots: int) -> tuple[float, float, float]:
+    """Precision, recall, F1 in percent (unrounded); 0 where a denominator is 0."""
+    precision = n_correct / n_predicted if n_predicted else 0.0
+    recall = n_correct / n_slots if n_slots else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return 100 * precision, 100 * recall, 100 * f1
+
+
+def score_captions(
+    rows: Sequence[Sequence[Any]],
+    setting: str,
+    protocol: str = "repic",
+    database: dict | None = None,
+) -> tuple[dict, list[dict]]:
+    """Score caption rows `[query_image, [gt keys], caption, question]` by name precision / recall / F1.
+
+    Returns the summary `{"precision", "recall", "f1"` (percent, unrounded), `"n_slots", "n_rows",
+    "n_correct", "n_miss"}` and one record per ground-truth slot
+    `{"query_image", "row", "slot", "key", "outcome"}` with outcome "correct" / "miss" / "none".
+    `database` (a `database_mod.json` dict) adds display names under `strict`; `repic` ignores it.
+
+    >>> rows = [["q1.jpg", ["<Anya>", "<Bond>"], "Anya walks <Bond>.", "Caption?"],
+    ...         ["q2.jpg", ["<Bluey>", "<Bingo>"], "anya and a dog", "Caption?"]]
+    >>> summary, _ = score_captions(rows, "multi2")
+    >>> round(summary["precision"], 1), summary["recall"], round(summary["f1"], 1)
+    (100.0, 50.0, 66.7)
+    """
+    if setting not in SETTINGS:
+        raise RepicError(f"scoring setting {setting!r}: expected one of {', '.join(SETTINGS)}")
+    if protocol not in PROTOCOLS:
+        raise RepicError(f"scoring protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+    n_keys = SETTINGS[setting]
+    for i, row in enumerate(rows):
+        if len(row[1]) != n_keys:
+            raise RepicError(
+                f"caption row {i}: setting {setting} expects {n_keys} gt key(s), got {len(row[1])}"
+            )
+
+    # Only 2-concept scoring is case-sensitive in the original (its script never lowercases).
+    matcher = _Matcher(protocol, lowercase=setting != "multi2", display_names=_display_names(database))
+    pool = sorted({k for row in rows for k in row[1]})
+
+    records: list[dict] = []
+    for i, row in enumerate(rows):
+        query_image, gt_keys, caption = row[0], list(row[1]), row[2]
+        present = matcher.present(caption, pool)
+        gt_norm = {matcher.norm(k) for k in gt_keys}
+        others = {strip_brackets(matcher.norm(k)) for k in pool if matcher.norm(k) not in gt_norm}
+        wrong_present = bool(present & others)
+        for slot, key in enumerate(gt_keys):
+            if strip_brackets(matcher.norm(key)) in present:
+                outcome = "correct"
+            elif wrong_present:
+                outcome = "miss"
+            else:
+                outcome = "none"
+            records.append(
+                {"query_image": query_image, "row": i, "slot": slot, "key": key, "outcome": outcome}
+            )
+
+    n_correct = sum(r["outcome"] == "correct" for r in records)
+    n_miss = sum(r["outcome"] == "miss" for r in records)
+    precision, recall, f1 = prf(n_correct, n_correct + n_miss, len(records))
+    summary = {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "n_slots": len(records),
+        "n_rows": len(rows),
+        "n_correct": n_correct,
+        "n_miss": n_miss,
+    }
+    return summary, records
+
+
+def load_caption_rows(path: str | os.PathLike) -> list[list[Any]]:
+    """Read a caption file (ours or RePIC's): a JSON list of `[query_image, [gt keys], caption, question]`.
+
+    The question is optional, as RePIC's own scorers ignore it. A malformed row raises `RepicError` naming
+    the file, the row index and what was expected.
+    """
+    data = read_json(path)
+    expected = "[query_image: str, [gt keys: str, ...], caption: str, question: str]"
+    if not isinstance(data, list):
+        raise RepicError(f"{path}: expected a JSON list of rows {expected}, got {type(data).__name__}")
+    rows = []
+    for i, row in enumerate(data):
+        ok = (
+            isinstance(row, list)
+            and len(row) in (3, 4)
+            and isinstance(row[0], str)
+            and isinstance(row[1], list)
+            and len(row[1]) > 0
+            and all(isinstance(k, str) for k in row[1])
+            and isinstance(row[2], str)
+            and (len(row) == 3 or isinstance(row[3], str))
+        )
+        if not ok:
+            raise RepicError(f"{path}: row {i}: expected {expected}, got {str(row)[:120]}")
+        rows.append(row)
+    return rows

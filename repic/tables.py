@@ -1,0 +1,71 @@
+"""Paper-style results tables: rows = model, column groups = setting x mode x P/R/F1, one decimal."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import pandas as pd
+
+SETTING_ORDER = ("single", "multi2", "multi4")
+MODE_ORDER = ("skip", "retrieval")
+MODEL_ORDER = ("base", "trained")
+METRICS = (("precision", "P"), ("recall", "R"), ("f1", "F1"))
+SETTING_LABELS = {"single": "Single", "multi2": "2-concept", "multi4": "4-concept"}
+MODE_LABELS = {"skip": "skip-retrieval", "retrieval": "retrieval"}
+
+
+def _ordered(found: Iterable[str], preferred: tuple[str, ...]) -> list[str]:
+    """Known names in the paper's order, then any others (a new model or setting) in first-seen order."""
+    found = list(dict.fromkeys(found))
+    return [x for x in preferred if x in found] + [x for x in found if x not in preferred]
+
+
+def metrics_table(metrics: dict) -> pd.DataFrame:
+    """Build the table from `{setting: {mode: {model: {"precision", "recall", "f1", ...}}}}` (percent).
+
+    Columns are a MultiIndex (setting, mode, metric) with metric in P/R/F1; a cell the input lacks is NaN.
+
+    >>> t = metrics_table({"single": {"skip": {"base": {"precision": 81.27, "recall": 50.0, "f1": 61.9}}}})
+    >>> float(t.loc["base", ("single", "skip", "P")])
+    81.3
+    """
+    models = _ordered((m for s in metrics.values() for md in s.values() for m in md), MODEL_ORDER)
+    columns, data = [], []
+    for setting in _ordered(metrics, SETTING_ORDER):
+        for mode in _ordered(metrics[setting], MODE_ORDER):
+            for key, label in METRICS:
+                columns.append((setting, mode, label))
+                data.append([metrics[setting][mode].get(model, {}).get(key, math.nan) for model in models])
+    frame = pd.DataFrame(
+        dict(zip(columns, data, strict=True)),
+        index=pd.Index(models, name="model"),
+    )
+    frame.columns = pd.MultiIndex.from_tuples(columns, names=["setting", "mode", "metric"])
+    return frame.astype(float).round(1)
+
+
+def _header(column: object) -> str:
+    if isinstance(column, tuple):
+        if len(column) == 3:
+            setting, mode, metric = column
+            return f"{SETTING_LABELS.get(setting, setting)} {MODE_LABELS.get(mode, mode)} {metric}"
+        return " ".join(str(c) for c in column)
+    return str(column)
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.1f}"
+    return str(value).replace("|", "\\|")
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """Render `df` (index as first column) as a GitHub markdown table, floats with one decimal."""
+    headers = [str(df.index.name or "")] + [_header(c) for c in df.columns]
+    align = ["---"] + ["---:" if pd.api.types.is_numeric_dtype(df[c]) else "---" for c in df.columns]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
+    for index, row in zip(df.index, df.itertuples(index=False), strict=True):
+        cells = [_cell(index)] + [_cell(v) for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

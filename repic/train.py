@@ -1,0 +1,147 @@
+"""GRPO + LoRA post-training with RePIC's verifiable rewards (TRL `GRPOTrainer`, PEFT `LoraConfig`).
+
+Config keys are the libraries' own field names: `params.train_grpo_lora.grpo` goes to `GRPOConfig`,
+`params.train_grpo_lora.lora` to `LoraConfig`, so TRL's and PEFT's docs are ours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from repic.io import RepicError, resolve_image
+from repic.params import check_fields
+from repic.prompts import training_problem
+
+# Language-model linear layers only: `gate_proj/up_proj/down_proj` also name the vision tower's MLPs,
+# so a bare list of names would put LoRA on the frozen vision encoder too.
+LANGUAGE_MODEL_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def resize_for_training(image: Image.Image, n_images: int, multi_short_side: int, single_short_side: int
+                        ) -> Image.Image:
+    """RePIC's resize: short side <= 512 px for multi-image samples, <= 1024 px for single-image ones."""
+    limit = multi_short_side if n_images > 1 else single_short_side
+    short = min(image.size)
+    if short <= limit:
+        return image
+    scale = limit / short
+    return image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
+
+
+def build_examples(samples: list[dict[str, Any]], root: str | os.PathLike, *, seed: int,
+                   multi_short_side: int = 512, single_short_side: int = 1024) -> list[dict[str, Any]]:
+    """RePIC training samples -> TRL conversational examples with images and reward columns.
+
+    `solution` is stored as JSON text so one Arrow column holds "yes", boxes and name lists alike; the rewards
+    decode it. Original and resized image sizes travel along for the strict protocol's box rescaling.
+    """
+    rng = random.Random(seed)
+    examples = []
+    for i, sample in enumerate(samples):
+        paths = sample["image"] if isinstance(sample["image"], list) else [sample["image"]]
+        images, sizes, resized = [], [], []
+        for rel in paths:
+            path = resolve_image(root, rel)
+            try:
+                img = Image.open(path).convert("RGB")
+            except OSError as exc:
+                raise RepicError(f"training sample {i}: cannot read image {path} ({exc})") from None
+            sizes.append(list(img.size))
+            img = resize_for_training(img, len(paths), multi_short_side, single_short_side)
+            resized.append(list(img.size))
+            images.append(img)
+        text = training_problem(sample["problem"], sample["accu_reward_method"], rng)
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+        examples.append({
+            "prompt": [{"role": "user", "content": content}],
+            "images": images,
+            "solution": json.dumps(sample["solution"]),
+            "accu_reward_method": sample["accu_reward_method"],
+            "image_size": sizes[-1],
+            "resized_size": resized[-1],
+        })
+    return examples
+
+
+def lora_config(lora: dict[str, Any]):
+    from peft import LoraConfig
+
+    check_fields("train_grpo_lora.lora", lora, LoraConfig)
+    kwargs = dict(lora)
+    kwargs.setdefault("target_modules", LANGUAGE_MODEL_LINEAR)
+    kwargs.setdefault("task_type", "CAUSAL_LM")
+    return LoraConfig(**kwargs)
+
+
+def grpo_config(grpo: dict[str, Any], output_dir: str | os.PathLike, use_cpu: bool):
+    from trl import GRPOConfig
+
+    check_fields("train_grpo_lora.grpo", grpo, GRPOConfig)
+    kwargs = dict(grpo)
+    kwargs.setdefault("report_to", "none")
+    kwargs.setdefault("save_strategy", "no")
+    return GRPOConfig(output_dir=str(output_dir), use_cpu=use_cpu, **kwargs)
+
+
+def reward_functions(names: list[str], protocol: str) -> list:
+    from repic.rewards import REWARD_REGISTRY
+
+    unknown = [n for n in names if n not in REWARD_REGISTRY]
+    if unknown:
+        raise RepicError(f"train_grpo_lora.rewards: unknown reward {unknown[0]!r}; "
+                         f"expected one of {sorted(REWARD_REGISTRY)}")
+    return [REWARD_REGISTRY[n](protocol) for n in names]
+
+
+def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: str | os.PathLike,
+          out_dir: str | os.PathLike, params: dict[str, Any], *, seed: int, device: str = "auto",
+          dtype: str = "auto") -> list[dict]:
+    """Run GRPO + LoRA and save the adapter to `out_dir`; returns the per-step log records."""
+    from datasets import Dataset
+    from peft import get_peft_model
+    from trl import GRPOTrainer
+
+    from repic.models import load_model, load_processor, pick_device
+
+    device = pick_device(device)
+    lora = lora_config(params["lora"])
+    args = grpo_config({**params["grpo"], "seed": seed}, Path(out_dir).parent / "checkpoints",
+                       use_cpu=device == "cpu")
+    rewards = reward_functions(params["rewards"], params["protocol"])
+    examples = build_examples(samples, root, seed=seed, **params.get("resize", {}))
+    dataset = Dataset.from_list(examples)
+    processor = load_processor(model_path)
+    model = get_peft_model(load_model(model_path, device=device, dtype=dtype).train(), lora)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=rewards,
+        args=args,
+        train_dataset=dataset,
+        processing_class=processor,
+    )
+    trainer.train()
+    trainer.model.save_pretrained(out_dir)
+    return [rec for rec in trainer.state.log_history if "loss" in rec or "reward" in rec]
+
+
+def summarize_log(log: list[dict[str, Any]]) -> dict[str, Any]:
+    """First vs last logged value of the total reward, each reward type, KL and loss (nan-aware means
+    over the first/last quarter of steps, since one step sees one prompt group)."""
+    import math
+
+    keys = sorted({k for rec in log for k in rec if k in ("reward", "kl", "loss")
+                   or (k.startswith("rewards/") and k.endswith("/mean"))})
+    n = max(1, len(log) // 4)
+
+    def mean(recs: list[dict[str, Any]], key: str) -> float | None:
+        vals = [float(r[key]) for r in recs if r.get(key) is not None and not math.isnan(float(r[key]))]
+        return sum(vals) / len(vals) if vals else None
+
+    return {"steps": len(log), "window": n,
+            "first": {k: mean(log[:n], k) for k in keys}, "last": {k: mean(log[-n:], k) for k in keys}}

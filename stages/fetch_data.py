@@ -1,0 +1,27 @@
+"""Fetch the pipeline's inputs: data root in RePIC's layout + base model.
+
+Example: python -m stages.fetch_data --out-data data/world --out-model data/models/base
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from repic.cli import params_of, parser, run
+from repic.fetch import fetch_synthetic
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = parser(__doc__)
+    p.add_argument("--out-data", required=True)
+    p.add_argument("--out-model", required=True)
+    args = p.parse_args(argv)
+    params = params_of(args)
+    # ---- fetch (only `synthetic` exists in the embedded default; hub/url/local sources are tracked in issues)
+    summary = fetch_synthetic(args.out_data, args.out_model, params["fetch_data"], seed=params["base"]["seed"])
+    print(summary)
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

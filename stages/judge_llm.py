@@ -1,0 +1,54 @@
+"""Pairwise LLM judge of trained vs base captions (both orders, ties, cached): verdicts + win rates.
+
+Example: python -m stages.judge_llm --captions results/captions --database D.json --root data/world \
+    --out results/judge
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from repic.captioning import SETTINGS
+from repic.cli import params_of, parser, run
+from repic.io import read_json, write_json, write_parquet
+from repic.judge import AnswerCache, build_pairs, judge_pairs, local_judge, openai_judge, win_rates
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = parser(__doc__)
+    for name in ("--captions", "--database", "--root", "--out"):
+        p.add_argument(name, required=True)
+    args = p.parse_args(argv)
+    params = params_of(args)
+    cfg, base = params["judge_llm"], params["base"]
+    out = Path(args.out)
+    if cfg["backend"] == "none":
+        write_json(out / "win_rates.json", {"status": "not run", "reason": "judge_llm.backend is 'none'"})
+        write_parquet(out / "verdicts.parquet", pd.DataFrame(columns=["setting", "mode", "query_image"]))
+        return
+    # ---- judge backend
+    if cfg["backend"] == "local":
+        backend_id, ask = local_judge(cfg["model"], device=base["device"], dtype=base["dtype"],
+                                     max_new_tokens=cfg["max_new_tokens"])
+    else:
+        backend_id, ask = openai_judge(**cfg["openai"], max_new_tokens=cfg["max_new_tokens"])
+    # ---- pairs, verdicts, win rates
+    pairs = build_pairs(args.captions, list(SETTINGS), read_json(args.database), args.root, cfg["max_pairs"])
+    cache = AnswerCache(out / "cache.jsonl")
+    records = judge_pairs(pairs, backend_id, ask, cache)
+    cache.save()
+    frame = pd.DataFrame(records)
+    summary = {"status": "ok", "backend": backend_id.split(":")[0], "asked": cache.asked,
+               "overall": win_rates(records),
+               **{f"{s}_{m}": win_rates([r for r in records if r["setting"] == s and r["mode"] == m])
+                  for s in SETTINGS for m in ("skip", "retrieval")}}
+    write_json(out / "win_rates.json", summary)
+    write_parquet(out / "verdicts.parquet", frame)
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

@@ -1,0 +1,38 @@
+"""Write the seeded, reward-stratified training subset + its manifest (and a Parquet copy).
+
+Example: python -m stages.subset_2k --train-json data/world/data/training/train.json --out data/subset
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from repic.cli import params_of, parser, run
+from repic.io import read_json, write_json, write_parquet
+from repic.subset import stratified_subset, validate_training
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = parser(__doc__)
+    p.add_argument("--train-json", required=True)
+    p.add_argument("--out", required=True, help="output folder: train_subset.json, manifest.json, .parquet")
+    args = p.parse_args(argv)
+    params = params_of(args)
+    samples = validate_training(read_json(args.train_json), args.train_json)
+    chosen, manifest = stratified_subset(samples, params["subset_2k"]["size"], params["base"]["seed"])
+    subset = [samples[i] for i in chosen]
+    out = Path(args.out)
+    write_json(out / "train_subset.json", subset)
+    write_json(out / "manifest.json", {**manifest, "source": args.train_json, "indices": chosen})
+    frame = pd.DataFrame({"source_index": chosen, **{k: [json.dumps(s[k]) if not isinstance(s[k], str) else s[k]
+                                                        for s in subset] for k in subset[0]}})
+    write_parquet(out / "train_subset.parquet", frame)
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

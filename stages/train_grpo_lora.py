@@ -1,0 +1,43 @@
+"""GRPO + LoRA post-training with RePIC's rewards: adapter, per-step log and a training summary.
+
+Example: python -m stages.train_grpo_lora --model data/models/base --train data/subset/train_subset.json \
+    --root data/world --out results/train
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from repic.cli import params_of, parser, run
+from repic.io import atomic_dir, read_json, write_json, write_text
+from repic.subset import validate_training
+from repic.train import summarize_log, train
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = parser(__doc__)
+    p.add_argument("--model", required=True, help="base model: local dir or hub id")
+    p.add_argument("--train", required=True, help="training JSON (RePIC schema)")
+    p.add_argument("--root", required=True, help="data root the training image paths are relative to")
+    p.add_argument("--out", required=True, help="output folder: adapter/, log.jsonl, summary.json")
+    args = p.parse_args(argv)
+    params = params_of(args)
+    base = params["base"]
+    samples = validate_training(read_json(args.train), args.train)
+    out = Path(args.out)
+    # ---- train
+    with atomic_dir(out / "adapter") as adapter_dir:
+        log = train(args.model, samples, args.root, adapter_dir, params["train_grpo_lora"], seed=base["seed"],
+                    device=base["device"], dtype=base["dtype"])
+    # ---- save the log
+    frame = pd.DataFrame(log)
+    write_text(out / "log.jsonl", frame.to_json(orient="records", lines=True))
+    write_json(out / "summary.json", summarize_log(log))
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

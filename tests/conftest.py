@@ -1,0 +1,34 @@
+"""Shared fixtures. Fast by default; slow end-to-end tests are marked `slow` and run in `make test` too."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+TINY_MODEL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vision_hidden_size=32, vision_depth=2,
+                  vision_heads=2, min_pixels=3136, max_pixels=12544)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from repic.models import build_tiny_model
+
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    texts = ["This is the query image. Name: <zorp>, Info: a red toy. yes no caption"] * 20
+    return build_tiny_model(out, texts, TINY_MODEL, seed=0)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not (SHARED / "repic_eval").is_dir():
+        pytest.skip(f"real RePIC data not available ({SHARED}/repic_eval is absent beside the checkout)")
+    return SHARED

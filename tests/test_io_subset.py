@@ -1,0 +1,68 @@
+import json
+
+import pytest
+
+from repic.io import RepicError, atomic_dir, read_json, write_json
+from repic.subset import stratified_subset, validate_training
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.json"
+
+    class Boom:  # not JSON-serialisable: the write fails mid-way
+        pass
+
+    with pytest.raises(TypeError):
+        write_json(target, {"x": Boom()})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_dir_replaces_only_on_success(tmp_path):
+    target = tmp_path / "d"
+    with atomic_dir(target) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "b").write_text("2")
+        raise RuntimeError
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    assert sorted(p.name for p in target.iterdir()) == ["a"]
+
+
+def test_read_json_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(RepicError, match="bad.json: invalid JSON"):
+        read_json(bad)
+    with pytest.raises(RepicError, match="missing.json: file not found"):
+        read_json(tmp_path / "missing.json")
+
+
+def _samples(counts):
+    return [{"image": f"{m}{i}.png", "problem": "q", "solution": "yes", "accu_reward_method": m}
+            for m, n in counts.items() for i in range(n)]
+
+
+def test_subset_is_stratified_seeded_and_in_source_order():
+    samples = _samples({"yes_no": 50, "iou": 30, "yes_no_name": 15, "yes_no_name_multi": 5})
+    chosen, manifest = stratified_subset(samples, 20, seed=7)
+    assert manifest["counts"] == {"iou": 6, "yes_no": 10, "yes_no_name": 3, "yes_no_name_multi": 1}
+    assert len(chosen) == 20 and chosen == sorted(chosen)
+    assert stratified_subset(samples, 20, seed=7)[0] == chosen
+    assert stratified_subset(samples, 20, seed=8)[0] != chosen
+
+
+def test_subset_largest_remainder():
+    samples = _samples({"yes_no": 1, "iou": 1, "yes_no_name": 1, "yes_no_name_multi": 1})
+    chosen, manifest = stratified_subset(samples, 2, seed=0)
+    assert sum(manifest["counts"].values()) == 2 and len(chosen) == 2
+
+
+def test_training_schema_errors_name_the_sample():
+    samples = _samples({"yes_no": 2})
+    del samples[1]["solution"]
+    with pytest.raises(RepicError, match=r"t.json: sample 1: missing key 'solution'"):
+        validate_training(samples, "t.json")
+    samples = _samples({"yes_no": 1})
+    samples[0]["accu_reward_method"] = "bleu"
+    with pytest.raises(RepicError, match="sample 0: accu_reward_method 'bleu'"):
+        validate_training(json.loads(json.dumps(samples)), "t.json")

@@ -1,0 +1,54 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from repic.io import RepicError
+from repic.params import check_fields, deep_merge, load_params
+
+from .conftest import REPO
+
+
+def _write(tmp_path: Path, params: dict) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_default_params_are_valid():
+    params = load_params(REPO / "params.yaml")
+    assert params["fetch_data"]["source"] == "synthetic"
+
+
+def test_unknown_key_is_named(tmp_path):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["caption"]["batchsize"] = 4
+    with pytest.raises(RepicError, match=r"caption\.batchsize: unknown key"):
+        load_params(_write(tmp_path, params))
+
+
+def test_mistyped_value_is_named(tmp_path):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["subset_2k"]["size"] = "many"
+    with pytest.raises(RepicError, match=r"subset_2k\.size: 'many' is not of type 'integer'"):
+        load_params(_write(tmp_path, params))
+
+
+def test_missing_section_is_named(tmp_path):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    del params["score"]
+    with pytest.raises(RepicError, match="'score' is a required property"):
+        load_params(_write(tmp_path, params))
+
+
+def test_library_sections_checked_against_dataclasses():
+    from peft import LoraConfig
+
+    check_fields("train_grpo_lora.lora", {"r": 8, "lora_alpha": 16}, LoraConfig)
+    with pytest.raises(RepicError, match=r"train_grpo_lora\.lora\.rank: unknown key \(not a field of LoraConfig\)"):
+        check_fields("train_grpo_lora.lora", {"rank": 8}, LoraConfig)
+
+
+def test_deep_merge_overlays_nested_keys():
+    merged = deep_merge({"a": {"b": 1, "c": 2}, "d": [1]}, {"a": {"c": 3}, "d": [2]})
+    assert merged == {"a": {"b": 1, "c": 3}, "d": [2]}

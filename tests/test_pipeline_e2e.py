@@ -1,0 +1,106 @@
+"""End-to-end: the embedded DAG in a scratch clone of the working tree, with `dvc repro` as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+SETTINGS, MODES, MODELS = ("single", "multi2", "multi4"), ("skip", "retrieval"), ("base", "trained")
+
+
+def _sh(args: list[str], cwd: Path, timeout: int = 1200) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A scratch git checkout of the working tree with the embedded DAG reproduced once."""
+    work = tmp_path_factory.mktemp("e2e") / "repo"
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for rel in filter(None, files):
+        if (REPO / rel).is_file():
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, work / rel)
+    _sh(["git", "init", "-q"], work)
+    start = time.monotonic()
+    log = _sh(["dvc", "repro"], work)
+    (work / "repro.log").write_text(log)
+    (work / "repro.seconds").write_text(f"{time.monotonic() - start:.1f}")
+    return work
+
+
+def test_metrics_cover_every_setting_mode_and_model(pipeline):
+    metrics = json.loads((pipeline / "results/score/metrics.json").read_text())
+    for s in SETTINGS:
+        for m in MODES:
+            for model in MODELS:
+                cell = metrics[s][m][model]
+                assert {"precision", "recall", "f1", "n_slots"} <= set(cell)
+                assert 0.0 <= cell["f1"] <= 100.0 and cell["n_slots"] > 0
+    table = (pipeline / "results/score/table.md").read_text()
+    assert "| trained |" in table and "4-concept" in table
+    assert float((pipeline / "repro.seconds").read_text()) < 600, "embedded dvc repro must take <= 10 min"
+
+
+def test_every_stage_wrote_its_artifacts(pipeline):
+    import pandas as pd
+
+    manifest = json.loads((pipeline / "data/subset/manifest.json").read_text())
+    assert set(manifest["counts"]) == {"yes_no", "iou", "yes_no_name", "yes_no_name_multi"}
+    assert len(pd.read_parquet(pipeline / "data/subset/train_subset.parquet")) == manifest["size"]
+    assert (pipeline / "results/train/adapter/adapter_config.json").is_file()
+    log = [json.loads(line) for line in (pipeline / "results/train/log.jsonl").read_text().splitlines()]
+    assert log and {"loss", "kl", "reward", "rewards/object_consistency/mean"} <= set(log[0]) | set(log[-1])
+    for s in SETTINGS:
+        rows = json.loads((pipeline / f"results/captions/{s}/trained_retrieval.json").read_text())
+        assert all(len(r) == 4 and isinstance(r[2], str) for r in rows)
+        recall = json.loads((pipeline / f"results/captions/{s}/retrieval.json").read_text())["recall_at_k"]
+        assert 0.0 <= recall <= 1.0
+        assert len(pd.read_parquet(pipeline / f"results/captions/{s}/captions.parquet")) == 4 * len(rows)
+    judge = json.loads((pipeline / "results/judge/win_rates.json").read_text())
+    assert judge["status"] == "ok" and judge["overall"]["n_pairs"] > 0
+    assert len(pd.read_parquet(pipeline / "results/judge/verdicts.parquet")) == judge["overall"]["n_pairs"]
+
+
+def test_second_repro_runs_nothing(pipeline):
+    start = time.monotonic()
+    log = _sh(["dvc", "repro"], pipeline)
+    assert "Running stage" not in log
+    assert time.monotonic() - start <= 10
+
+
+def test_param_change_reruns_only_dependants(pipeline):
+    params_path = pipeline / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    try:
+        params["caption"]["max_new_tokens"] += 1
+        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+        dry = _sh(["dvc", "repro", "--dry"], pipeline)
+        ran = {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
+        assert ran == {"caption_single", "caption_multi2", "caption_multi4", "score", "judge_llm"}
+
+        params = yaml.safe_load(original)
+        params["score"]["protocol"] = "strict"
+        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+        log = _sh(["dvc", "repro"], pipeline)
+        ran = {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
+        assert ran == {"score"}
+    finally:
+        params_path.write_text(original)

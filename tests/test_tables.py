@@ -1,0 +1,74 @@
+"""The paper-style metrics table and its dependency-free markdown rendering."""
+
+from __future__ import annotations
+
+import doctest
+import math
+
+import pandas as pd
+
+from repic import tables
+from repic.tables import metrics_table, to_markdown
+
+
+def cell(p: float, r: float, f: float) -> dict:
+    return {"precision": p, "recall": r, "f1": f, "n_slots": 10}
+
+
+METRICS = {
+    # deliberately out of the paper's order: the table must reorder
+    "multi2": {"skip": {"trained": cell(90.0, 80.0, 84.7058), "base": cell(70.04, 60.06, 64.66)}},
+    "single": {
+        "retrieval": {"base": cell(50.0, 40.0, 44.4444)},
+        "skip": {"base": cell(81.27, 50.0, 61.904), "trained": cell(95.0, 93.33, 94.16)},
+    },
+}
+
+
+def test_docstring_examples_hold():
+    result = doctest.testmod(tables)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_layout_follows_the_paper_order():
+    df = metrics_table(METRICS)
+    assert list(df.index) == ["base", "trained"] and df.index.name == "model"
+    assert list(df.columns) == [
+        ("single", "skip", "P"), ("single", "skip", "R"), ("single", "skip", "F1"),
+        ("single", "retrieval", "P"), ("single", "retrieval", "R"), ("single", "retrieval", "F1"),
+        ("multi2", "skip", "P"), ("multi2", "skip", "R"), ("multi2", "skip", "F1"),
+    ]
+    assert list(df.columns.names) == ["setting", "mode", "metric"]
+
+
+def test_values_have_one_decimal_and_missing_cells_are_nan():
+    df = metrics_table(METRICS)
+    assert df.loc["base", ("single", "skip", "P")] == 81.3
+    assert df.loc["trained", ("multi2", "skip", "F1")] == 84.7
+    assert df.loc["base", ("multi2", "skip", "R")] == 60.1
+    assert math.isnan(df.loc["trained", ("single", "retrieval", "P")])
+
+
+def test_unknown_models_and_settings_come_after_the_known_ones():
+    df = metrics_table({"single": {"skip": {"new-7b": cell(1, 2, 3), "base": cell(4, 5, 6)}},
+                        "custom": {"skip": {"base": cell(7, 8, 9)}}})
+    assert list(df.index) == ["base", "new-7b"]
+    assert [c[0] for c in df.columns[::3]] == ["single", "custom"]
+
+
+def test_markdown_is_a_valid_table_with_labelled_columns():
+    text = to_markdown(metrics_table(METRICS))
+    lines = text.splitlines()
+    assert text.endswith("\n") and len(lines) == 4
+    assert lines[0].startswith("| model | Single skip-retrieval P | Single skip-retrieval R |")
+    assert lines[0].endswith("| 2-concept skip-retrieval F1 |")
+    assert lines[1] == "|---|" + "|".join(["---:"] * 9) + "|"
+    assert lines[2] == "| base | 81.3 | 50.0 | 61.9 | 50.0 | 40.0 | 44.4 | 70.0 | 60.1 | 64.7 |"
+    assert lines[3] == "| trained | 95.0 | 93.3 | 94.2 | - | - | - | 90.0 | 80.0 | 84.7 |"
+    assert all(line.count("|") == 11 for line in lines)
+
+
+def test_markdown_of_a_plain_frame_escapes_pipes_and_keeps_ints():
+    df = pd.DataFrame({"name": ["a|b"], "n": [3], "x": [0.26]}, index=pd.Index(["r"], name="id"))
+    expected = ["| id | name | n | x |", "|---|---|---:|---:|", "| r | a\\|b | 3 | 0.3 |"]
+    assert to_markdown(df).splitlines() == expected

@@ -1,0 +1,386 @@
+"""workflow/: dvc.yaml as Snakemake rules. The same DAG as DVC's (stages, inputs, outputs, params),
+resources from dvc.yaml `meta`, profile caps, and the round trip with DVC: a Snakemake run leaves
+`dvc status` clean, `dvc repro` results are adopted by `snakemake --touch`, `dvc push`/`pull` restore them.
+
+The round trips run on a toy dvc.yaml (`toy_repo`, also used by test_slurm.py) with `foreach`, `vars`,
+a directory out, a `persist` out, metrics and params, in a throwaway git+DVC repository.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "workflow"))
+import dvc_dag  # noqa: E402
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+DVC = [sys.executable, "-m", "dvc"]
+
+# Prints the rules Snakemake builds from workflow/Snakefile as JSON (Snakemake 9's API; the rule objects
+# and the local-rule set are its internals, pinned with snakemake==9.27.1).
+DUMP_RULES = """
+import json, sys
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.io import is_flagged
+from snakemake.settings.types import ConfigSettings, ResourceSettings
+with SnakemakeApi() as api:
+    wf = api.workflow(resource_settings=ResourceSettings(),
+                      config_settings=ConfigSettings(config=json.loads(sys.argv[1])),
+                      snakefile=Path("workflow/Snakefile"), workdir=Path("."))._workflow
+    rules = {r.name: {
+        "input": list(r.input),
+        "output": [str(o) for o in r.output],
+        "directory": [str(o) for o in r.output if is_flagged(o, "directory")],
+        "update": [str(o) for o in r.output if is_flagged(o, "update")],
+        "params": dict(r.params.items()) if r.params else {},
+        "threads": r.resources["_cores"].value,
+        "resources": {k: v.value for k, v in r.resources.items() if not k.startswith("_") and k != "tmpdir"},
+        "local": r.name in wf._localrules,
+    } for r in wf.rules}
+print("RULES=" + json.dumps(rules, default=str))
+"""
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
+    """Runs a command, stdout and stderr together; on an unexpected exit status shows the output."""
+    proc = subprocess.run(
+        cmd,
+        cwd=cwd,
+        env={**os.environ, **env},
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    if check and proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-6000:]}")
+    return proc
+
+
+def snakemake_rules(repo: Path, config: dict | None = None) -> dict[str, dict]:
+    out = run([sys.executable, "-c", DUMP_RULES, json.dumps(config or {})], repo).stdout
+    return json.loads(out.rsplit("RULES=", 1)[1])
+
+
+def dvc_stages(repo: Path) -> list:
+    from dvc.repo import Repo
+
+    return [s for s in Repo(str(repo)).index.stages if getattr(s, "cmd", None)]
+
+
+def rel(repo: Path, path: str) -> str:
+    return os.path.relpath(path, repo)
+
+
+# --------------------------------------------------------------------------- the toy project
+
+TOY_STEP = '''
+"""Toy stage: `python step.py KIND OUT INPUT...` writes OUT from its inputs, params and the SLURM job id."""
+import json, os, sys
+from pathlib import Path
+import yaml
+
+kind, out, *inputs = sys.argv[1:]
+params = yaml.safe_load(open("params.yaml"))["toy"]
+# Like the real stages, reads data files by name, never Snakemake's hidden .snakemake_timestamp.
+files = sorted(f for i in map(Path, inputs) for f in ([i] if i.is_file() else i.rglob("*.txt")))
+text = f"{kind} n={params['n']} other={params['other']} " + " ".join(f.read_text() for f in files)
+Path("jobs").mkdir(exist_ok=True)  # not an out: where each stage says which SLURM job ran it
+Path("jobs", kind + "-" + Path(out).stem).write_text(os.environ.get("SLURM_JOB_ID", "none"))
+out = Path(out)
+if kind == "make":
+    out.mkdir(parents=True, exist_ok=True)
+    for k in range(2):
+        (out / f"part{k}.txt").write_text(f"{text} {k}")
+else:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+if kind == "report":
+    Path("metrics.json").write_text(json.dumps({"chars": len(text)}))
+    with open("cache.jsonl", "a") as cache:  # persist: true, grows across runs like the judge's cache
+        cache.write(json.dumps({"chars": len(text)}) + "\\n")
+'''
+
+TOY_DVC_YAML = """
+vars:
+  - splits: [a, b]
+stages:
+  make:
+    cmd: python step.py make data/raw
+    deps: [step.py]
+    params: [toy.n]
+    outs: [data/raw]
+    meta: {resources: {gpu: 0, mem_mb: 100, runtime: 5, threads: 1}}
+  train:
+    cmd: python step.py train model/weights.txt data/raw
+    deps: [step.py, data/raw]
+    outs: [model/weights.txt]
+    meta: {resources: {gpu: 8, mem_mb: 256000, runtime: 1440, threads: 32}}
+  evaluate:
+    foreach: ${splits}
+    do:
+      cmd: python step.py eval results/${item}.txt model/weights.txt
+      deps: [step.py, model/weights.txt]
+      outs:
+        - results/${item}.txt
+      meta: {resources: {gpu: 1, mem_mb: 200, runtime: 5, threads: 1}}
+  report:
+    cmd: python step.py report report.md results/a.txt results/b.txt
+    deps: [step.py, results/a.txt, results/b.txt]
+    params: [toy]
+    outs: [report.md, cache.jsonl: {persist: true, cache: false}]
+    metrics: [metrics.json: {cache: false}]
+    meta: {resources: {gpu: 0, mem_mb: 100, runtime: 5, threads: 1}}
+"""
+TOY_CACHED = ["data/raw", "model/weights.txt", "results/a.txt", "results/b.txt", "report.md"]
+
+
+def toy_repo(path: Path) -> Path:
+    """A throwaway git+DVC repository with the toy dvc.yaml and this checkout's workflow/."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "step.py").write_text(TOY_STEP)
+    (path / "dvc.yaml").write_text(TOY_DVC_YAML)
+    (path / "params.yaml").write_text("toy: {n: 1, other: 2}\n")
+    (path / ".gitignore").write_text(
+        "/data/\n/model/\n/results/\n/jobs/\n/report.md\n/metrics.json\n/cache.jsonl\n/.snakemake/\n"
+    )
+    shutil.copytree(ROOT / "workflow", path / "workflow", ignore=shutil.ignore_patterns("__pycache__"))
+    run(["git", "init", "-q"], path)
+    run([*DVC, "init", "-q"], path)
+    run([*DVC, "config", "core.analytics", "false"], path)
+    with open(path / ".dvcignore", "a") as f:
+        f.write(".snakemake_timestamp\n")
+    return path
+
+
+def digests(repo: Path, paths: list[str]) -> dict[str, str]:
+    """Content digest of each path (a directory: of its files, Snakemake's timestamp left out)."""
+    out = {}
+    for p in paths:
+        target = repo / p
+        files = sorted(target.rglob("*")) if target.is_dir() else [target]
+        h = hashlib.sha256()
+        for f in files:
+            if f.is_file() and f.name != dvc_dag.TIMESTAMP:
+                h.update(str(f.relative_to(repo)).encode() + f.read_bytes())
+        out[p] = h.hexdigest()
+    return out
+
+
+def lock_hashes(repo: Path) -> dict[str, str]:
+    """Out path -> md5 recorded in dvc.lock."""
+    import yaml
+
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {o["path"]: o["md5"] for s in lock["stages"].values() for o in s.get("outs", [])}
+
+
+def profiles_env(tmp: Path) -> dict[str, str]:
+    """Installs the profiles by name into a private config dir; the env that makes Snakemake find them."""
+    env = {"XDG_CONFIG_HOME": str(tmp / "xdg")}
+    run(["sh", str(ROOT / "workflow/profiles/install.sh")], ROOT, **env)
+    return env
+
+
+def dvc_clean(repo: Path) -> None:
+    out = run([*DVC, "status"], repo).stdout
+    assert "Data and pipelines are up to date." in out, out
+
+
+# --------------------------------------------------------------------------- the real dvc.yaml
+
+
+def test_rules_are_the_dvc_stages() -> None:
+    """Same stages, commands, inputs, outputs, params and edges as DVC's own DAG of dvc.yaml."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    rules = snakemake_rules(ROOT)
+    stages = dvc_stages(ROOT)
+    names = {dvc_dag.rule_name(s.addressing): s for s in stages}
+    assert set(rules) - {"all"} == set(names)
+    for name, stage in names.items():
+        rule = rules[name]
+        assert rule["params"]["cmd"] == stage.cmd
+        files = [rel(ROOT, d.fs_path) for d in stage.deps if not isinstance(d, ParamsDependency)]
+        assert rule["input"] == files, name
+        assert rule["output"] == [rel(ROOT, o.fs_path) for o in stage.outs], name
+        tracked = {
+            f"{rel(ROOT, d.fs_path)}:{key}"
+            for d in stage.deps
+            if isinstance(d, ParamsDependency)
+            for key in d.params
+        }
+        assert set(rule["params"]["dvc_params"]) == tracked, name
+        persist = [rel(ROOT, o.fs_path) for o in stage.outs if o.persist]
+        assert rule["update"] == persist, name
+    assert sorted(rules["all"]["input"]) == sorted(o for r in names for o in rules[r]["output"])
+
+    def produces(producer: dict, path: str) -> bool:
+        return any(path == o or path.startswith(o + "/") for o in producer["output"])
+
+    snakemake_edges = {
+        (consumer, producer)
+        for consumer in names
+        for producer in names
+        if consumer != producer and any(produces(rules[producer], i) for i in rules[consumer]["input"])
+    }
+    graph = Repo(str(ROOT)).index.graph
+    dvc_edges = {(dvc_dag.rule_name(a.addressing), dvc_dag.rule_name(b.addressing)) for a, b in graph.edges}
+    assert snakemake_edges == dvc_edges
+
+
+def test_resources_come_from_dvc_meta_and_profiles_cap_them() -> None:
+    stages = {dvc_dag.rule_name(s.addressing): s.meta["resources"] for s in dvc_stages(ROOT)}
+    rules = snakemake_rules(ROOT)
+    for name, meta in stages.items():
+        assert rules[name]["threads"] == meta["threads"]
+        assert {k: rules[name]["resources"][k] for k in ("gpu", "mem_mb", "runtime")} == {
+            k: meta[k] for k in ("gpu", "mem_mb", "runtime")
+        }
+        assert not rules[name]["local"]
+
+    caps = {"max_gpu": 1, "max_mem_mb": 3000, "max_threads": 2, "max_runtime": 20, "local_cpu_stages": True}
+    capped = snakemake_rules(ROOT, caps)
+    for name, meta in stages.items():
+        assert capped[name]["threads"] == min(meta["threads"], 2)
+        assert capped[name]["resources"]["gpu"] == min(meta["gpu"], 1)
+        assert capped[name]["resources"]["mem_mb"] == min(meta["mem_mb"], 3000)
+        assert capped[name]["resources"]["runtime"] == min(meta["runtime"], 20)
+        assert capped[name]["local"] == (meta["gpu"] == 0)
+
+
+def test_a_config_typo_fails_when_the_workflow_loads() -> None:
+    proc = run([*SNAKEMAKE, "-n", "--config", "max_gpus=1"], ROOT, check=False)
+    assert proc.returncode != 0
+    assert "max_gpus" in proc.stdout and "ValidationError" in proc.stdout
+
+
+def test_meta_resources_must_be_counts() -> None:
+    with pytest.raises(ValueError, match="meta.resources.gpu"):
+        dvc_dag._resources({"resources": {"gpu": "two"}}, "train")
+    # threads leave the resources; other keys (a GPU model, a partition) pass through to Snakemake.
+    assert dvc_dag._resources({"resources": {"threads": 4, "gpu_model": "a"}}, "x") == (4, {"gpu_model": "a"})
+    caps = {"max_gpu": 1, "max_runtime": 5}  # a cap on a resource the stage does not ask for adds nothing
+    assert dvc_dag.capped({"gpu": 8, "mem_mb": 10}, caps) == {"gpu": 1, "mem_mb": 10}
+    assert dvc_dag.rule_name("sub/dvc.yaml:evaluate@a-1") == "sub_evaluate_a_1"
+
+
+def test_profiles_keep_cluster_details_commented_and_resolve_by_name(tmp_path: Path) -> None:
+    import yaml
+
+    slurm_text = (ROOT / "workflow/profiles/slurm/config.yaml").read_text()
+    slurm = yaml.safe_load(slurm_text)
+    assert slurm["executor"] == "slurm" and slurm["keep-incomplete"] is True
+    # Placeholders are documented, never active: a profile that works as is on a default partition.
+    assert "slurm_partition" in slurm_text and "slurm_account" in slurm_text
+    assert not {"slurm_partition", "slurm_account"} & set(slurm["default-resources"])
+    local = yaml.safe_load((ROOT / "workflow/profiles/local/config.yaml").read_text())
+    assert local["keep-incomplete"] is True and "executor" not in local
+
+    env = profiles_env(tmp_path)
+    for name in ("slurm", "local"):
+        link = tmp_path / "xdg" / "snakemake" / name
+        assert link.resolve() == ROOT / "workflow/profiles" / name
+    proc = run([*SNAKEMAKE, "--profile", "local", "--dry-run", "--quiet"], toy_repo(tmp_path / "toy"), **env)
+    assert "Using profile local" in proc.stdout
+    # A second install is a no-op, and a user's own profile of that name is kept.
+    (tmp_path / "xdg/snakemake/slurm").unlink()
+    (tmp_path / "xdg/snakemake/slurm").mkdir()
+    again = run(["sh", str(ROOT / "workflow/profiles/install.sh")], ROOT, **env)
+    assert "kept it" in again.stdout and (tmp_path / "xdg/snakemake/slurm").is_dir()
+
+
+def test_snakemake_lint_finds_nothing_but_the_venv() -> None:
+    """Only the software-environment lint stays: jobs run in the pinned .venv (shared file system)."""
+    # Snakemake 9.27.1 prints text even for `--lint json`: each lint is a line "    * <title>:".
+    proc = run([*SNAKEMAKE, "--lint"], ROOT, check=False)
+    found = {line.strip()[2:-1] for line in proc.stdout.splitlines() if line.startswith("    * ")}
+    assert found <= {"Specify a conda environment or container for each rule."}, proc.stdout
+
+
+# --------------------------------------------------------------------------- round trips with DVC
+
+
+@pytest.mark.slow
+def test_snakemake_run_leaves_dvc_clean_and_matches_dvc_repro(tmp_path: Path) -> None:
+    repo = toy_repo(tmp_path / "toy")
+    env = profiles_env(tmp_path)
+    out = run([*SNAKEMAKE, "--profile", "local"], repo, **env).stdout
+    assert "dvc commit: make, train, evaluate@a, evaluate@b, report" in out
+    dvc_clean(repo)
+    repro = run([*DVC, "repro"], repo).stdout
+    assert "Running stage" not in repro, repro
+
+    # DVC builds the same bytes: Snakemake's timestamp files stay out of directory hashes.
+    by_snakemake = lock_hashes(repo)
+    run([*DVC, "repro", "--force"], repo)
+    by_dvc = lock_hashes(repo)
+    del by_snakemake["cache.jsonl"], by_dvc["cache.jsonl"]  # persist: it grows by design
+    assert by_snakemake == by_dvc
+
+    # After `dvc repro`, Snakemake adopts DVC's results.
+    run([*SNAKEMAKE, "--profile", "local", "--touch"], repo, **env)
+    assert "Nothing to be done" in run([*SNAKEMAKE, "--profile", "local", "-n"], repo, **env).stdout
+
+
+@pytest.mark.slow
+def test_a_param_edit_reruns_the_same_stages_under_both(tmp_path: Path) -> None:
+    repo = toy_repo(tmp_path / "toy")
+    env = profiles_env(tmp_path)
+    run([*SNAKEMAKE, "--profile", "local"], repo, **env)
+    cache_lines = len((repo / "cache.jsonl").read_text().splitlines())
+    (repo / "params.yaml").write_text("toy: {n: 1, other: 3}\n")  # only `report` tracks toy.other
+    status = run([*DVC, "status"], repo).stdout
+    assert status.startswith("report:") and "make:" not in status and "train:" not in status
+    plan = run([*SNAKEMAKE, "--profile", "local", "-n"], repo, **env).stdout
+    assert "Job stats" in plan
+    planned = plan.split("Job stats:", 1)[1].split("total", 1)[0]
+    assert "report" in planned and "make" not in planned and "train" not in planned
+    assert "dvc commit: report" in run([*SNAKEMAKE, "--profile", "local"], repo, **env).stdout
+    dvc_clean(repo)
+    # persist: true -> update(): Snakemake appended to the cache instead of deleting it first.
+    assert len((repo / "cache.jsonl").read_text().splitlines()) == cache_lines + 1
+
+
+@pytest.mark.slow
+def test_dvc_push_and_pull_through_a_remote(tmp_path: Path) -> None:
+    """Artifacts made by Snakemake go to a DVC remote and come back: a local directory here; S3 or SSH
+    the same way with dvc-s3 / dvc-ssh (`dvc remote add -d store s3://bucket/path`)."""
+    repo = toy_repo(tmp_path / "toy")
+    env = profiles_env(tmp_path)
+    run([*SNAKEMAKE, "--profile", "local"], repo, **env)
+    before = digests(repo, TOY_CACHED)
+    run([*DVC, "remote", "add", "-d", "store", str(tmp_path / "remote")], repo)
+    assert "pushed" in run([*DVC, "push"], repo).stdout
+
+    # `cache: false` outs (metrics.json, cache.jsonl) belong in git, not in the remote.
+    for p in TOY_CACHED:
+        (shutil.rmtree if (repo / p).is_dir() else os.remove)(repo / p)
+    shutil.rmtree(repo / ".dvc" / "cache")
+    run([*DVC, "pull"], repo)
+    assert digests(repo, TOY_CACHED) == before
+    dvc_clean(repo)
+    # Pulled files carry fresh mtimes in any order: --touch tells Snakemake they are current.
+    run([*SNAKEMAKE, "--profile", "local", "--touch"], repo, **env)
+    assert "Nothing to be done" in run([*SNAKEMAKE, "--profile", "local", "-n"], repo, **env).stdout
+
+
+def test_toy_snakefile_reads_foreach_vars_dirs_and_persist(tmp_path: Path) -> None:
+    rules = snakemake_rules(toy_repo(tmp_path / "toy"))
+    assert set(rules) == {"all", "make", "train", "evaluate_a", "evaluate_b", "report"}
+    assert rules["make"]["directory"] == ["data/raw"]
+    assert rules["report"]["update"] == ["cache.jsonl"]
+    assert rules["report"]["output"] == ["report.md", "cache.jsonl", "metrics.json"]
+    assert rules["evaluate_b"]["input"] == ["step.py", "model/weights.txt"]
+    assert rules["report"]["params"]["dvc_params"] == {"params.yaml:toy": {"n": 1, "other": 2}}
+    assert rules["train"]["params"]["cmd"] == "python step.py train model/weights.txt data/raw"
