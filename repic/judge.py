@@ -140,7 +140,7 @@ def judge_pairs(pairs: list[dict[str, Any]], backend_id: str, ask: Judge, cache:
                     else (pair["caption_base"], pair["caption_trained"]))
             messages = judge_messages(pair["references"], a, b)
             key = content_hash(backend_id, messages, pair["images"])
-            answer = cache.get_or_ask(key, lambda m=messages: ask(m, pair["images"]))
+            answer = cache.get_or_ask(key, lambda m=messages, imgs=pair["images"]: ask(m, imgs))
             verdict = parse_verdict(answer)
             # Map the positional verdict back to the method.
             winner = {"A": "trained", "B": "base"} if order == "trained_first" else {"A": "base", "B": "trained"}

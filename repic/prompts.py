@@ -37,7 +37,8 @@ def training_problem(problem: str, accu_reward_method: str, rng: random.Random) 
         weights = [w for w, _ in ICT_SUFFIXES]
         suffix = rng.choices([s for _, s in ICT_SUFFIXES], weights=weights)[0]
         return f"{problem} {suffix}".rstrip()
-    raise ValueError(f"accu_reward_method: expected yes_no|iou|yes_no_name|yes_no_name_multi, got {accu_reward_method!r}")
+    raise ValueError("accu_reward_method: expected yes_no|iou|yes_no_name|yes_no_name_multi, "
+                     f"got {accu_reward_method!r}")
 
 
 def caption_messages(references: list[dict[str, Any]], question: str) -> list[dict[str, Any]]:

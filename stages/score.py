@@ -1,29 +1,48 @@
-"""Score caption files with RePIC's name P/R/F1 protocol: metrics.json, a paper-style table, per-slot Parquet.
+"""Score caption files with RePIC's name P/R/F1 protocol.
 
-Example: python -m stages.score --captions results/captions --database D.json --out results/score
+Pipeline mode (a folder of runs): metrics.json, a paper-style table, per-slot Parquet.
+    python -m stages.score --captions results/captions --database D.json --out results/score
+One file (ours or one written by the original RePIC scripts): prints one JSON object.
+    python -m stages.score --captions FILE --setting single|multi2|multi4 --protocol repic|strict [--database D]
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
+from repic.captioning import SETTINGS
 from repic.cli import params_of, parser, run
-from repic.io import read_json, write_json, write_parquet, write_text
+from repic.io import RepicError, read_json, write_json, write_parquet, write_text
+from repic.metrics import load_caption_rows, score_captions
 from repic.scoring import score_runs
 from repic.tables import metrics_table, to_markdown
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = parser(__doc__)
-    for name in ("--captions", "--database", "--out"):
-        p.add_argument(name, required=True)
+    p.add_argument("--captions", required=True, help="a caption file, or the folder of a pipeline run")
+    p.add_argument("--database", help="database_mod.json (display names for --protocol strict)")
+    p.add_argument("--setting", choices=SETTINGS, help="one-file mode: the file's setting")
+    p.add_argument("--protocol", choices=("repic", "strict"), help="default: params.yaml score.protocol")
+    p.add_argument("--out", help="pipeline mode: output folder")
     args = p.parse_args(argv)
-    protocol = params_of(args)["score"]["protocol"]
-    metrics, slots = score_runs(args.captions, protocol, read_json(args.database))
+    database = read_json(args.database) if args.database else None
+    if Path(args.captions).is_file():
+        if not args.setting:
+            raise RepicError("--setting is required when --captions is a file")
+        summary, _ = score_captions(load_caption_rows(args.captions), args.setting, args.protocol or "repic",
+                                    database)
+        print(json.dumps({k: summary[k] for k in ("precision", "recall", "f1", "n_slots")}))
+        return
+    if not args.out:
+        raise RepicError("--out is required when --captions is a folder of runs")
+    protocol = args.protocol or params_of(args)["score"]["protocol"]
+    metrics, slots = score_runs(args.captions, protocol, database)
     out = Path(args.out)
     write_json(out / "metrics.json", metrics)
     write_text(out / "table.md", f"Name precision / recall / F1 (%), protocol `{protocol}`\n\n"

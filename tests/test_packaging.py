@@ -1,0 +1,38 @@
+"""The pins: one lock, its conda form consistent with it, and the dvc.yaml stages wired to their modules."""
+
+import re
+
+import yaml
+
+from .conftest import REPO
+
+
+def _pins(lines):
+    return {ln.split("==")[0].lower(): ln.split("==")[1] for ln in lines if re.match(r"^[A-Za-z0-9_.\-]+==", ln)}
+
+
+def test_environment_yml_matches_requirements_lock():
+    lock = _pins((REPO / "requirements.txt").read_text().splitlines())
+    env = yaml.safe_load((REPO / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    assert _pins(pip) == lock
+    assert "python=3.11" in env["dependencies"]
+
+
+def test_direct_requirements_are_pinned_in_the_lock():
+    direct = _pins(ln.split("#")[0].strip() for ln in (REPO / "requirements.in").read_text().splitlines())
+    lock = _pins((REPO / "requirements.txt").read_text().splitlines())
+    assert direct and all(lock.get(name) == version for name, version in direct.items()), direct
+
+
+def test_every_stage_lists_its_own_module_and_params_section():
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for name, stage in dvc["stages"].items():
+        module = re.search(r"python -m stages\.(\w+)", stage["cmd"]).group(1)
+        assert f"stages/{module}.py" in stage["deps"], name
+        for key in stage.get("params", []):
+            section, *rest = key.split(".")
+            node = params[section]
+            for part in rest:
+                node = node[part]
