@@ -102,13 +102,26 @@ def _data_url(img: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def openai_judge(base_url: str, model: str, api_key_env: str, *, max_new_tokens: int) -> tuple[str, Judge]:
-    """OpenAI-compatible chat completions over HTTP; the key is read from `api_key_env` and never logged."""
+class BudgetExhausted(Exception):
+    """The judge's request budget (`judge_llm.max_requests`) is spent: remaining pairs are not asked."""
+
+
+def openai_judge(base_url: str, model: str, api_key_env: str, *, max_new_tokens: int, max_retries: int = 5,
+                 backoff_s: float = 1.0, timeout_s: float = 120.0) -> tuple[str, Judge]:
+    """OpenAI-compatible chat completions over HTTP (GPT-4o, Gemini's compatible endpoint, a local server).
+
+    The key is read from the environment variable `api_key_env` and never logged. 429 and 5xx answers are
+    retried with exponential backoff (honouring Retry-After); a reply that is not a chat completion is retried
+    too, then reported as an error naming the endpoint.
+    """
+    import time
+    import urllib.error
     import urllib.request
 
     key = os.environ.get(api_key_env)
     if not key:
         raise RepicError(f"judge_llm.openai.api_key_env: environment variable {api_key_env} is not set")
+    url = base_url.rstrip("/") + "/chat/completions"
 
     def ask(messages: list[dict[str, Any]], images: list[Image.Image]) -> str:
         it = iter(images)
@@ -116,24 +129,53 @@ def openai_judge(base_url: str, model: str, api_key_env: str, *, max_new_tokens:
             {"type": "image_url", "image_url": {"url": _data_url(next(it))}} if b["type"] == "image" else b
             for b in m["content"]]} for m in messages]
         body = json.dumps({"model": model, "messages": wire, "max_tokens": max_new_tokens, "temperature": 0})
-        req = urllib.request.Request(base_url.rstrip("/") + "/chat/completions", data=body.encode(),
-                                     headers={"Authorization": f"Bearer {key}",
-                                              "Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            reply = json.loads(resp.read())
-        try:
-            return reply["choices"][0]["message"]["content"] or ""
-        except (KeyError, IndexError, TypeError):
-            raise RepicError(f"judge {base_url}: malformed chat-completions reply") from None
+        problem, retry_after = "", 0.0
+        for attempt in range(max_retries + 1):
+            if attempt:
+                time.sleep(backoff_s * 2 ** (attempt - 1) if not retry_after else retry_after)
+            retry_after = 0.0
+            req = urllib.request.Request(url, data=body.encode(), headers={
+                "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                    raw = resp.read()
+            except urllib.error.HTTPError as exc:
+                problem = f"HTTP {exc.code}"
+                if exc.code == 429 or exc.code >= 500:
+                    retry_after = _retry_after(exc.headers.get("Retry-After"))
+                    continue
+                raise RepicError(f"judge {url}: HTTP {exc.code} {exc.reason}") from None
+            except (urllib.error.URLError, TimeoutError) as exc:
+                problem = f"connection failed ({getattr(exc, 'reason', exc)})"
+                continue
+            try:
+                return json.loads(raw)["choices"][0]["message"]["content"] or ""
+            except (ValueError, KeyError, IndexError, TypeError):
+                problem = "malformed chat-completions reply"
+        raise RepicError(f"judge {url}: {problem} after {max_retries + 1} attempts")
 
     return f"openai:{base_url}:{model}", ask
 
 
-def judge_pairs(pairs: list[dict[str, Any]], backend_id: str, ask: Judge, cache: AnswerCache) -> list[dict]:
+def _retry_after(value: str | None) -> float:
+    try:
+        return max(0.0, float(value)) if value else 0.0
+    except ValueError:
+        return 0.0
+
+
+def judge_pairs(pairs: list[dict[str, Any]], backend_id: str, ask: Judge, cache: AnswerCache,
+                max_requests: int | None = None) -> list[dict]:
     """Judge each pair in both orders. A pair: references, images (refs + query), caption_trained,
-    caption_base. Returns per-pair verdict records with outcome trained|base|tie."""
+    caption_base. Returns per-pair verdict records with outcome trained|base|tie. Cached answers cost nothing;
+    once `max_requests` new requests were made, the remaining pairs are left out (the budget is bounded)."""
     records = []
     for pair in pairs:
+        new = sum(content_hash(backend_id, judge_messages(pair["references"], a, b), pair["images"])
+                  not in cache.answers for a, b in ((pair["caption_trained"], pair["caption_base"]),
+                                                    (pair["caption_base"], pair["caption_trained"])))
+        if max_requests is not None and cache.asked + new > max_requests:
+            break
         verdicts = []
         for order in ("trained_first", "base_first"):
             a, b = ((pair["caption_trained"], pair["caption_base"]) if order == "trained_first"
@@ -153,12 +195,29 @@ def judge_pairs(pairs: list[dict[str, Any]], backend_id: str, ask: Judge, cache:
     return records
 
 
-def win_rates(records: list[dict[str, Any]]) -> dict[str, Any]:
+def bootstrap_ci(outcomes: list[str], target: str, *, n_boot: int = 2000, seed: int = 0,
+                 level: float = 0.95) -> list[float] | None:
+    """Percentile bootstrap confidence interval of the rate of `target` among `outcomes` (pairs resampled)."""
+    import numpy as np
+
+    if not outcomes:
+        return None
+    hits = np.array([o == target for o in outcomes], dtype=float)
+    rng = np.random.default_rng(seed)
+    means = hits[rng.integers(0, len(hits), size=(n_boot, len(hits)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return [float(lo), float(hi)]
+
+
+def win_rates(records: list[dict[str, Any]], *, seed: int = 0) -> dict[str, Any]:
+    """Win/tie rates of trained vs base with a 95 % bootstrap interval for the trained win rate."""
     n = len(records)
     count = {o: sum(r["outcome"] == o for r in records) for o in ("trained", "base", "tie")}
     invalid = sum(r["verdict_trained_first"] == "invalid" or r["verdict_base_first"] == "invalid"
                   for r in records)
+    outcomes = [r["outcome"] for r in records]
     return {"n_pairs": n, "trained_win_rate": count["trained"] / n if n else None,
+            "trained_win_rate_ci95": bootstrap_ci(outcomes, "trained", seed=seed),
             "base_win_rate": count["base"] / n if n else None, "tie_rate": count["tie"] / n if n else None,
             "pairs_with_invalid_answer": invalid}
 

@@ -73,10 +73,12 @@ SCHEMA: dict[str, Any] = _obj({
         "grpo": {"type": "object"},
     }),
     "score": _obj({"protocol": {"enum": ["repic", "strict"]}}),
+    "report": _obj({"max_queries": _POS}),
     "judge_llm": _obj({
         "backend": {"enum": ["local", "openai", "none"]},
-        "model": _STR, "max_pairs": _POS, "max_new_tokens": _POS,
-        "openai": _obj({"base_url": _STR, "model": _STR, "api_key_env": _STR}),
+        "model": _STR, "max_pairs": _POS, "max_requests": _INT, "max_new_tokens": _POS,
+        "openai": _obj({"base_url": _STR, "model": _STR, "api_key_env": _STR, "max_retries": _INT,
+                        "backoff_s": {"type": "number", "minimum": 0}, "timeout_s": {"type": "number", "minimum": 0}}),
     }),
 })
 

@@ -69,3 +69,32 @@ def to_markdown(df: pd.DataFrame) -> str:
         cells = [_cell(index)] + [_cell(v) for v in row]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# The paper's two tables: Table 1 single-concept (one column group per dataset when there are several),
+# Table 2 multi-concept (2- and 4-concept), each x skip-retrieval / retrieval x P/R/F1.
+PAPER_TABLES = {"table1_single": ("single",), "table2_multi": ("multi2", "multi4")}
+
+
+def to_latex(df: pd.DataFrame, caption: str) -> str:
+    """A booktabs LaTeX table with multicolumn headers (setting, mode, metric)."""
+    flat = df.copy()
+    flat.columns = pd.MultiIndex.from_tuples(
+        [(SETTING_LABELS.get(s, s), MODE_LABELS.get(m, m), k) for s, m, k in df.columns])
+    return flat.to_latex(float_format="%.1f", na_rep="-", multicolumn=True, multicolumn_format="c",
+                         caption=caption, position="t")
+
+
+def paper_tables(metrics: dict, protocol: str) -> dict[str, dict[str, str]]:
+    """{table name: {"md", "csv", "tex"}} for the paper's Tables 1 and 2 from the metrics of one protocol."""
+    out = {}
+    for name, settings in PAPER_TABLES.items():
+        subset = {s: metrics[s] for s in settings if s in metrics}
+        if not subset:
+            continue
+        df = metrics_table(subset)
+        title = f"{'Single' if name.startswith('table1') else 'Multi'}-concept personalized captioning, " \
+                f"name P/R/F1 (%), protocol {protocol}"
+        out[name] = {"md": f"{title}\n\n{to_markdown(df)}", "csv": df.to_csv(float_format="%.1f"),
+                     "tex": to_latex(df, title)}
+    return out

@@ -39,12 +39,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     # ---- pairs, verdicts, win rates
     pairs = build_pairs(args.captions, list(SETTINGS), read_json(args.database), args.root, cfg["max_pairs"])
     cache = AnswerCache(out / "cache.jsonl")
-    records = judge_pairs(pairs, backend_id, ask, cache)
+    records = judge_pairs(pairs, backend_id, ask, cache, max_requests=cfg["max_requests"])
     cache.save()
     frame = pd.DataFrame(records)
+    seed = base["seed"]
     summary = {"status": "ok", "backend": backend_id.split(":")[0], "asked": cache.asked,
-               "overall": win_rates(records),
-               **{f"{s}_{m}": win_rates([r for r in records if r["setting"] == s and r["mode"] == m])
+               "pairs_left_out_by_budget": len(pairs) - len(records),
+               "overall": win_rates(records, seed=seed),
+               **{f"{s}_{m}": win_rates([r for r in records if r["setting"] == s and r["mode"] == m], seed=seed)
                   for s in SETTINGS for m in ("skip", "retrieval")}}
     write_json(out / "win_rates.json", summary)
     write_parquet(out / "verdicts.parquet", frame)

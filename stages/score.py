@@ -1,7 +1,9 @@
 """Score caption files with RePIC's name P/R/F1 protocol.
 
-Pipeline mode (a folder of runs): metrics.json, a paper-style table, per-slot Parquet.
-    python -m stages.score --captions results/captions --database D.json --out results/score
+Pipeline mode (a folder of runs): metrics.json (+ the other protocol's beside it), per-slot Parquet, and the
+paper's Tables 1 and 2 in markdown, CSV and LaTeX for both protocols.
+    python -m stages.score --captions results/captions --database D.json --out results/score \
+        --tables results/tables
 One file (ours or one written by the original RePIC scripts): prints one JSON object.
     python -m stages.score --captions FILE --setting single|multi2|multi4 --protocol repic|strict [--database D]
 """
@@ -20,7 +22,7 @@ from repic.cli import params_of, parser, run
 from repic.io import RepicError, read_json, write_json, write_parquet, write_text
 from repic.metrics import load_caption_rows, score_captions
 from repic.scoring import score_runs
-from repic.tables import metrics_table, to_markdown
+from repic.tables import metrics_table, paper_tables, to_markdown
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -29,7 +31,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--database", help="database_mod.json (display names for --protocol strict)")
     p.add_argument("--setting", choices=SETTINGS, help="one-file mode: the file's setting")
     p.add_argument("--protocol", choices=("repic", "strict"), help="default: params.yaml score.protocol")
-    p.add_argument("--out", help="pipeline mode: output folder")
+    p.add_argument("--out", help="pipeline mode: output folder (metrics, per-slot Parquet)")
+    p.add_argument("--tables", help="pipeline mode: folder of the paper tables (md, csv, tex)")
     args = p.parse_args(argv)
     database = read_json(args.database) if args.database else None
     if Path(args.captions).is_file():
@@ -41,13 +44,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if not args.out:
         raise RepicError("--out is required when --captions is a folder of runs")
-    protocol = args.protocol or params_of(args)["score"]["protocol"]
-    metrics, slots = score_runs(args.captions, protocol, database)
-    out = Path(args.out)
-    write_json(out / "metrics.json", metrics)
-    write_text(out / "table.md", f"Name precision / recall / F1 (%), protocol `{protocol}`\n\n"
-               + to_markdown(metrics_table(metrics)))
-    write_parquet(out / "slots.parquet", pd.DataFrame(slots))
+    if not args.out or not args.tables:
+        raise RepicError("--out and --tables are required when --captions is a folder of runs")
+    primary = args.protocol or params_of(args)["score"]["protocol"]
+    # The corrected protocol is reported beside RePIC's, never instead of it.
+    other = "strict" if primary == "repic" else "repic"
+    out, tables = Path(args.out), Path(args.tables)
+    frames = []
+    for protocol, name in ((primary, "metrics.json"), (other, f"metrics_{other}.json")):
+        metrics, slots = score_runs(args.captions, protocol, database)
+        write_json(out / name, metrics)
+        frames.append(pd.DataFrame(slots).assign(protocol=protocol))
+        for table, files in paper_tables(metrics, protocol).items():
+            for ext, text in files.items():
+                write_text(tables / f"{table}_{protocol}.{ext}", text)
+        if protocol == primary:
+            write_text(out / "table.md", f"Name precision / recall / F1 (%), protocol `{protocol}`\n\n"
+                       + to_markdown(metrics_table(metrics)))
+    write_parquet(out / "slots.parquet", pd.concat(frames, ignore_index=True))
 
 
 if __name__ == "__main__":

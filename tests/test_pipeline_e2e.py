@@ -55,6 +55,12 @@ def test_metrics_cover_every_setting_mode_and_model(pipeline):
                 assert 0.0 <= cell["f1"] <= 100.0 and cell["n_slots"] > 0
     table = (pipeline / "results/score/table.md").read_text()
     assert "| trained |" in table and "4-concept" in table
+    strict = json.loads((pipeline / "results/score/metrics_strict.json").read_text())
+    assert set(strict) == set(SETTINGS)
+    for protocol in ("repic", "strict"):
+        for table_name in ("table1_single", "table2_multi"):
+            for ext in ("md", "csv", "tex"):
+                assert (pipeline / f"results/tables/{table_name}_{protocol}.{ext}").stat().st_size > 0
     assert float((pipeline / "repro.seconds").read_text()) < 600, "embedded dvc repro must take <= 10 min"
 
 
@@ -73,6 +79,8 @@ def test_every_stage_wrote_its_artifacts(pipeline):
         recall = json.loads((pipeline / f"results/captions/{s}/retrieval.json").read_text())["recall_at_k"]
         assert 0.0 <= recall <= 1.0
         assert len(pd.read_parquet(pipeline / f"results/captions/{s}/captions.parquet")) == 4 * len(rows)
+    page = (pipeline / "results/report/index.html").read_text()
+    assert page.count('class="query"') > 0 and (pipeline / "results/report/plots/rewards.png").is_file()
     judge = json.loads((pipeline / "results/judge/win_rates.json").read_text())
     assert judge["status"] == "ok" and judge["overall"]["n_pairs"] > 0
     assert len(pd.read_parquet(pipeline / "results/judge/verdicts.parquet")) == judge["overall"]["n_pairs"]
@@ -94,13 +102,13 @@ def test_param_change_reruns_only_dependants(pipeline):
         params_path.write_text(yaml.safe_dump(params, sort_keys=False))
         dry = _sh(["dvc", "repro", "--dry"], pipeline)
         ran = {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
-        assert ran == {"caption_single", "caption_multi2", "caption_multi4", "score", "judge_llm"}
+        assert ran == {"caption_single", "caption_multi2", "caption_multi4", "score", "judge_llm", "report"}
 
         params = yaml.safe_load(original)
         params["score"]["protocol"] = "strict"
         params_path.write_text(yaml.safe_dump(params, sort_keys=False))
         log = _sh(["dvc", "repro"], pipeline)
         ran = {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
-        assert ran == {"score"}
+        assert ran == {"score", "report"}
     finally:
         params_path.write_text(original)

@@ -72,3 +72,18 @@ def test_markdown_of_a_plain_frame_escapes_pipes_and_keeps_ints():
     df = pd.DataFrame({"name": ["a|b"], "n": [3], "x": [0.26]}, index=pd.Index(["r"], name="id"))
     expected = ["| id | name | n | x |", "|---|---|---:|---:|", "| r | a\\|b | 3 | 0.3 |"]
     assert to_markdown(df).splitlines() == expected
+
+
+def test_paper_tables_in_three_formats():
+    from repic.tables import paper_tables
+
+    cell = {"precision": 80.04, "recall": 50.0, "f1": 61.55, "n_slots": 10}
+    metrics = {s: {m: {"base": cell, "trained": cell} for m in ("skip", "retrieval")}
+               for s in ("single", "multi2", "multi4")}
+    tables = paper_tables(metrics, "repic")
+    assert set(tables) == {"table1_single", "table2_multi"}
+    t2 = tables["table2_multi"]
+    assert "2-concept skip-retrieval P" in t2["md"] and "4-concept retrieval F1" in t2["md"]
+    assert t2["csv"].splitlines()[0].startswith("setting,multi2,multi2")
+    assert "\\begin{table}" in t2["tex"] and "\\multicolumn" in t2["tex"] and "80.0" in t2["tex"]
+    assert "multi2" not in tables["table1_single"]["csv"]

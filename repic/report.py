@@ -1,0 +1,190 @@
+"""The visual report: a static `index.html` (no server) with per-query captions, names highlighted, metrics,
+and PNG plots of the training reward curves and of P/R/F1 per setting."""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from repic.io import atomic_dir, read_json, resolve_image
+
+RUNS = ("base_skip", "trained_skip", "base_retrieval", "trained_retrieval")
+SETTINGS = ("single", "multi2", "multi4")
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1200px}
+h1,h2{font-weight:600} table{border-collapse:collapse;margin:1em 0} td,th{border:1px solid #ccc;padding:4px 8px}
+th{background:#f3f3f3} .query{border:1px solid #ddd;border-radius:6px;padding:1em;margin:1em 0}
+.imgs img{height:96px;margin-right:6px;border:1px solid #eee;vertical-align:top}
+.ref{display:inline-block;text-align:center;font-size:12px;margin-right:8px}
+.correct{background:#c8f7c5;font-weight:600} .wrong{background:#ffc9c9;font-weight:600}
+img{max-width:100%} .missed{color:#999;text-decoration:line-through} .caption{margin:.3em 0}
+.run{font-weight:600;width:9em;display:inline-block}
+"""
+
+# Marks the page as rendered once every image decoded; the Chromium test reads these attributes.
+LOAD_SCRIPT = """
+window.addEventListener('load', () => {
+  const imgs = [...document.images];
+  document.body.dataset.images = imgs.length;
+  document.body.dataset.imagesLoaded = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+});
+"""
+
+
+def highlight(caption: str, gt_keys: list[str], pool: set[str], case_sensitive: bool) -> str:
+    """HTML of `caption` with pool names marked correct (in this query's ground truth) or wrong (another
+    concept), matching the bracketed (`<anya>`) or bare (`anya`) form as the scorer does."""
+    forms: dict[str, str] = {}
+    for key in pool:
+        bare = key.strip("<>")
+        for form in (key, bare):
+            forms[form if case_sensitive else form.lower()] = key
+    pattern = re.compile("|".join(re.escape(f) for f in sorted(forms, key=len, reverse=True)) or r"(?!x)x",
+                         0 if case_sensitive else re.IGNORECASE)
+    out, last = [], 0
+    for m in pattern.finditer(caption):
+        before = caption[m.start() - 1] if m.start() else " "
+        after = caption[m.end()] if m.end() < len(caption) else " "
+        if before.isalnum() or after.isalnum():  # only whole tokens count, as in the scorer
+            continue
+        key = forms[m.group(0) if case_sensitive else m.group(0).lower()]
+        cls = "correct" if key in gt_keys else "wrong"
+        out += [html.escape(caption[last:m.start()]), f'<span class="{cls}">{html.escape(m.group(0))}</span>']
+        last = m.end()
+    out.append(html.escape(caption[last:]))
+    return "".join(out)
+
+
+def _mentioned(caption: str, key: str, case_sensitive: bool) -> bool:
+    flags = 0 if case_sensitive else re.IGNORECASE
+    return any(re.search(rf"(?<![\w]){re.escape(form)}(?![\w])", caption, flags)
+               for form in (key, key.strip("<>")))
+
+
+def _thumb(src: Path, dest: Path, size: int = 192) -> None:
+    from PIL import Image
+
+    img = Image.open(src).convert("RGB")
+    img.thumbnail((size, size))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    img.save(dest, format="PNG")
+
+
+def plot_rewards(log_path: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    log = pd.read_json(log_path, lines=True)
+    cols = [c for c in log.columns if c.startswith("rewards/") and c.endswith("/mean")] + ["reward"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for col in cols:
+        if col in log:
+            # Steps without a sample of this reward type log nothing (NaN); one step sees one prompt group,
+            # so smooth the logged values over a few steps to see the trend.
+            series = pd.to_numeric(log[col], errors="coerce").dropna()
+            axes[0].plot(series.index + 1, series.rolling(4, min_periods=1).mean(),
+                         label=col.split("/")[1] if "/" in col else "total")
+    axes[0].set(xlabel="step", ylabel="reward (rolling mean of 4)", title="GRPO rewards")
+    axes[0].legend(fontsize=8)
+    for col in ("kl", "loss"):
+        if col in log:
+            axes[1].plot(log.index + 1, pd.to_numeric(log[col], errors="coerce"), label=col)
+    axes[1].set(xlabel="step", title="KL and loss")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def plot_prf(metrics: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [(s, m) for s in SETTINGS if s in metrics for m in ("skip", "retrieval") if m in metrics[s]]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5), sharey=True)
+    width = 0.4
+    for ax, key in zip(axes, ("precision", "recall", "f1")):
+        for j, model in enumerate(("base", "trained")):
+            vals = [metrics[s][m].get(model, {}).get(key, 0.0) for s, m in groups]
+            ax.bar([i + (j - 0.5) * width for i in range(len(groups))], vals, width, label=model)
+        ax.set_xticks(range(len(groups)), [f"{s}\n{m}" for s, m in groups], fontsize=8)
+        ax.set_title(key)
+        ax.set_ylim(0, 100)
+    axes[0].set_ylabel("%")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def build_report(out_dir: str | os.PathLike, *, captions_dir: str | os.PathLike, metrics_path: str | os.PathLike,
+                 train_log: str | os.PathLike, database_path: str | os.PathLike, root: str | os.PathLike,
+                 max_queries: int) -> None:
+    """Write `out_dir/index.html`, `out_dir/plots/*.png` and `out_dir/img/*` (thumbnails), atomically."""
+    metrics = read_json(metrics_path)
+    database = read_json(database_path)
+    concepts = database["concept_dict"]
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "plots").mkdir()
+        plot_rewards(Path(train_log), tmp / "plots" / "rewards.png")
+        plot_prf(metrics, tmp / "plots" / "prf.png")
+        thumbs: dict[str, str] = {}
+
+        def thumb(rel: str) -> str:
+            if rel not in thumbs:
+                name = f"img/{len(thumbs):04d}.png"
+                _thumb(resolve_image(root, rel), tmp / name)
+                thumbs[rel] = name
+            return thumbs[rel]
+
+        body = ["<h1>RePIC results</h1>", "<h2>Metrics (protocol repic)</h2>", _metrics_html(metrics),
+                '<img src="plots/prf.png" alt="P/R/F1 per setting">', "<h2>Training</h2>",
+                '<img src="plots/rewards.png" alt="GRPO reward curves">']
+        for setting in SETTINGS:
+            runs = {r: read_json(Path(captions_dir) / setting / f"{r}.json") for r in RUNS}
+            retrieval = read_json(Path(captions_dir) / setting / "retrieval.json")
+            retrieved = [q["retrieved"] for q in retrieval["per_query"]]
+            pool = {k for row in runs["base_skip"] for k in row[1]}
+            case_sensitive = setting == "multi2"
+            body.append(f"<h2>{setting}: {len(runs['base_skip'])} queries "
+                        f"(retrieval recall@{retrieval['k']} = {retrieval['recall_at_k']:.2f})</h2>")
+            for i, row in enumerate(runs["base_skip"][:max_queries]):
+                image, gt = row[0], row[1]
+                refs = "".join(
+                    f'<span class="ref"><img src="{thumb(concepts[k]["image"])}" alt="{html.escape(k)}"><br>'
+                    f"{html.escape(k)}</span>" for k in gt)
+                got = ", ".join(html.escape(k) for k in retrieved[i]) if i < len(retrieved) else "-"
+                lines = []
+                for run in RUNS:
+                    caption = runs[run][i][2]
+                    missed = [k for k in gt if not _mentioned(caption, k, case_sensitive)]
+                    lines.append(
+                        f'<div class="caption"><span class="run">{run}</span> '
+                        f"{highlight(caption, gt, pool, case_sensitive) or '<i>(empty)</i>'} "
+                        + "".join(f'<span class="missed">{html.escape(k)}</span> ' for k in missed) + "</div>")
+                body.append(
+                    f'<div class="query"><div class="imgs"><img src="{thumb(image)}" alt="query"> {refs}</div>'
+                    f"<div>ground truth: {html.escape(', '.join(gt))} · retrieved: {got}</div>{''.join(lines)}</div>")
+        page = ("<!doctype html><html><head><meta charset='utf-8'><title>RePIC report</title>"
+                f"<style>{CSS}</style><script>{LOAD_SCRIPT}</script></head><body>"
+                + "\n".join(body) + "</body></html>\n")
+        (tmp / "index.html").write_text(page, encoding="utf-8")
+
+
+def _metrics_html(metrics: dict[str, Any]) -> str:
+    rows = ["<table><tr><th>setting</th><th>mode</th><th>model</th><th>P</th><th>R</th><th>F1</th></tr>"]
+    for s in SETTINGS:
+        for m in ("skip", "retrieval"):
+            for model, cell in metrics.get(s, {}).get(m, {}).items():
+                rows.append(f"<tr><td>{s}</td><td>{m}</td><td>{model}</td>"
+                            + "".join(f"<td>{cell[k]:.1f}</td>" for k in ("precision", "recall", "f1")) + "</tr>")
+    return "".join(rows) + "</table>"

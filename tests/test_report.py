@@ -1,0 +1,89 @@
+"""The static report: names highlighted like the scorer counts them, and it renders in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+from PIL import Image
+
+from repic.report import build_report, highlight
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def test_highlight_marks_correct_and_wrong_whole_tokens():
+    out = highlight("<anya> and Bond, not bondage. <Bingo>!", ["<anya>"], {"<anya>", "<bond>", "<bingo>"},
+                    case_sensitive=False)
+    assert '<span class="correct">&lt;anya&gt;</span>' in out
+    assert '<span class="wrong">Bond</span>' in out and "bondage" in out and "wrong\">bondage" not in out
+    assert '<span class="wrong">&lt;Bingo&gt;</span>' in out
+    assert highlight("Anya", ["<anya>"], {"<anya>"}, case_sensitive=True) == "Anya"  # 2-concept is case-sensitive
+
+
+@pytest.fixture
+def report_inputs(tmp_path):
+    root = tmp_path / "world"
+    (root / "data").mkdir(parents=True)
+    colors = {"<a>": "red", "<b>": "blue", "<c>": "green", "<d>": "orange"}
+    concept_dict = {}
+    for key, color in colors.items():
+        Image.new("RGB", (64, 64), color).save(root / "data" / f"{key[1]}.png")
+        concept_dict[key] = {"name": key[1], "image": f"./data/{key[1]}.png", "info": color, "category": "toy"}
+    database = tmp_path / "db.json"
+    database.write_text(json.dumps({"concept_dict": concept_dict, "path_to_concept": {}}))
+    Image.new("RGB", (96, 96), "white").save(root / "data" / "q.png")
+    caps = tmp_path / "captions"
+    gts = {"single": ["<a>"], "multi2": ["<a>", "<b>"], "multi4": ["<a>", "<b>", "<c>", "<d>"]}
+    for setting, gt in gts.items():
+        (caps / setting).mkdir(parents=True)
+        for run in ("base_skip", "trained_skip", "base_retrieval", "trained_retrieval"):
+            wrong = "<b>" if setting == "single" else ""
+            caption = "A photo." if run.startswith("base") else f"{gt[0]} with <zzz> and {wrong}"
+            (caps / setting / f"{run}.json").write_text(json.dumps([["./data/q.png", gt, caption, "q?"],
+                                                                     ["./data/q.png", ["<b>"] * len(gt), "x", "q?"]]))
+        (caps / setting / "retrieval.json").write_text(json.dumps(
+            {"k": 2, "recall_at_k": 0.5, "per_query": [{"retrieved": ["<a>", "<c>"]}, {"retrieved": ["<b>"]}]}))
+    cell = {"precision": 50.0, "recall": 25.0, "f1": 33.3}
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({s: {m: {"base": cell, "trained": cell} for m in ("skip", "retrieval")}
+                                   for s in gts}))
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(json.dumps({"loss": 0.1 * i, "kl": 0.01 * i, "reward": i / 10,
+                                         "rewards/object_consistency/mean": None if i % 2 else i / 10})
+                             for i in range(8)))
+    return dict(captions_dir=caps, metrics_path=metrics, train_log=log, database_path=database, root=root)
+
+
+def test_report_files(tmp_path, report_inputs):
+    out = tmp_path / "report"
+    build_report(out, max_queries=5, **report_inputs)
+    page = (out / "index.html").read_text()
+    assert (out / "plots" / "rewards.png").stat().st_size > 0 and (out / "plots" / "prf.png").stat().st_size > 0
+    assert page.count('class="query"') == 6  # 2 queries x 3 settings
+    assert '<span class="correct">&lt;a&gt;</span>' in page and '<span class="wrong">&lt;b&gt;</span>' in page
+    assert '<span class="missed">&lt;a&gt;</span>' in page  # base captions miss <a>
+    for src in re.findall(r'src="([^"]+)"', page):
+        assert (out / src).is_file(), src
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (.ci/run installs Debian's)")
+def test_report_renders_in_headless_chromium(tmp_path, report_inputs):
+    out = tmp_path / "report"
+    build_report(out, max_queries=5, **report_inputs)
+    url = (out / "index.html").as_uri()
+    dom = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile1'}", "--virtual-time-budget=5000",
+                          "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    m = re.search(r'data-images="(\d+)" data-images-loaded="(\d+)"', dom)
+    assert m, dom[:500]
+    assert int(m.group(1)) > 6 and m.group(1) == m.group(2)  # every image decoded
+    shot = tmp_path / "shot.png"
+    subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile2'}", "--window-size=1000,1400",
+                    f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    img = Image.open(shot).convert("RGB")
+    assert img.size == (1000, 1400) and len(img.getcolors(1 << 20) or []) > 50  # not a blank page
