@@ -99,34 +99,66 @@ def reward_functions(names: list[str], protocol: str) -> list:
     return [REWARD_REGISTRY[n](protocol) for n in names]
 
 
+def prepare_checkpoints(checkpoint_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> str | None:
+    """The checkpoint to resume from, if any. Checkpoints of another configuration (params, data, base model)
+    are stale: they are removed rather than resumed."""
+    import hashlib
+    import shutil
+
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from repic.io import read_json, write_json
+
+    checkpoint_dir = Path(checkpoint_dir)
+    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
+    marker = checkpoint_dir / "fingerprint.json"
+    if checkpoint_dir.exists() and (not marker.is_file() or read_json(marker).get("sha256") != key):
+        shutil.rmtree(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    write_json(marker, {"sha256": key})
+    return get_last_checkpoint(str(checkpoint_dir))
+
+
 def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: str | os.PathLike,
-          out_dir: str | os.PathLike, params: dict[str, Any], *, seed: int, device: str = "auto",
-          dtype: str = "auto") -> list[dict]:
-    """Run GRPO + LoRA and save the adapter to `out_dir`; returns the per-step log records."""
+          out_dir: str | os.PathLike, params: dict[str, Any], *, checkpoint_dir: str | os.PathLike, seed: int,
+          device: str = "auto", dtype: str = "auto", callbacks: list | None = None) -> list[dict]:
+    """Run GRPO + LoRA and save the adapter to `out_dir`; returns the per-step log records.
+
+    Checkpoints go to `checkpoint_dir` (GRPOConfig `save_strategy`/`save_steps`); a rerun after a crash resumes
+    from the last one (optimizer, scheduler, RNG and data position included), so on CPU with a fixed seed the
+    final adapter equals an uninterrupted run's.
+    """
     from datasets import Dataset
     from peft import get_peft_model
+    from transformers import set_seed
     from trl import GRPOTrainer
 
     from repic.models import load_model, load_processor, pick_device
 
     device = pick_device(device)
     lora = lora_config(params["lora"])
-    args = grpo_config({**params["grpo"], "seed": seed}, Path(out_dir).parent / "checkpoints",
-                       use_cpu=device == "cpu")
+    args = grpo_config({**params["grpo"], "seed": seed}, checkpoint_dir, use_cpu=device == "cpu")
     rewards = reward_functions(params["rewards"], params["protocol"])
+    resume = prepare_checkpoints(checkpoint_dir, {"params": params, "seed": seed, "model": str(model_path),
+                                                  "samples": samples, "dtype": dtype})
     examples = build_examples(samples, root, seed=seed, **params.get("resize", {}))
     dataset = Dataset.from_list(examples)
     processor = load_processor(model_path)
-    model = get_peft_model(load_model(model_path, device=device, dtype=dtype).train(), lora)
+    # Loaded on the CPU: the Trainer (accelerate) places it, one GPU per process under `accelerate launch`.
+    # Seeded before LoRA's random init of lora_A, which the Trainer's own seeding comes too late for.
+    set_seed(seed)
+    model = get_peft_model(load_model(model_path, device="cpu", dtype=dtype).train(), lora)
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=rewards,
         args=args,
         train_dataset=dataset,
         processing_class=processor,
+        callbacks=callbacks,
     )
-    trainer.train()
-    trainer.model.save_pretrained(out_dir)
+    trainer.train(resume_from_checkpoint=resume)
+    if trainer.is_world_process_zero():
+        trainer.model.save_pretrained(out_dir)
     return [rec for rec in trainer.state.log_history if "loss" in rec or "reward" in rec]
 
 

@@ -23,7 +23,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--model", required=True, help="base model: local dir or hub id")
     p.add_argument("--train", required=True, help="training JSON (RePIC schema)")
     p.add_argument("--root", required=True, help="data root the training image paths are relative to")
-    p.add_argument("--out", required=True, help="output folder: adapter/, log.jsonl, summary.json")
+    p.add_argument("--out", required=True,
+                   help="output folder: adapter/, log.jsonl, summary.json, checkpoints/ (kept for resuming)")
     args = p.parse_args(argv)
     params = params_of(args)
     base = params["base"]
@@ -31,8 +32,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = Path(args.out)
     # ---- train
     with atomic_dir(out / "adapter") as adapter_dir:
-        log = train(args.model, samples, args.root, adapter_dir, params["train_grpo_lora"], seed=base["seed"],
-                    device=base["device"], dtype=base["dtype"])
+        log = train(args.model, samples, args.root, adapter_dir, params["train_grpo_lora"],
+                    checkpoint_dir=out / "checkpoints", seed=base["seed"], device=base["device"],
+                    dtype=base["dtype"])
     # ---- save the log
     frame = pd.DataFrame(log)
     write_text(out / "log.jsonl", frame.to_json(orient="records", lines=True))

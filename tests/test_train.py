@@ -55,3 +55,76 @@ def test_examples_carry_images_solution_json_and_sizes(tmp_path):
     assert sum(b["type"] == "image" for b in multi["prompt"][0]["content"]) == 2
     with pytest.raises(RepicError, match="training sample 0: cannot read image"):
         build_examples([{**samples[0], "image": "./data/nope.png"}], tmp_path, seed=0)
+
+
+def _tiny_samples(root):
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    for i in range(4):
+        Image.new("RGB", (56, 56), (60 * i, 100, 50)).save(root / f"data/{i}.png")
+    return [{"image": [f"./data/{i % 4}.png", f"./data/{(i + 1) % 4}.png"],
+             "problem": f"The first image shows <x{i}>. Is <x{i}> in the second image?",
+             "solution": "yes" if i % 2 else "no", "accu_reward_method": "yes_no"} for i in range(8)]
+
+
+def _tiny_params(**grpo):
+    return {"protocol": "repic", "rewards": ["object_consistency", "identity_consistency"],
+            "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+            "grpo": {"num_generations": 2, "per_device_train_batch_size": 2, "max_completion_length": 4,
+                     "learning_rate": 1e-2, "beta": 0.04, "loss_type": "grpo", "logging_steps": 1, "bf16": False,
+                     "gradient_checkpointing": False, "max_steps": 4, "save_strategy": "steps", "save_steps": 2,
+                     **grpo}}
+
+
+def _adapter_weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def text_variety(completions, **kwargs):
+    """A reward with spread on a random model's output (the RePIC rewards are all 0 there): distinct chars."""
+    from repic.rewards import completion_text
+
+    return [len(set(completion_text(c))) / 10 for c in completions]
+
+
+def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, monkeypatch):
+    import torch
+    from transformers import TrainerCallback
+
+    from repic.rewards import REWARD_REGISTRY
+    from repic.train import train
+
+    monkeypatch.setitem(REWARD_REGISTRY, "text_variety", lambda protocol: text_variety)
+    samples = _tiny_samples(tmp_path)
+    params = {**_tiny_params(), "rewards": ["object_consistency", "text_variety"]}
+    log = train(tiny_model_dir, samples, tmp_path, tmp_path / "full", params,
+                checkpoint_dir=tmp_path / "ck_full", seed=3, device="cpu")
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and "kl" in log[-1]
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model_dir, samples, tmp_path, tmp_path / "resumed", params,
+              checkpoint_dir=tmp_path / "ck", seed=3, device="cpu", callbacks=[Crash()])
+    assert not (tmp_path / "resumed").exists() and (tmp_path / "ck" / "checkpoint-2").is_dir()
+    log = train(tiny_model_dir, samples, tmp_path, tmp_path / "resumed", params,
+                checkpoint_dir=tmp_path / "ck", seed=3, device="cpu")
+    assert [r["step"] for r in log if "loss" in r][-2:] == [3, 4]  # steps 1-2 came from the checkpoint
+    full, resumed = _adapter_weights(tmp_path / "full"), _adapter_weights(tmp_path / "resumed")
+    assert full.keys() == resumed.keys()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert any(v.abs().sum() > 0 for k, v in full.items() if "lora_B" in k)  # it did train
+
+
+def test_checkpoints_of_another_config_are_not_resumed(tmp_path):
+    from repic.train import prepare_checkpoints
+
+    ck = tmp_path / "ck"
+    assert prepare_checkpoints(ck, {"lr": 1}) is None
+    (ck / "checkpoint-5").mkdir()
+    assert prepare_checkpoints(ck, {"lr": 1}).endswith("checkpoint-5")
+    assert prepare_checkpoints(ck, {"lr": 2}) is None and not (ck / "checkpoint-5").exists()
