@@ -73,6 +73,9 @@ SCHEMA: dict[str, Any] = _obj({
         "grpo": {"type": "object"},
     }),
     "score": _obj({"protocol": {"enum": ["repic", "strict"]}}),
+    "merge_lora": _obj({"n_inputs": _POS, "max_new_tokens": _POS,
+                        "tolerance": _obj({"float32": {"type": "number", "minimum": 0},
+                                           "bfloat16": {"type": "number", "minimum": 0}})}),
     "report": _obj({"max_queries": _POS}),
     "judge_llm": _obj({
         "backend": {"enum": ["local", "openai", "none"]},

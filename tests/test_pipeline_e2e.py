@@ -79,6 +79,8 @@ def test_every_stage_wrote_its_artifacts(pipeline):
         recall = json.loads((pipeline / f"results/captions/{s}/retrieval.json").read_text())["recall_at_k"]
         assert 0.0 <= recall <= 1.0
         assert len(pd.read_parquet(pipeline / f"results/captions/{s}/captions.parquet")) == 4 * len(rows)
+    merge = json.loads((pipeline / "results/merged/merge_report.json").read_text())
+    assert merge["ok"] and merge["captions_identical_fp32"] and (pipeline / "results/merged/model").is_dir()
     page = (pipeline / "results/report/index.html").read_text()
     assert page.count('class="query"') > 0 and (pipeline / "results/report/plots/rewards.png").is_file()
     judge = json.loads((pipeline / "results/judge/win_rates.json").read_text())
