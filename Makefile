@@ -26,6 +26,11 @@ repro: venv
 	@[ -d .git ] || { echo "error: dvc needs a git checkout (clone the repository)"; exit 2; }
 	dvc repro
 
+# The paper run: overlay configs/paper.yaml onto params.yaml (git checkout params.yaml undoes it), then the DAG.
+paper: venv
+	python -m repic.params apply configs/paper.yaml
+	WANDB_MODE=$${WANDB_MODE:-offline} dvc repro
+
 test: venv
 	pytest -q
 

@@ -66,6 +66,7 @@ SCHEMA: dict[str, Any] = _obj({
         "top_k": _obj({"single": _POS, "multi2": _POS, "multi4": _POS}),
     }),
     "train_grpo_lora": _obj({
+        "launch": _STR,
         "protocol": {"enum": ["repic", "strict"]},
         "rewards": {"type": "array", "items": _STR, "minItems": 1},
         "resize": _obj({"multi_short_side": _POS, "single_short_side": _POS}),
@@ -138,3 +139,42 @@ def check_fields(section: str, values: dict[str, Any], dataclass_type: type) -> 
     for key in values:
         if key not in names:
             raise RepicError(f"params.yaml: {section}.{key}: unknown key (not a field of {dataclass_type.__name__})")
+
+
+def apply_overlay(params_path: str | os.PathLike, overlay_path: str | os.PathLike) -> dict[str, Any]:
+    """Rewrite `params_path` as itself overlaid with `overlay_path` (validated first, written atomically)."""
+    from repic.io import write_text
+
+    base = load_params(params_path)
+    overlay = yaml.safe_load(Path(overlay_path).read_text(encoding="utf-8")) or {}
+    merged = deep_merge(base, overlay)
+    validate(merged, f"{params_path} + {overlay_path}")
+    header = f"# {params_path} with {overlay_path} applied (git checkout {params_path} undoes it)\n"
+    write_text(params_path, header + yaml.safe_dump(merged, sort_keys=False, width=110))
+    return merged
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m repic.params", description="validate or overlay params.yaml")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("check", help="validate params.yaml").add_argument("--params", default="params.yaml")
+    ap = sub.add_parser("apply", help="overlay a config (e.g. configs/paper.yaml) onto params.yaml")
+    ap.add_argument("overlay")
+    ap.add_argument("--params", default="params.yaml")
+    args = p.parse_args(argv)
+    try:
+        if args.command == "check":
+            load_params(args.params)
+        else:
+            apply_overlay(args.params, args.overlay)
+    except RepicError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
