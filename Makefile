@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1
 export DO_NOT_TRACK := 1
 
-.PHONY: venv repro test paper lint lock clean
+.PHONY: venv repro test paper real-eval lint lock clean
 
 venv: $(VENV)/.installed
 
@@ -30,6 +30,22 @@ repro: venv
 paper: venv
 	python -m repic.params apply configs/paper.yaml
 	WANDB_MODE=$${WANDB_MODE:-offline} dvc repro
+
+# Real RePIC evaluation data (configs/real_eval_local.yaml: a local copy in RePIC's layout), tiny stand-in model:
+# fetch + validate, retrieval database, 4-concept captioning (skip and retrieval) into results/real_eval/.
+REAL := results/real_eval
+real-eval: venv
+	mkdir -p $(REAL) && cp params.yaml $(REAL)/params.yaml
+	python -m repic.params apply configs/real_eval_local.yaml --params $(REAL)/params.yaml
+	python -m stages.fetch_data --params $(REAL)/params.yaml --out-data $(REAL)/data --out-model $(REAL)/model
+	python -m stages.build_db --params $(REAL)/params.yaml --out $(REAL)/db --root $(REAL)/data \
+	  --database $(REAL)/data/data/database_tot/database_4_concepts/database_mod.json
+	python -m stages.caption --params $(REAL)/params.yaml --setting multi4 --root $(REAL)/data --index $(REAL)/db \
+	  --queries $(REAL)/data/data/query_tot/4_concept_query_templates.json --model $(REAL)/model \
+	  --database $(REAL)/data/data/database_tot/database_4_concepts/database_mod.json --out $(REAL)/captions/multi4
+	@python -c "import json; v = json.load(open('$(REAL)/data/validation.json')); \
+	  print('unlisted images:', [w for d in v['databases'].values() for w in d.get('unlisted_images', [])]); \
+	  print('recall@k:', json.load(open('$(REAL)/captions/multi4/retrieval.json'))['recall_at_k'])"
 
 test: venv
 	pytest -q

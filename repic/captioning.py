@@ -145,17 +145,27 @@ def make_retriever(index_dir: str | os.PathLike, root: str | os.PathLike, params
 
 
 def run_setting(setting: str, queries_path: str, database_path: str, root: str, index_dir: str,
-                model_path: str, adapter: str, params: dict[str, Any], *, device: str = "auto",
+                model_path: str, adapter: str | None, params: dict[str, Any], *, device: str = "auto",
                 dtype: str = "auto") -> tuple[dict[str, list[list[Any]]], dict[str, Any]]:
-    """Everything `caption_<setting>` does: queries, retrieval, base and base+adapter captions."""
+    """Everything `caption_<setting>` does: valid queries, retrieval, base (and base+adapter) captions."""
+    import logging
+
     from peft import PeftModel
 
     from repic.io import read_json
     from repic.models import load_model, load_processor
     from repic.retrieval import retrieval_recall
+    from repic.validate import filter_valid_queries
 
     database = read_json(database_path)
-    queries = expand_queries(read_json(queries_path), setting, source=queries_path)
+    query_map = read_json(queries_path)
+    valid = filter_valid_queries(query_map, database, root, setting)
+    if len(valid) < len(query_map):  # fetch_data's validation.json names each one and why
+        logging.getLogger(__name__).warning("%s: %d of %d query images left out (invalid entries)",
+                                            queries_path, len(query_map) - len(valid), len(query_map))
+    if not valid:
+        raise RepicError(f"{queries_path}: no valid query left (see the data root's validation.json)")
+    queries = expand_queries(valid, setting, source=queries_path)
     for q in queries:
         q.ref_keys = list(q.gt_keys)
     retriever = make_retriever(index_dir, root, params, k=params["top_k"][setting])
@@ -166,13 +176,15 @@ def run_setting(setting: str, queries_path: str, database_path: str, root: str, 
     processor = load_processor(model_path)
     model = load_model(model_path, device=device, dtype=dtype)
     rows = {f"base_{m}": r for m, r in caption_all(model, processor, by_mode, database, root, **gen).items()}
-    model = PeftModel.from_pretrained(model, adapter).eval()
-    rows |= {f"trained_{m}": r for m, r in caption_all(model, processor, by_mode, database, root, **gen).items()}
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter).eval()
+        rows |= {f"trained_{m}": r for m, r in caption_all(model, processor, by_mode, database, root, **gen).items()}
     summary = {
         "setting": setting,
         "k": params["top_k"][setting],
         "recall_at_k": retrieval_recall([q.ref_keys for q in retrieved], [q.gt_keys for q in retrieved]),
         "n_queries": len(queries),
+        "n_query_images_left_out": len(query_map) - len(valid),
         "missing_images": missing,
         "per_query": [{"query_image": q.image, "gt_keys": q.gt_keys, "retrieved": q.ref_keys} for q in retrieved],
     }

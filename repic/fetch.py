@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from repic.io import atomic_dir
+from repic.io import atomic_dir, write_json
 from repic.prompts import CAPTION_QUESTIONS, CAPTION_SYSTEM_PROMPT, ICT_SUFFIXES, OCT_SUFFIX, VLT_SUFFIX
 
 
@@ -40,3 +40,31 @@ def fetch_synthetic(out_data: str | os.PathLike, out_model: str | os.PathLike, p
             losses = warmup(model_tmp, examples, steps=wcfg["steps"], batch_size=wcfg["batch_size"],
                             learning_rate=wcfg["learning_rate"], seed=seed)
     return {**summary, "warmup_loss": [losses[0], losses[-1]] if losses else None}
+
+
+def fetch_real(out_data: str | os.PathLike, out_model: str | os.PathLike, params: dict[str, Any],
+               data_paths: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Declared sources (hub repos, hashed URLs, local folders in RePIC's layout) into the data root and the
+    model folder, then validation of every database and query file (`validation.json` in the data root).
+
+    Without a source for `model/`, the tiny Qwen2.5-VL is built as a stand-in (tokenizer trained on the
+    fetched JSON text), so the data path can be exercised end to end without the 7B weights."""
+    from repic.models import build_tiny_model
+    from repic.sources import fetch_sources
+    from repic.validate import summary, validate_dataset
+
+    data_root = Path(data_paths["root"])
+
+    def inside(path: str, tmp: Path) -> Path:
+        return tmp / Path(path).relative_to(data_root)
+
+    with atomic_dir(out_data) as data_tmp, atomic_dir(out_model) as model_tmp:
+        fetched = fetch_sources(params["sources"], {"data": data_tmp, "model": model_tmp}, cache_dir=params["cache"])
+        if not any(str(spec["dest"]).split("/")[0] == "model" for spec in params["sources"].values()):
+            build_tiny_model(model_tmp, world_texts(data_tmp), params["tiny_model"], seed=seed)
+        report = validate_dataset(data_tmp, inside(data_paths["database"], data_tmp),
+                                  {s: inside(q, data_tmp) for s, q in data_paths["queries"].items()},
+                                  strict=params["strict"])
+        report["root"] = str(out_data)
+        write_json(data_tmp / "validation.json", report)
+    return {"fetched": sorted(fetched), "validation": summary(report), "ok": report["ok"]}

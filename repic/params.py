@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from repic.io import RepicError
+from repic.sources import SOURCE_SCHEMA
 
 
 def _obj(props: dict[str, Any], required: bool = True, open_: bool = False) -> dict[str, Any]:
@@ -41,7 +42,10 @@ SCHEMA: dict[str, Any] = _obj({
         "base_model": _STR,
     }),
     "fetch_data": _obj({
-        "source": {"enum": ["synthetic"]},
+        "source": {"enum": ["synthetic", "real"]},
+        "strict": {"type": "boolean"},
+        "cache": {"type": ["string", "null"]},
+        "sources": {"type": "object", "additionalProperties": SOURCE_SCHEMA},
         "world": _obj({
             "n_concepts": {"type": "integer", "minimum": 4}, "n_distractors": _INT, "queries_single": _POS,
             "queries_multi2": _POS, "queries_multi4": _POS, "train_per_method": _POS,

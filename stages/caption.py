@@ -21,8 +21,9 @@ from repic.io import write_json, write_parquet
 def main(argv: Sequence[str] | None = None) -> None:
     p = parser(__doc__)
     p.add_argument("--setting", required=True, choices=SETTINGS)
-    for name in ("--queries", "--database", "--root", "--index", "--model", "--adapter", "--out"):
+    for name in ("--queries", "--database", "--root", "--index", "--model", "--out"):
         p.add_argument(name, required=True)
+    p.add_argument("--adapter", help="LoRA adapter of the trained model (without it: base captions only)")
     args = p.parse_args(argv)
     params = params_of(args)
     rows, retrieval = run_setting(args.setting, args.queries, args.database, args.root, args.index, args.model,

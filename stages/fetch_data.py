@@ -1,4 +1,4 @@
-"""Fetch the pipeline's inputs: data root in RePIC's layout + base model.
+"""Fetch the pipeline's inputs: data root in RePIC's layout + base model (synthetic world, or declared sources).
 
 Example: python -m stages.fetch_data --out-data data/world --out-model data/models/base
 """
@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from repic.cli import params_of, parser, run
-from repic.fetch import fetch_synthetic
+from repic.fetch import fetch_real, fetch_synthetic
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -18,8 +18,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out-model", required=True)
     args = p.parse_args(argv)
     params = params_of(args)
-    # ---- fetch (only `synthetic` exists in the embedded default; hub/url/local sources are tracked in issues)
-    summary = fetch_synthetic(args.out_data, args.out_model, params["fetch_data"], seed=params["base"]["seed"])
+    cfg, base = params["fetch_data"], params["base"]
+    if cfg["source"] == "synthetic":
+        summary = fetch_synthetic(args.out_data, args.out_model, cfg, seed=base["seed"])
+    else:  # real: hub repos, hashed URLs and local folders declared in fetch_data.sources, then validation
+        summary = fetch_real(args.out_data, args.out_model, cfg, base["data"], seed=base["seed"])
     print(summary)
 
 

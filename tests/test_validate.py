@@ -1,0 +1,181 @@
+"""repic.validate on RePIC's real evaluation data (shared/repic_eval) and on small hand-made defects."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from repic.io import RepicError, read_json, write_json
+from repic.validate import (
+    filter_valid_queries,
+    load_database,
+    summary,
+    validate_database,
+    validate_dataset,
+    validate_queries,
+)
+
+REPIC_EVAL = Path(__file__).resolve().parents[1].parent / "shared" / "repic_eval"
+DB = "data/database_tot/{}/database_mod.json"
+Q = "data/query_tot/{}_query_templates.json"
+
+
+@pytest.fixture(scope="module")
+def real() -> Path:
+    if not (REPIC_EVAL / "data").is_dir():
+        pytest.skip(f"real RePIC data not available ({REPIC_EVAL} is absent beside the checkout)")
+    return REPIC_EVAL
+
+
+# =============================================================================================== real data
+def test_real_squidgame_images_without_entry_are_named(real: Path) -> None:
+    report = validate_database(real / DB.format("database_4_concepts"), real)
+    assert report["unlisted_images"] == [f"./data/database_tot/database_4_concepts/squidgame/{n}.jpg"
+                                         for n in ("sim", "sky", "sunghoon")]
+    # db/output_*.json sub-databases are not images; nothing listed is missing: a warning, not an error.
+    assert report["missing_images"] == [] and report["malformed"] == [] and report["concepts"] == 32
+    assert report["ok"] and report["errors"] == 0 and report["warnings"] == 3
+
+
+def test_real_yollava_database_reports_its_uncopied_images(real: Path) -> None:
+    db_json = real / DB.format("database_yollava")
+    report = validate_database(db_json, real)
+    assert len(report["missing_images"]) == 40 and "./data/database_tot/database_yollava/bo.png" in report[
+        "missing_images"]
+    assert "<bo>" in report["keys_without_image"] and not report["ok"]
+    queries = validate_queries(real / Q.format("yollava"), load_database(db_json), real, "single")
+    assert queries["entries"] == 333 and queries["valid_entries"] == 0 and not queries["ok"]
+    assert filter_valid_queries(read_json(real / Q.format("yollava")), load_database(db_json), real, "single") == {}
+
+
+def test_real_two_concept_database_is_clean(real: Path) -> None:
+    report = validate_database(real / DB.format("database_2_concepts"), real)
+    assert (report["missing_images"], report["unlisted_images"], report["malformed"], report["unknown_keys"]) == (
+        [], [], [], [])
+    assert report["ok"] and report["concepts"] == 16
+
+
+def test_real_four_concept_queries_are_all_valid(real: Path) -> None:
+    database = load_database(real / DB.format("database_4_concepts"))
+    query_map = read_json(real / Q.format("4_concept"))
+    report = validate_queries(real / Q.format("4_concept"), database, real, "multi4")
+    assert (report["images"], report["entries"], report["valid_entries"], report["ok"]) == (4, 105, 105, True)
+    assert filter_valid_queries(query_map, database, real, "multi4") == query_map
+
+
+def test_real_dataset_report_goes_on_or_fails_when_strict(real: Path, tmp_path: Path) -> None:
+    databases = {"single": real / DB.format("database_yollava"), "multi2": real / DB.format("database_2_concepts"),
+                 "multi4": real / DB.format("database_4_concepts")}
+    queries = {"single": real / Q.format("yollava"), "multi2": real / Q.format("2_concept"),
+               "multi4": real / Q.format("4_concept")}
+    report = validate_dataset(real, databases, queries)
+    assert not report["ok"] and report["warnings"] == 3
+    # 2-concept query photos (RAP-MLLM) are not in shared/: every entry is dropped, and said so.
+    assert report["queries"]["multi2"]["dropped_entries"] == 82 and report["queries"]["multi4"]["ok"]
+    write_json(tmp_path / "validation.json", report)  # JSON-serialisable as it is
+    assert json.loads((tmp_path / "validation.json").read_text())["errors"] == report["errors"]
+    with pytest.raises(RepicError) as err:
+        validate_dataset(real, databases, queries, strict=True)
+    msg = str(err.value)
+    assert msg.startswith("data validation failed (strict: true): ") and "\n" not in msg
+    assert "database_yollava/database_mod.json: 40 missing images" in msg and "sunghoon" in msg
+
+
+def test_real_data_fetched_as_a_symlink_mirror_validates_the_same(real: Path, tmp_path: Path) -> None:
+    from repic.sources import fetch_source, tree_sha256
+
+    root = fetch_source({"kind": "local", "path": str(real), "sha256": tree_sha256(real), "mode": "symlink"},
+                        tmp_path / "world")
+    report = validate_database(root / DB.format("database_4_concepts"), root)
+    assert [Path(p).name for p in report["unlisted_images"]] == ["sim.jpg", "sky.jpg", "sunghoon.jpg"]
+    assert report["unlisted_images"][0].startswith("./data/database_tot/")
+
+
+# ============================================================================================== hand-made
+@pytest.fixture
+def world(tmp_path: Path) -> Path:
+    """A tiny data root with one defect of each kind."""
+    root = tmp_path / "root"
+    db_dir = root / "data" / "database_tot" / "db"
+    (db_dir / "group" / "db").mkdir(parents=True)
+    for name in ("a.png", "b.png", "group/d.png", "f.png", "extra.jpg"):
+        (db_dir / name).write_bytes(b"img")
+    (db_dir / "group" / "db" / "output_a_b.json").write_text("{}")  # a sub-database, not an image
+    concept = {"name": "A", "info": "an a", "category": "toy"}
+
+    def entry(key: str, image: str) -> tuple[str, dict[str, str]]:
+        return key, {**concept, "image": f"./data/database_tot/db/{image}"}
+
+    concepts = dict([entry("<a>", "a.png"), entry("<b>", "b.png"), entry("<c>", "c.png"), entry("<d>", "group/d.png"),
+                     entry("<f>", "f.png")])
+    concepts["<e>"] = {"name": "E", "image": "./data/database_tot/db/a.png"}  # no info, no category
+    write_json(db_dir / "database_mod.json", {
+        "concept_dict": concepts,
+        "path_to_concept": {**{c["image"]: k for k, c in concepts.items() if k != "<e>"},
+                            "./data/database_tot/db/b.png": "<ghost>"},
+    })
+    (root / "data" / "q").mkdir()
+    for name in ("1.png", "2.png", "3.png", "4.png", "g.png"):
+        (root / "data" / "q" / name).write_bytes(b"img")
+    write_json(root / "data" / "single.json", {
+        "./data/q/1.png": ["<a>"],          # valid
+        "./data/q/2.png": ["<zzz>"],        # key the database lacks
+        "./data/q/3.png": ["<c>"],          # key whose reference image is missing
+        "./data/q/absent.png": ["<a>"],     # query image missing
+        "./data/q/4.png": ["<a>", "<b>"],   # wrong number of keys for the setting
+    })
+    write_json(root / "data" / "multi4.json", {
+        "./data/q/g.png": [["<a>", "<b>", "<d>", "<f>"], ["<a>", "<b>", "<d>", "<e>"], ["<a>", "<b>", "<d>", "<zzz>"],
+                           "<a>"],
+        "./data/q/absent.png": [["<a>", "<b>", "<d>", "<e>"]],
+    })
+    return root
+
+
+def test_hand_made_database_defects(world: Path) -> None:
+    report = validate_database(world / "data/database_tot/db/database_mod.json", world)
+    assert report["missing_images"] == ["./data/database_tot/db/c.png"]
+    assert report["keys_without_image"] == ["<c>"]
+    assert report["unlisted_images"] == ["./data/database_tot/db/extra.jpg"]  # group/d.png is listed, json isn't
+    assert report["unknown_keys"] == ["<ghost>"]
+    assert report["malformed"] == ["<e>: missing or non-string ['info', 'category']"]
+    assert (report["errors"], report["warnings"], report["ok"]) == (2, 2, False)
+
+
+def test_hand_made_query_defects_and_filter(world: Path) -> None:
+    database = load_database(world / "data/database_tot/db/database_mod.json")
+    report = validate_queries(world / "data/single.json", database, world, "single")
+    assert report["missing_images"] == ["./data/q/absent.png"]
+    assert report["unknown_keys"] == ["<zzz>"] and report["unusable_keys"] == {"<c>": "reference image missing"}
+    assert report["malformed"] == ["./data/q/4.png: expected a list of 1 key(s), got ['<a>', '<b>']"]
+    assert (report["entries"], report["valid_entries"], report["ok"]) == (5, 1, False)
+    single = read_json(world / "data/single.json")
+    assert filter_valid_queries(single, database, world, "single") == {"./data/q/1.png": ["<a>"]}
+
+    multi4 = read_json(world / "data/multi4.json")
+    report4 = validate_queries(world / "data/multi4.json", database, world, "multi4")
+    assert (report4["images"], report4["entries"], report4["valid_entries"]) == (2, 5, 1)
+    assert report4["unusable_keys"] == {"<e>": "malformed concept"} and report4["unknown_keys"] == ["<zzz>"]
+    assert report4["malformed"] == ["./data/q/g.png: expected a list of 4-key lists, got '<a>'"]
+    assert filter_valid_queries(multi4, database, world, "multi4") == {
+        "./data/q/g.png": [["<a>", "<b>", "<d>", "<f>"]]}
+
+
+def test_hand_made_dataset_summary_and_shape_errors(world: Path) -> None:
+    db_json = world / "data/database_tot/db/database_mod.json"
+    report = validate_dataset(world, db_json, {"single": world / "data/single.json"})
+    line = summary(report)
+    assert "1 missing images (./data/database_tot/db/c.png)" in line and "4 of 5 entries dropped" in line
+    # One database shared by the settings is checked once; files are named relative to the data root.
+    assert list(report["databases"]) == ["data/database_tot/db/database_mod.json"]
+    assert report["queries"]["single"]["queries"] == "data/single.json"
+    write_json(world / "bad.json", {"path_to_concept": {}})
+    with pytest.raises(RepicError, match=r"bad\.json: expected an object with 'concept_dict'"):
+        validate_database(world / "bad.json", world)
+    write_json(world / "list.json", [["./data/q/1.png", ["<a>"]]])
+    with pytest.raises(RepicError, match=r"list\.json: expected an object query image -> keys"):
+        validate_queries(world / "list.json", load_database(db_json), world, "single")
+    with pytest.raises(RepicError, match="setting: expected one of"):
+        validate_queries(world / "data/single.json", load_database(db_json), world, "multi3")
