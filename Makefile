@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1
 export DO_NOT_TRACK := 1
 
-.PHONY: venv repro test paper real-eval lint lock clean
+.PHONY: venv repro test paper real-eval profiles lint lock clean
 
 venv: $(VENV)/.installed
 
@@ -50,8 +50,12 @@ real-eval: venv
 test: venv
 	pytest -q
 
+# `snakemake --profile slurm|local` by name from the repository root (links into ~/.config/snakemake/).
+profiles:
+	sh workflow/profiles/install.sh
+
 lint: venv
-	ruff check repic stages tests
+	ruff check repic stages tests workflow bench tools
 
 # Regenerate the full lock from requirements.in in a scratch venv.
 lock:

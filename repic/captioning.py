@@ -11,7 +11,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from PIL import Image
 
 from repic.io import RepicError, resolve_image
@@ -70,28 +69,16 @@ def build_conversation(query: Query, database: dict[str, Any], root: str | os.Pa
     return caption_messages(refs, query.question), images
 
 
-@torch.inference_mode()
 def generate_captions(model: Any, processor: Any, conversations: list[tuple[list[dict], list[Image.Image]]],
-                      *, batch_size: int, max_new_tokens: int) -> list[str]:
-    """Greedy captions for many conversations, batched by similar prompt size (sorted), left padded."""
+                      *, batch_size: int, max_new_tokens: int, backend: str = "hf") -> list[str]:
+    """Greedy captions for many conversations, batched by similar prompt size, left padded; `backend` is
+    HF `generate` ("hf") or the static-KV-cache/CUDA-graph decoder ("static", token-identical in fp32)."""
+    from repic.generation import generate
+
     texts = [processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
              for msgs, _ in conversations]
-    sizes = [sum(img.width * img.height for img in imgs) + len(t) for t, (_, imgs) in zip(texts, conversations)]
-    order = sorted(range(len(texts)), key=lambda i: sizes[i])
-    captions: list[str] = [""] * len(texts)
-    device = next(model.parameters()).device
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        inputs = processor(
-            text=[texts[i] for i in idx], images=[conversations[i][1] for i in idx],
-            return_tensors="pt", padding=True, padding_side="left",
-        ).to(device)
-        out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
-                             pad_token_id=processor.tokenizer.pad_token_id)
-        decoded = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        for i, text in zip(idx, decoded):
-            captions[i] = text.strip()
-    return captions
+    return generate(model, processor, texts, [imgs for _, imgs in conversations], backend=backend,
+                    max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
 def caption_rows(queries: list[Query], captions: list[str]) -> list[list[Any]]:
@@ -113,13 +100,14 @@ def attach_retrieval(queries: list[Query], retrieve_keys: Any) -> list[Query]:
 
 
 def caption_all(model: Any, processor: Any, queries_by_mode: dict[str, list[Query]], database: dict[str, Any],
-                root: str | os.PathLike, *, batch_size: int, max_new_tokens: int) -> dict[str, list[list[Any]]]:
+                root: str | os.PathLike, *, batch_size: int, max_new_tokens: int, backend: str = "hf"
+                ) -> dict[str, list[list[Any]]]:
     """Caption every mode's queries with one model; returns RePIC caption rows per mode."""
     rows = {}
     for mode, queries in queries_by_mode.items():
         conversations = [build_conversation(q, database, root) for q in queries]
         captions = generate_captions(model, processor, conversations, batch_size=batch_size,
-                                     max_new_tokens=max_new_tokens)
+                                     max_new_tokens=max_new_tokens, backend=backend)
         rows[mode] = caption_rows(queries, captions)
     return rows
 
@@ -172,7 +160,7 @@ def run_setting(setting: str, queries_path: str, database_path: str, root: str, 
     retrieved = attach_retrieval(queries, lambda image: retriever(_open(root, image)))
     missing = sorted({h["image"] for q in retrieved for h in q.retrieval["hits"] if h.get("missing")})
     by_mode = {"skip": queries, "retrieval": retrieved}
-    gen = dict(batch_size=params["batch_size"], max_new_tokens=params["max_new_tokens"])
+    gen = dict(batch_size=params["batch_size"], max_new_tokens=params["max_new_tokens"], backend=params["backend"])
     processor = load_processor(model_path)
     model = load_model(model_path, device=device, dtype=dtype)
     rows = {f"base_{m}": r for m, r in caption_all(model, processor, by_mode, database, root, **gen).items()}

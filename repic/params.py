@@ -65,12 +65,14 @@ SCHEMA: dict[str, Any] = _obj({
     "subset_2k": _obj({"size": _POS}),
     "build_db": _obj({"embedder": {"enum": ["color_layout", "clip"]}, "embedder_kwargs": {"type": "object"}}),
     "caption": _obj({
+        "backend": {"enum": ["hf", "static"]},
         "batch_size": _POS, "max_new_tokens": _POS,
         "detector": {"enum": ["foreground", "owlv2"]}, "detector_kwargs": {"type": "object"},
         "top_k": _obj({"single": _POS, "multi2": _POS, "multi4": _POS}),
     }),
     "train_grpo_lora": _obj({
         "launch": _STR,
+        "rollout_backend": {"enum": ["hf", "static"]},
         "protocol": {"enum": ["repic", "strict"]},
         "rewards": {"type": "array", "items": _STR, "minItems": 1},
         "resize": _obj({"multi_short_side": _POS, "single_short_side": _POS}),

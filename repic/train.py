@@ -148,7 +148,11 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
     # Seeded before LoRA's random init of lora_A, which the Trainer's own seeding comes too late for.
     set_seed(seed)
     model = get_peft_model(load_model(model_path, device="cpu", dtype=dtype).train(), lora)
-    trainer = GRPOTrainer(
+    from repic.generation import rollout_trainer
+
+    trainer_cls = rollout_trainer(GRPOTrainer, params["rollout_backend"]) \
+        if params.get("rollout_backend", "hf") != "hf" else GRPOTrainer
+    trainer = trainer_cls(
         model=model,
         reward_funcs=rewards,
         args=args,

@@ -44,14 +44,18 @@ def slurm_unreachable() -> str | None:
         return "sinfo timed out: slurmctld not reachable (.ci/slurm/up.sh starts it)"
     states = proc.stdout.split()
     if proc.returncode != 0 or not {"idle", "mixed", "allocated"} & set(states):
-        return f"SLURM daemons not reachable or no node up ({proc.stderr.strip() or states}): .ci/slurm/up.sh"
+        return f"SLURM daemons not reachable ({proc.stderr.strip() or states}); start them with .ci/slurm/up.sh"
     return None
 
 
-pytestmark = [
-    pytest.mark.slurm,
-    pytest.mark.skipif(bool(reason := slurm_unreachable()), reason=reason or ""),
-]
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm_up() -> None:
+    """Skips this module's tests, with the reason, when no SLURM node answers (asked only when they run)."""
+    if reason := slurm_unreachable():
+        pytest.skip(reason)
 
 
 def on_slurm(repo: Path, env: dict[str, str], *args: str, check: bool = True):
@@ -140,7 +144,7 @@ def test_the_embedded_pipeline_runs_on_slurm(tmp_path: Path) -> None:
     log = on_slurm(work, env).stdout
     (tmp_path / "snakemake.log").write_text(log)
     pipeline = [s for s in Repo(str(work)).index.stages if getattr(s, "cmd", None)]
-    stages = {dvc_dag.rule_name(s.addressing) for s in pipeline}
+    stages = {dvc_dag.rule_name(dvc_dag.stage_address(s, work)) for s in pipeline}
     jobs = slurm_jobs(log)
     assert set(jobs) == stages, log[-4000:]
     assert all(job_log.is_file() for _, job_log in jobs.values())

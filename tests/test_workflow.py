@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -199,48 +200,72 @@ def dvc_clean(repo: Path) -> None:
 # --------------------------------------------------------------------------- the real dvc.yaml
 
 
-def test_rules_are_the_dvc_stages() -> None:
-    """Same stages, commands, inputs, outputs, params and edges as DVC's own DAG of dvc.yaml."""
+def assert_same_dag(repo: Path, exact_inputs: bool = True) -> None:
+    """Snakemake's rules for `repo` have DVC's stages, commands, outputs, params and edges, and (unless a
+    dep only overlaps an out, which DVC links and Snakemake must name exactly) DVC's deps as inputs."""
     from dvc.dependency.param import ParamsDependency
     from dvc.repo import Repo
 
-    rules = snakemake_rules(ROOT)
-    stages = dvc_stages(ROOT)
-    names = {dvc_dag.rule_name(s.addressing): s for s in stages}
+    rules = snakemake_rules(repo)
+    names = {dvc_dag.rule_name(dvc_dag.stage_address(s, repo)): s for s in dvc_stages(repo)}
     assert set(rules) - {"all"} == set(names)
     for name, stage in names.items():
         rule = rules[name]
         assert rule["params"]["cmd"] == stage.cmd
-        files = [rel(ROOT, d.fs_path) for d in stage.deps if not isinstance(d, ParamsDependency)]
-        assert rule["input"] == files, name
-        assert rule["output"] == [rel(ROOT, o.fs_path) for o in stage.outs], name
+        if exact_inputs:
+            files = [rel(repo, d.fs_path) for d in stage.deps if not isinstance(d, ParamsDependency)]
+            assert rule["input"] == files, name
+        assert rule["output"] == [rel(repo, o.fs_path) for o in stage.outs], name
         tracked = {
-            f"{rel(ROOT, d.fs_path)}:{key}"
-            for d in stage.deps
-            if isinstance(d, ParamsDependency)
-            for key in d.params
+            f"{rel(repo, d.fs_path)}:{key}" for d in stage.deps if isinstance(d, ParamsDependency) for key in d.params
         }
         assert set(rule["params"]["dvc_params"]) == tracked, name
-        persist = [rel(ROOT, o.fs_path) for o in stage.outs if o.persist]
-        assert rule["update"] == persist, name
+        assert rule["update"] == [rel(repo, o.fs_path) for o in stage.outs if o.persist], name
     assert sorted(rules["all"]["input"]) == sorted(o for r in names for o in rules[r]["output"])
 
-    def produces(producer: dict, path: str) -> bool:
-        return any(path == o or path.startswith(o + "/") for o in producer["output"])
-
+    # Snakemake links a job to the one whose output path equals one of its inputs.
     snakemake_edges = {
         (consumer, producer)
         for consumer in names
         for producer in names
-        if consumer != producer and any(produces(rules[producer], i) for i in rules[consumer]["input"])
+        if set(rules[consumer]["input"]) & set(rules[producer]["output"])
     }
-    graph = Repo(str(ROOT)).index.graph
-    dvc_edges = {(dvc_dag.rule_name(a.addressing), dvc_dag.rule_name(b.addressing)) for a, b in graph.edges}
-    assert snakemake_edges == dvc_edges
+    graph = Repo(str(repo)).index.graph
+    rule = {s: dvc_dag.rule_name(dvc_dag.stage_address(s, repo)) for s in graph.nodes}
+    assert snakemake_edges == {(rule[a], rule[b]) for a, b in graph.edges}
+
+
+def test_rules_are_the_dvc_stages() -> None:
+    """The real dvc.yaml: same stages, commands, inputs, outputs, params and edges as DVC's own DAG."""
+    assert_same_dag(ROOT)
+
+
+def test_deps_that_overlap_outs_link_the_same_stages(tmp_path: Path) -> None:
+    """DVC links a dep inside an out directory, or a directory holding outs; so do the rules."""
+    repo = toy_repo(tmp_path / "toy")
+    (repo / "dvc.yaml").write_text(
+        textwrap.dedent("""
+        stages:
+          make: {cmd: python step.py make data/raw, outs: [data/raw]}
+          peek: {cmd: cp data/raw/part0.txt peek.txt, deps: [data/raw/part0.txt], outs: [peek.txt]}
+          split:
+            foreach: [a, b]
+            do:
+              cmd: cp peek.txt results/${item}.txt
+              deps: [peek.txt]
+              outs:
+                - results/${item}.txt
+          collect: {cmd: cat results/a.txt results/b.txt > all.txt, deps: [results], outs: [all.txt]}
+        """)
+    )
+    assert_same_dag(repo, exact_inputs=False)
+    rules = snakemake_rules(repo)
+    assert rules["peek"]["input"] == ["data/raw"]
+    assert rules["collect"]["input"] == ["results/a.txt", "results/b.txt"]
 
 
 def test_resources_come_from_dvc_meta_and_profiles_cap_them() -> None:
-    stages = {dvc_dag.rule_name(s.addressing): s.meta["resources"] for s in dvc_stages(ROOT)}
+    stages = {dvc_dag.rule_name(dvc_dag.stage_address(s, ROOT)): s.meta["resources"] for s in dvc_stages(ROOT)}
     rules = snakemake_rules(ROOT)
     for name, meta in stages.items():
         assert rules[name]["threads"] == meta["threads"]

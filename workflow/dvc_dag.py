@@ -11,6 +11,7 @@ Snakemake rule needs (shell command, input paths, output paths with their kind, 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -59,6 +60,13 @@ class Stage:
     outs: tuple[Output, ...]
     threads: int
     resources: Mapping[str, Any]  # Snakemake resources: gpu, mem_mb, runtime, ...
+
+
+def stage_address(stage: Any, root: str | os.PathLike[str]) -> str:
+    """What `dvc repro`/`dvc commit` take from `root`: `score`, `sub/dvc.yaml:train@1` (DVC's own
+    `stage.addressing` is relative to the current directory)."""
+    dvcfile = os.path.relpath(stage.path, root)
+    return stage.name if dvcfile == "dvc.yaml" else f"{dvcfile}:{stage.name}"
 
 
 def rule_name(address: str) -> str:
@@ -117,14 +125,14 @@ def load_stages(root: str | os.PathLike[str] = ".") -> list[Stage]:
                 else:
                     deps.append(rel(dep.fs_path))
             outs = tuple(
-                Output(rel(out.fs_path), _is_dir(out, Path(out.fs_path)), bool(out.persist))
-                for out in stage.outs
+                Output(rel(out.fs_path), _is_dir(out, Path(out.fs_path)), bool(out.persist)) for out in stage.outs
             )
-            threads, resources = _resources(stage.meta, stage.addressing)
+            address = stage_address(stage, root)
+            threads, resources = _resources(stage.meta, address)
             stages.append(
                 Stage(
-                    rule_name(stage.addressing),
-                    stage.addressing,
+                    rule_name(address),
+                    address,
                     cmd,
                     tuple(deps),
                     params,
@@ -143,14 +151,17 @@ def load_stages(root: str | os.PathLike[str] = ".") -> list[Stage]:
 
 
 def _inputs_from_producers(stages: list[Stage]) -> list[Stage]:
-    """A dep inside another stage's out directory becomes that directory: DVC links them, Snakemake
-    only matches whole paths."""
-    dirs = [out.path for stage in stages for out in stage.outs if out.is_dir]
+    """Deps as Snakemake must name them. DVC links a dep to an out when either contains the other;
+    Snakemake only matches whole paths. A dep inside another stage's out directory becomes that
+    directory; a dep directory holding other stages' outs becomes those outs."""
+    outs = [out for stage in stages for out in stage.outs]
 
-    def producer_path(dep: str) -> str:
-        return next((d for d in dirs if dep.startswith(d + os.sep)), dep)
+    def as_inputs(dep: str) -> list[str]:
+        inside = [o.path for o in outs if o.path.startswith(dep + os.sep)]
+        holder = [o.path for o in outs if o.is_dir and dep.startswith(o.path + os.sep)]
+        return holder or inside or [dep]
 
-    return [replace(s, deps=tuple(dict.fromkeys(producer_path(d) for d in s.deps))) for s in stages]
+    return [replace(s, deps=tuple(dict.fromkeys(p for d in s.deps for p in as_inputs(d)))) for s in stages]
 
 
 def capped(requested: Mapping[str, Any], caps: Mapping[str, Any]) -> dict[str, Any]:
@@ -178,7 +189,7 @@ def commit_ran(root: str | os.PathLike[str] = ".") -> list[str]:
     if not ran:
         return []
     committed = []
-    with Repo(str(root)) as repo:
+    with contextlib.chdir(root), Repo(str(root)) as repo:  # stage addresses are relative to the root
         for stage in load_stages(root):
             if stage.name not in ran:
                 continue

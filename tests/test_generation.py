@@ -1,0 +1,179 @@
+"""The static generation backend equals HF `generate` token for token (greedy, fp32, CPU), and plugs into TRL."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from repic.generation import generate, generate_ids, rollout_trainer, select_rows
+from repic.io import RepicError
+from repic.models import load_model, load_processor
+from repic.prompts import caption_messages
+
+
+def _prompts(processor, n: int):
+    """Fixed prompts of different lengths and image counts/sizes, so batches need left padding."""
+    sizes = [(112, 112), (84, 140), (56, 56), (140, 84), (112, 56), (56, 112), (98, 98)]
+    texts, images = [], []
+    for i in range(n):
+        refs = [{"name": f"<c{j}>", "info": "x" * (3 + 5 * ((i + j) % 4))} for j in range(1 + i % 2)]
+        msgs = caption_messages(refs, "Caption this." + " Please." * (i % 3))
+        texts.append(processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
+        images.append([Image.new("RGB", sizes[(i + j) % len(sizes)], (30 * i % 255, 90, 40 * j % 255))
+                       for j in range(len(refs) + 1)])
+    return texts, images
+
+
+def _chaotic(model):
+    """Re-draw the language model's matrices at unit gain: the stock tiny model's 0.02-std init makes greedy
+    decoding repeat one token whatever the context, which would hide wrong positions, masks or caches."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.model.language_model.parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return _chaotic(load_model(tiny_model_dir, device="cpu", dtype="float32")), load_processor(tiny_model_dir)
+
+
+def _batch(processor, texts, images):
+    return processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left")
+
+
+@pytest.mark.parametrize("extra", [{}, {"repetition_penalty": 1.3, "eos_token_id": [2, 5]},
+                                   {"suppress_tokens": [7, 9]}])
+def test_static_greedy_equals_hf_generate_token_for_token(tiny, extra):
+    model, processor = tiny
+    texts, images = _prompts(processor, 5)
+    inputs = _batch(processor, texts, images)
+    kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id, **extra)
+    hf = generate_ids(model, inputs, backend="hf", **kw)
+    static = generate_ids(model, inputs, backend="static", **kw)
+    assert static == hf
+    assert sum(map(len, hf)) > 5 * 4  # the comparison covers real decoding, not just an immediate EOS
+
+
+def test_static_greedy_equals_hf_generate_with_a_lora_adapter(tiny_model_dir):
+    """Captions of the trained model: PEFT LoRA layers (two adapters, one active) in the static decode step."""
+    from peft import get_peft_model
+
+    from repic.train import lora_config
+
+    processor = load_processor(tiny_model_dir)
+    model = get_peft_model(_chaotic(load_model(tiny_model_dir, device="cpu", dtype="float32")),
+                           lora_config({"r": 4, "lora_alpha": 8}))
+    model.add_adapter("other", lora_config({"r": 2, "lora_alpha": 2}))
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # PEFT initialises B to zero: make the adapters change the output
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    model.eval()
+    texts, images = _prompts(processor, 4)
+    inputs = _batch(processor, texts, images)
+    kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    hf = generate_ids(model, inputs, backend="hf", **kw)
+    assert generate_ids(model, inputs, backend="static", **kw) == hf
+    with model.disable_adapter():
+        base = generate_ids(model, inputs, backend="hf", **kw)
+        assert generate_ids(model, inputs, backend="static", **kw) == base
+    assert base != hf  # the adapter changes the captions, so the comparison covers its path
+
+
+def test_static_runs_past_eos_rows_and_without_eos(tiny):
+    """Rows that stop early keep stopped while others go on; with no EOS every row runs max_new_tokens."""
+    model, processor = tiny
+    texts, images = _prompts(processor, 3)
+    inputs = _batch(processor, texts, images)
+    kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    first = generate_ids(model, inputs, backend="hf", **kw)
+    # make a token that the greedy rows produce an EOS: rows stop at different steps
+    eos = first[0][min(3, len(first[0]) - 1)]
+    assert generate_ids(model, inputs, backend="static", eos_token_id=eos, **kw) == \
+        generate_ids(model, inputs, backend="hf", eos_token_id=eos, **kw)
+    model.generation_config.eos_token_id, saved = None, model.generation_config.eos_token_id
+    try:
+        rows = generate_ids(model, inputs, backend="static", **kw)
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert [len(r) for r in rows] == [20, 20, 20]
+
+
+def test_generate_captions_equal_across_backends_and_batch_sizes(tiny):
+    model, processor = tiny
+    texts, images = _prompts(processor, 7)
+    hf = generate(model, processor, texts, images, backend="hf", max_new_tokens=16, batch_size=3)
+    assert generate(model, processor, texts, images, backend="static", max_new_tokens=16, batch_size=3) == hf
+    assert generate(model, processor, texts, images, backend="static", max_new_tokens=16, batch_size=7) == hf
+
+
+def test_repeats_share_one_prefill_and_sampling_is_seeded(tiny):
+    model, processor = tiny
+    texts, images = _prompts(processor, 2)
+    inputs = _batch(processor, texts, images)
+    kw = dict(max_new_tokens=12, pad_token_id=processor.tokenizer.pad_token_id)
+    greedy = generate_ids(model, inputs, backend="static", repeats=3, do_sample=False, **kw)
+    assert greedy == [r for r in generate_ids(model, inputs, backend="hf", do_sample=False, **kw) for _ in range(3)]
+    torch.manual_seed(0)
+    a = generate_ids(model, inputs, backend="static", repeats=4, do_sample=True, temperature=1.5, **kw)
+    torch.manual_seed(0)
+    b = generate_ids(model, inputs, backend="static", repeats=4, do_sample=True, temperature=1.5, **kw)
+    assert a == b and len(a) == 8
+    assert len({tuple(r) for r in a[:4]}) > 1  # the 4 samples of one prompt differ
+
+
+def test_select_rows_keeps_each_prompts_images(tiny):
+    model, processor = tiny
+    texts, images = _prompts(processor, 3)
+    inputs = _batch(processor, texts, images)
+    one = select_rows(inputs, [1], model.config)
+    alone = _batch(processor, [texts[1]], [images[1]])
+    assert torch.equal(one["input_ids"], alone["input_ids"])
+    assert torch.equal(one["pixel_values"], alone["pixel_values"])
+    assert torch.equal(one["image_grid_thw"], alone["image_grid_thw"])
+
+
+def test_unsupported_options_are_refused_not_ignored(tiny):
+    model, processor = tiny
+    texts, images = _prompts(processor, 1)
+    inputs = _batch(processor, texts, images)
+    with pytest.raises(RepicError, match="no_repeat_ngram_size"):
+        generate_ids(model, inputs, backend="static", max_new_tokens=4, no_repeat_ngram_size=2)
+    with pytest.raises(RepicError, match="top_p"):
+        generate_ids(model, inputs, backend="static", max_new_tokens=4, do_sample=True, top_p=0.9)
+    with pytest.raises(RepicError, match="expected one of hf|static"):
+        generate_ids(model, inputs, backend="vllm", max_new_tokens=4)
+
+
+def test_grpo_rollouts_through_static_backend(tiny_model_dir, tmp_path):
+    """One GRPO step of TRL's trainer with rollouts from the static backend (G=4, LoRA)."""
+    from datasets import Dataset
+    from peft import get_peft_model
+    from trl import GRPOTrainer
+
+    from repic.train import grpo_config, lora_config
+
+    processor = load_processor(tiny_model_dir)
+    model = get_peft_model(load_model(tiny_model_dir, device="cpu").train(), lora_config({"r": 4, "lora_alpha": 8}))
+    examples = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Is it {c}?"}]}],
+                 "images": [Image.new("RGB", (56, 84), c)]} for c in ("red", "blue")]
+    args = grpo_config({"num_generations": 4, "per_device_train_batch_size": 4, "max_completion_length": 8,
+                        "max_steps": 1, "logging_steps": 1, "beta": 0.04, "loss_type": "grpo"}, tmp_path,
+                       use_cpu=True)
+    calls = []
+
+    def length_reward(completions, **kwargs):
+        calls.append(len(completions))
+        return [float(len(c[0]["content"])) for c in completions]
+
+    trainer = rollout_trainer(GRPOTrainer)(model=model, reward_funcs=[length_reward], args=args,
+                                           train_dataset=Dataset.from_list(examples), processing_class=processor)
+    assert type(trainer).__name__ == "StaticGRPOTrainer"
+    trainer.train()
+    assert calls == [4]
+    assert model.training  # the trainer's modes come back after the eval-mode rollouts
