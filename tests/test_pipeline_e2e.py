@@ -115,6 +115,7 @@ def test_param_change_reruns_only_dependants(pipeline):
         params_path.write_text(yaml.safe_dump(params, sort_keys=False))
         log = _sh(["dvc", "repro"], pipeline)
         ran = {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
-        assert ran == {"score", "report"}
+        # score reruns; report (its only dependant) reruns only if the metrics file it reads changed
+        assert "score" in ran and ran <= {"score", "report"}
     finally:
         params_path.write_text(original)
