@@ -42,16 +42,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                                     database)
         print(json.dumps({k: summary[k] for k in ("precision", "recall", "f1", "n_slots")}))
         return
-    if not args.out:
-        raise RepicError("--out is required when --captions is a folder of runs")
     if not args.out or not args.tables:
         raise RepicError("--out and --tables are required when --captions is a folder of runs")
+    # Both protocols are always scored, under fixed names: metrics.json is RePIC's protocol (comparable with the
+    # paper), metrics_strict.json the corrected one beside it. The protocol param picks the headline table.md.
     primary = args.protocol or params_of(args)["score"]["protocol"]
-    # The corrected protocol is reported beside RePIC's, never instead of it.
-    other = "strict" if primary == "repic" else "repic"
     out, tables = Path(args.out), Path(args.tables)
     frames = []
-    for protocol, name in ((primary, "metrics.json"), (other, f"metrics_{other}.json")):
+    for protocol, name in (("repic", "metrics.json"), ("strict", "metrics_strict.json")):
         metrics, slots = score_runs(args.captions, protocol, database)
         write_json(out / name, metrics)
         frames.append(pd.DataFrame(slots).assign(protocol=protocol))
