@@ -62,7 +62,9 @@ def build(shape: str, workdir: Path):
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     torch.set_default_dtype(torch.bfloat16)
-    model = Qwen2_5_VLForConditionalGeneration(config)  # random weights, bf16, on the CPU
+    # random weights, bf16, drawn on the GPU when there is one (8 B random draws on the CPU take minutes)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = Qwen2_5_VLForConditionalGeneration(config)
     torch.set_default_dtype(torch.float32)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
@@ -122,6 +124,7 @@ def main() -> None:
             "prompts_per_step_per_gpu": grpo["per_device_train_batch_size"] // grpo["num_generations"],
             "num_generations": grpo["num_generations"], "max_completion_length": grpo["max_completion_length"],
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None,
             "wall_s": wall,
             "params_total": sum(p.numel() for p in model.parameters()),
             "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
