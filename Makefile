@@ -38,14 +38,13 @@ real-eval: venv
 	mkdir -p $(REAL) && cp params.yaml $(REAL)/params.yaml
 	python -m repic.params apply configs/real_eval_local.yaml --params $(REAL)/params.yaml
 	python -m stages.fetch_data --params $(REAL)/params.yaml --out-data $(REAL)/data --out-model $(REAL)/model
-	python -m stages.build_db --params $(REAL)/params.yaml --out $(REAL)/db --root $(REAL)/data \
-	  --database $(REAL)/data/data/database_tot/database_4_concepts/database_mod.json
+	python -m stages.build_db --params $(REAL)/params.yaml --out $(REAL)/db --root $(REAL)/data
 	python -m stages.caption --params $(REAL)/params.yaml --setting multi4 --root $(REAL)/data --index $(REAL)/db \
-	  --queries $(REAL)/data/data/query_tot/4_concept_query_templates.json --model $(REAL)/model \
-	  --database $(REAL)/data/data/database_tot/database_4_concepts/database_mod.json --out $(REAL)/captions/multi4
+	  --model $(REAL)/model --out $(REAL)/captions/multi4
 	@python -c "import json; v = json.load(open('$(REAL)/data/validation.json')); \
 	  print('unlisted images:', [w for d in v['databases'].values() for w in d.get('unlisted_images', [])]); \
-	  print('recall@k:', json.load(open('$(REAL)/captions/multi4/retrieval.json'))['recall_at_k'])"
+	  print('indexes:', json.load(open('$(REAL)/db/manifest.json'))); \
+	  print('recall@k:', json.load(open('$(REAL)/captions/multi4/4_concepts/retrieval.json'))['recall_at_k'])"
 
 test: venv
 	pytest -q

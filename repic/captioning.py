@@ -30,6 +30,23 @@ class Query:
     retrieval: dict[str, Any] = field(default_factory=dict)
 
 
+def eval_datasets(data: dict[str, Any], setting: str | None = None) -> list[dict[str, Any]]:
+    """The evaluation datasets of params `base.data` (`datasets`: [{name, database, queries: {setting: path}}],
+    in their order), only those with a query map for `setting` when one is given.
+
+    >>> ds = [{"name": "myvlm", "database": "m.json", "queries": {"single": "q.json"}},
+    ...       {"name": "two", "database": "t.json", "queries": {"multi2": "q2.json"}}]
+    >>> [d["name"] for d in eval_datasets({"datasets": ds}, "multi2")]
+    ['two']
+    """
+    datasets = data["datasets"]
+    names = [d["name"] for d in datasets]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise RepicError(f"base.data.datasets: dataset name {dup[0]!r} appears more than once (names must be unique)")
+    return [d for d in datasets if setting is None or setting in d["queries"]]
+
+
 def expand_queries(query_map: dict[str, Any], setting: str, source: str = "queries") -> list[Query]:
     """RePIC query maps -> queries. 4-concept maps hold a list of 4-key subsets per image: one query each."""
     if setting not in SETTINGS:

@@ -49,9 +49,10 @@ def fetch_real(out_data: str | os.PathLike, out_model: str | os.PathLike, params
 
     Without a source for `model/`, the tiny Qwen2.5-VL is built as a stand-in (tokenizer trained on the
     fetched JSON text), so the data path can be exercised end to end without the 7B weights."""
+    from repic.captioning import eval_datasets
     from repic.models import build_tiny_model
     from repic.sources import fetch_sources
-    from repic.validate import summary, validate_dataset
+    from repic.validate import summary, validate_datasets
 
     data_root = Path(data_paths["root"])
 
@@ -62,9 +63,10 @@ def fetch_real(out_data: str | os.PathLike, out_model: str | os.PathLike, params
         fetched = fetch_sources(params["sources"], {"data": data_tmp, "model": model_tmp}, cache_dir=params["cache"])
         if not any(str(spec["dest"]).split("/")[0] == "model" for spec in params["sources"].values()):
             build_tiny_model(model_tmp, world_texts(data_tmp), params["tiny_model"], seed=seed)
-        report = validate_dataset(data_tmp, inside(data_paths["database"], data_tmp),
-                                  {s: inside(q, data_tmp) for s, q in data_paths["queries"].items()},
-                                  strict=params["strict"])
+        datasets = [{"name": d["name"], "database": inside(d["database"], data_tmp),
+                     "queries": {s: inside(q, data_tmp) for s, q in d["queries"].items()}}
+                    for d in eval_datasets(data_paths)]
+        report = validate_datasets(data_tmp, datasets, strict=params["strict"])
         report["root"] = str(out_data)
         write_json(data_tmp / "validation.json", report)
     return {"fetched": sorted(fetched), "validation": summary(report), "ok": report["ok"]}

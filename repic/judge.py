@@ -222,9 +222,10 @@ def win_rates(records: list[dict[str, Any]], *, seed: int = 0) -> dict[str, Any]
             "pairs_with_invalid_answer": invalid}
 
 
-def build_pairs(captions_dir: str | os.PathLike, settings: list[str], database: dict[str, Any],
+def build_pairs(captions_dir: str | os.PathLike, layout: dict[str, list[tuple[str, dict[str, Any]]]],
                 root: str | os.PathLike, max_pairs: int) -> list[dict[str, Any]]:
-    """Pair base and trained captions of the same query, per setting and mode (first `max_pairs` each).
+    """Pair base and trained captions of the same query, per setting, dataset and mode (first `max_pairs` each);
+    `layout` is `{setting: [(dataset, its database)]}` (`repic.scoring.layout_of`).
 
     The judge is shown the ground-truth concepts as references, whichever the captioner was shown.
     """
@@ -232,19 +233,21 @@ def build_pairs(captions_dir: str | os.PathLike, settings: list[str], database: 
     from repic.io import read_json
 
     pairs = []
-    for setting in settings:
-        for mode in ("skip", "retrieval"):
-            base = read_json(Path(captions_dir) / setting / f"base_{mode}.json")
-            trained = read_json(Path(captions_dir) / setting / f"trained_{mode}.json")
-            for b, t in list(zip(base, trained))[:max_pairs]:
-                if b[0] != t[0] or b[1] != t[1]:
-                    raise RepicError(f"{captions_dir}/{setting}: base and trained caption files are not aligned "
-                                     f"at query {b[0]!r}")
-                concepts = [database["concept_dict"][k] for k in b[1]]
-                pairs.append({
-                    "setting": setting, "mode": mode, "query_image": b[0], "gt_keys": b[1],
-                    "references": [{"name": k, "info": c["info"]} for k, c in zip(b[1], concepts)],
-                    "images": [_open(root, c["image"]) for c in concepts] + [_open(root, b[0])],
-                    "caption_base": b[2], "caption_trained": t[2],
-                })
+    for setting, datasets in layout.items():
+        for dataset, database in datasets:
+            folder = Path(captions_dir) / setting / dataset
+            for mode in ("skip", "retrieval"):
+                base = read_json(folder / f"base_{mode}.json")
+                trained = read_json(folder / f"trained_{mode}.json")
+                for b, t in list(zip(base, trained))[:max_pairs]:
+                    if b[0] != t[0] or b[1] != t[1]:
+                        raise RepicError(f"{folder}: base and trained caption files are not aligned "
+                                         f"at query {b[0]!r}")
+                    concepts = [database["concept_dict"][k] for k in b[1]]
+                    pairs.append({
+                        "setting": setting, "dataset": dataset, "mode": mode, "query_image": b[0], "gt_keys": b[1],
+                        "references": [{"name": k, "info": c["info"]} for k, c in zip(b[1], concepts)],
+                        "images": [_open(root, c["image"]) for c in concepts] + [_open(root, b[0])],
+                        "caption_base": b[2], "caption_trained": t[2],
+                    })
     return pairs

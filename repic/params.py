@@ -31,14 +31,18 @@ _STR = {"type": "string"}
 _INT = {"type": "integer", "minimum": 0}
 _POS = {"type": "integer", "minimum": 1}
 _NUM = {"type": "number"}
-_SETTINGS = _obj({"single": _STR, "multi2": _STR, "multi4": _STR})
+# An evaluation dataset: its own database (and retrieval index) and the query maps of the settings it has.
+_DATASET = {**_obj({"name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]*$"}, "database": _STR,
+                    "queries": {**_obj({"single": _STR, "multi2": _STR, "multi4": _STR}, required=False),
+                                "minProperties": 1}})}
 
 SCHEMA: dict[str, Any] = _obj({
     "base": _obj({
         "seed": _INT,
         "device": {"type": "string", "pattern": "^(auto|cpu|cuda(:[0-9]+)?)$"},
         "dtype": {"enum": ["auto", "float32", "bfloat16", "float16"]},
-        "data": _obj({"root": _STR, "database": _STR, "train_json": _STR, "queries": _SETTINGS}),
+        "data": _obj({"root": _STR, "train_json": _STR,
+                      "datasets": {"type": "array", "items": _DATASET, "minItems": 1}}),
         "base_model": _STR,
     }),
     "fetch_data": _obj({

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from repic.io import atomic_dir, read_json, resolve_image
+from repic.tables import column_groups, group_label
 
 RUNS = ("base_skip", "trained_skip", "base_retrieval", "trained_retrieval")
-SETTINGS = ("single", "multi2", "multi4")
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1200px}
@@ -109,14 +109,15 @@ def plot_prf(metrics: dict[str, Any], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [(s, m) for s in SETTINGS if s in metrics for m in ("skip", "retrieval") if m in metrics[s]]
+    flat = column_groups(metrics)
+    groups = [(g, m) for g in flat for m in ("skip", "retrieval") if m in flat[g]]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5), sharey=True)
     width = 0.4
     for ax, key in zip(axes, ("precision", "recall", "f1")):
         for j, model in enumerate(("base", "trained")):
-            vals = [metrics[s][m].get(model, {}).get(key, 0.0) for s, m in groups]
+            vals = [flat[g][m].get(model, {}).get(key, 0.0) for g, m in groups]
             ax.bar([i + (j - 0.5) * width for i in range(len(groups))], vals, width, label=model)
-        ax.set_xticks(range(len(groups)), [f"{s}\n{m}" for s, m in groups], fontsize=8)
+        ax.set_xticks(range(len(groups)), [f"{group_label(g)}\n{m}" for g, m in groups], fontsize=8)
         ax.set_title(key)
         ax.set_ylim(0, 100)
     axes[0].set_ylabel("%")
@@ -127,12 +128,11 @@ def plot_prf(metrics: dict[str, Any], out: Path) -> None:
 
 
 def build_report(out_dir: str | os.PathLike, *, captions_dir: str | os.PathLike, metrics_path: str | os.PathLike,
-                 train_log: str | os.PathLike, database_path: str | os.PathLike, root: str | os.PathLike,
-                 max_queries: int) -> None:
-    """Write `out_dir/index.html`, `out_dir/plots/*.png` and `out_dir/img/*` (thumbnails), atomically."""
+                 train_log: str | os.PathLike, layout: dict[str, list[tuple[str, dict[str, Any]]]],
+                 root: str | os.PathLike, max_queries: int) -> None:
+    """Write `out_dir/index.html`, `out_dir/plots/*.png` and `out_dir/img/*` (thumbnails), atomically.
+    `layout` is `{setting: [(dataset, its database)]}` (`repic.scoring.layout_of`)."""
     metrics = read_json(metrics_path)
-    database = read_json(database_path)
-    concepts = database["concept_dict"]
     with atomic_dir(out_dir) as tmp:
         (tmp / "plots").mkdir()
         plot_rewards(Path(train_log), tmp / "plots" / "rewards.png")
@@ -149,13 +149,15 @@ def build_report(out_dir: str | os.PathLike, *, captions_dir: str | os.PathLike,
         body = ["<h1>RePIC results</h1>", "<h2>Metrics (protocol repic)</h2>", _metrics_html(metrics),
                 '<img src="plots/prf.png" alt="P/R/F1 per setting">', "<h2>Training</h2>",
                 '<img src="plots/rewards.png" alt="GRPO reward curves">']
-        for setting in SETTINGS:
-            runs = {r: read_json(Path(captions_dir) / setting / f"{r}.json") for r in RUNS}
-            retrieval = read_json(Path(captions_dir) / setting / "retrieval.json")
+        for setting, dataset, database in ((s, d, db) for s, datasets in layout.items() for d, db in datasets):
+            folder = Path(captions_dir) / setting / dataset
+            concepts = database["concept_dict"]
+            runs = {r: read_json(folder / f"{r}.json") for r in RUNS}
+            retrieval = read_json(folder / "retrieval.json")
             retrieved = [q["retrieved"] for q in retrieval["per_query"]]
             pool = {k for row in runs["base_skip"] for k in row[1]}
             case_sensitive = setting == "multi2"
-            body.append(f"<h2>{setting}: {len(runs['base_skip'])} queries "
+            body.append(f"<h2>{setting} · {html.escape(dataset)}: {len(runs['base_skip'])} queries "
                         f"(retrieval recall@{retrieval['k']} = {retrieval['recall_at_k']:.2f})</h2>")
             for i, row in enumerate(runs["base_skip"][:max_queries]):
                 image, gt = row[0], row[1]
@@ -182,9 +184,9 @@ def build_report(out_dir: str | os.PathLike, *, captions_dir: str | os.PathLike,
 
 def _metrics_html(metrics: dict[str, Any]) -> str:
     rows = ["<table><tr><th>setting</th><th>mode</th><th>model</th><th>P</th><th>R</th><th>F1</th></tr>"]
-    for s in SETTINGS:
+    for group, modes in column_groups(metrics).items():
         for m in ("skip", "retrieval"):
-            for model, cell in metrics.get(s, {}).get(m, {}).items():
-                rows.append(f"<tr><td>{s}</td><td>{m}</td><td>{model}</td>"
+            for model, cell in modes.get(m, {}).items():
+                rows.append(f"<tr><td>{html.escape(group_label(group))}</td><td>{m}</td><td>{model}</td>"
                             + "".join(f"<td>{cell[k]:.1f}</td>" for k in ("precision", "recall", "f1")) + "</tr>")
     return "".join(rows) + "</table>"

@@ -419,7 +419,7 @@ def make_detector(name: str, **kw: Any) -> Detector:
 
 
 # =================================================================================================== index
-def _database_entries(database_json: Path) -> list[tuple[str, str]]:
+def database_entries(database_json: Path) -> list[tuple[str, str]]:
     """(image path as stored, concept key) for every database image, in file order, each image once."""
     db = read_json(database_json)
     if not isinstance(db, dict) or not isinstance(db.get("concept_dict"), dict):
@@ -446,7 +446,7 @@ def database_categories(database_json: Path) -> list[str]:
 def missing_database_images(database_json: Path, root: Path) -> list[str]:
     """Database image paths (as stored in the JSON) that do not exist under `root`."""
     return [
-        image for image, _ in _database_entries(database_json) if not resolve_image(root, image).is_file()
+        image for image, _ in database_entries(database_json) if not resolve_image(root, image).is_file()
     ]
 
 
@@ -459,7 +459,7 @@ def build_index(
     disk are skipped with a warning (list them with `missing_database_images`).
     """
     present = []
-    for image, key in _database_entries(database_json):
+    for image, key in database_entries(database_json):
         if resolve_image(root, image).is_file():
             present.append((image, key))
         else:

@@ -13,6 +13,34 @@ MODEL_ORDER = ("base", "trained")
 METRICS = (("precision", "P"), ("recall", "R"), ("f1", "F1"))
 SETTING_LABELS = {"single": "Single", "multi2": "2-concept", "multi4": "4-concept"}
 MODE_LABELS = {"skip": "skip-retrieval", "retrieval": "retrieval"}
+DATASET_LABELS = {"myvlm": "MyVLM", "yollava": "Yo'LLaVA", "dreambooth": "DreamBooth"}
+
+
+def column_groups(metrics: dict, settings: Iterable[str] | None = None) -> dict[str, dict]:
+    """Flatten the score stage's `{setting: {dataset: {mode: {model: cell}}}}` into the table's column groups
+    `{group: {mode: {model: cell}}}`: a setting with one dataset is one group named by the setting (`single`),
+    a setting with several gives one group per dataset (`single/myvlm`, `single/yollava`, ...), as in the
+    paper's Table 1.
+
+    >>> m = {"single": {"myvlm": {"skip": {}}, "yollava": {"skip": {}}}, "multi2": {"two": {"skip": {}}}}
+    >>> list(column_groups(m))
+    ['single/myvlm', 'single/yollava', 'multi2']
+    """
+    groups = {}
+    for setting in _ordered(metrics, SETTING_ORDER):
+        if settings is not None and setting not in settings:
+            continue
+        datasets = metrics[setting]
+        for dataset, modes in datasets.items():
+            groups[setting if len(datasets) == 1 else f"{setting}/{dataset}"] = modes
+    return groups
+
+
+def group_label(group: str) -> str:
+    """`single` -> "Single", `single/myvlm` -> "Single MyVLM", `multi4` -> "4-concept"."""
+    setting, _, dataset = group.partition("/")
+    label = SETTING_LABELS.get(setting, setting)
+    return f"{label} {DATASET_LABELS.get(dataset, dataset)}" if dataset else label
 
 
 def _ordered(found: Iterable[str], preferred: tuple[str, ...]) -> list[str]:
@@ -22,7 +50,8 @@ def _ordered(found: Iterable[str], preferred: tuple[str, ...]) -> list[str]:
 
 
 def metrics_table(metrics: dict) -> pd.DataFrame:
-    """Build the table from `{setting: {mode: {model: {"precision", "recall", "f1", ...}}}}` (percent).
+    """Build the table from `{group: {mode: {model: {"precision", "recall", "f1", ...}}}}` (percent), groups
+    being settings or `setting/dataset` (see `column_groups`).
 
     Columns are a MultiIndex (setting, mode, metric) with metric in P/R/F1; a cell the input lacks is NaN.
 
@@ -32,7 +61,10 @@ def metrics_table(metrics: dict) -> pd.DataFrame:
     """
     models = _ordered((m for s in metrics.values() for md in s.values() for m in md), MODEL_ORDER)
     columns, data = [], []
-    for setting in _ordered(metrics, SETTING_ORDER):
+    found = list(metrics)
+    rank = {s: i for i, s in enumerate(SETTING_ORDER)}
+    groups = sorted(found, key=lambda g: (rank.get(g.partition("/")[0], len(rank)), found.index(g)))
+    for setting in groups:
         for mode in _ordered(metrics[setting], MODE_ORDER):
             for key, label in METRICS:
                 columns.append((setting, mode, label))
@@ -49,7 +81,7 @@ def _header(column: object) -> str:
     if isinstance(column, tuple):
         if len(column) == 3:
             setting, mode, metric = column
-            return f"{SETTING_LABELS.get(setting, setting)} {MODE_LABELS.get(mode, mode)} {metric}"
+            return f"{group_label(setting)} {MODE_LABELS.get(mode, mode)} {metric}"
         return " ".join(str(c) for c in column)
     return str(column)
 
@@ -80,16 +112,17 @@ def to_latex(df: pd.DataFrame, caption: str) -> str:
     """A booktabs LaTeX table with multicolumn headers (setting, mode, metric)."""
     flat = df.copy()
     flat.columns = pd.MultiIndex.from_tuples(
-        [(SETTING_LABELS.get(s, s), MODE_LABELS.get(m, m), k) for s, m, k in df.columns])
+        [(group_label(s), MODE_LABELS.get(m, m), k) for s, m, k in df.columns])
     return flat.to_latex(float_format="%.1f", na_rep="-", multicolumn=True, multicolumn_format="c",
                          caption=caption, position="t")
 
 
 def paper_tables(metrics: dict, protocol: str) -> dict[str, dict[str, str]]:
-    """{table name: {"md", "csv", "tex"}} for the paper's Tables 1 and 2 from the metrics of one protocol."""
+    """{table name: {"md", "csv", "tex"}} for the paper's Tables 1 and 2 from the score stage's metrics
+    (`{setting: {dataset: {mode: {model: cell}}}}`) of one protocol."""
     out = {}
     for name, settings in PAPER_TABLES.items():
-        subset = {s: metrics[s] for s in settings if s in metrics}
+        subset = column_groups(metrics, settings)
         if not subset:
             continue
         df = metrics_table(subset)

@@ -202,6 +202,26 @@ def validate_dataset(root: str | os.PathLike, database_json: str | os.PathLike |
     return report
 
 
+def validate_datasets(root: str | os.PathLike, datasets: list[Mapping[str, Any]], *, strict: bool = False
+                      ) -> dict[str, Any]:
+    """`validate_dataset` for every evaluation dataset of params `base.data.datasets` (`{name, database,
+    queries}`), merged into one report; query reports are keyed `<dataset>/<setting>`."""
+    parts = [(d["name"], validate_dataset(root, d["database"], d["queries"])) for d in datasets]
+    report = {
+        "root": str(root),
+        "ok": all(r["ok"] for _, r in parts),
+        "errors": 0, "warnings": 0,
+        "databases": {k: v for _, r in parts for k, v in r["databases"].items()},
+        "queries": {f"{name}/{setting}": q for name, r in parts for setting, q in r["queries"].items()},
+    }
+    every = [*report["databases"].values(), *report["queries"].values()]
+    report["errors"] = sum(x["errors"] for x in every)
+    report["warnings"] = sum(x["warnings"] for x in every)
+    if strict and not report["ok"]:
+        raise RepicError(f"data validation failed (strict: true): {summary(report)}")
+    return report
+
+
 def summary(report: Mapping[str, Any]) -> str:
     """One line naming each file's defects, e.g. for the stage log and the strict-mode error."""
     bits = []

@@ -1,31 +1,56 @@
-"""Build the retrieval database: image embeddings of every database image in an exact faiss index + id map.
+"""Build the retrieval databases: image embeddings of every database image in an exact faiss index + id map,
+one index per evaluation dataset (`base.data.datasets`), at `<out>/<dataset>/`.
 
-Example: python -m stages.build_db --database D.json --root data/world --out data/db
+Example: python -m stages.build_db --root data/world --out data/db
+One database:  python -m stages.build_db --database D.json --root data/world --out data/db/mine
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from repic.captioning import eval_datasets
 from repic.cli import params_of, parser, run
-from repic.io import atomic_dir
-from repic.retrieval import build_index, make_embedder, missing_database_images, save_index
+from repic.io import atomic_dir, write_json
+from repic.retrieval import build_index, database_entries, make_embedder, missing_database_images, save_index
+
+log = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = parser(__doc__)
-    for name in ("--database", "--root", "--out"):
+    p.add_argument("--database", help="index this one database_mod.json into --out (default: every dataset)")
+    for name in ("--root", "--out"):
         p.add_argument(name, required=True)
     args = p.parse_args(argv)
-    cfg = params_of(args)["build_db"]
+    params = params_of(args)
+    cfg = params["build_db"]
     embedder = make_embedder(cfg["embedder"], **cfg["embedder_kwargs"])
-    index, id_map = build_index(Path(args.database), Path(args.root), embedder)
-    meta = {"embedder": cfg["embedder"], "embedder_kwargs": cfg["embedder_kwargs"], "database": args.database,
-            "missing_images": missing_database_images(Path(args.database), Path(args.root))}
-    with atomic_dir(args.out) as tmp:
-        save_index(tmp, index, id_map, meta)
+    jobs = ([(args.database, Path(args.out))] if args.database else
+            [(d["database"], Path(args.out) / d["name"]) for d in eval_datasets(params["base"]["data"])])
+    built, skipped = {}, {}
+    for database, out in jobs:
+        missing = missing_database_images(Path(database), Path(args.root))
+        if not args.database and missing and len(missing) == len(database_entries(Path(database))):
+            # e.g. a copy without Yo'LLaVA's images: the other datasets still get their indexes
+            skipped[out.name] = f"{database}: none of its {len(missing)} images exist under {args.root}"
+            log.warning("build_db: dataset %s skipped: %s", out.name, skipped[out.name])
+            continue
+        index, id_map = build_index(Path(database), Path(args.root), embedder)
+        meta = {"embedder": cfg["embedder"], "embedder_kwargs": cfg["embedder_kwargs"], "database": database,
+                "missing_images": missing}
+        built[out] = (index, id_map, meta)
+    if args.database:
+        with atomic_dir(args.out) as tmp:
+            save_index(tmp, *built[Path(args.out)])
+        return
+    with atomic_dir(args.out) as tmp:  # all datasets or none: no stale index of a dataset since removed
+        for out, artifacts in built.items():
+            save_index(tmp / out.name, *artifacts)
+        write_json(tmp / "manifest.json", {"built": [out.name for out in built], "skipped": skipped})
 
 
 if __name__ == "__main__":

@@ -1,8 +1,12 @@
-"""Caption one setting's queries (single | multi2 | multi4): {base, trained} x {skip, retrieval}.
+"""Caption one setting's queries (single | multi2 | multi4): {base, trained} x {skip, retrieval}, for every
+evaluation dataset that has this setting (`base.data.datasets`), with that dataset's database and index.
 
-Writes RePIC caption files `<model>_<mode>.json`, `captions.parquet` and `retrieval.json` (recall@k).
-Example: python -m stages.caption --setting single --queries Q.json --database D.json --root data/world \
-    --index data/db --model data/models/base --adapter results/train/adapter --out results/captions/single
+Writes, per dataset, `<out>/<dataset>/`: RePIC caption files `<model>_<mode>.json`, `captions.parquet` and
+`retrieval.json` (recall@k).
+Example: python -m stages.caption --setting single --root data/world --index data/db --model data/models/base \
+    --adapter results/train/adapter --out results/captions/single
+One query map: add --queries Q.json --database D.json (--index is then that database's index folder, and the
+files go straight into --out).
 """
 
 from __future__ import annotations
@@ -13,29 +17,44 @@ from pathlib import Path
 
 import pandas as pd
 
-from repic.captioning import SETTINGS, run_setting
+from repic.captioning import SETTINGS, eval_datasets, run_setting
 from repic.cli import params_of, parser, run
-from repic.io import write_json, write_parquet
+from repic.io import RepicError, write_json, write_parquet
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = parser(__doc__)
     p.add_argument("--setting", required=True, choices=SETTINGS)
-    for name in ("--queries", "--database", "--root", "--index", "--model", "--out"):
+    for name in ("--root", "--index", "--model", "--out"):
         p.add_argument(name, required=True)
+    p.add_argument("--queries", help="one query map (with --database) instead of the configured datasets")
+    p.add_argument("--database")
     p.add_argument("--adapter", help="LoRA adapter of the trained model (without it: base captions only)")
     args = p.parse_args(argv)
     params = params_of(args)
-    rows, retrieval = run_setting(args.setting, args.queries, args.database, args.root, args.index, args.model,
-                                  args.adapter, params["caption"], device=params["base"]["device"],
-                                  dtype=params["base"]["dtype"])
-    out = Path(args.out)
-    for name, file_rows in rows.items():
-        write_json(out / f"{name}.json", file_rows)
-    write_json(out / "retrieval.json", retrieval)
-    write_parquet(out / "captions.parquet", pd.DataFrame(
-        [{"run": name, "query_image": r[0], "gt_keys": r[1], "caption": r[2], "question": r[3]}
-         for name, file_rows in rows.items() for r in file_rows]))
+    if bool(args.queries) != bool(args.database):
+        raise RepicError("--queries and --database go together (one query map and its database)")
+    if args.queries:
+        jobs = [(args.queries, args.database, Path(args.index), Path(args.out))]
+    else:
+        datasets = eval_datasets(params["base"]["data"], args.setting)
+        if not datasets:
+            raise RepicError(f"base.data.datasets: no dataset has a '{args.setting}' query map")
+        jobs = [(d["queries"][args.setting], d["database"], Path(args.index) / d["name"], Path(args.out) / d["name"])
+                for d in datasets]
+    for queries, database, index, out in jobs:
+        if not (index / "meta.json").is_file():
+            raise RepicError(f"{index}: no retrieval index for this dataset (build_db builds one per dataset; "
+                             f"see {index.parent / 'manifest.json'} for the ones it skipped)")
+        rows, retrieval = run_setting(args.setting, queries, database, args.root, str(index), args.model,
+                                      args.adapter, params["caption"], device=params["base"]["device"],
+                                      dtype=params["base"]["dtype"])
+        for name, file_rows in rows.items():
+            write_json(out / f"{name}.json", file_rows)
+        write_json(out / "retrieval.json", retrieval)
+        write_parquet(out / "captions.parquet", pd.DataFrame(
+            [{"run": name, "query_image": r[0], "gt_keys": r[1], "caption": r[2], "question": r[3]}
+             for name, file_rows in rows.items() for r in file_rows]))
 
 
 if __name__ == "__main__":

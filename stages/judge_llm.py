@@ -1,7 +1,7 @@
 """Pairwise LLM judge of trained vs base captions (both orders, ties, cached): verdicts + win rates.
 
-Example: python -m stages.judge_llm --captions results/captions --database D.json --root data/world \
-    --out results/judge
+Example: python -m stages.judge_llm --captions results/captions --root data/world --out results/judge
+(the caption folders and databases of params `base.data.datasets`)
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ import pandas as pd
 
 from repic.captioning import SETTINGS
 from repic.cli import params_of, parser, run
-from repic.io import read_json, write_json, write_parquet
+from repic.io import write_json, write_parquet
 from repic.judge import AnswerCache, build_pairs, judge_pairs, local_judge, openai_judge, win_rates
+from repic.scoring import layout_of
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = parser(__doc__)
-    for name in ("--captions", "--database", "--root", "--out"):
+    for name in ("--captions", "--root", "--out"):
         p.add_argument(name, required=True)
     args = p.parse_args(argv)
     params = params_of(args)
@@ -28,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = Path(args.out)
     if cfg["backend"] == "none":
         write_json(out / "win_rates.json", {"status": "not run", "reason": "judge_llm.backend is 'none'"})
-        write_parquet(out / "verdicts.parquet", pd.DataFrame(columns=["setting", "mode", "query_image"]))
+        write_parquet(out / "verdicts.parquet", pd.DataFrame(columns=["setting", "dataset", "mode", "query_image"]))
         return
     # ---- judge backend
     if cfg["backend"] == "local":
@@ -37,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         backend_id, ask = openai_judge(**cfg["openai"], max_new_tokens=cfg["max_new_tokens"])
     # ---- pairs, verdicts, win rates
-    pairs = build_pairs(args.captions, list(SETTINGS), read_json(args.database), args.root, cfg["max_pairs"])
+    pairs = build_pairs(args.captions, layout_of(base["data"]), args.root, cfg["max_pairs"])
     cache = AnswerCache(out / "cache.jsonl")
     records = judge_pairs(pairs, backend_id, ask, cache, max_requests=cfg["max_requests"])
     cache.save()

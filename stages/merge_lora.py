@@ -1,7 +1,9 @@
 """Merge the LoRA adapter into the base, verify it (logits fp32/bf16, identical captions), write the report.
 
 Example: python -m stages.merge_lora --model data/models/base --adapter results/train/adapter \
-    --queries Q.json --database D.json --root data/world --out results/merged
+    --root data/world --out results/merged
+The fixed inputs are the first `merge_lora.n_inputs` queries of the first dataset of params `base.data.datasets`
+(its first setting, single-concept when it has one), with their ground-truth references.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from repic.captioning import build_conversation, expand_queries
+from repic.captioning import build_conversation, eval_datasets, expand_queries
 from repic.cli import params_of, parser, run
 from repic.io import read_json, write_json
 from repic.merge import check, merge_and_verify
@@ -18,12 +20,16 @@ from repic.merge import check, merge_and_verify
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = parser(__doc__)
-    for name in ("--model", "--adapter", "--queries", "--database", "--root", "--out"):
+    for name in ("--model", "--adapter", "--root", "--out"):
         p.add_argument(name, required=True)
     args = p.parse_args(argv)
-    cfg = params_of(args)["merge_lora"]
-    database = read_json(args.database)
-    queries = expand_queries(read_json(args.queries), "single", source=args.queries)[: cfg["n_inputs"]]
+    params = params_of(args)
+    cfg = params["merge_lora"]
+    dataset = eval_datasets(params["base"]["data"])[0]
+    setting = "single" if "single" in dataset["queries"] else next(iter(dataset["queries"]))
+    database = read_json(dataset["database"])
+    source = dataset["queries"][setting]
+    queries = expand_queries(read_json(source), setting, source=source)[: cfg["n_inputs"]]
     for q in queries:
         q.ref_keys = list(q.gt_keys)
     conversations = [build_conversation(q, database, args.root) for q in queries]

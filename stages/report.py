@@ -1,7 +1,8 @@
 """Write the static visual report: results/report/index.html + PNG plots (open the file, no server needed).
 
 Example: python -m stages.report --captions results/captions --metrics results/score/metrics.json \
-    --train-log results/train/log.jsonl --database D.json --root data/world --out results/report
+    --train-log results/train/log.jsonl --root data/world --out results/report
+(the caption folders and databases of params `base.data.datasets`)
 """
 
 from __future__ import annotations
@@ -11,15 +12,18 @@ from collections.abc import Sequence
 
 from repic.cli import params_of, parser, run
 from repic.report import build_report
+from repic.scoring import layout_of
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = parser(__doc__)
-    for name in ("--captions", "--metrics", "--train-log", "--database", "--root", "--out"):
+    for name in ("--captions", "--metrics", "--train-log", "--root", "--out"):
         p.add_argument(name, required=True)
     args = p.parse_args(argv)
+    params = params_of(args)
     build_report(args.out, captions_dir=args.captions, metrics_path=args.metrics, train_log=args.train_log,
-                 database_path=args.database, root=args.root, max_queries=params_of(args)["report"]["max_queries"])
+                 layout=layout_of(params["base"]["data"]), root=args.root,
+                 max_queries=params["report"]["max_queries"])
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Score caption files with RePIC's name P/R/F1 protocol.
 
-Pipeline mode (a folder of runs): metrics.json (+ the other protocol's beside it), per-slot Parquet, and the
-paper's Tables 1 and 2 in markdown, CSV and LaTeX for both protocols.
-    python -m stages.score --captions results/captions --database D.json --out results/score \
-        --tables results/tables
+Pipeline mode (the folder of runs, `<setting>/<dataset>/<model>_<mode>.json` for the datasets of params
+`base.data.datasets`): metrics.json (RePIC's protocol, `{setting: {dataset: {mode: {model: P/R/F1}}}}`),
+metrics_strict.json (the corrected one), table.md, per-slot Parquet, and the paper's Tables 1 and 2 in
+markdown, CSV and LaTeX for both protocols.
+    python -m stages.score --captions results/captions --out results/score --tables results/tables
 One file (ours or one written by the original RePIC scripts): prints one JSON object.
     python -m stages.score --captions FILE --setting single|multi2|multi4 --protocol repic|strict [--database D]
 """
@@ -21,14 +22,14 @@ from repic.captioning import SETTINGS
 from repic.cli import params_of, parser, run
 from repic.io import RepicError, read_json, write_json, write_parquet, write_text
 from repic.metrics import load_caption_rows, score_captions
-from repic.scoring import score_runs
-from repic.tables import metrics_table, paper_tables, to_markdown
+from repic.scoring import layout_of, score_runs
+from repic.tables import column_groups, metrics_table, paper_tables, to_markdown
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = parser(__doc__)
     p.add_argument("--captions", required=True, help="a caption file, or the folder of a pipeline run")
-    p.add_argument("--database", help="database_mod.json (display names for --protocol strict)")
+    p.add_argument("--database", help="one-file mode: database_mod.json (display names for --protocol strict)")
     p.add_argument("--setting", choices=SETTINGS, help="one-file mode: the file's setting")
     p.add_argument("--protocol", choices=("repic", "strict"), help="default: params.yaml score.protocol")
     p.add_argument("--out", help="pipeline mode: output folder (metrics, per-slot Parquet)")
@@ -46,11 +47,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise RepicError("--out and --tables are required when --captions is a folder of runs")
     # Both protocols are always scored, under fixed names: metrics.json is RePIC's protocol (comparable with the
     # paper), metrics_strict.json the corrected one beside it. The protocol param picks the headline table.md.
-    primary = args.protocol or params_of(args)["score"]["protocol"]
+    params = params_of(args)
+    primary = args.protocol or params["score"]["protocol"]
+    layout = layout_of(params["base"]["data"])  # each dataset's own database (display names for strict)
     out, tables = Path(args.out), Path(args.tables)
     frames = []
     for protocol, name in (("repic", "metrics.json"), ("strict", "metrics_strict.json")):
-        metrics, slots = score_runs(args.captions, protocol, database)
+        metrics, slots = score_runs(args.captions, protocol, layout)
         write_json(out / name, metrics)
         frames.append(pd.DataFrame(slots).assign(protocol=protocol))
         for table, files in paper_tables(metrics, protocol).items():
@@ -58,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 write_text(tables / f"{table}_{protocol}.{ext}", text)
         if protocol == primary:
             write_text(out / "table.md", f"Name precision / recall / F1 (%), protocol `{protocol}`\n\n"
-                       + to_markdown(metrics_table(metrics)))
+                       + to_markdown(metrics_table(column_groups(metrics))))
     write_parquet(out / "slots.parquet", pd.concat(frames, ignore_index=True))
 
 

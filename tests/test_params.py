@@ -52,3 +52,30 @@ def test_library_sections_checked_against_dataclasses():
 def test_deep_merge_overlays_nested_keys():
     merged = deep_merge({"a": {"b": 1, "c": 2}, "d": [1]}, {"a": {"c": 3}, "d": [2]})
     assert merged == {"a": {"b": 1, "c": 3}, "d": [2]}
+
+
+def test_dataset_entries_are_checked(tmp_path):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["base"]["data"]["datasets"][0]["queries"]["multi3"] = "q.json"
+    with pytest.raises(RepicError, match=r"base\.data\.datasets\.0\.queries\.multi3: unknown key"):
+        load_params(_write(tmp_path, params))
+    params["base"]["data"]["datasets"][0]["queries"] = {}
+    with pytest.raises(RepicError, match=r"base\.data\.datasets\.0\.queries"):
+        load_params(_write(tmp_path, params))
+
+
+def test_duplicate_dataset_names_are_refused():
+    from repic.captioning import eval_datasets
+
+    one = {"name": "myvlm", "database": "d.json", "queries": {"single": "q.json"}}
+    with pytest.raises(RepicError, match="dataset name 'myvlm' appears more than once"):
+        eval_datasets({"datasets": [one, dict(one)]})
+
+
+def test_an_overlay_replaces_the_dataset_list():
+    # lists replace on overlay, so configs/real_eval_local.yaml's five datasets do not keep `synthetic`
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    overlay = yaml.safe_load((REPO / "configs/real_eval_local.yaml").read_text())
+    merged = deep_merge(base, overlay)
+    assert [d["name"] for d in merged["base"]["data"]["datasets"]] == [
+        "myvlm", "yollava", "dreambooth", "2_concepts", "4_concepts"]

@@ -50,7 +50,7 @@ def test_metrics_cover_every_setting_mode_and_model(pipeline):
     for s in SETTINGS:
         for m in MODES:
             for model in MODELS:
-                cell = metrics[s][m][model]
+                cell = metrics[s]["synthetic"][m][model]  # setting -> dataset -> mode -> model
                 assert {"precision", "recall", "f1", "n_slots"} <= set(cell)
                 assert 0.0 <= cell["f1"] <= 100.0 and cell["n_slots"] > 0
     table = (pipeline / "results/score/table.md").read_text()
@@ -73,14 +73,15 @@ def test_every_stage_wrote_its_artifacts(pipeline):
     assert set(manifest["counts"]) == {"yes_no", "iou", "yes_no_name", "yes_no_name_multi"}
     assert len(pd.read_parquet(pipeline / "data/subset/train_subset.parquet")) == manifest["size"]
     assert (pipeline / "results/train/adapter/adapter_config.json").is_file()
+    assert json.loads((pipeline / "data/db/manifest.json").read_text()) == {"built": ["synthetic"], "skipped": {}}
     log = [json.loads(line) for line in (pipeline / "results/train/log.jsonl").read_text().splitlines()]
     assert log and {"loss", "kl", "reward", "rewards/object_consistency/mean"} <= set(log[0]) | set(log[-1])
     for s in SETTINGS:
-        rows = json.loads((pipeline / f"results/captions/{s}/trained_retrieval.json").read_text())
+        rows = json.loads((pipeline / f"results/captions/{s}/synthetic/trained_retrieval.json").read_text())
         assert all(len(r) == 4 and isinstance(r[2], str) for r in rows)
-        recall = json.loads((pipeline / f"results/captions/{s}/retrieval.json").read_text())["recall_at_k"]
+        recall = json.loads((pipeline / f"results/captions/{s}/synthetic/retrieval.json").read_text())["recall_at_k"]
         assert 0.0 <= recall <= 1.0
-        assert len(pd.read_parquet(pipeline / f"results/captions/{s}/captions.parquet")) == 4 * len(rows)
+        assert len(pd.read_parquet(pipeline / f"results/captions/{s}/synthetic/captions.parquet")) == 4 * len(rows)
     merge = json.loads((pipeline / "results/merged/merge_report.json").read_text())
     assert merge["ok"] and merge["captions_identical_fp32"] and (pipeline / "results/merged/model").is_dir()
     page = (pipeline / "results/report/index.html").read_text()

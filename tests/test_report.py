@@ -35,29 +35,33 @@ def report_inputs(tmp_path):
     for key, color in colors.items():
         Image.new("RGB", (64, 64), color).save(root / "data" / f"{key[1]}.png")
         concept_dict[key] = {"name": key[1], "image": f"./data/{key[1]}.png", "info": color, "category": "toy"}
-    database = tmp_path / "db.json"
-    database.write_text(json.dumps({"concept_dict": concept_dict, "path_to_concept": {}}))
+    database = {"concept_dict": concept_dict, "path_to_concept": {}}
     Image.new("RGB", (96, 96), "white").save(root / "data" / "q.png")
     caps = tmp_path / "captions"
     gts = {"single": ["<a>"], "multi2": ["<a>", "<b>"], "multi4": ["<a>", "<b>", "<c>", "<d>"]}
+    # two single-concept datasets (as the paper's MyVLM / Yo'LLaVA / DreamBooth), one for each multi setting
+    layout = {"single": [("myvlm", database), ("dreambooth", database)], "multi2": [("toy", database)],
+              "multi4": [("toy", database)]}
     for setting, gt in gts.items():
-        (caps / setting).mkdir(parents=True)
-        for run in ("base_skip", "trained_skip", "base_retrieval", "trained_retrieval"):
-            wrong = "<b>" if setting == "single" else ""
-            caption = "A photo." if run.startswith("base") else f"{gt[0]} with <zzz> and {wrong}"
-            (caps / setting / f"{run}.json").write_text(json.dumps([["./data/q.png", gt, caption, "q?"],
-                                                                     ["./data/q.png", ["<b>"] * len(gt), "x", "q?"]]))
-        (caps / setting / "retrieval.json").write_text(json.dumps(
-            {"k": 2, "recall_at_k": 0.5, "per_query": [{"retrieved": ["<a>", "<c>"]}, {"retrieved": ["<b>"]}]}))
+        for dataset, _ in layout[setting]:
+            folder = caps / setting / dataset
+            folder.mkdir(parents=True)
+            for run in ("base_skip", "trained_skip", "base_retrieval", "trained_retrieval"):
+                wrong = "<b>" if setting == "single" else ""
+                caption = "A photo." if run.startswith("base") else f"{gt[0]} with <zzz> and {wrong}"
+                (folder / f"{run}.json").write_text(json.dumps([["./data/q.png", gt, caption, "q?"],
+                                                                ["./data/q.png", ["<b>"] * len(gt), "x", "q?"]]))
+            (folder / "retrieval.json").write_text(json.dumps(
+                {"k": 2, "recall_at_k": 0.5, "per_query": [{"retrieved": ["<a>", "<c>"]}, {"retrieved": ["<b>"]}]}))
     cell = {"precision": 50.0, "recall": 25.0, "f1": 33.3}
     metrics = tmp_path / "metrics.json"
-    metrics.write_text(json.dumps({s: {m: {"base": cell, "trained": cell} for m in ("skip", "retrieval")}
-                                   for s in gts}))
+    metrics.write_text(json.dumps({s: {d: {m: {"base": cell, "trained": cell} for m in ("skip", "retrieval")}
+                                       for d, _ in layout[s]} for s in gts}))
     log = tmp_path / "log.jsonl"
     log.write_text("\n".join(json.dumps({"loss": 0.1 * i, "kl": 0.01 * i, "reward": i / 10,
                                          "rewards/object_consistency/mean": None if i % 2 else i / 10})
                              for i in range(8)))
-    return dict(captions_dir=caps, metrics_path=metrics, train_log=log, database_path=database, root=root)
+    return dict(captions_dir=caps, metrics_path=metrics, train_log=log, layout=layout, root=root)
 
 
 def test_report_files(tmp_path, report_inputs):
@@ -65,7 +69,9 @@ def test_report_files(tmp_path, report_inputs):
     build_report(out, max_queries=5, **report_inputs)
     page = (out / "index.html").read_text()
     assert (out / "plots" / "rewards.png").stat().st_size > 0 and (out / "plots" / "prf.png").stat().st_size > 0
-    assert page.count('class="query"') == 6  # 2 queries x 3 settings
+    assert page.count('class="query"') == 8  # 2 queries x (2 single-concept datasets + 2 multi settings)
+    assert "<h2>single · dreambooth: 2 queries" in page and "<h2>multi4 · toy: 2 queries" in page
+    assert "<td>Single MyVLM</td>" in page and "<td>Single DreamBooth</td>" in page and "<td>2-concept</td>" in page
     assert '<span class="correct">&lt;a&gt;</span>' in page and '<span class="wrong">&lt;b&gt;</span>' in page
     assert '<span class="missed">&lt;a&gt;</span>' in page  # base captions miss <a>
     for src in re.findall(r'src="([^"]+)"', page):

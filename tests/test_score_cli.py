@@ -28,3 +28,60 @@ def test_score_cli_rejects_malformed_row(tmp_path):
     path.write_text(json.dumps([["./q.png", ["<a>"], "cap", "q"], ["./q.png"]]))
     with pytest.raises(RepicError, match="row 1"):
         main(["--captions", str(path), "--setting", "single"])
+
+
+def test_pipeline_mode_scores_each_dataset_with_its_own_database(tmp_path):
+    """Three single-concept datasets (as MyVLM / Yo'LLaVA / DreamBooth) and one 2-concept one: metrics per
+    dataset, Table 1 with one column group per dataset, the strict protocol using each dataset's display names."""
+    import shutil
+
+    import yaml
+
+    from .conftest import REPO
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    datasets, expected = [], {}
+    for i, name in enumerate(("myvlm", "yollava", "dreambooth")):
+        key = f"<k{i}>"
+        db = tmp_path / f"{name}.json"
+        db.write_text(json.dumps({"concept_dict": {key: {"name": f"Kay{i}", "image": "./x.png", "info": "i",
+                                                          "category": "toy"}}, "path_to_concept": {}}))
+        datasets.append({"name": name, "database": str(db), "queries": {"single": str(tmp_path / "q.json")}})
+        # i correct slots of 2 under repic; the display name counts too under strict
+        caps = [f"{key} here." if j < i else f"Kay{i} here." for j in range(2)]
+        for model in ("base", "trained"):
+            for mode in ("skip", "retrieval"):
+                folder = tmp_path / "captions/single" / name
+                folder.mkdir(parents=True, exist_ok=True)
+                rows = [[f"./q{j}.png", [key], caps[j] if model == "trained" else "Nothing.", "q"] for j in range(2)]
+                (folder / f"{model}_{mode}.json").write_text(json.dumps(rows))
+        expected[name] = 100.0 * i / 2
+    db2 = tmp_path / "two.json"
+    db2.write_text(json.dumps({"concept_dict": {}, "path_to_concept": {}}))
+    datasets.append({"name": "2_concepts", "database": str(db2), "queries": {"multi2": str(tmp_path / "q2.json")}})
+    for model in ("base", "trained"):
+        for mode in ("skip", "retrieval"):
+            (tmp_path / "captions/multi2/2_concepts").mkdir(parents=True, exist_ok=True)
+            (tmp_path / f"captions/multi2/2_concepts/{model}_{mode}.json").write_text(
+                json.dumps([["./q.png", ["<a>", "<b>"], "<a> and <b>.", "q"]]))
+    params["base"]["data"]["datasets"] = datasets
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    main(["--params", str(tmp_path / "params.yaml"), "--captions", str(tmp_path / "captions"),
+          "--out", str(tmp_path / "score"), "--tables", str(tmp_path / "tables")])
+    metrics = json.loads((tmp_path / "score/metrics.json").read_text())
+    strict = json.loads((tmp_path / "score/metrics_strict.json").read_text())
+    assert set(metrics) == {"single", "multi2"} and list(metrics["single"]) == ["myvlm", "yollava", "dreambooth"]
+    for name, recall in expected.items():
+        assert metrics["single"][name]["retrieval"]["trained"]["recall"] == recall
+        assert metrics["single"][name]["skip"]["base"]["recall"] == 0.0
+        assert strict["single"][name]["skip"]["trained"]["recall"] == 100.0  # display names count under strict
+    assert metrics["multi2"]["2_concepts"]["skip"]["trained"]["f1"] == 100.0
+    table1 = (tmp_path / "tables/table1_single_repic.md").read_text().splitlines()
+    assert "Single MyVLM skip-retrieval R" in table1[2] and "Single DreamBooth retrieval F1" in table1[2]
+    assert table1[5].startswith("| trained | 0.0 | 0.0 | 0.0 | 0.0 | 0.0 | 0.0 | 100.0 | 50.0 | 66.7 |")
+    shutil.rmtree(tmp_path / "captions/single/yollava")
+    from repic.io import RepicError
+
+    with pytest.raises(RepicError, match="yollava/base_skip.json: caption file not found"):
+        main(["--params", str(tmp_path / "params.yaml"), "--captions", str(tmp_path / "captions"),
+              "--out", str(tmp_path / "score"), "--tables", str(tmp_path / "tables")])

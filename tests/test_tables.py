@@ -78,7 +78,7 @@ def test_paper_tables_in_three_formats():
     from repic.tables import paper_tables
 
     cell = {"precision": 80.04, "recall": 50.0, "f1": 61.55, "n_slots": 10}
-    metrics = {s: {m: {"base": cell, "trained": cell} for m in ("skip", "retrieval")}
+    metrics = {s: {"synthetic": {m: {"base": cell, "trained": cell} for m in ("skip", "retrieval")}}
                for s in ("single", "multi2", "multi4")}
     tables = paper_tables(metrics, "repic")
     assert set(tables) == {"table1_single", "table2_multi"}
@@ -87,3 +87,28 @@ def test_paper_tables_in_three_formats():
     assert t2["csv"].splitlines()[0].startswith("setting,multi2,multi2")
     assert "\\begin{table}" in t2["tex"] and "\\multicolumn" in t2["tex"] and "80.0" in t2["tex"]
     assert "multi2" not in tables["table1_single"]["csv"]
+
+
+def test_table1_has_one_column_group_per_single_concept_dataset():
+    from repic.tables import column_groups, paper_tables
+
+    def c(f1: float) -> dict:
+        return {"precision": f1, "recall": f1, "f1": f1, "n_slots": 3}
+
+    metrics = {  # the score stage's layout: setting -> dataset -> mode -> model
+        "multi2": {"2_concepts": {"skip": {"base": c(10.0)}}},
+        "single": {ds: {m: {"base": c(i + 0.25), "trained": c(i + 50.0)} for m in ("skip", "retrieval")}
+                   for i, ds in enumerate(("myvlm", "yollava", "dreambooth"))},
+    }
+    assert list(column_groups(metrics)) == ["single/myvlm", "single/yollava", "single/dreambooth", "multi2"]
+    df = metrics_table(column_groups(metrics, ("single",)))
+    assert [c[0] for c in df.columns[::3]] == ["single/myvlm"] * 2 + ["single/yollava"] * 2 + ["single/dreambooth"] * 2
+    assert df.loc["base", ("single/yollava", "retrieval", "F1")] == 1.2  # 1.25 rounded half to even
+    assert df.loc["trained", ("single/dreambooth", "skip", "P")] == 52.0
+    t1 = paper_tables(metrics, "repic")["table1_single"]
+    header = t1["md"].splitlines()[2]
+    assert header.startswith("| model | Single MyVLM skip-retrieval P |")
+    assert "Single Yo'LLaVA retrieval F1" in header and header.endswith("| Single DreamBooth retrieval F1 |")
+    assert t1["md"].splitlines()[4].startswith("| base | 0.2 | 0.2 | 0.2 | 0.2 | 0.2 | 0.2 | 1.2 |")
+    assert "Single Yo'LLaVA" in t1["tex"] and "2_concepts" not in t1["csv"]
+    assert "2-concept skip-retrieval P" in paper_tables(metrics, "repic")["table2_multi"]["md"]
