@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from repic.io import atomic_dir, write_json
+from repic.io import RepicError, atomic_dir, write_json
 from repic.prompts import CAPTION_QUESTIONS, CAPTION_SYSTEM_PROMPT, ICT_SUFFIXES, OCT_SUFFIX, VLT_SUFFIX
 
 
@@ -54,6 +54,9 @@ def fetch_real(out_data: str | os.PathLike, out_model: str | os.PathLike, params
     from repic.sources import fetch_sources
     from repic.validate import summary, validate_datasets
 
+    if not params["sources"]:
+        raise RepicError("fetch_data.sources is empty: source 'real' fetches only declared sources (hub repos with "
+                         "a revision, URLs or local copies with a sha256); declare them, or use source: synthetic")
     data_root = Path(data_paths["root"])
 
     def inside(path: str, tmp: Path) -> Path:

@@ -28,5 +28,23 @@ def test_paper_overlay_builds_the_paper_recipe(tmp_path):
     assert lora.target_modules == LANGUAGE_MODEL_LINEAR
     assert params["subset_2k"]["size"] == 2000 and params["base"]["dtype"] == "bfloat16"
     assert train["launch"].startswith("accelerate launch --config_file configs/accelerate/zero2.yaml")
-    # the embedded default's other keys survive the overlay
-    assert params["fetch_data"] == yaml.safe_load((REPO / "params.yaml").read_text())["fetch_data"]
+    # the paper's five evaluation sets, each with its own database; the embedded default's other keys survive
+    assert [d["name"] for d in params["base"]["data"]["datasets"]] == [
+        "myvlm", "yollava", "dreambooth", "2_concepts", "4_concepts"]
+    assert len({d["database"] for d in params["base"]["data"]["datasets"]}) == 5
+    default = yaml.safe_load((REPO / "params.yaml").read_text())["fetch_data"]
+    assert params["fetch_data"] == {**default, "source": "real", "sources": {}}
+
+
+def test_paper_fetch_without_pinned_sources_stops_with_a_clear_error(tmp_path):
+    import pytest
+
+    from repic.io import RepicError
+    from stages.fetch_data import main
+
+    params_path = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params_path)
+    apply_overlay(params_path, REPO / "configs" / "paper.yaml")
+    with pytest.raises(RepicError, match="fetch_data.sources is empty"):
+        main(["--params", str(params_path), "--out-data", str(tmp_path / "d"), "--out-model", str(tmp_path / "m")])
+    assert not (tmp_path / "d").exists() and not (tmp_path / "m").exists()
