@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1
 export DO_NOT_TRACK := 1
 
-.PHONY: venv repro test paper real-eval profiles lint lock clean
+.PHONY: venv repro test paper real-eval bench profiles lint lock clean
 
 venv: $(VENV)/.installed
 
@@ -30,6 +30,20 @@ repro: venv
 paper: venv
 	python -m repic.params apply configs/paper.yaml
 	WANDB_MODE=$${WANDB_MODE:-offline} dvc repro
+
+# The benchmarks of BENCHMARKS.md into bench/out/ (generation: HF generate vs the static backend, GRPO step;
+# the paper's GRPO recipe at 7B shape). Without a GPU: a short CPU rehearsal of the same code paths.
+bench: venv
+	mkdir -p bench/out
+	@if python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
+	  python bench/generation.py --out bench/out/generation.json && \
+	  python bench/grpo_recipe.py --shape 7b --steps 3 --out bench/out/grpo_7b_1gpu.json; \
+	else \
+	  echo "no GPU: CPU rehearsal of the benchmark code paths (figures meaningless)"; \
+	  python bench/generation.py --model tiny --batches 1 2 --new-tokens 8 --image-px 112 --grpo-steps 2 \
+	    --grpo-new-tokens 8 --grpo-generations 2 --out bench/out/generation-cpu.json && \
+	  python bench/grpo_recipe.py --shape tiny --steps 2 --max-new-tokens 8 --out bench/out/grpo-cpu.json; \
+	fi
 
 # Real RePIC evaluation data (configs/real_eval_local.yaml: a local copy in RePIC's layout), tiny stand-in model:
 # fetch + validate, retrieval database, 4-concept captioning (skip and retrieval) into results/real_eval/.

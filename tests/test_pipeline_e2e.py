@@ -34,7 +34,8 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout.split("\0")
     for rel in filter(None, files):
-        if (REPO / rel).is_file():
+        # pipeline outputs of this checkout (metrics, the judge's cache) stay behind: the copy starts clean
+        if (REPO / rel).is_file() and not rel.startswith(("results/", "data/")):
             (work / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, work / rel)
     _sh(["git", "init", "-q"], work)
@@ -122,5 +123,37 @@ def test_param_change_reruns_only_dependants(pipeline):
         assert (pipeline / "results/score/table.md").read_text().startswith(
             "Name precision / recall / F1 (%), protocol `strict`")
         assert (pipeline / "results/score/metrics_strict.json").is_file()
+    finally:
+        params_path.write_text(original)
+
+
+def test_dvc_metrics_show_and_diff(pipeline):
+    """The registered metrics work with DVC's own commands: `show` lists them, `diff` against the last commit
+    reports a changed value after a param edit and a rerun."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+
+    def out(args: list[str]) -> str:
+        proc = subprocess.run(args, cwd=pipeline, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    out(["git", "add", "-A"])
+    out(["git", "-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "-qm", "pipeline run"])
+    show = json.loads(out(["dvc", "metrics", "show", "--json"]))
+    files = next(iter(show.values()))["data"]  # the workspace
+    f1 = files["results/score/metrics.json"]["data"]["single"]["synthetic"]["retrieval"]["trained"]["f1"]
+    assert f1 == json.loads((pipeline / "results/score/metrics.json").read_text())[
+        "single"]["synthetic"]["retrieval"]["trained"]["f1"]
+    assert "results/score/metrics_strict.json" in files and "results/judge/win_rates.json" in files
+    params_path = pipeline / "params.yaml"
+    original = params_path.read_text()
+    try:
+        params = yaml.safe_load(original)
+        params["judge_llm"]["max_pairs"] = 2
+        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+        out(["dvc", "repro", "judge_llm"])
+        diff = json.loads(out(["dvc", "metrics", "diff", "--json"]))["results/judge/win_rates.json"]
+        assert diff["overall.n_pairs"]["new"] == 2 * 3 * 2  # max_pairs x settings x modes
+        assert diff["overall.n_pairs"]["old"] > diff["overall.n_pairs"]["new"]
     finally:
         params_path.write_text(original)

@@ -35,6 +35,8 @@ def test_real_4_concept_evaluation_end_to_end(shared_dir, tmp_path):
     params = yaml.safe_load(params_path.read_text())
     params["fetch_data"]["sources"]["repic_eval"]["path"] = str(shared_dir / "repic_eval" / "data")
     params["caption"].update(max_new_tokens=4, batch_size=16)  # the captions of a tiny stand-in are noise anyway
+    # the overlay's data paths live under results/real_eval/; here they live under tmp_path
+    params["base"]["data"] = json.loads(json.dumps(params["base"]["data"]).replace("results/real_eval", str(real)))
     params_path.write_text(yaml.safe_dump(params))
     p = ["--params", str(params_path)]
     _stage("fetch_data", *p, "--out-data", str(real / "data"), "--out-model", str(real / "model"), cwd=REPO)
