@@ -79,6 +79,7 @@ SCHEMA: dict[str, Any] = _obj({
         "rollout_backend": {"enum": ["hf", "static"]},
         "protocol": {"enum": ["repic", "strict"]},
         "rewards": {"type": "array", "items": _STR, "minItems": 1},
+        "heldout_eval": _INT,
         "resize": _obj({"multi_short_side": _POS, "single_short_side": _POS}),
         "lora": {"type": "object"},
         "grpo": {"type": "object"},

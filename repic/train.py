@@ -166,6 +166,37 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
     return [rec for rec in trainer.state.log_history if "loss" in rec or "reward" in rec]
 
 
+def heldout_rewards(model_path: str | os.PathLike, adapter_dir: str | os.PathLike, samples: list[dict[str, Any]],
+                    root: str | os.PathLike, params: dict[str, Any], *, seed: int, device: str = "auto",
+                    dtype: str = "auto", batch_size: int = 8) -> dict[str, Any]:
+    """Base vs trained on training-format samples the run did not train on: the mean of each reward over the
+    greedy answers of the base (no adapter) and of base + adapter, with the rollouts' prompts, images, answer
+    length, generation backend and reward functions. `None` where no sample of that reward type was drawn."""
+    from peft import PeftModel
+
+    from repic.captioning import generate_captions
+    from repic.models import load_model, load_processor
+
+    examples = build_examples(samples, root, seed=seed, **params.get("resize", {}))
+    conversations = [(ex["prompt"], ex["images"]) for ex in examples]
+    gen = dict(batch_size=batch_size, max_new_tokens=params["grpo"].get("max_completion_length", 256),
+               backend=params.get("rollout_backend", "hf"))
+    processor = load_processor(model_path)
+    model = load_model(model_path, device=device, dtype=dtype)
+    answers = {"base": generate_captions(model, processor, conversations, **gen)}
+    model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    answers["trained"] = generate_captions(model, processor, conversations, **gen)
+    columns = {k: [ex[k] for ex in examples] for k in ("solution", "accu_reward_method", "image_size",
+                                                        "resized_size")}
+    out: dict[str, Any] = {"n": len(examples)}
+    for who, texts in answers.items():
+        out[who] = {}
+        for fn in reward_functions(params["rewards"], params["protocol"]):
+            values = [v for v in fn(texts, **columns) if v is not None]
+            out[who][fn.__name__] = sum(values) / len(values) if values else None
+    return out
+
+
 def summarize_log(log: list[dict[str, Any]]) -> dict[str, Any]:
     """First vs last logged value of the total reward, each reward type, KL and loss (nan-aware means
     over the first/last quarter of steps, since one step sees one prompt group)."""

@@ -20,7 +20,8 @@ from repic.subset import stratified_subset, validate_training
 def main(argv: Sequence[str] | None = None) -> None:
     p = parser(__doc__)
     p.add_argument("--train-json", required=True)
-    p.add_argument("--out", required=True, help="output folder: train_subset.json, manifest.json, .parquet")
+    p.add_argument("--out", required=True,
+                   help="output folder: train_subset.json, heldout.json, manifest.json, .parquet")
     args = p.parse_args(argv)
     params = params_of(args)
     samples = validate_training(read_json(args.train_json), args.train_json)
@@ -29,6 +30,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = Path(args.out)
     write_json(out / "train_subset.json", subset)
     write_json(out / "manifest.json", {**manifest, "source": args.train_json, "indices": chosen})
+    # the rest of the JSON, never trained on: train_grpo_lora compares base and trained rewards on part of it
+    taken = set(chosen)
+    write_json(out / "heldout.json", [s for i, s in enumerate(samples) if i not in taken])
     frame = pd.DataFrame({"source_index": chosen, **{k: [json.dumps(s[k]) if not isinstance(s[k], str) else s[k]
                                                         for s in subset] for k in subset[0]}})
     write_parquet(out / "train_subset.parquet", frame)

@@ -1,11 +1,14 @@
 """GRPO + LoRA post-training with RePIC's rewards: adapter, per-step log and a training summary.
 
 Example: python -m stages.train_grpo_lora --model data/models/base --train data/subset/train_subset.json \
-    --root data/world --out results/train
+    --heldout data/subset/heldout.json --root data/world --out results/train
+summary.json: the per-step log's first vs last quarter, and (`heldout_eval` > 0) base vs trained rewards of greedy
+answers on a seeded, reward-type-stratified draw of held-out samples.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,14 +17,15 @@ import pandas as pd
 
 from repic.cli import params_of, parser, run
 from repic.io import atomic_dir, read_json, write_json, write_text
-from repic.subset import validate_training
-from repic.train import summarize_log, train
+from repic.subset import stratified_subset, validate_training
+from repic.train import heldout_rewards, summarize_log, train
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = parser(__doc__)
     p.add_argument("--model", required=True, help="base model: local dir or hub id")
     p.add_argument("--train", required=True, help="training JSON (RePIC schema)")
+    p.add_argument("--heldout", help="training-format samples not trained on (base vs trained rewards)")
     p.add_argument("--root", required=True, help="data root the training image paths are relative to")
     p.add_argument("--out", required=True,
                    help="output folder: adapter/, log.jsonl, summary.json, checkpoints/ (kept for resuming)")
@@ -38,7 +42,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     # ---- save the log
     frame = pd.DataFrame(log)
     write_text(out / "log.jsonl", frame.to_json(orient="records", lines=True))
-    write_json(out / "summary.json", summarize_log(log))
+    summary = summarize_log(log)
+    n_eval = params["train_grpo_lora"]["heldout_eval"]
+    if n_eval and args.heldout and int(os.environ.get("RANK", "0")) == 0:  # one process under accelerate
+        heldout = validate_training(read_json(args.heldout), args.heldout)
+        if heldout:
+            chosen, _ = stratified_subset(heldout, n_eval, base["seed"])
+            summary["heldout"] = heldout_rewards(args.model, out / "adapter", [heldout[i] for i in chosen],
+                                                 args.root, params["train_grpo_lora"], seed=base["seed"],
+                                                 device=base["device"], dtype=base["dtype"])
+    write_json(out / "summary.json", summary)
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ def _held_out_rewards(model_dir, adapter, images, question: str = QUESTION, solu
 def test_grpo_lora_learns_a_bias_the_base_lacks(tmp_path):
     import torch
 
-    from repic.train import summarize_log, train
+    from repic.train import heldout_rewards, summarize_log, train
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -148,16 +148,26 @@ def test_grpo_lora_learns_a_bias_the_base_lacks(tmp_path):
         trained, trained_greedy = _held_out_rewards(model_dir, tmp_path / "adapter", images)
         # The warm-up gave "yes" and "no" distinct meanings: the base answers the warm-up facts right.
         facts = {q: _held_out_rewards(model_dir, None, images, q, a)[1] for q, a in FACTS}
+        # The pipeline's own check (train_grpo_lora's summary.json "heldout"): base vs trained, greedy.
+        for i, im in enumerate(images):
+            im.save(tmp_path / f"data/heldout{i}.png")
+        heldout = heldout_rewards(model_dir, tmp_path / "adapter",
+                                  [{"image": f"./data/heldout{i}.png", "problem": QUESTION, "solution": "yes",
+                                    "accu_reward_method": "yes_no"} for i in range(len(images))],
+                                  tmp_path, PARAMS, seed=SEED, device="cpu")
     finally:
         torch.set_num_threads(threads)
 
     summary = summarize_log(log)
     first, last = summary["first"][REWARD], summary["last"][REWARD]
     print(f"\nper-step reward: first quarter {first:.3f}, last quarter {last:.3f}; held-out reward, sampled: "
-          f"base {base:.3f}, trained {trained:.3f}; greedy: base {base_greedy:.3f}, trained {trained_greedy:.3f}")
+          f"base {base:.3f}, trained {trained:.3f}; greedy: base {base_greedy:.3f}, trained {trained_greedy:.3f}; "
+          f"heldout_rewards: {heldout}")
     assert summary["steps"] == STEPS
     assert last >= 0.9 and last - first >= 0.2
     assert base <= 0.75, "the base must not have the skill already"
     assert trained >= 0.9 and trained - base >= 0.3
     assert trained_greedy == 1.0
     assert all(v == 1.0 for v in facts.values()), facts
+    assert heldout["n"] == 16 and heldout["trained"] == {"object_consistency": 1.0}
+    assert heldout["base"]["object_consistency"] <= 0.5

@@ -77,6 +77,12 @@ def test_every_stage_wrote_its_artifacts(pipeline):
     assert json.loads((pipeline / "data/db/manifest.json").read_text()) == {"built": ["synthetic"], "skipped": {}}
     log = [json.loads(line) for line in (pipeline / "results/train/log.jsonl").read_text().splitlines()]
     assert log and {"loss", "kl", "reward", "rewards/object_consistency/mean"} <= set(log[0]) | set(log[-1])
+    heldout = json.loads((pipeline / "results/train/summary.json").read_text())["heldout"]
+    assert heldout["n"] == 16  # train_grpo_lora.heldout_eval, drawn from data/subset/heldout.json
+    rewards = {"object_consistency", "visual_localization", "identity_consistency"}
+    assert set(heldout["base"]) == set(heldout["trained"]) == rewards
+    assert all(0.0 <= v <= 1.0 for who in ("base", "trained") for v in heldout[who].values())
+    assert len(json.loads((pipeline / "data/subset/heldout.json").read_text())) == 64 - manifest["size"]
     for s in SETTINGS:
         rows = json.loads((pipeline / f"results/captions/{s}/synthetic/trained_retrieval.json").read_text())
         assert all(len(r) == 4 and isinstance(r[2], str) for r in rows)
