@@ -17,10 +17,10 @@ MODELS = ("base", "trained")
 Layout = dict[str, list[tuple[str, dict[str, Any] | None]]]
 
 
-def layout_of(data: dict[str, Any], *, with_databases: bool = True) -> Layout:
+def layout_of(data: dict[str, Any]) -> Layout:
     """Which caption folders the configured datasets (params `base.data`) produce, with their databases."""
-    return {s: [(d["name"], read_json(d["database"]) if with_databases else None) for d in eval_datasets(data, s)]
-            for s in SETTINGS if eval_datasets(data, s)}
+    layout = {s: [(d["name"], read_json(d["database"])) for d in eval_datasets(data, s)] for s in SETTINGS}
+    return {s: datasets for s, datasets in layout.items() if datasets}
 
 
 def score_runs(captions_dir: str | os.PathLike, protocol: str, layout: Layout

@@ -188,10 +188,11 @@ def heldout_rewards(model_path: str | os.PathLike, adapter_dir: str | os.PathLik
     answers["trained"] = generate_captions(model, processor, conversations, **gen)
     columns = {k: [ex[k] for ex in examples] for k in ("solution", "accu_reward_method", "image_size",
                                                         "resized_size")}
+    rewards = reward_functions(params["rewards"], params["protocol"])
     out: dict[str, Any] = {"n": len(examples)}
     for who, texts in answers.items():
         out[who] = {}
-        for fn in reward_functions(params["rewards"], params["protocol"]):
+        for fn in rewards:
             values = [v for v in fn(texts, **columns) if v is not None]
             out[who][fn.__name__] = sum(values) / len(values) if values else None
     return out

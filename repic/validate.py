@@ -207,16 +207,17 @@ def validate_datasets(root: str | os.PathLike, datasets: list[Mapping[str, Any]]
     """`validate_dataset` for every evaluation dataset of params `base.data.datasets` (`{name, database,
     queries}`), merged into one report; query reports are keyed `<dataset>/<setting>`."""
     parts = [(d["name"], validate_dataset(root, d["database"], d["queries"])) for d in datasets]
+    databases = {k: v for _, r in parts for k, v in r["databases"].items()}  # a shared database counted once
+    queries = {f"{name}/{setting}": q for name, r in parts for setting, q in r["queries"].items()}
+    every = [*databases.values(), *queries.values()]
     report = {
         "root": str(root),
         "ok": all(r["ok"] for _, r in parts),
-        "errors": 0, "warnings": 0,
-        "databases": {k: v for _, r in parts for k, v in r["databases"].items()},
-        "queries": {f"{name}/{setting}": q for name, r in parts for setting, q in r["queries"].items()},
+        "errors": sum(x["errors"] for x in every),
+        "warnings": sum(x["warnings"] for x in every),
+        "databases": databases,
+        "queries": queries,
     }
-    every = [*report["databases"].values(), *report["queries"].values()]
-    report["errors"] = sum(x["errors"] for x in every)
-    report["warnings"] = sum(x["warnings"] for x in every)
     if strict and not report["ok"]:
         raise RepicError(f"data validation failed (strict: true): {summary(report)}")
     return report

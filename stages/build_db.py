@@ -29,28 +29,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     params = params_of(args)
     cfg = params["build_db"]
     embedder = make_embedder(cfg["embedder"], **cfg["embedder_kwargs"])
-    jobs = ([(args.database, Path(args.out))] if args.database else
-            [(d["database"], Path(args.out) / d["name"]) for d in eval_datasets(params["base"]["data"])])
-    built, skipped = {}, {}
-    for database, out in jobs:
-        missing = missing_database_images(Path(database), Path(args.root))
-        if not args.database and missing and len(missing) == len(database_entries(Path(database))):
-            # e.g. a copy without Yo'LLaVA's images: the other datasets still get their indexes
-            skipped[out.name] = f"{database}: none of its {len(missing)} images exist under {args.root}"
-            log.warning("build_db: dataset %s skipped: %s", out.name, skipped[out.name])
-            continue
-        index, id_map = build_index(Path(database), Path(args.root), embedder)
-        meta = {"embedder": cfg["embedder"], "embedder_kwargs": cfg["embedder_kwargs"], "database": database,
-                "missing_images": missing}
-        built[out] = (index, id_map, meta)
-    if args.database:
-        with atomic_dir(args.out) as tmp:
-            save_index(tmp, *built[Path(args.out)])
-        return
+    # (database, index folder name); one --database goes straight into --out
+    jobs = ([(args.database, None)] if args.database else
+            [(d["database"], d["name"]) for d in eval_datasets(params["base"]["data"])])
+    skipped = {}
     with atomic_dir(args.out) as tmp:  # all datasets or none: no stale index of a dataset since removed
-        for out, artifacts in built.items():
-            save_index(tmp / out.name, *artifacts)
-        write_json(tmp / "manifest.json", {"built": [out.name for out in built], "skipped": skipped})
+        for database, name in jobs:
+            missing = missing_database_images(Path(database), Path(args.root))
+            if name and missing and len(missing) == len(database_entries(Path(database))):
+                # e.g. a copy without Yo'LLaVA's images: the other datasets still get their indexes
+                skipped[name] = f"{database}: none of its {len(missing)} images exist under {args.root}"
+                log.warning("build_db: dataset %s skipped: %s", name, skipped[name])
+                continue
+            index, id_map = build_index(Path(database), Path(args.root), embedder)
+            meta = {"embedder": cfg["embedder"], "embedder_kwargs": cfg["embedder_kwargs"], "database": database,
+                    "missing_images": missing}
+            save_index(tmp / name if name else tmp, index, id_map, meta)
+        if not args.database:
+            write_json(tmp / "manifest.json",
+                       {"built": [name for _, name in jobs if name not in skipped], "skipped": skipped})
 
 
 if __name__ == "__main__":

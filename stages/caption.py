@@ -20,6 +20,7 @@ import pandas as pd
 from repic.captioning import SETTINGS, eval_datasets, run_setting
 from repic.cli import params_of, parser, run
 from repic.io import RepicError, write_json, write_parquet
+from repic.retrieval import META_FILE
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -43,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         jobs = [(d["queries"][args.setting], d["database"], Path(args.index) / d["name"], Path(args.out) / d["name"])
                 for d in datasets]
     for queries, database, index, out in jobs:
-        if not (index / "meta.json").is_file():
+        if not (index / META_FILE).is_file():
             raise RepicError(f"{index}: no retrieval index for this dataset (build_db builds one per dataset; "
                              f"see {index.parent / 'manifest.json'} for the ones it skipped)")
         rows, retrieval = run_setting(args.setting, queries, database, args.root, str(index), args.model,
