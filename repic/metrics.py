@@ -62,23 +62,29 @@ def _token_variants(token: str) -> set[str]:
     return variants
 
 
-def _contains_phrase(token_variants: list[set[str]], phrase: Sequence[str]) -> bool:
-    n = len(phrase)
-    if n == 0:
-        return False
-    for start in range(len(token_variants) - n + 1):
-        if all(phrase[i] in token_variants[start + i] for i in range(n)):
-            return True
-    return False
-
-
 class _Matcher:
-    """Decides which pool keys a caption mentions, under one protocol and case rule."""
+    """Decides which pool keys a caption mentions, under one protocol and case rule.
 
-    def __init__(self, protocol: str, lowercase: bool, display_names: dict[str, str]):
+    The pool's surface forms are tokenised once, and indexed by their first token, so that a caption costs
+    O(its tokens) lookups whatever the size of the pool (a 216k-row file has a pool of thousands of keys).
+    """
+
+    def __init__(self, protocol: str, lowercase: bool, display_names: dict[str, str], pool: Sequence[str]):
         self.protocol = protocol
         self.lowercase = lowercase
         self.display_names = display_names
+        # repic: a token equal to a key's normalised form or its bare form -> the keys' bare normalised forms.
+        self._by_token: dict[str, set[str]] = {}
+        # strict: first token of a surface phrase -> (phrase, the key's bare normalised form).
+        self._by_first: dict[str, list[tuple[tuple[str, ...], str]]] = {}
+        for key in pool:
+            bare = strip_brackets(self.norm(key))
+            if protocol == "repic":
+                for form in (self.norm(key), bare):
+                    self._by_token.setdefault(form, set()).add(bare)
+            else:
+                for phrase in self._surface_phrases(key):
+                    self._by_first.setdefault(phrase[0], []).append((tuple(phrase), bare))
 
     def norm(self, key: str) -> str:
         return key.lower() if self.lowercase else key
@@ -97,20 +103,23 @@ class _Matcher:
                 phrases.append(phrase)
         return phrases
 
-    def present(self, caption: str, pool: Sequence[str]) -> set[str]:
+    def present(self, caption: str) -> set[str]:
         """Normalised, bracket-stripped forms of the pool keys the caption mentions."""
         tokens = tokenize_caption(caption, self.lowercase)
+        found: set[str] = set()
         if self.protocol == "repic":
-            token_set = set(tokens)
-            return {
-                strip_brackets(self.norm(k)) for k in pool
-                if self.norm(k) in token_set or strip_brackets(self.norm(k)) in token_set
-            }
+            for token in set(tokens):
+                found |= self._by_token.get(token, set())
+            return found
         variants = [_token_variants(t) for t in tokens]
-        return {
-            strip_brackets(self.norm(k)) for k in pool
-            if any(_contains_phrase(variants, p) for p in self._surface_phrases(k))
-        }
+        for start, starts in enumerate(variants):
+            for variant in starts:
+                for phrase, bare in self._by_first.get(variant, ()):
+                    if bare in found or start + len(phrase) > len(variants):
+                        continue
+                    if all(phrase[i] in variants[start + i] for i in range(1, len(phrase))):
+                        found.add(bare)
+        return found
 
 
 def _display_names(database: dict | None) -> dict[str, str]:
@@ -163,16 +172,21 @@ def score_captions(
             )
 
     # Only 2-concept scoring is case-sensitive in the original (its script never lowercases).
-    matcher = _Matcher(protocol, lowercase=setting != "multi2", display_names=_display_names(database))
     pool = sorted({k for row in rows for k in row[1]})
+    matcher = _Matcher(protocol, lowercase=setting != "multi2", display_names=_display_names(database), pool=pool)
+    # bare normalised form -> the normalised pool keys with that form ("<anya>" and "anya" share "anya"), so the
+    # miss rule below looks only at what the caption mentions instead of walking the pool for every row.
+    keys_of_bare: dict[str, set[str]] = {}
+    for k in pool:
+        keys_of_bare.setdefault(strip_brackets(matcher.norm(k)), set()).add(matcher.norm(k))
 
     records: list[dict] = []
     for i, row in enumerate(rows):
         query_image, gt_keys, caption = row[0], list(row[1]), row[2]
-        present = matcher.present(caption, pool)
+        present = matcher.present(caption)
         gt_norm = {matcher.norm(k) for k in gt_keys}
-        others = {strip_brackets(matcher.norm(k)) for k in pool if matcher.norm(k) not in gt_norm}
-        wrong_present = bool(present & others)
+        # A pool key outside this row's ground truth is mentioned (the original's `others & present`).
+        wrong_present = any(keys_of_bare[bare] - gt_norm for bare in present)
         for slot, key in enumerate(gt_keys):
             if strip_brackets(matcher.norm(key)) in present:
                 outcome = "correct"
@@ -203,12 +217,15 @@ def load_caption_rows(path: str | os.PathLike) -> list[list[Any]]:
     """Read a caption file (ours or RePIC's): a JSON list of `[query_image, [gt keys], caption, question]`.
 
     The question is optional, as RePIC's own scorers ignore it. A malformed row raises `RepicError` naming
-    the file, the row index and what was expected.
+    the file, the row index and what was expected; so does an empty list.
     """
     data = read_json(path)
     expected = "[query_image: str, [gt keys: str, ...], caption: str, question: str]"
     if not isinstance(data, list):
         raise RepicError(f"{path}: expected a JSON list of rows {expected}, got {type(data).__name__}")
+    if not data:
+        # An F1 of 0 over nothing reads like a real score; an empty file is a broken run, not a result.
+        raise RepicError(f"{path}: no caption rows (an empty list), nothing to score")
     rows = []
     for i, row in enumerate(data):
         ok = (

@@ -36,6 +36,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--tables", help="pipeline mode: folder of the paper tables (md, csv, tex)")
     args = p.parse_args(argv)
     database = read_json(args.database) if args.database else None
+    if not Path(args.captions).exists():
+        raise RepicError(f"--captions {args.captions}: not found (expected a caption file or a folder of runs)")
     if Path(args.captions).is_file():
         if not args.setting:
             raise RepicError("--setting is required when --captions is a file")

@@ -85,3 +85,34 @@ def test_pipeline_mode_scores_each_dataset_with_its_own_database(tmp_path):
     with pytest.raises(RepicError, match="yollava/base_skip.json: caption file not found"):
         main(["--params", str(tmp_path / "params.yaml"), "--captions", str(tmp_path / "captions"),
               "--out", str(tmp_path / "score"), "--tables", str(tmp_path / "tables")])
+
+
+def _run(argv, capsys):
+    from repic.cli import run
+
+    rc = run(main, argv)
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_empty_caption_file_is_an_error_not_an_f1_of_zero(tmp_path, capsys):
+    path = tmp_path / "caps.json"
+    path.write_text("[]")
+    rc, out, err = _run(["--captions", str(path), "--setting", "single", "--protocol", "strict"], capsys)
+    assert (rc, out) == (2, "")
+    assert err == f"error: {path}: no caption rows (an empty list), nothing to score\n"
+
+
+def test_bad_utf8_byte_is_a_one_line_error_naming_the_file(tmp_path, capsys):
+    path = tmp_path / "caps.json"
+    path.write_bytes(b'[["./q.png", ["<anya>"], "<anya> caf\xe9", "q"]]')
+    rc, out, err = _run(["--captions", str(path), "--setting", "single"], capsys)
+    assert (rc, out) == (2, "")
+    assert err == f"error: {path}: not UTF-8 text (byte 0xe9 at offset 36); JSON files must be UTF-8\n"
+
+
+def test_missing_captions_path_says_not_found(tmp_path, capsys):
+    path = tmp_path / "no_such.json"
+    rc, out, err = _run(["--captions", str(path), "--setting", "single"], capsys)
+    assert (rc, out) == (2, "")
+    assert err == f"error: --captions {path}: not found (expected a caption file or a folder of runs)\n"
