@@ -13,6 +13,7 @@ import base64
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from typing import Any
 
 from PIL import Image
 
-from repic.io import RepicError, write_text
+from repic.io import RepicError
 
 JUDGE_INSTRUCTION = (
     "You are judging personalized image captions. The reference images above show concepts with their names. "
@@ -60,26 +61,62 @@ def content_hash(backend_id: str, messages: list[dict[str, Any]], images: list[I
 
 
 class AnswerCache:
-    """Append-only JSONL cache of judge answers keyed by content hash."""
+    """Append-only JSONL cache of judge answers keyed by content hash.
+
+    Each new answer is appended and fsynced as it arrives, so a run that fails or is killed after N paid
+    answers keeps those N and the rerun asks only the rest. A torn last line (a kill in the middle of a write)
+    is dropped, and cut from the file, on load.
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.answers: dict[str, str] = {}
-        if self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    rec = json.loads(line)
-                    self.answers[rec["hash"]] = rec["answer"]
         self.asked = 0
+        if self.path.is_file():
+            self._load()
+
+    def _load(self) -> None:
+        data = self.path.read_bytes()
+        offset = 0
+        lines = data.split(b"\n")
+        for number, line in enumerate(lines, start=1):
+            torn = number == len(lines)  # no newline after it: the write may have been cut
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                    if not (isinstance(rec, dict) and isinstance(rec.get("hash"), str)
+                            and isinstance(rec.get("answer"), str)):
+                        raise ValueError("not a cache record")
+                except ValueError:
+                    if not torn:
+                        raise RepicError(f"{self.path}: line {number}: expected a JSON object "
+                                         '{"hash": str, "answer": str}; remove the line (its answer is asked again)'
+                                         ) from None
+                    logging.getLogger(__name__).warning("%s: dropping a torn last line (%d bytes)",
+                                                        self.path, len(line))
+                    with open(self.path, "r+b") as f:
+                        f.truncate(offset)
+                        os.fsync(f.fileno())
+                    return
+                self.answers[rec["hash"]] = rec["answer"]
+                if torn:  # complete record, newline lost: end the line so that the next append starts a new one
+                    self._append(b"\n")
+            offset += len(line) + 1
+
+    def _append(self, data: bytes) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "ab") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
 
     def get_or_ask(self, key: str, ask: Callable[[], str]) -> str:
         if key not in self.answers:
-            self.answers[key] = ask()
+            answer = ask()
+            self._append((json.dumps({"hash": key, "answer": answer}) + "\n").encode())
+            self.answers[key] = answer
             self.asked += 1
         return self.answers[key]
-
-    def save(self) -> None:
-        write_text(self.path, "".join(json.dumps({"hash": k, "answer": v}) + "\n" for k, v in self.answers.items()))
 
 
 def local_judge(model_path: str, *, device: str, dtype: str, max_new_tokens: int) -> tuple[str, Judge]:
@@ -110,10 +147,11 @@ def openai_judge(base_url: str, model: str, api_key_env: str, *, max_new_tokens:
                  backoff_s: float = 1.0, timeout_s: float = 120.0) -> tuple[str, Judge]:
     """OpenAI-compatible chat completions over HTTP (GPT-4o, Gemini's compatible endpoint, a local server).
 
-    The key is read from the environment variable `api_key_env` and never logged. 429 and 5xx answers are
-    retried with exponential backoff (honouring Retry-After); a reply that is not a chat completion is retried
-    too, then reported as an error naming the endpoint.
+    The key is read from the environment variable `api_key_env` and never logged. 429 and 5xx answers and
+    failed or dropped connections are retried with exponential backoff (honouring Retry-After); a reply that is
+    not a chat completion is retried too, then reported as an error naming the endpoint.
     """
+    import http.client
     import time
     import urllib.error
     import urllib.request
@@ -145,8 +183,10 @@ def openai_judge(base_url: str, model: str, api_key_env: str, *, max_new_tokens:
                     retry_after = _retry_after(exc.headers.get("Retry-After"))
                     continue
                 raise RepicError(f"judge {url}: HTTP {exc.code} {exc.reason}") from None
-            except (urllib.error.URLError, TimeoutError) as exc:
-                problem = f"connection failed ({getattr(exc, 'reason', exc)})"
+            except (OSError, http.client.HTTPException) as exc:
+                # URLError (refused, DNS), timeouts, and a connection dropped before or during the reply
+                # (RemoteDisconnected, ConnectionResetError, IncompleteRead) are transient like a 5xx.
+                problem = f"connection failed ({getattr(exc, 'reason', None) or exc!r})"
                 continue
             try:
                 return json.loads(raw)["choices"][0]["message"]["content"] or ""

@@ -40,8 +40,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     # ---- pairs, verdicts, win rates
     pairs = build_pairs(args.captions, layout_of(base["data"]), args.root, cfg["max_pairs"])
     cache = AnswerCache(out / "cache.jsonl")
+    # Each answer is appended to cache.jsonl as it comes: a failure or a kill keeps what was paid for.
     records = judge_pairs(pairs, backend_id, ask, cache, max_requests=cfg["max_requests"])
-    cache.save()
     frame = pd.DataFrame(records)
     seed = base["seed"]
     summary = {"status": "ok", "backend": backend_id.split(":")[0], "asked": cache.asked,

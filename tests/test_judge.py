@@ -35,9 +35,55 @@ def test_both_orders_ties_and_cache(tmp_path):
     records = judge_pairs(pairs, "fake", judge, cache)
     assert [r["outcome"] for r in records] == ["trained", "base", "tie"]  # position bias -> tie
     assert len(asked) == 6 and cache.asked == 6
-    cache.save()
     again = AnswerCache(tmp_path / "cache.jsonl")
     assert judge_pairs(pairs, "fake", judge, again) == records
     assert again.asked == 0 and len(asked) == 6  # a rerun asks nothing
     rates = win_rates(records)
     assert rates["trained_win_rate"] == pytest.approx(1 / 3) and rates["tie_rate"] == pytest.approx(1 / 3)
+
+
+def test_ctrl_c_keeps_the_answers_already_given(tmp_path):
+    calls = []
+
+    def judge(messages, images):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return "A"
+
+    pairs = [_pair(i, "good", "bad") for i in range(3)]
+    with pytest.raises(KeyboardInterrupt):
+        judge_pairs(pairs, "fake", judge, AnswerCache(tmp_path / "cache.jsonl"))
+    again = AnswerCache(tmp_path / "cache.jsonl")
+    assert len(again.answers) == 3
+    calls.clear()
+    judge_pairs(pairs, "fake", lambda m, i: calls.append(1) or "A", again)
+    assert len(calls) == 3 and again.asked == 3
+
+
+def test_torn_last_line_is_dropped_and_the_file_stays_appendable(tmp_path):
+    path = tmp_path / "cache.jsonl"
+    pairs = [_pair(i, "good", "bad") for i in range(2)]
+    judge_pairs(pairs, "fake", lambda m, i: "A", AnswerCache(path))
+    whole = path.read_bytes()
+    assert whole.count(b"\n") == 4
+    path.write_bytes(whole + b'{"hash": "abc", "ans')  # a kill in the middle of the fifth write
+    cache = AnswerCache(path)
+    assert len(cache.answers) == 4 and path.read_bytes() == whole
+    cache.get_or_ask("k5", lambda: "B")
+    assert AnswerCache(path).answers["k5"] == "B" and len(AnswerCache(path).answers) == 5
+    # a complete last record whose newline was cut is kept, and the next append starts a new line
+    path.write_bytes(whole.rstrip(b"\n"))
+    cache = AnswerCache(path)
+    assert len(cache.answers) == 4
+    cache.get_or_ask("k6", lambda: "tie")
+    assert len(AnswerCache(path).answers) == 5
+
+
+def test_corrupt_line_inside_the_cache_is_a_one_line_error(tmp_path):
+    from repic.io import RepicError
+
+    path = tmp_path / "cache.jsonl"
+    path.write_text('{"hash": "a", "answer": "A"}\nnot json\n{"hash": "b", "answer": "B"}\n')
+    with pytest.raises(RepicError, match=r"cache.jsonl: line 2: expected a JSON object"):
+        AnswerCache(path)

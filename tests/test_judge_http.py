@@ -16,12 +16,14 @@ KEY = "sk-test-secret-123"
 
 
 class ChatServer:
-    """Serves POST /v1/chat/completions; `script` is a list of (status, body) consumed in order, then `default`."""
+    """Serves POST /v1/chat/completions; `script` is a list of (status, body) consumed in order, then `default`.
+    A status "drop" closes the connection without replying."""
 
     def __init__(self) -> None:
         self.script: list[tuple[int, object]] = []
         self.requests: list[dict] = []
         self.answer = lambda body: "A"
+        self.default: tuple[object, object] = (200, None)  # once the script is used up
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -31,7 +33,9 @@ class ChatServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-                status, payload = server.script.pop(0) if server.script else (200, None)
+                status, payload = server.script.pop(0) if server.script else server.default
+                if status == "drop":  # the connection is closed with no reply at all
+                    return
                 if payload is None:
                     payload = {"id": "x", "object": "chat.completion", "choices": [
                         {"index": 0, "message": {"role": "assistant", "content": server.answer(body)},
@@ -126,7 +130,6 @@ def test_pairs_both_orders_cache_and_budget(server, tmp_path):
     records = judge_pairs(pairs, backend_id, ask, cache, max_requests=6)
     assert len(records) == 3 and len(server.requests) == 6  # the budget stops before pair 3
     assert [r["outcome"] for r in records] == ["trained"] * 3
-    cache.save()
     again = AnswerCache(tmp_path / "cache.jsonl")
     records = judge_pairs(pairs, backend_id, ask, again, max_requests=6)
     assert len(server.requests) == 8 and again.asked == 2  # only pair 3 is new; cached answers bill nothing
@@ -135,3 +138,38 @@ def test_pairs_both_orders_cache_and_budget(server, tmp_path):
     assert rates["trained_win_rate"] == 0.75 and rates["pairs_with_invalid_answer"] == 1
     lo, hi = rates["trained_win_rate_ci95"]
     assert 0.0 <= lo <= 0.75 <= hi <= 1.0
+
+
+def test_dropped_connection_is_retried(server):
+    server.script = [("drop", None), ("drop", None), (200, None)]
+    _, ask = _judge(server)
+    assert ask(_messages(), [Image.new("RGB", (4, 4))]) == "A"
+    assert len(server.requests) == 3
+
+
+def test_dropped_connections_past_the_retries_are_one_error(server):
+    server.default = ("drop", None)
+    _, ask = _judge(server, max_retries=1)
+    with pytest.raises(RepicError, match=r"connection failed \(RemoteDisconnected.*after 2 attempts"):
+        ask(_messages(), [Image.new("RGB", (4, 4))])
+
+
+def test_answers_paid_before_a_run_of_500s_are_kept(server, tmp_path):
+    """3 good answers, then only 500s: the run fails, yet cache.jsonl holds the 3 answers and the rerun sends
+    only the 3 missing requests."""
+    server.script = [(200, None)] * 3
+    server.default = (500, {"error": "down"})
+    backend_id, ask = _judge(server, max_retries=2)
+    pairs = [_pair(i) for i in range(3)]  # 6 requests
+    with pytest.raises(RepicError, match="HTTP 500 after 3 attempts"):
+        judge_pairs(pairs, backend_id, ask, AnswerCache(tmp_path / "cache.jsonl"))
+    assert len(server.requests) == 3 + 3
+    lines = (tmp_path / "cache.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and all(json.loads(line)["answer"] == "A" for line in lines)
+
+    server.default = (200, None)
+    sent_before = len(server.requests)
+    again = AnswerCache(tmp_path / "cache.jsonl")
+    records = judge_pairs(pairs, backend_id, ask, again)
+    assert len(records) == 3 and again.asked == 3 and len(server.requests) - sent_before == 3
+    assert len(AnswerCache(tmp_path / "cache.jsonl").answers) == 6
