@@ -13,7 +13,8 @@ from repic.params import load_params
 
 
 def parser(doc: str | None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=(doc or "").splitlines()[0] if doc else None)
+    """A stage's parser: `--help` shows the module docstring whole, with its examples as written."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default="params.yaml", help="params file (validated before any work)")
     return p
 

@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 def main(argv: Sequence[str] | None = None) -> None:
     p = parser(__doc__)
     p.add_argument("--database", help="index this one database_mod.json into --out (default: every dataset)")
-    for name in ("--root", "--out"):
-        p.add_argument(name, required=True)
+    p.add_argument("--root", required=True, help="data root the database image paths are relative to")
+    p.add_argument("--out", required=True,
+                   help="output folder: <dataset>/ index + id map per dataset and manifest.json (built, skipped)")
     args = p.parse_args(argv)
     params = params_of(args)
     cfg = params["build_db"]

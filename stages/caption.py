@@ -1,4 +1,4 @@
-"""Caption one setting's queries (single | multi2 | multi4): {base, trained} x {skip, retrieval}, for every
+r"""Caption one setting's queries (single | multi2 | multi4): {base, trained} x {skip, retrieval}, for every
 evaluation dataset that has this setting (`base.data.datasets`), with that dataset's database and index.
 
 Writes, per dataset, `<out>/<dataset>/`: RePIC caption files `<model>_<mode>.json`, `captions.parquet` and
@@ -25,11 +25,15 @@ from repic.retrieval import META_FILE
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = parser(__doc__)
-    p.add_argument("--setting", required=True, choices=SETTINGS)
-    for name in ("--root", "--index", "--model", "--out"):
-        p.add_argument(name, required=True)
+    p.add_argument("--setting", required=True, choices=SETTINGS, help="which query maps to caption")
+    p.add_argument("--root", required=True, help="data root the query and database image paths are relative to")
+    p.add_argument("--index", required=True,
+                   help="build_db's output folder (one <dataset>/ index each); with --queries: that index folder")
+    p.add_argument("--model", required=True, help="base model: local dir or hub id")
+    p.add_argument("--out", required=True,
+                   help="output folder: <dataset>/ per dataset (caption files, captions.parquet, retrieval.json)")
     p.add_argument("--queries", help="one query map (with --database) instead of the configured datasets")
-    p.add_argument("--database")
+    p.add_argument("--database", help="the database_mod.json of --queries (concept names, info, images)")
     p.add_argument("--adapter", help="LoRA adapter of the trained model (without it: base captions only)")
     args = p.parse_args(argv)
     params = params_of(args)

@@ -14,8 +14,9 @@ from repic.fetch import fetch_real, fetch_synthetic
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = parser(__doc__)
-    p.add_argument("--out-data", required=True)
-    p.add_argument("--out-model", required=True)
+    p.add_argument("--out-data", required=True,
+                   help="data root to write, in RePIC's layout (databases, query maps, images, training JSON)")
+    p.add_argument("--out-model", required=True, help="folder to write the base model into (from_pretrained)")
     args = p.parse_args(argv)
     params = params_of(args)
     cfg, base = params["fetch_data"], params["base"]

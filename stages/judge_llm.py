@@ -21,8 +21,11 @@ from repic.scoring import layout_of
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = parser(__doc__)
-    for name in ("--captions", "--root", "--out"):
-        p.add_argument(name, required=True)
+    p.add_argument("--captions", required=True,
+                   help="caption folder of a pipeline run (<setting>/<dataset>/<model>_<mode>.json)")
+    p.add_argument("--root", required=True, help="data root the query and reference image paths are relative to")
+    p.add_argument("--out", required=True,
+                   help="output folder: win_rates.json, verdicts.parquet, cache.jsonl (answers, kept across runs)")
     args = p.parse_args(argv)
     params = params_of(args)
     cfg, base = params["judge_llm"], params["base"]

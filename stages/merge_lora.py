@@ -1,4 +1,4 @@
-"""Merge the LoRA adapter into the base, verify it (logits fp32/bf16, identical captions), write the report.
+r"""Merge the LoRA adapter into the base, verify it (logits fp32/bf16, identical captions), write the report.
 
 Example: python -m stages.merge_lora --model data/models/base --adapter results/train/adapter \
     --root data/world --out results/merged
@@ -20,8 +20,10 @@ from repic.merge import check, merge_and_verify
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = parser(__doc__)
-    for name in ("--model", "--adapter", "--root", "--out"):
-        p.add_argument(name, required=True)
+    p.add_argument("--model", required=True, help="base model: local dir or hub id")
+    p.add_argument("--adapter", required=True, help="LoRA adapter folder (train_grpo_lora's <out>/adapter)")
+    p.add_argument("--root", required=True, help="data root the query and reference image paths are relative to")
+    p.add_argument("--out", required=True, help="output folder: model/ (the merged model), merge_report.json")
     args = p.parse_args(argv)
     params = params_of(args)
     cfg = params["merge_lora"]

@@ -1,4 +1,4 @@
-"""Write the static visual report: results/report/index.html + PNG plots (open the file, no server needed).
+r"""Write the static visual report: results/report/index.html + PNG plots (open the file, no server needed).
 
 Example: python -m stages.report --captions results/captions --metrics results/score/metrics.json \
     --train-log results/train/log.jsonl --root data/world --out results/report
@@ -17,8 +17,12 @@ from repic.scoring import layout_of
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = parser(__doc__)
-    for name in ("--captions", "--metrics", "--train-log", "--root", "--out"):
-        p.add_argument(name, required=True)
+    p.add_argument("--captions", required=True,
+                   help="caption folder of a pipeline run (<setting>/<dataset>/<model>_<mode>.json)")
+    p.add_argument("--metrics", required=True, help="the score stage's metrics.json")
+    p.add_argument("--train-log", required=True, help="train_grpo_lora's per-step log.jsonl")
+    p.add_argument("--root", required=True, help="data root the query image paths are relative to")
+    p.add_argument("--out", required=True, help="output folder: index.html and its PNG plots")
     args = p.parse_args(argv)
     params = params_of(args)
     build_report(args.out, captions_dir=args.captions, metrics_path=args.metrics, train_log=args.train_log,

@@ -19,7 +19,7 @@ from repic.subset import stratified_subset, validate_training
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = parser(__doc__)
-    p.add_argument("--train-json", required=True)
+    p.add_argument("--train-json", required=True, help="RePIC's training JSON to draw the subset from")
     p.add_argument("--out", required=True,
                    help="output folder: train_subset.json, heldout.json, manifest.json, .parquet")
     args = p.parse_args(argv)

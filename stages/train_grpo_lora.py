@@ -1,4 +1,4 @@
-"""GRPO + LoRA post-training with RePIC's rewards: adapter, per-step log and a training summary.
+r"""GRPO + LoRA post-training with RePIC's rewards: adapter, per-step log and a training summary.
 
 Example: python -m stages.train_grpo_lora --model data/models/base --train data/subset/train_subset.json \
     --heldout data/subset/heldout.json --root data/world --out results/train
