@@ -154,22 +154,29 @@ def run_setting(setting: str, queries_path: str, database_path: str, root: str, 
                 dtype: str = "auto") -> tuple[dict[str, list[list[Any]]], dict[str, Any]]:
     """Everything `caption_<setting>` does: valid queries, retrieval, base (and base+adapter) captions."""
     import logging
+    from pathlib import Path
 
     from peft import PeftModel
 
     from repic.io import read_json
     from repic.models import load_model, load_processor
     from repic.retrieval import retrieval_recall
-    from repic.validate import filter_valid_queries
+    from repic.validate import describe_left_out, filter_valid_queries, left_out_entries
 
     database = read_json(database_path)
     query_map = read_json(queries_path)
     valid = filter_valid_queries(query_map, database, root, setting)
-    if len(valid) < len(query_map):  # fetch_data's validation.json names each one and why
-        logging.getLogger(__name__).warning("%s: %d of %d query images left out (invalid entries)",
-                                            queries_path, len(query_map) - len(valid), len(query_map))
+    left_out = left_out_entries(query_map, database, root, setting)
+    # fetch_data's validation.json exists for a real source only; the stage's retrieval.json always lists them.
+    report = Path(root) / "validation.json"
+    where = "'left_out' of the stage's retrieval.json" + (f" and in {report}" if report.is_file() else "")
     if not valid:
-        raise RepicError(f"{queries_path}: no valid query left (see the data root's validation.json)")
+        raise RepicError(f"{queries_path}: no valid query left, all {len(left_out)} entries left out: "
+                         f"{describe_left_out(left_out)}" + (f" (see {report})" if report.is_file() else ""))
+    if left_out:
+        logging.getLogger(__name__).warning(
+            "%s: %d of %d query images left out (%d invalid entries, all listed in %s): %s", queries_path,
+            len(query_map) - len(valid), len(query_map), len(left_out), where, describe_left_out(left_out))
     queries = expand_queries(valid, setting, source=queries_path)
     for q in queries:
         q.ref_keys = list(q.gt_keys)
@@ -190,6 +197,7 @@ def run_setting(setting: str, queries_path: str, database_path: str, root: str, 
         "recall_at_k": retrieval_recall([q.ref_keys for q in retrieved], [q.gt_keys for q in retrieved]),
         "n_queries": len(queries),
         "n_query_images_left_out": len(query_map) - len(valid),
+        "left_out": left_out,
         "missing_images": missing,
         "per_query": [{"query_image": q.image, "gt_keys": q.gt_keys, "retrieved": q.ref_keys} for q in retrieved],
     }

@@ -120,14 +120,17 @@ def _entry_problems(query_map: Any, database: Mapping[str, Any], root: Path, set
             if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or len(keys) != arity:
                 shape = "a list of 4-key lists" if setting == "multi4" else f"a list of {arity} key(s)"
                 found["malformed"].append(f"{image}: expected {shape}, got {keys!r}")
-                rows.append(([], "malformed"))
+                rows.append(([], f"malformed entry (expected {shape}, got {keys!r})"))
                 continue
             unknown = [k for k in keys if k not in concepts]
             bad = {k: unusable[k] for k in keys if k in unusable}
             found["unknown_keys"].update(unknown)
             found["unusable_keys"].update(bad)
-            problem = ("missing image" if image_missing else f"unknown keys {unknown}" if unknown
-                       else f"unusable keys {bad}" if bad else "")
+            # These reasons reach the user (`left_out_entries`): say what is wrong in the data, not a code.
+            problem = (f"query image not found ({resolve_image(root, image)})" if image_missing
+                       else f"keys not in the database: {', '.join(unknown)}" if unknown
+                       else "keys without a usable reference: " + ", ".join(f"{k} ({why})" for k, why in bad.items())
+                       if bad else "")
             rows.append((keys, problem))
         entries[image] = rows
     return entries, found
@@ -170,6 +173,21 @@ def filter_valid_queries(query_map: Mapping[str, Any], database: Mapping[str, An
         if kept:
             out[image] = kept if setting == "multi4" else kept[0]
     return out
+
+
+def left_out_entries(query_map: Mapping[str, Any], database: Mapping[str, Any], root: str | os.PathLike,
+                     setting: str) -> list[dict[str, Any]]:
+    """The entries `filter_valid_queries` leaves out, each `{"query_image", "gt_keys", "reason"}`."""
+    entries, _ = _entry_problems(dict(query_map), database, Path(root), setting, "queries")
+    return [{"query_image": image, "gt_keys": keys, "reason": problem}
+            for image, rows in entries.items() for keys, problem in rows if problem]
+
+
+def describe_left_out(left_out: list[dict[str, Any]], limit: int = 5) -> str:
+    """One line naming the first `limit` left-out entries and why, e.g. for a log line or an error."""
+    shown = [f"{e['query_image']} {e['gt_keys']}: {e['reason']}" for e in left_out[:limit]]
+    more = f"; and {len(left_out) - limit} more" if len(left_out) > limit else ""
+    return "; ".join(shown) + more
 
 
 # ================================================================================================= dataset

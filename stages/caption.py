@@ -2,7 +2,7 @@ r"""Caption one setting's queries (single | multi2 | multi4): {base, trained} x 
 evaluation dataset that has this setting (`base.data.datasets`), with that dataset's database and index.
 
 Writes, per dataset, `<out>/<dataset>/`: RePIC caption files `<model>_<mode>.json`, `captions.parquet` and
-`retrieval.json` (recall@k).
+`retrieval.json` (recall@k; `left_out`: the query entries left out as invalid, each with why).
 Example: python -m stages.caption --setting single --root data/world --index data/db --model data/models/base \
     --adapter results/train/adapter --out results/captions/single
 One query map: add --queries Q.json --database D.json (--index is then that database's index folder, and the

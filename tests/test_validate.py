@@ -9,7 +9,9 @@ import pytest
 
 from repic.io import RepicError, read_json, write_json
 from repic.validate import (
+    describe_left_out,
     filter_valid_queries,
+    left_out_entries,
     load_database,
     summary,
     validate_database,
@@ -179,3 +181,58 @@ def test_hand_made_dataset_summary_and_shape_errors(world: Path) -> None:
         validate_queries(world / "list.json", load_database(db_json), world, "single")
     with pytest.raises(RepicError, match="setting: expected one of"):
         validate_queries(world / "data/single.json", load_database(db_json), world, "multi3")
+
+
+def test_left_out_entries_name_image_keys_and_why(world: Path) -> None:
+    database = load_database(world / "data/database_tot/db/database_mod.json")
+    left_out = left_out_entries(read_json(world / "data/single.json"), database, world, "single")
+    assert left_out == [
+        {"query_image": "./data/q/2.png", "gt_keys": ["<zzz>"], "reason": "keys not in the database: <zzz>"},
+        {"query_image": "./data/q/3.png", "gt_keys": ["<c>"],
+         "reason": "keys without a usable reference: <c> (reference image missing)"},
+        {"query_image": "./data/q/absent.png", "gt_keys": ["<a>"],
+         "reason": f"query image not found ({world}/data/q/absent.png)"},
+        {"query_image": "./data/q/4.png", "gt_keys": [],
+         "reason": "malformed entry (expected a list of 1 key(s), got ['<a>', '<b>'])"},
+    ]
+    assert describe_left_out(left_out, limit=2) == (
+        "./data/q/2.png ['<zzz>']: keys not in the database: <zzz>; ./data/q/3.png ['<c>']: keys without a usable "
+        "reference: <c> (reference image missing); and 2 more")
+
+
+def test_caption_names_the_left_out_queries_and_lists_them_in_retrieval_json(world, monkeypatch, caplog):
+    """The caption stage's warning names each left-out query and why, and points at a file that exists: its own
+    retrieval.json (`left_out`), plus fetch_data's validation.json when the data root has one."""
+    import logging
+
+    import repic.models
+    from repic import captioning
+
+    monkeypatch.setattr(captioning, "_open", lambda root, rel: rel)
+    monkeypatch.setattr(captioning, "make_retriever", lambda *a, **k: lambda image: {"keys": ["<a>"], "hits": []})
+    monkeypatch.setattr(repic.models, "load_processor", lambda *a, **k: None)
+    monkeypatch.setattr(repic.models, "load_model", lambda *a, **k: None)
+    monkeypatch.setattr(captioning, "caption_all", lambda model, processor, by_mode, *a, **k: {
+        mode: [[q.image, q.gt_keys, "caption", q.question] for q in queries] for mode, queries in by_mode.items()})
+    params = {"top_k": {"single": 1}, "batch_size": 1, "max_new_tokens": 4, "backend": "hf", "detector": "none",
+              "detector_kwargs": {}}
+    db_json = str(world / "data/database_tot/db/database_mod.json")
+    with caplog.at_level(logging.WARNING):
+        rows, summary = captioning.run_setting("single", str(world / "data/single.json"), db_json, str(world), "idx",
+                                               "model", None, params)
+    assert list(rows) == ["base_skip", "base_retrieval"] and len(rows["base_skip"]) == 1
+    (message,) = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert message.startswith(f"{world}/data/single.json: 4 of 5 query images left out (4 invalid entries, all "
+                              "listed in 'left_out' of the stage's retrieval.json): ./data/q/2.png ['<zzz>']: keys "
+                              "not in the database: <zzz>; ./data/q/3.png ['<c>']: keys without a usable reference")
+    assert "validation.json" not in message  # the synthetic source writes none: no pointer at a missing file
+    assert [e["query_image"] for e in summary["left_out"]] == ["./data/q/2.png", "./data/q/3.png",
+                                                               "./data/q/absent.png", "./data/q/4.png"]
+    write_json(world / "validation.json", {"ok": False})
+    write_json(world / "none_valid.json", {"./data/q/2.png": ["<zzz>"]})
+    with pytest.raises(RepicError) as err:
+        captioning.run_setting("single", str(world / "none_valid.json"), db_json, str(world), "idx", "model", None,
+                               params)
+    assert str(err.value) == (f"{world}/none_valid.json: no valid query left, all 1 entries left out: ./data/q/2.png "
+                              f"['<zzz>']: keys not in the database: <zzz> (see {world}/validation.json)")
+    (world / "validation.json").unlink()
