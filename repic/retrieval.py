@@ -68,9 +68,15 @@ def _l2_normalise(x: np.ndarray) -> np.ndarray:
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
-    """An RGB image, upright as a camera meant it (real photos carry EXIF orientation)."""
-    with Image.open(path) as im:
-        return ImageOps.exif_transpose(im).convert("RGB")
+    """An RGB image, upright as a camera meant it (real photos carry EXIF orientation).
+
+    A file that cannot be decoded (truncated, not an image) is a RepicError naming it: PIL's own message
+    ("image file is truncated") does not say which of thousands of files it was."""
+    try:
+        with Image.open(path) as im:
+            return ImageOps.exif_transpose(im).convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise RepicError(f"{path}: cannot read image ({exc})") from None
 
 
 # =============================================================================================== embedders

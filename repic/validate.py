@@ -5,7 +5,9 @@ image files nobody listed (squidgame's sim, sky, sunghoon), query images not dow
 and goes on with what is valid (`filter_valid_queries`); ``strict`` turns any error into a failure.
 
 Errors make an entry unusable, so ``ok`` is False: a listed image that does not exist, a query key the database
-lacks, a key whose reference image is missing or whose concept lacks a field, a malformed entry. Warnings change
+lacks, a key whose reference image is missing or whose concept lacks a field, a malformed entry. A database image
+that exists but cannot be decoded (truncated, not an image) is an error too, which `build_db` stops on, naming the
+file (decoding every image is left to this report, not to the filter each caption run applies). Warnings change
 nothing the pipeline uses: image files in the database folder without an entry, path_to_concept rows naming keys
 absent from concept_dict.
 
@@ -18,6 +20,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from repic.io import RepicError, read_json, resolve_image
 
@@ -56,6 +60,8 @@ def validate_database(database_json: str | os.PathLike, root: str | os.PathLike)
     listed = {c["image"] for c in concepts.values() if isinstance(c, dict) and isinstance(c.get("image"), str)}
     listed |= {p for p in path_to_concept if isinstance(p, str)}
     missing = sorted(p for p in listed if not resolve_image(root, p).is_file())
+    unreadable = [f"{p}: {why}" for p in sorted(set(listed) - set(missing))
+                  if (why := unreadable_image(resolve_image(root, p)))]
     known = {_norm(resolve_image(root, p)) for p in listed}
     on_disk = sorted(p for p in database_json.parent.rglob("*")
                      if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -67,15 +73,26 @@ def validate_database(database_json: str | os.PathLike, root: str | os.PathLike)
         "concepts": len(concepts),
         "images_listed": len(listed),
         "missing_images": missing,
+        "unreadable_images": unreadable,
         "keys_without_image": sorted(k for k, why in _unusable_keys(db, root).items() if why == NO_IMAGE),
         "malformed": malformed,
         "unknown_keys": unknown,
         "unlisted_images": unlisted,
     }
-    report["errors"] = len(missing) + len(malformed)
+    report["errors"] = len(missing) + len(unreadable) + len(malformed)
     report["warnings"] = len(unlisted) + len(unknown)
     report["ok"] = report["errors"] == 0
     return report
+
+
+def unreadable_image(path: Path) -> str:
+    """Why the image file at `path` cannot be decoded (a truncated download, not an image), or '' if it can."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode it all: a truncated file opens fine and fails only here
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        return str(exc) or type(exc).__name__
+    return ""
 
 
 def _concept_problem(concept: Any) -> str:
@@ -245,7 +262,8 @@ def summary(report: Mapping[str, Any]) -> str:
     """One line naming each file's defects, e.g. for the stage log and the strict-mode error."""
     bits = []
     for db in report.get("databases", {}).values():
-        bits += _count_bits(db["database"], db, ("missing_images", "malformed", "unknown_keys", "unlisted_images"))
+        bits += _count_bits(db["database"], db, ("missing_images", "unreadable_images", "malformed", "unknown_keys",
+                                                 "unlisted_images"))
     for q in report.get("queries", {}).values():
         b = _count_bits(q["queries"], q, ("missing_images", "unknown_keys", "unusable_keys", "malformed"))
         if q["dropped_entries"]:

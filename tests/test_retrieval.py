@@ -284,3 +284,31 @@ def test_owlv2_detector_from_saved_tiny_model(tmp_path):
     for d in detections:
         x1, y1, x2, y2 = d["box"]
         assert 0 <= x1 < x2 <= 64 and 0 <= y1 < y2 <= 48 and d["label"] in ("toy", "pet")
+
+
+def _truncated_png(path: Path) -> None:
+    import io
+
+    pixels = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # a download cut in the middle
+
+
+def test_build_db_on_a_truncated_image_is_one_line_naming_the_file(tmp_path, capsys):
+    from repic.cli import run
+    from stages.build_db import main
+
+    from .conftest import REPO
+
+    (tmp_path / "db").mkdir()
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "db/a.png")
+    _truncated_png(tmp_path / "db/t.png")
+    concepts = {k: {"name": k, "image": f"./db/{f}", "info": "i", "category": "toy"}
+                for k, f in (("<a>", "a.png"), ("<t>", "t.png"))}
+    (tmp_path / "db/database_mod.json").write_text(json.dumps({"concept_dict": concepts, "path_to_concept": {}}))
+    rc = run(main, ["--params", str(REPO / "params.yaml"), "--database", str(tmp_path / "db/database_mod.json"),
+                    "--root", str(tmp_path), "--out", str(tmp_path / "index")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"error: {tmp_path}/db/t.png: cannot read image (image file is truncated)\n"
+    assert not (tmp_path / "index").exists()  # nothing half-built left behind

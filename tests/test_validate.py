@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from repic.io import RepicError, read_json, write_json
 from repic.validate import (
@@ -103,7 +104,7 @@ def world(tmp_path: Path) -> Path:
     db_dir = root / "data" / "database_tot" / "db"
     (db_dir / "group" / "db").mkdir(parents=True)
     for name in ("a.png", "b.png", "group/d.png", "f.png", "extra.jpg"):
-        (db_dir / name).write_bytes(b"img")
+        Image.new("RGB", (4, 4), "red").save(db_dir / name, format="PNG")  # decodable: validation decodes them
     (db_dir / "group" / "db" / "output_a_b.json").write_text("{}")  # a sub-database, not an image
     concept = {"name": "A", "info": "an a", "category": "toy"}
 
@@ -236,3 +237,25 @@ def test_caption_names_the_left_out_queries_and_lists_them_in_retrieval_json(wor
     assert str(err.value) == (f"{world}/none_valid.json: no valid query left, all 1 entries left out: ./data/q/2.png "
                               f"['<zzz>']: keys not in the database: <zzz> (see {world}/validation.json)")
     (world / "validation.json").unlink()
+
+
+def test_undecodable_database_images_are_errors_in_the_report(tmp_path: Path) -> None:
+    """A truncated download or a file that is no image exists, so only decoding it finds it (build_db would stop)."""
+    from .test_retrieval import _truncated_png
+
+    db_dir = tmp_path / "data" / "db"
+    db_dir.mkdir(parents=True)
+    Image.new("RGB", (4, 4), "red").save(db_dir / "a.png")
+    _truncated_png(db_dir / "t.png")
+    (db_dir / "n.png").write_bytes(b"not an image")
+    concepts = {k: {"name": k, "image": f"./data/db/{f}", "info": "i", "category": "toy"}
+                for k, f in (("<a>", "a.png"), ("<t>", "t.png"), ("<n>", "n.png"))}
+    write_json(db_dir / "database_mod.json", {"concept_dict": concepts, "path_to_concept": {}})
+    report = validate_database(db_dir / "database_mod.json", tmp_path)
+    assert report["unreadable_images"] == [
+        f"./data/db/n.png: cannot identify image file '{tmp_path}/data/db/n.png'",
+        "./data/db/t.png: image file is truncated",
+    ]
+    assert (report["errors"], report["ok"], report["missing_images"]) == (2, False, [])
+    line = summary({"databases": {"db": report}})
+    assert "data/db/database_mod.json: 2 unreadable images (./data/db/n.png: cannot identify" in line
