@@ -143,56 +143,64 @@ class BudgetExhausted(Exception):
     """The judge's request budget (`judge_llm.max_requests`) is spent: remaining pairs are not asked."""
 
 
+class _Transient(Exception):
+    """A failed attempt worth repeating (429, 5xx, a failed or dropped connection, a malformed reply)."""
+
+    def __init__(self, problem: str, retry_after: float = 0.0) -> None:
+        super().__init__(problem)
+        self.problem, self.retry_after = problem, retry_after
+
+
 def openai_judge(base_url: str, model: str, api_key_env: str, *, max_new_tokens: int, max_retries: int = 5,
                  backoff_s: float = 1.0, timeout_s: float = 120.0) -> tuple[str, Judge]:
     """OpenAI-compatible chat completions over HTTP (GPT-4o, Gemini's compatible endpoint, a local server).
 
     The key is read from the environment variable `api_key_env` and never logged. 429 and 5xx answers and
     failed or dropped connections are retried with exponential backoff (honouring Retry-After); a reply that is
-    not a chat completion is retried too, then reported as an error naming the endpoint.
+    not a chat completion is retried too, then reported as an error naming the endpoint. The client is httpx2
+    (huggingface_hub's) with tenacity's retry loop.
     """
-    import http.client
-    import time
-    import urllib.error
-    import urllib.request
+    import httpx2
+    from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
     key = os.environ.get(api_key_env)
     if not key:
         raise RepicError(f"judge_llm.openai.api_key_env: environment variable {api_key_env} is not set")
     url = base_url.rstrip("/") + "/chat/completions"
+    client = httpx2.Client(timeout=timeout_s, headers={"Authorization": f"Bearer {key}"})
+
+    def wait(state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, _Transient) and exc.retry_after:
+            return exc.retry_after
+        return backoff_s * 2 ** (state.attempt_number - 1)
+
+    def post(body: dict[str, Any]) -> str:
+        try:
+            resp = client.post(url, json=body)
+        except httpx2.TransportError as exc:  # refused, timed out, or dropped before or during the reply
+            raise _Transient(f"connection failed ({type(exc).__name__}: {exc})") from None
+        if resp.status_code == 429 or resp.status_code >= 500:
+            raise _Transient(f"HTTP {resp.status_code}", _retry_after(resp.headers.get("Retry-After")))
+        if resp.status_code >= 400:
+            raise RepicError(f"judge {url}: HTTP {resp.status_code} {resp.reason_phrase}")
+        try:
+            return resp.json()["choices"][0]["message"]["content"] or ""
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise _Transient("malformed chat-completions reply") from None
 
     def ask(messages: list[dict[str, Any]], images: list[Image.Image]) -> str:
         it = iter(images)
         wire = [{"role": m["role"], "content": [
             {"type": "image_url", "image_url": {"url": _data_url(next(it))}} if b["type"] == "image" else b
             for b in m["content"]]} for m in messages]
-        body = json.dumps({"model": model, "messages": wire, "max_tokens": max_new_tokens, "temperature": 0})
-        problem, retry_after = "", 0.0
-        for attempt in range(max_retries + 1):
-            if attempt:
-                time.sleep(backoff_s * 2 ** (attempt - 1) if not retry_after else retry_after)
-            retry_after = 0.0
-            req = urllib.request.Request(url, data=body.encode(), headers={
-                "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-                    raw = resp.read()
-            except urllib.error.HTTPError as exc:
-                problem = f"HTTP {exc.code}"
-                if exc.code == 429 or exc.code >= 500:
-                    retry_after = _retry_after(exc.headers.get("Retry-After"))
-                    continue
-                raise RepicError(f"judge {url}: HTTP {exc.code} {exc.reason}") from None
-            except (OSError, http.client.HTTPException) as exc:
-                # URLError (refused, DNS), timeouts, and a connection dropped before or during the reply
-                # (RemoteDisconnected, ConnectionResetError, IncompleteRead) are transient like a 5xx.
-                problem = f"connection failed ({getattr(exc, 'reason', None) or exc!r})"
-                continue
-            try:
-                return json.loads(raw)["choices"][0]["message"]["content"] or ""
-            except (ValueError, KeyError, IndexError, TypeError):
-                problem = "malformed chat-completions reply"
-        raise RepicError(f"judge {url}: {problem} after {max_retries + 1} attempts")
+        body = {"model": model, "messages": wire, "max_tokens": max_new_tokens, "temperature": 0}
+        retrying = Retrying(retry=retry_if_exception_type(_Transient), stop=stop_after_attempt(max_retries + 1),
+                            wait=wait, reraise=True)
+        try:
+            return retrying(post, body)
+        except _Transient as exc:
+            raise RepicError(f"judge {url}: {exc.problem} after {max_retries + 1} attempts") from None
 
     return f"openai:{base_url}:{model}", ask
 

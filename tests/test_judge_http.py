@@ -150,7 +150,7 @@ def test_dropped_connection_is_retried(server):
 def test_dropped_connections_past_the_retries_are_one_error(server):
     server.default = ("drop", None)
     _, ask = _judge(server, max_retries=1)
-    with pytest.raises(RepicError, match=r"connection failed \(RemoteDisconnected.*after 2 attempts"):
+    with pytest.raises(RepicError, match=r"connection failed \(RemoteProtocolError: .*\) after 2 attempts"):
         ask(_messages(), [Image.new("RGB", (4, 4))])
 
 
@@ -173,3 +173,16 @@ def test_answers_paid_before_a_run_of_500s_are_kept(server, tmp_path):
     records = judge_pairs(pairs, backend_id, ask, again)
     assert len(records) == 3 and again.asked == 3 and len(server.requests) - sent_before == 3
     assert len(AnswerCache(tmp_path / "cache.jsonl").answers) == 6
+
+
+def test_refused_connection_is_retried_then_one_error(monkeypatch):
+    import socket
+
+    monkeypatch.setenv("TEST_JUDGE_KEY", KEY)
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    _, ask = openai_judge(f"http://127.0.0.1:{port}/v1", "m", "TEST_JUDGE_KEY", max_new_tokens=4, backoff_s=0.0,
+                          max_retries=2)
+    with pytest.raises(RepicError, match=r"/v1/chat/completions: connection failed \(ConnectError: .*\) after 3 "):
+        ask(_messages(), [Image.new("RGB", (4, 4))])
