@@ -1,0 +1,193 @@
+"""Qwen2.5-VL's vision tower with all windows of a layer in a few attention calls (windows bucketed by length).
+
+transformers' sdpa path of `Qwen2_5_VisionTransformerPretrainedModel` runs one attention call per window in every
+windowed layer (a 1024-token image has ~64 windows of 64 patches; 28 of the 32 layers are windowed) and one
+per image in the full-attention layers, after a host sync on the window lengths in every layer. Here the tower's
+forward is replaced on one model instance by one that computes the window layout once per forward and orders
+the windows by length, so the windows of equal length are contiguous: each windowed layer is then one
+scaled-dot-product-attention call per distinct window length (usually 1-4) over a [windows, heads, length, dim]
+view, with no gather. Full-attention layers gather each image's patches, bucketed by image size, into one call per
+size. Norms, projections, MLPs, rotary embedding and merger are the model's own modules; attention within a
+window is permutation-equivariant, so the output equals transformers' (tests/test_vision.py: within 1e-5 in fp32).
+
+`fast_vision(model)` installs it for a `with` block; `enable_fast_vision(model)` for good (training: the tower
+is frozen and runs in every rollout prefill, policy forward and reference forward). `compile=True` wraps the
+parts of a block around the attention (norm, qkv, rotary; projection, MLP) in `torch.compile(dynamic=True)` so
+inductor fuses their elementwise chains; the attention buckets stay eager.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+_ATTR = "_repic_fast_vision"
+
+
+def _visual(model: Any) -> Any:
+    """The vision tower under PEFT / accelerate wrappers, or the tower itself."""
+    while hasattr(model, "get_base_model") or hasattr(model, "module"):
+        model = model.get_base_model() if hasattr(model, "get_base_model") else model.module
+    if hasattr(model, "blocks") and hasattr(model, "merger"):
+        return model
+    inner = getattr(model, "model", model)
+    visual = getattr(inner, "visual", None) or getattr(model, "visual", None)
+    if visual is None:
+        raise TypeError(f"fast vision: {type(model).__name__} has no Qwen2.5-VL vision tower (.model.visual)")
+    return visual
+
+
+def enable_fast_vision(model: Any, *, compile: bool = False) -> Any:
+    """Route `model`'s vision tower through the bucketed forward (this instance only); returns the tower."""
+    visual = _visual(model)
+    if getattr(visual, _ATTR, None) is None:
+        setattr(visual, _ATTR, {"compile": compile, "compiled": {}})
+        visual.forward = types.MethodType(_forward, visual)
+    else:
+        getattr(visual, _ATTR)["compile"] = compile
+    return visual
+
+
+def disable_fast_vision(model: Any) -> None:
+    visual = _visual(model)
+    if getattr(visual, _ATTR, None) is not None:
+        del visual.forward  # the instance attribute: the class's forward shows through again
+        delattr(visual, _ATTR)
+
+
+@contextlib.contextmanager
+def fast_vision(model: Any, *, compile: bool = False) -> Iterator[None]:
+    """The bucketed vision forward inside the block, whatever was installed before it afterwards."""
+    visual = _visual(model)
+    before = getattr(visual, _ATTR, None)
+    was_compiled = before["compile"] if before is not None else None
+    enable_fast_vision(model, compile=compile)
+    try:
+        yield
+    finally:
+        if before is None:
+            disable_fast_vision(model)
+        else:
+            before["compile"] = was_compiled
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Layout:
+    """Where each patch goes, computed once per forward from `grid_thw` (one host sync, as transformers has).
+
+    `order`: merge units (groups of spatial_merge_size² patches) in processing order: transformers' window
+    order, with the windows stably sorted by length. `windows`: (start, end, count, length) in patches of each
+    run of equal-length windows in that order. `images`: per distinct image size, (patch positions [n, L]).
+    `to_hf`: units in transformers' window order, as positions in ours; `to_input`: units in input order.
+    """
+
+    def __init__(self, visual: Any, grid_thw: torch.Tensor) -> None:
+        from transformers.vision_utils import get_vision_window_index
+
+        device = grid_thw.device
+        unit = visual.spatial_merge_unit
+        window_index, cu = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
+                                                   window_size=visual.window_size, patch_size=visual.patch_size)
+        bounds = [b // unit for b in cu.tolist()]  # window bounds in units, transformers' order
+        lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        by_length = sorted(range(len(lengths)), key=lambda w: lengths[w])  # stable: ties keep their order
+        window_index = window_index.to(device)
+        pieces = [torch.arange(bounds[w], bounds[w + 1]) for w in by_length]
+        slot = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)  # hf position of our unit i
+        slot = slot.to(device)
+        self.order = window_index[slot]  # input unit at our position i
+        self.to_hf = torch.argsort(slot)  # our position of hf's unit j
+        self.to_input = torch.argsort(self.order)  # our position of input unit u
+        self.windows: list[tuple[int, int, int, int]] = []
+        start = 0
+        for w in by_length:
+            n = lengths[w] * unit
+            if self.windows and self.windows[-1][3] == n:
+                s, e, c, _ = self.windows[-1]
+                self.windows[-1] = (s, e + n, c + 1, n)
+            else:
+                self.windows.append((start, start + n, 1, n))
+            start += n
+        # full attention: each image (each frame: transformers' cu_seqlens) is one sequence; in input order its
+        # units are contiguous, so its patch positions in our order come from `to_input`
+        frames = [(int(h) * int(w)) for t, h, w in grid_thw.tolist() for _ in range(int(t))]
+        first, per_len = 0, {}
+        for n in frames:
+            units = self.to_input[first // unit:(first + n) // unit]
+            patches = (units[:, None] * unit + torch.arange(unit, device=device)).reshape(-1)
+            per_len.setdefault(n, []).append(patches)
+            first += n
+        self.images = [torch.stack(p) for _, p in sorted(per_len.items())]
+        self.n_patches = start
+
+    def permute(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows of `x` (patches in input order) in our order."""
+        unit = len(x) // len(self.order)
+        return x.reshape(len(self.order), unit, *x.shape[1:])[self.order].reshape(x.shape)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, full: bool, scale: float
+            ) -> torch.Tensor:
+    """Attention of [S, H, D] q/k/v (rotary applied) within windows or within images; [S, H, D] out."""
+    if not full:
+        outs = []
+        for start, end, count, length in layout.windows:
+            def view(t: torch.Tensor) -> torch.Tensor:
+                return t[start:end].view(count, length, *t.shape[1:]).transpose(1, 2)
+            o = F.scaled_dot_product_attention(view(q), view(k), view(v), scale=scale)
+            outs.append(o.transpose(1, 2).reshape(end - start, *q.shape[1:]))
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+    out = torch.empty_like(q)
+    for idx in layout.images:
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            return t[idx].transpose(1, 2)  # [n, H, L, D]
+        o = F.scaled_dot_product_attention(gather(q), gather(k), gather(v), scale=scale)
+        out[idx.reshape(-1)] = o.transpose(1, 2).reshape(-1, *q.shape[1:])
+    return out
+
+
+def _pre(block: Any, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    attn = block.attn
+    q, k, v = attn.qkv(block.norm1(hidden)).reshape(hidden.shape[0], 3, attn.num_heads, -1).unbind(1)
+    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    return q, k, v
+
+
+def _post(block: Any, hidden: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    hidden = hidden + block.attn.proj(o.reshape(hidden.shape[0], -1))
+    return hidden + block.mlp(block.norm2(hidden))
+
+
+def _forward(self: Any, hidden_states: torch.Tensor, grid_thw: torch.Tensor, **kwargs: Any) -> Any:
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    from transformers.vision_utils import get_vision_position_ids
+
+    state = getattr(self, _ATTR)
+    pre, post = _pre, _post
+    if state["compile"]:
+        if not state["compiled"]:
+            state["compiled"] = {"pre": torch.compile(_pre, dynamic=True), "post": torch.compile(_post, dynamic=True)}
+        pre, post = state["compiled"]["pre"], state["compiled"]["post"]
+    layout = Layout(self, grid_thw)
+    position_ids = get_vision_position_ids(grid_thw, self.spatial_merge_size)
+    hidden = layout.permute(self.patch_embed(hidden_states))
+    cos, sin = (layout.permute(t) for t in self.rotary_pos_emb(hidden, position_ids))
+    full = set(self.fullatt_block_indexes)
+    for i, block in enumerate(self.blocks):
+        q, k, v = pre(block, hidden, cos, sin)
+        o = _attend(q, k, v, layout, i in full, block.attn.scaling)
+        hidden = post(block, hidden, o)
+    merged = self.merger(hidden)
+    unit = self.spatial_merge_unit
+    last = hidden.view(len(layout.order), unit, -1)[layout.to_hf].view(hidden.shape)  # transformers' order
+    return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=merged[layout.to_input])

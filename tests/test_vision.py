@@ -1,0 +1,118 @@
+"""The bucketed vision forward (repic/vision.py) equals transformers' Qwen2.5-VL vision tower (fp32, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from repic.vision import Layout, disable_fast_vision, enable_fast_vision, fast_vision
+
+# (t, h, w) in patches: several windows per image, edge windows of several sizes, two images of one size (one
+# full-attention bucket of two), a tall thin one, and one smaller than a window.
+GRIDS = [[1, 16, 24], [1, 10, 14], [1, 8, 8], [1, 22, 6], [1, 16, 24], [1, 4, 6]]
+
+
+def _tower(seed: int = 0):
+    from transformers import Qwen2_5_VLConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    vision = dict(depth=4, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=24, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1, 3])
+    config = Qwen2_5_VLConfig(vision_config=vision).vision_config
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    tower = Qwen2_5_VisionTransformerPretrainedModel(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # unit-gain weights: the stock 0.02-std init leaves attention almost uniform
+        for p in tower.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) / (p.shape[-1] ** 0.5 if p.ndim > 1 else 4))
+    return tower
+
+
+def _inputs(grids, seed: int = 1):
+    grid = torch.tensor(grids)
+    n = int(grid.prod(-1).sum())
+    return torch.randn(n, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(seed)), grid
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("grids", [GRIDS, GRIDS[2:3], list(reversed(GRIDS))])
+def test_bucketed_tower_equals_transformers(grids):
+    tower = _tower()
+    pixels, grid = _inputs(grids)
+    with torch.no_grad():
+        ref = tower(pixels, grid_thw=grid)
+        with fast_vision(tower):
+            ours = tower(pixels, grid_thw=grid)
+        again = tower(pixels, grid_thw=grid)  # the context restored transformers' forward
+    assert ours.pooler_output.shape == ref.pooler_output.shape
+    assert torch.allclose(ours.pooler_output, ref.pooler_output, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(ours.last_hidden_state, ref.last_hidden_state, atol=1e-5, rtol=1e-5)
+    assert _rel(ours.pooler_output, ref.pooler_output) < 1e-6
+    assert torch.equal(again.pooler_output, ref.pooler_output)
+    # not trivially equal: features differ between images and between positions of one image
+    assert ref.pooler_output.std(0).mean() > 0.1
+
+
+def test_layout_groups_windows_by_length_and_covers_every_patch_once():
+    tower = _tower()
+    _, grid = _inputs(GRIDS)
+    layout = Layout(tower, grid)
+    lengths = [length for *_, length in layout.windows]
+    assert lengths == sorted(set(lengths))  # one run per distinct window length, shortest first
+    assert sum(count * length for _, _, count, length in layout.windows) == int(grid.prod(-1).sum())
+    assert layout.windows[-1][3] == 64  # full windows: 4x4 merge units of 2x2 patches
+    assert sorted(layout.order.tolist()) == list(range(len(layout.order)))
+    patches = torch.cat([idx.reshape(-1) for idx in layout.images])
+    assert sorted(patches.tolist()) == list(range(layout.n_patches))
+    assert [tuple(idx.shape) for idx in layout.images] == [(1, 24), (1, 64), (1, 132), (1, 140), (2, 384)]
+
+
+def test_a_wrong_window_order_is_caught():
+    """Mutation check: attention across the wrong windows must change the output beyond the tolerance."""
+    tower = _tower()
+    pixels, grid = _inputs(GRIDS)
+    with torch.no_grad():
+        ref = tower(pixels, grid_thw=grid).pooler_output
+        enable_fast_vision(tower)
+        original = Layout.__init__
+
+        def shifted(self, visual, grid_thw):
+            original(self, visual, grid_thw)
+            self.windows = [(s, e, c * 2, n // 2) for s, e, c, n in self.windows]  # halve every window
+
+        Layout.__init__ = shifted
+        try:
+            bad = tower(pixels, grid_thw=grid).pooler_output
+        finally:
+            Layout.__init__ = original
+            disable_fast_vision(tower)
+    assert not torch.allclose(bad, ref, atol=1e-3)
+
+
+def test_whole_model_logits_and_gradients_unchanged(tiny_model_dir):
+    from repic.models import load_model, load_processor
+
+    model, processor = load_model(tiny_model_dir, device="cpu", dtype="float32"), load_processor(tiny_model_dir)
+    processor.image_processor.max_pixels = 224 * 336  # several windows per image
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Hi."}]}]
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    images = [Image.effect_noise((224, 336), 60).convert("RGB"), Image.effect_noise((168, 112), 40).convert("RGB")]
+    inputs = processor(text=[text], images=[images], return_tensors="pt")
+    assert len(Layout(model.model.visual, inputs["image_grid_thw"]).windows) > 1
+
+    def run():
+        model.zero_grad()
+        logits = model(**inputs).logits
+        logits.float().square().mean().backward()
+        return logits.detach(), model.model.visual.blocks[0].attn.qkv.weight.grad.clone()
+
+    ref_logits, ref_grad = run()
+    with fast_vision(model):
+        logits, grad = run()
+    assert torch.allclose(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(grad, ref_grad, atol=1e-6, rtol=1e-4)
