@@ -136,20 +136,19 @@ class Layout:
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, full: bool, scale: float
             ) -> torch.Tensor:
     """Attention of [S, H, D] q/k/v (rotary applied) within windows or within images; [S, H, D] out."""
+    heads = q.shape[1:]
     if not full:
         outs = []
         for start, end, count, length in layout.windows:
-            def view(t: torch.Tensor) -> torch.Tensor:
-                return t[start:end].view(count, length, *t.shape[1:]).transpose(1, 2)
-            o = F.scaled_dot_product_attention(view(q), view(k), view(v), scale=scale)
-            outs.append(o.transpose(1, 2).reshape(end - start, *q.shape[1:]))
+            q_, k_, v_ = (t[start:end].view(count, length, *heads).transpose(1, 2) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(q_, k_, v_, scale=scale)
+            outs.append(o.transpose(1, 2).reshape(end - start, *heads))
         return torch.cat(outs) if len(outs) > 1 else outs[0]
     out = torch.empty_like(q)
     for idx in layout.images:
-        def gather(t: torch.Tensor) -> torch.Tensor:
-            return t[idx].transpose(1, 2)  # [n, H, L, D]
-        o = F.scaled_dot_product_attention(gather(q), gather(k), gather(v), scale=scale)
-        out[idx.reshape(-1)] = o.transpose(1, 2).reshape(-1, *q.shape[1:])
+        q_, k_, v_ = (t[idx].transpose(1, 2) for t in (q, k, v))  # [images, heads, length, dim]
+        o = F.scaled_dot_product_attention(q_, k_, v_, scale=scale)
+        out[idx.reshape(-1)] = o.transpose(1, 2).reshape(-1, *heads)
     return out
 
 
