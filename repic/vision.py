@@ -167,22 +167,71 @@ def _post(block: Any, hidden: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     return hidden + block.mlp(block.norm2(hidden))
 
 
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen2_5_VLRMSNorm.forward, as a function of tensors."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _pre_fn(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm_w: torch.Tensor, eps: float,
+            qkv_w: torch.Tensor, qkv_b: torch.Tensor, heads: int) -> tuple[torch.Tensor, ...]:
+    """`_pre` over plain tensors: one compiled graph serves every block (a module argument would recompile per
+    block)."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    q, k, v = F.linear(_rms(hidden, norm_w, eps), qkv_w, qkv_b).reshape(hidden.shape[0], 3, heads, -1).unbind(1)
+    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    return q, k, v
+
+
+def _post_fn(hidden: torch.Tensor, o: torch.Tensor, proj_w: torch.Tensor, proj_b: torch.Tensor,
+             norm_w: torch.Tensor, eps: float, gate_w: torch.Tensor, gate_b: torch.Tensor, up_w: torch.Tensor,
+             up_b: torch.Tensor, down_w: torch.Tensor, down_b: torch.Tensor) -> torch.Tensor:
+    hidden = hidden + F.linear(o.reshape(hidden.shape[0], -1), proj_w, proj_b)
+    x = _rms(hidden, norm_w, eps)
+    return hidden + F.linear(F.silu(F.linear(x, gate_w, gate_b)) * F.linear(x, up_w, up_b), down_w, down_b)
+
+
+def _compilable(block: Any) -> bool:
+    """Plain modules only (no PEFT layers, no hooks' replacements): the functional copy reads their weights."""
+    mlp = block.mlp
+    linears = (block.attn.qkv, block.attn.proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    silu = type(mlp.act_fn).__name__ == "SiLUActivation" or isinstance(mlp.act_fn, torch.nn.SiLU)
+    return silu and all(type(m) is torch.nn.Linear for m in linears)
+
+
+def _compiled_block(state: dict, block: Any) -> tuple[Any, Any]:
+    if "pre" not in state["compiled"]:
+        state["compiled"] = {"pre": torch.compile(_pre_fn, dynamic=True),
+                             "post": torch.compile(_post_fn, dynamic=True)}
+    pre_c, post_c = state["compiled"]["pre"], state["compiled"]["post"]
+    attn, mlp = block.attn, block.mlp
+
+    def pre(_: Any, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return pre_c(hidden, cos, sin, block.norm1.weight, block.norm1.variance_epsilon, attn.qkv.weight,
+                     attn.qkv.bias, attn.num_heads)
+
+    def post(_: Any, hidden: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        return post_c(hidden, o, attn.proj.weight, attn.proj.bias, block.norm2.weight,
+                      block.norm2.variance_epsilon, mlp.gate_proj.weight, mlp.gate_proj.bias, mlp.up_proj.weight,
+                      mlp.up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias)
+
+    return pre, post
+
+
 def _forward(self: Any, hidden_states: torch.Tensor, grid_thw: torch.Tensor, **kwargs: Any) -> Any:
     from transformers.modeling_outputs import BaseModelOutputWithPooling
     from transformers.vision_utils import get_vision_position_ids
 
     state = getattr(self, _ATTR)
-    pre, post = _pre, _post
-    if state["compile"]:
-        if not state["compiled"]:
-            state["compiled"] = {"pre": torch.compile(_pre, dynamic=True), "post": torch.compile(_post, dynamic=True)}
-        pre, post = state["compiled"]["pre"], state["compiled"]["post"]
     layout = Layout(self, grid_thw)
     position_ids = get_vision_position_ids(grid_thw, self.spatial_merge_size)
     hidden = layout.permute(self.patch_embed(hidden_states))
     cos, sin = (layout.permute(t) for t in self.rotary_pos_emb(hidden, position_ids))
     full = set(self.fullatt_block_indexes)
     for i, block in enumerate(self.blocks):
+        pre, post = _compiled_block(state, block) if state["compile"] and _compilable(block) else (_pre, _post)
         q, k, v = pre(block, hidden, cos, sin)
         o = _attend(q, k, v, layout, i in full, block.attn.scaling)
         hidden = post(block, hidden, o)

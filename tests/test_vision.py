@@ -116,3 +116,16 @@ def test_whole_model_logits_and_gradients_unchanged(tiny_model_dir):
         logits, grad = run()
     assert torch.allclose(logits, ref_logits, atol=1e-5, rtol=1e-5)
     assert torch.allclose(grad, ref_grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_equal_transformers_and_do_not_recompile_per_size():
+    """`compile=True` (inductor, dynamic shapes) gives the same output; a second set of sizes reuses the graphs."""
+    tower = _tower()
+    first, second = _inputs(GRIDS), _inputs(GRIDS[:3], seed=3)
+    with torch.no_grad():
+        refs = [tower(p, grid_thw=g).pooler_output for p, g in (first, second)]
+        with fast_vision(tower, compile=True):
+            outs = [tower(p, grid_thw=g).pooler_output for p, g in (first, second)]
+    for out, ref in zip(outs, refs):
+        assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
