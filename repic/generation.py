@@ -159,10 +159,12 @@ def rollout_trainer(trainer_cls: type, backend: str = "static") -> type:
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            from repic.vision import enable_fast_vision
+            from repic.vision import enable_fast_vision, enable_image_feature_cache
 
-            # the frozen vision tower runs in every rollout prefill, policy forward and reference forward
+            # the frozen vision tower runs in every rollout prefill, policy forward and reference forward:
+            # bucketed windows, and each distinct image encoded once per step (not once per completion and pass)
             enable_fast_vision(self.model)
+            self.image_feature_cache = enable_image_feature_cache(self.model)
 
         def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
                                   has_tool_images=False):

@@ -239,3 +239,97 @@ def _forward(self: Any, hidden_states: torch.Tensor, grid_thw: torch.Tensor, **k
     unit = self.spatial_merge_unit
     last = hidden.view(len(layout.order), unit, -1)[layout.to_hf].view(hidden.shape)  # transformers' order
     return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=merged[layout.to_input])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# image features once per prompt group
+
+
+class _FeatureCache:
+    """Features of recently seen images, keyed by grid and a checksum, confirmed by exact pixel equality."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.entries: list[tuple[tuple, torch.Tensor, torch.Tensor]] = []  # (key, pixels, features)
+        self.tower_images = 0  # images the tower actually encoded (for tests and benchmarks)
+        self.requested_images = 0
+
+    def find(self, key: tuple, pixels: torch.Tensor) -> torch.Tensor | None:
+        for k, p, f in self.entries:
+            if k == key and torch.equal(p, pixels):
+                return f
+        return None
+
+    def add(self, key: tuple, pixels: torch.Tensor, features: torch.Tensor) -> None:
+        self.entries.append((key, pixels, features))
+        del self.entries[:-self.capacity]
+
+
+def enable_image_feature_cache(model: Any, capacity: int = 32) -> _FeatureCache:
+    """Encode each distinct image once: repeated images in a batch (GRPO's G completions of one prompt share
+    theirs) and images seen by a recent call (the reference forward, then the policy forward of one step) reuse
+    their features. Only while the tower is frozen (no parameter requires grad), since cached features carry no
+    graph; otherwise the model's own `get_image_features` runs. Returns the cache (its counters say how many
+    images the tower encoded)."""
+    visual = _visual(model)
+    inner = model
+    while hasattr(inner, "get_base_model") or hasattr(inner, "module"):
+        inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner.module
+    inner = getattr(inner, "model", inner)
+    if getattr(inner, "_repic_feature_cache", None) is not None:
+        return inner._repic_feature_cache
+    original = inner.get_image_features
+    cache = _FeatureCache(capacity)
+
+    def get_image_features(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None, **kwargs: Any):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        if (image_grid_thw is None or pixel_values.requires_grad
+                or any(p.requires_grad for p in visual.parameters())):
+            return original(pixel_values, image_grid_thw, **kwargs)
+        pixels = pixel_values.type(visual.dtype)
+        sizes = image_grid_thw.prod(-1).tolist()
+        chunks = pixels.split(sizes)
+        # one checksum per image, fetched in one sync; equality is then confirmed exactly
+        weights = torch.arange(1, pixels.shape[-1] + 1, device=pixels.device, dtype=torch.float64)
+        sums = torch.stack([torch.stack([c.double().sum(), (c.double() * weights).sum()]) for c in chunks])
+        keys = [(tuple(g), *s) for g, s in zip(image_grid_thw.tolist(), sums.tolist())]
+        cache.requested_images += len(chunks)
+        features: list[torch.Tensor | None] = [None] * len(chunks)
+        todo: list[int] = []  # first occurrence of each image not in the cache
+        same_as: dict[int, int] = {}
+        for i, (key, chunk) in enumerate(zip(keys, chunks)):
+            features[i] = cache.find(key, chunk)
+            if features[i] is not None:
+                continue
+            twin = next((j for j in todo if keys[j] == key and torch.equal(chunks[j], chunk)), None)
+            if twin is None:
+                todo.append(i)
+            else:
+                same_as[i] = twin
+        if todo:
+            cache.tower_images += len(todo)
+            with torch.no_grad():
+                out = original(torch.cat([pixel_values[sum(sizes[:j]):sum(sizes[:j + 1])] for j in todo]),
+                               image_grid_thw[todo], **kwargs)
+            for j, f in zip(todo, out.pooler_output):
+                features[j] = f
+                if not torch.is_inference_mode_enabled():  # inference tensors cannot enter a later autograd pass
+                    cache.add(keys[j], chunks[j], f)
+        for i, j in same_as.items():
+            features[i] = features[j]
+        return BaseModelOutputWithPooling(last_hidden_state=None, pooler_output=tuple(features))
+
+    inner.get_image_features = get_image_features
+    inner._repic_feature_cache = cache
+    return cache
+
+
+def disable_image_feature_cache(model: Any) -> None:
+    inner = model
+    while hasattr(inner, "get_base_model") or hasattr(inner, "module"):
+        inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner.module
+    inner = getattr(inner, "model", inner)
+    if getattr(inner, "_repic_feature_cache", None) is not None:
+        del inner.get_image_features
+        del inner._repic_feature_cache

@@ -129,3 +129,111 @@ def test_compiled_blocks_equal_transformers_and_do_not_recompile_per_size():
             outs = [tower(p, grid_thw=g).pooler_output for p, g in (first, second)]
     for out, ref in zip(outs, refs):
         assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def _lora_tiny(tiny_model_dir):
+    from peft import get_peft_model
+
+    from repic.models import load_model, load_processor
+    from repic.train import lora_config
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(tiny_model_dir, device="cpu", dtype="float32").train(),
+                           lora_config({"r": 4, "lora_alpha": 8}))
+    processor = load_processor(tiny_model_dir)
+    processor.image_processor.max_pixels = 224 * 336
+    return model, processor
+
+
+def test_image_features_once_per_group_loss_and_gradients_unchanged(tiny_model_dir):
+    from repic.vision import disable_image_feature_cache, enable_image_feature_cache
+
+    model, processor = _lora_tiny(tiny_model_dir)
+    with torch.no_grad():  # B = 0 would hide a wrong feature in the gradient of A
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": t}]}
+            for t in ("Is it the same?", "Name it.")]
+    texts = [processor.apply_chat_template([m], add_generation_prompt=True, tokenize=False) for m in msgs]
+    group = [Image.effect_noise((224, 336), 60).convert("RGB"), Image.effect_noise((168, 112), 40).convert("RGB")]
+    other = [Image.effect_noise((112, 112), 30).convert("RGB"), Image.effect_noise((140, 84), 50).convert("RGB")]
+    # a group of G = 3 completions of one prompt (same images) and one row of another prompt
+    inputs = processor(text=[texts[0]] * 3 + [texts[1]], images=[group] * 3 + [other], return_tensors="pt",
+                       padding=True, padding_side="left")
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        logits = model(**batch).logits
+        loss = logits.float().square().mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref_loss, ref_grads = loss_and_grads(inputs)
+    cache = enable_image_feature_cache(model)
+    try:
+        with torch.no_grad():  # as TRL's reference forward, before the policy's
+            model(**inputs)
+        assert (cache.requested_images, cache.tower_images) == (8, 4)  # each distinct image encoded once
+        copy = {k: v.clone() for k, v in inputs.items()}  # TRL rebuilds pixel_values between the two passes
+        loss, grads = loss_and_grads(copy)
+        assert cache.tower_images == 4  # the policy forward reused the reference forward's features
+    finally:
+        disable_image_feature_cache(model)
+    assert torch.allclose(loss, ref_loss, rtol=1e-6)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    for name in grads:
+        assert torch.allclose(grads[name], ref_grads[name], atol=1e-7, rtol=1e-5), name
+    # a changed image is not mistaken for a cached one
+    cache = enable_image_feature_cache(model)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+            changed = dict(inputs, pixel_values=inputs["pixel_values"].clone())
+            changed["pixel_values"][-1, 0] += 1.0  # one value of the last image
+            model(**changed)
+        assert cache.tower_images == 5
+    finally:
+        disable_image_feature_cache(model)
+
+
+def test_grpo_step_with_feature_cache_equals_without(tiny_model_dir, tmp_path, monkeypatch):
+    """One TRL GRPO step through the static-rollout trainer: same loss and same adapter after the step whether
+    the image features are cached per group or recomputed in every pass (fp32, CPU)."""
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    import repic.vision
+    from repic.generation import rollout_trainer
+    from repic.train import grpo_config
+
+    examples = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                                          {"type": "text", "text": f"Is it {c}?"}]}],
+                 "images": [Image.effect_noise((224, 336), 40 + i).convert("RGB"), Image.new("RGB", (56, 84), c)]}
+                for i, c in enumerate(("red", "blue"))]
+
+    def reward(completions, **kwargs):
+        return [float(len(c[0]["content"]) % 7) for c in completions]
+
+    def run(cached: bool, out):
+        if not cached:
+            monkeypatch.setattr(repic.vision, "enable_image_feature_cache", lambda model: None)
+        model, processor = _lora_tiny(tiny_model_dir)
+        args = grpo_config({"num_generations": 4, "per_device_train_batch_size": 4, "max_completion_length": 6,
+                            "max_steps": 1, "logging_steps": 1, "beta": 0.04, "loss_type": "grpo", "seed": 0,
+                            "learning_rate": 1e-2}, out, use_cpu=True)
+        trainer = rollout_trainer(GRPOTrainer)(model=model, reward_funcs=[reward], args=args,
+                                               train_dataset=Dataset.from_list(examples), processing_class=processor)
+        trainer.train()
+        monkeypatch.undo()
+        loss = next(r["loss"] for r in trainer.state.log_history if "loss" in r)
+        adapter = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+        return loss, adapter, trainer.image_feature_cache
+
+    loss, adapter, cache = run(True, tmp_path / "a")
+    ref_loss, ref_adapter, no_cache = run(False, tmp_path / "b")
+    assert no_cache is None and cache.tower_images < cache.requested_images
+    assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-7)
+    for name, value in adapter.items():
+        assert torch.allclose(value, ref_adapter[name], atol=1e-6), name
+    assert any(not torch.all(v == 0) for n, v in adapter.items() if "lora_B" in n)  # the step did change it
