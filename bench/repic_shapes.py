@@ -59,6 +59,7 @@ CAPTION_PX = 896  # 896² = 1024·28²: RePIC's captioning max_pixels
 # image sizes under RePIC's captioning budget, multiples of 28: ~1,000 image tokens each
 CAPTION_SIZES = [(1036, 756), (756, 1036), (896, 896), (1176, 672)]
 sync, timed = genbench.sync, genbench.timed
+_SAVE: Any = lambda: None  # noqa: E731 - main() sets it: writes the results so far
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -248,7 +249,7 @@ def measure_peak() -> dict[str, float]:
 
 
 def bench_vision(model: Any, processor: Any, batch: int, k: int, peak: float, compile_too: bool,
-                 deadline: float) -> dict[str, Any]:
+                 deadline: float, only_compiled: bool = False) -> dict[str, Any]:
     texts, images, _ = caption_batch(processor, batch, k, seed=0)
     inputs = to_device(model, processor, texts, images)
     visual = model.model.visual
@@ -275,6 +276,10 @@ def bench_vision(model: Any, processor: Any, batch: int, k: int, peak: float, co
 
     with torch.inference_mode():
         ref = run("hf", 1)
+        if only_compiled:
+            comp = run("ours_compiled", 3, compile=True)
+            out["ours_compiled"]["rel_diff_vs_hf"] = float((comp.float() - ref.float()).norm() / ref.float().norm())
+            return out
         ours = run("ours", 3)
         out["ours"]["rel_diff_vs_hf"] = float((ours.float() - ref.float()).norm() / ref.float().norm())
         out["ours"]["max_abs_diff_vs_hf"] = float((ours.float() - ref.float()).abs().max())
@@ -343,7 +348,7 @@ def split_prefill(model: Any, inputs: Any, row: dict[str, Any], res: dict[str, A
 
 
 def bench_caption(model: Any, processor: Any, k: int, batch: int, paths: list[str], b1_n: int, max_new: int,
-                  deadline: float, decoders: dict) -> dict[str, Any]:
+                  deadline: float, decoders: dict, partial: list) -> dict[str, Any]:
     texts, images, lengths = caption_batch(processor, batch, k, seed=100 + k)
     inputs = to_device(model, processor, texts, images)
     row: dict[str, Any] = {"k": k, "batch": batch, "prompt_len": int(inputs["input_ids"].shape[1]),
@@ -354,6 +359,7 @@ def bench_caption(model: Any, processor: Any, k: int, batch: int, paths: list[st
                            "vision_tflop": vision_flops(inputs["image_grid_thw"].cpu(),
                                                         model.model.visual.config) / 1e12}
     ids_by_path = {}
+    partial.append(row)  # saved after every path, so a call cut short keeps what it measured
     for path in paths:
         if time.perf_counter() > deadline:
             row[path] = {"skipped": "deadline"}
@@ -389,6 +395,8 @@ def bench_caption(model: Any, processor: Any, k: int, batch: int, paths: list[st
             row[path] = {"error": repr(exc)[:400], "trace": traceback.format_exc()[-1500:]}
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        partial[-1] = row
+        _SAVE()
     # every path must have produced the preset lengths (EOS at the preset step)
     row["lengths_ok"] = {p: [len(r) for r in ids] == lengths[:len(ids)] for p, ids in ids_by_path.items()}
     return row
@@ -522,6 +530,9 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_text(json.dumps(res, indent=1, default=str))
         tmp.replace(out)
 
+    global _SAVE
+    _SAVE = save
+
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
 
@@ -546,8 +557,7 @@ def main(argv: list[str] | None = None) -> int:
                          logits_processor=[ForcedLengths(warm["input_ids"].shape[1], [3])])
     if "vision" in args.sections:
         try:
-            res["vision"] = bench_vision(model, processor, args.vision_batch, max(args.ks), peak,
-                                         args.vision_compile, deadline)
+            res["vision"] = bench_vision(model, processor, args.vision_batch, max(args.ks), peak, False, deadline)
         except Exception as exc:  # noqa: BLE001
             res["vision"] = {"error": repr(exc)[:500], "trace": traceback.format_exc()[-2000:]}
         save()
@@ -565,14 +575,26 @@ def main(argv: list[str] | None = None) -> int:
                          and not (p == "hf_static" and batch not in args.hf_static_batches)]
                 try:
                     row = bench_caption(model, processor, k, batch, paths, args.b1_captions, args.max_new_tokens,
-                                        deadline, decoders)
+                                        deadline, decoders, res["caption"])
                 except Exception as exc:  # noqa: BLE001
                     row = {"k": k, "batch": batch, "error": repr(exc)[:400], "trace": traceback.format_exc()[-1500:]}
+                    res["caption"].append(row)
                 decoders.clear()
-                res["caption"].append(row)
                 save()
                 log("caption " + json.dumps({p: row.get(p, {}).get("captions_s") if isinstance(row.get(p), dict)
                                              else None for p in args.paths} | {"k": k, "batch": batch}))
+    if args.vision_compile and "vision" in args.sections and "error" not in res.get("vision", {}):
+        # last: compilation takes minutes, and its figures matter less than the sections above
+        if time.perf_counter() > deadline:
+            res["vision"]["ours_compiled"] = {"skipped": "deadline"}
+        else:
+            try:
+                res["vision_compiled"] = bench_vision(model, processor, args.vision_batch, max(args.ks), peak,
+                                                      True, deadline + 1e9, only_compiled=True)
+            except Exception as exc:  # noqa: BLE001
+                res["vision_compiled"] = {"error": repr(exc)[:500], "trace": traceback.format_exc()[-2000:]}
+            save()
+            log(f"vision compiled {json.dumps(res['vision_compiled'], default=str)[:1500]}")
     if "grpo" in args.sections:
         if time.perf_counter() > deadline:
             res["grpo"] = {"skipped": "deadline"}
