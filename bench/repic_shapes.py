@@ -259,10 +259,10 @@ def bench_vision(model: Any, processor: Any, batch: int, k: int, peak: float, co
     out: dict[str, Any] = {"batch": batch, "k": k, "images": len(grid), "patches": int(grid.prod(-1).sum()),
                            "tflop": flops / 1e12}
 
-    def run(label: str, repeats: int, **fv: Any) -> torch.Tensor:
+    def run(label: str, repeats: int, fast: bool = False, **fv: Any) -> torch.Tensor:
         times = []
         for _ in range(repeats + 1):
-            if fv:
+            if fast:
                 with fast_vision(model, **fv):
                     res, t = timed(lambda: visual(pixels, grid_thw=grid).pooler_output)
             else:
@@ -277,22 +277,51 @@ def bench_vision(model: Any, processor: Any, batch: int, k: int, peak: float, co
     with torch.inference_mode():
         ref = run("hf", 1)
         if only_compiled:
-            comp = run("ours_compiled", 3, compile=True)
+            comp = run("ours_compiled", 3, fast=True, compile=True)
             out["ours_compiled"]["rel_diff_vs_hf"] = float((comp.float() - ref.float()).norm() / ref.float().norm())
             return out
-        ours = run("ours", 3)
+        ours = run("ours", 3, fast=True, compile=False)
         out["ours"]["rel_diff_vs_hf"] = float((ours.float() - ref.float()).norm() / ref.float().norm())
         out["ours"]["max_abs_diff_vs_hf"] = float((ours.float() - ref.float()).abs().max())
         out["ours"]["bitwise_equal_hf"] = bool(torch.equal(ours, ref))
         if compile_too and time.perf_counter() < deadline:
             try:
-                comp = run("ours_compiled", 3, compile=True)
+                comp = run("ours_compiled", 3, fast=True, compile=True)
                 out["ours_compiled"]["rel_diff_vs_hf"] = float((comp.float() - ref.float()).norm()
                                                                / ref.float().norm())
             except Exception as exc:  # noqa: BLE001 - reported
                 out["ours_compiled"] = {"error": repr(exc)[:500], "trace": traceback.format_exc()[-1500:]}
         if torch.cuda.is_available() and time.perf_counter() < deadline:
             out["profile_ours"] = profile_vision(model, visual, pixels, grid)
+    return out
+
+
+def vision_noise_floor(model: Any, processor: Any, batch: int, k: int) -> dict[str, Any]:
+    """bf16 tolerance, measured: each bf16 tower's relative difference to an fp32 copy of the same weights."""
+    import copy
+
+    texts, images, _ = caption_batch(processor, batch, k, seed=0)
+    inputs = to_device(model, processor, texts, images)
+    visual = model.model.visual
+    grid = inputs["image_grid_thw"]
+    fp32 = copy.deepcopy(visual).float()
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    out: dict[str, Any] = {"batch": batch, "k": k, "images": len(grid)}
+    with torch.inference_mode():
+        ref = fp32(inputs["pixel_values"].float(), grid_thw=grid).pooler_output
+        torch.backends.cuda.matmul.allow_tf32 = prev
+        del fp32
+        pixels = inputs["pixel_values"].type(visual.dtype)
+
+        def rel(x: torch.Tensor) -> float:
+            return float((x.float() - ref).norm() / ref.norm())
+
+        out["hf_bf16_vs_fp32"] = rel(visual(pixels, grid_thw=grid).pooler_output)
+        with fast_vision(model, compile=False):
+            out["ours_bf16_vs_fp32"] = rel(visual(pixels, grid_thw=grid).pooler_output)
+        with fast_vision(model, compile=True):
+            out["ours_compiled_bf16_vs_fp32"] = rel(visual(pixels, grid_thw=grid).pooler_output)
     return out
 
 
@@ -315,10 +344,11 @@ def caption_path(model: Any, inputs: Any, lengths: list[int], path: str, max_new
     prompt_len = inputs["input_ids"].shape[1]
     Lengths.current = lengths
     split: dict[str, Any] = {}
-    if path == "ours":
+    if path in ("ours", "ours_c"):
         stats: dict[str, Any] = {}
-        ids, t = timed(lambda: gen.generate_ids(model, inputs, backend="static", max_new_tokens=max_new,
-                                                do_sample=False, stats=stats, _decoders=decoders))
+        with fast_vision(model, compile=path == "ours_c"):  # ours_c: compiled vision blocks
+            ids, t = timed(lambda: gen.generate_ids(model, inputs, backend="static", max_new_tokens=max_new,
+                                                    do_sample=False, stats=stats, _decoders=decoders))
         split = {"prefill_s": stats["prefill_s"], "decode_s": stats["decode_s"], "capture_s": stats["capture_s"],
                  "decode_steps": stats["decode_steps"], "graph": stats["graph"]}
         return t, split, ids
@@ -335,12 +365,12 @@ def caption_path(model: Any, inputs: Any, lengths: list[int], path: str, max_new
     return t, split, ids
 
 
-def split_prefill(model: Any, inputs: Any, row: dict[str, Any], res: dict[str, Any], fast: bool
-                  ) -> dict[str, Any]:
+def split_prefill(model: Any, inputs: Any, row: dict[str, Any], res: dict[str, Any], fast: bool,
+                  compile: bool = False) -> dict[str, Any]:
     """The vision tower's share of a path's prefill (timed alone on the same images) and the rest's rate."""
     visual = model.model.visual
     pixels, grid = inputs["pixel_values"].type(visual.dtype), inputs["image_grid_thw"]
-    with torch.inference_mode(), (fast_vision(model) if fast else contextlib.nullcontext()):
+    with torch.inference_mode(), (fast_vision(model, compile=compile) if fast else contextlib.nullcontext()):
         _, vision_s = timed(lambda: visual(pixels, grid_thw=grid))
     lm_s = res["prefill_s"] - vision_s
     return {"vision_s": vision_s, "vision_tflops": row["vision_tflop"] / vision_s,
@@ -380,7 +410,7 @@ def bench_caption(model: Any, processor: Any, k: int, batch: int, paths: list[st
                 ids_by_path[path] = ids
                 continue
             runs = []
-            repeats = 2 if path in ("ours", "hf_static") else 1  # first call: graph capture / compilation
+            repeats = 2 if path in ("ours", "ours_c", "hf_static") else 1  # first call: graph capture / compilation
             for _ in range(repeats):
                 runs.append(caption_path(model, inputs, lengths, path, max_new, decoders))
             t, split, ids = runs[-1]
@@ -389,8 +419,9 @@ def bench_caption(model: Any, processor: Any, k: int, batch: int, paths: list[st
             if "prefill_s" in split:
                 row[path]["lm_prefill_tflops_incl_vision"] = row["lm_prefill_tflop"] / split["prefill_s"]
             ids_by_path[path] = ids
-            if path == "ours" or (path == "hf" and batch <= 8):
-                row[path].update(split_prefill(model, inputs, row, row[path], fast=path == "ours"))
+            if path in ("ours", "ours_c") or (path == "hf" and batch <= 8):
+                row[path].update(split_prefill(model, inputs, row, row[path], fast=path != "hf",
+                                               compile=path == "ours_c"))
         except Exception as exc:  # noqa: BLE001 - reported, the other paths still run
             row[path] = {"error": repr(exc)[:400], "trace": traceback.format_exc()[-1500:]}
         if torch.cuda.is_available():
@@ -454,7 +485,7 @@ def bench_grpo(model: Any, processor: Any, steps: int, generations: int, paths: 
     lora = lora_config({"r": 64, "lora_alpha": 128, "lora_dropout": 0.05})
     out: dict[str, Any] = {"steps": steps, "generations": generations, "tasks": [s["accu_reward_method"]
                                                                                    for s in samples],
-                           "lengths": schedule, "processor_max_pixels": processor.image_processor.max_pixels}
+                           "lengths": schedule, "processor_size": dict(processor.image_processor.size)}
     for path in paths:
         if time.perf_counter() > deadline:
             out[path] = {"skipped": "deadline"}
@@ -469,6 +500,7 @@ def bench_grpo(model: Any, processor: Any, steps: int, generations: int, paths: 
         torch.manual_seed(0)
         peft_model = get_peft_model(model.train(), lora)
         trainer_cls = gen.rollout_trainer(GRPOTrainer, "static") if path == "ours" else GRPOTrainer
+        genbench.peak_reset()
         try:
             trainer = trainer_cls(model=peft_model, reward_funcs=reward_functions(
                 ["object_consistency", "visual_localization", "identity_consistency"], "repic"), args=args,
@@ -477,12 +509,17 @@ def bench_grpo(model: Any, processor: Any, steps: int, generations: int, paths: 
             logs = [r for r in trainer.state.log_history if "completions/mean_length" in r]
             out[path] = {"step_s": timer.times, "mean_completion_len": [r["completions/mean_length"] for r in logs],
                          "total_s": sum(timer.times), "peak_gib": genbench.peak_gib()}
+            feature_cache = getattr(trainer, "image_feature_cache", None)
+            if feature_cache is not None:
+                out[path]["images_requested_vs_encoded"] = [feature_cache.requested_images,
+                                                            feature_cache.tower_images]
         except Exception as exc:  # noqa: BLE001 - reported, the other path still runs
             out[path] = {"error": repr(exc)[:500], "trace": traceback.format_exc()[-2500:]}
         trainer = None
-        from repic.vision import disable_fast_vision
+        from repic.vision import disable_fast_vision, disable_image_feature_cache
 
         disable_fast_vision(peft_model)
+        disable_image_feature_cache(peft_model)
         model = peft_model.unload()
         if cuda:
             torch.cuda.empty_cache()
@@ -502,14 +539,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(genbench.SHAPES), default="7b")
     ap.add_argument("--image-px", type=int, default=CAPTION_PX, help="captioning max_pixels = this²")
-    ap.add_argument("--sections", nargs="+", default=["peak", "vision", "caption", "grpo"])
+    ap.add_argument("--sections", nargs="+", default=["peak", "vision", "caption", "vision_compiled", "noise", "grpo"],
+                    help="run in this order: peak vision caption vision_compiled noise grpo")
     ap.add_argument("--ks", type=int, nargs="+", default=[4, 2, 1])
+    ap.add_argument("--plan", nargs="*", default=[],
+                    help="captioning runs as k:batch:path,path,... (replaces --ks x --batches x --paths)")
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 32, 1])
     ap.add_argument("--paths", nargs="+", default=["ours", "hf", "hf_b1", "hf_static"])
     ap.add_argument("--hf-static-batches", type=int, nargs="*", default=[8, 32])
     ap.add_argument("--b1-captions", type=int, default=3, help="captions timed in the batch-1 loop")
     ap.add_argument("--vision-batch", type=int, default=8)
-    ap.add_argument("--vision-compile", action="store_true")
+    ap.add_argument("--compiled-batches", type=int, nargs="*", default=[32],
+                    help="batch sizes of the ours_c path (static backend + compiled vision blocks)")
     ap.add_argument("--max-new-tokens", type=int, default=160)
     ap.add_argument("--grpo-steps", type=int, default=4)
     ap.add_argument("--grpo-paths", nargs="+", default=["hf", "ours"])
@@ -555,59 +596,82 @@ def main(argv: list[str] | None = None) -> int:
         Lengths.current = [3]
         gen.generate_ids(model, warm, backend="hf", max_new_tokens=4, do_sample=False,
                          logits_processor=[ForcedLengths(warm["input_ids"].shape[1], [3])])
-    if "vision" in args.sections:
+    def section_vision() -> None:
         try:
             res["vision"] = bench_vision(model, processor, args.vision_batch, max(args.ks), peak, False, deadline)
         except Exception as exc:  # noqa: BLE001
             res["vision"] = {"error": repr(exc)[:500], "trace": traceback.format_exc()[-2000:]}
         save()
         log(f"vision {json.dumps({k: v for k, v in res['vision'].items() if k != 'profile_ours'}, default=str)}")
-    if "caption" in args.sections:
-        res["caption"] = []
+
+    def section_caption() -> None:
+        res.setdefault("caption", [])
         decoders: dict = {}
-        for k in args.ks:
-            for batch in args.batches:
-                if time.perf_counter() > deadline:
-                    res["caption"].append({"k": k, "batch": batch, "skipped": "deadline"})
-                    continue
-                paths = [p for p in args.paths if not (p == "hf_b1" and batch != 1)
-                         and not (p == "hf" and batch == 1 and "hf_b1" in args.paths)
-                         and not (p == "hf_static" and batch not in args.hf_static_batches)]
-                try:
-                    row = bench_caption(model, processor, k, batch, paths, args.b1_captions, args.max_new_tokens,
-                                        deadline, decoders, res["caption"])
-                except Exception as exc:  # noqa: BLE001
-                    row = {"k": k, "batch": batch, "error": repr(exc)[:400], "trace": traceback.format_exc()[-1500:]}
-                    res["caption"].append(row)
-                decoders.clear()
-                save()
-                log("caption " + json.dumps({p: row.get(p, {}).get("captions_s") if isinstance(row.get(p), dict)
-                                             else None for p in args.paths} | {"k": k, "batch": batch}))
-    if args.vision_compile and "vision" in args.sections and "error" not in res.get("vision", {}):
-        # last: compilation takes minutes, and its figures matter less than the sections above
-        if time.perf_counter() > deadline:
-            res["vision"]["ours_compiled"] = {"skipped": "deadline"}
-        else:
+        plan = [(int(k), int(b), ps.split(",")) for k, b, ps in (e.split(":") for e in args.plan)] if args.plan \
+            else [(k, b, args.paths) for k in args.ks for b in args.batches]
+        for k, batch, plan_paths in plan:
+            if time.perf_counter() > deadline:
+                res["caption"].append({"k": k, "batch": batch, "skipped": "deadline"})
+                continue
+            paths = plan_paths if args.plan else [p for p in plan_paths if not (p == "hf_b1" and batch != 1)
+                and not (p == "hf" and batch == 1 and "hf_b1" in args.paths)
+                and not (p == "hf_static" and batch not in args.hf_static_batches)
+                and not (p == "ours_c" and batch not in args.compiled_batches)]
             try:
-                res["vision_compiled"] = bench_vision(model, processor, args.vision_batch, max(args.ks), peak,
-                                                      True, deadline + 1e9, only_compiled=True)
+                row = bench_caption(model, processor, k, batch, paths, args.b1_captions, args.max_new_tokens,
+                                    deadline, decoders, res["caption"])
             except Exception as exc:  # noqa: BLE001
-                res["vision_compiled"] = {"error": repr(exc)[:500], "trace": traceback.format_exc()[-2000:]}
+                row = {"k": k, "batch": batch, "error": repr(exc)[:400], "trace": traceback.format_exc()[-1500:]}
+                res["caption"].append(row)
+            decoders.clear()
             save()
-            log(f"vision compiled {json.dumps(res['vision_compiled'], default=str)[:1500]}")
-    if "grpo" in args.sections:
-        if time.perf_counter() > deadline:
-            res["grpo"] = {"skipped": "deadline"}
-        else:
-            # RePIC's trainer: the processor at Qwen2.5-VL's default pixel budget (images pre-resized)
-            processor.image_processor.max_pixels = 12845056
-            try:
-                res["grpo"] = bench_grpo(model, processor, args.grpo_steps, 8 if cuda else 2, args.grpo_paths,
-                                         args.grpo_max_new, deadline)
-            except Exception as exc:  # noqa: BLE001
-                res["grpo"] = {"error": repr(exc)[:500], "trace": traceback.format_exc()[-2500:]}
+            log("caption " + json.dumps({p: row.get(p, {}).get("captions_s") if isinstance(row.get(p), dict)
+                                         else None for p in plan_paths} | {"k": k, "batch": batch}))
+
+    def section_vision_compiled() -> None:
+        try:
+            res["vision_compiled"] = bench_vision(model, processor, args.vision_batch, max(args.ks), peak,
+                                                  True, deadline + 1e9, only_compiled=True)
+        except Exception as exc:  # noqa: BLE001
+            res["vision_compiled"] = {"error": repr(exc)[:500], "trace": traceback.format_exc()[-2000:]}
+        save()
+        log(f"vision compiled {json.dumps(res['vision_compiled'], default=str)[:1500]}")
+
+    def section_noise() -> None:
+        try:
+            res["vision_noise_floor"] = vision_noise_floor(model, processor, 2, max(args.ks))
+        except Exception as exc:  # noqa: BLE001
+            res["vision_noise_floor"] = {"error": repr(exc)[:500], "trace": traceback.format_exc()[-2000:]}
+        save()
+        log(f"noise floor {json.dumps(res['vision_noise_floor'], default=str)[:800]}")
+
+    def section_grpo() -> None:
+        # RePIC's trainer: the processor at Qwen2.5-VL's default pixel budget (images pre-resized)
+        budget = dict(processor.image_processor.size)
+        processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": 12845056}
+        restore = type(model).generate
+        try:
+            res["grpo"] = bench_grpo(model, processor, args.grpo_steps, 8 if cuda else 2, args.grpo_paths,
+                                     args.grpo_max_new, deadline)
+        except Exception as exc:  # noqa: BLE001
+            res["grpo"] = {"error": repr(exc)[:500], "trace": traceback.format_exc()[-2500:]}
+        finally:
+            processor.image_processor.size = budget
+            type(model).generate = restore
+            model.eval()
         save()
         log("grpo " + json.dumps({k: v for k, v in res["grpo"].items() if k not in ("lengths",)}, default=str))
+
+    sections = {"vision": section_vision, "caption": section_caption, "vision_compiled": section_vision_compiled,
+                "noise": section_noise, "grpo": section_grpo}
+    for name in args.sections:
+        if name == "peak":
+            continue
+        if time.perf_counter() > deadline:
+            res.setdefault("skipped", []).append(name)
+            log(f"{name}: skipped (deadline)")
+            continue
+        sections[name]()
     res["wall_s"] = time.perf_counter() - t0
     save()
     return 0

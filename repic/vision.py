@@ -61,12 +61,13 @@ def disable_fast_vision(model: Any) -> None:
 
 
 @contextlib.contextmanager
-def fast_vision(model: Any, *, compile: bool = False) -> Iterator[None]:
-    """The bucketed vision forward inside the block, whatever was installed before it afterwards."""
+def fast_vision(model: Any, *, compile: bool | None = None) -> Iterator[None]:
+    """The bucketed vision forward inside the block, whatever was installed before it afterwards. `compile`:
+    None keeps an installed forward's setting (off when none is installed)."""
     visual = _visual(model)
     before = getattr(visual, _ATTR, None)
     was_compiled = before["compile"] if before is not None else None
-    enable_fast_vision(model, compile=compile)
+    enable_fast_vision(model, compile=bool(was_compiled) if compile is None else compile)
     try:
         yield
     finally:

@@ -98,7 +98,7 @@ def test_whole_model_logits_and_gradients_unchanged(tiny_model_dir):
     from repic.models import load_model, load_processor
 
     model, processor = load_model(tiny_model_dir, device="cpu", dtype="float32"), load_processor(tiny_model_dir)
-    processor.image_processor.max_pixels = 224 * 336  # several windows per image
+    processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": 224 * 336}  # several windows
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Hi."}]}]
     text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     images = [Image.effect_noise((224, 336), 60).convert("RGB"), Image.effect_noise((168, 112), 40).convert("RGB")]
@@ -141,7 +141,7 @@ def _lora_tiny(tiny_model_dir):
     model = get_peft_model(load_model(tiny_model_dir, device="cpu", dtype="float32").train(),
                            lora_config({"r": 4, "lora_alpha": 8}))
     processor = load_processor(tiny_model_dir)
-    processor.image_processor.max_pixels = 224 * 336
+    processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": 224 * 336}
     return model, processor
 
 
