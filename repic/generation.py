@@ -282,7 +282,9 @@ def _static_generate_eval(core: Any, inputs: Mapping[str, torch.Tensor], cfg: An
     positions = _prompt_positions(core, inputs)
     from repic.vision import fast_vision
 
-    with fast_vision(core):  # windows bucketed by length: one attention call per window length and layer
+    # windows bucketed by length (one attention call per window length and layer); on CUDA the blocks around
+    # the attention compiled too (BENCHMARKS.md: the tower at 362-372 TFLOP/s on an H200, 181 eager)
+    with fast_vision(core, compile=True if device.type == "cuda" else None):
         out = core(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
     _sync(device)
     n_prompts, prompt_len = inputs["input_ids"].shape

@@ -11,15 +11,22 @@ size. Norms, projections, MLPs, rotary embedding and merger are the model's own 
 window is permutation-equivariant, so the output equals transformers' (tests/test_vision.py: within 1e-5 in fp32).
 
 `fast_vision(model)` installs it for a `with` block; `enable_fast_vision(model)` for good (training: the tower
-is frozen and runs in every rollout prefill, policy forward and reference forward). `compile=True` wraps the
-parts of a block around the attention (norm, qkv, rotary; projection, MLP) in `torch.compile(dynamic=True)` so
-inductor fuses their elementwise chains; the attention buckets stay eager.
+is frozen and runs in every rollout prefill, policy forward and reference forward). `compile=True` runs the parts
+of a block around the attention (norm, qkv, rotary; projection, MLP) as two `torch.compile(dynamic=True)`
+functions of plain tensors, one graph for all blocks and all image sizes: inductor fuses the fp32 norm and rotary
+chains and pads the MLP's 3420-wide matrices, which eager cuBLAS runs on slow 2-element-aligned kernels. On an
+H200 (BENCHMARKS.md) the tower went from 64 TFLOP/s (transformers) to 181 (bucketed, eager) and 362-372
+(bucketed, compiled). Where compilation fails the tower warns and runs eagerly.
+
+`enable_image_feature_cache(model)` encodes each distinct image once (GRPO's G completions of a prompt share their
+images; the reference and policy forwards of a step see the same ones) while the tower is frozen.
 """
 
 from __future__ import annotations
 
 import contextlib
 import types
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -222,17 +229,27 @@ def _compiled_block(state: dict, block: Any) -> tuple[Any, Any]:
 
 
 def _forward(self: Any, hidden_states: torch.Tensor, grid_thw: torch.Tensor, **kwargs: Any) -> Any:
+    state = getattr(self, _ATTR)
+    if state["compile"]:
+        try:
+            return _tower(self, state, hidden_states, grid_thw, compiled=True)
+        except Exception as exc:  # noqa: BLE001 - no compiler here (no Triton, no C++ toolchain): stay eager, say so
+            warnings.warn(f"fast vision: compiled blocks failed, running eagerly ({exc!r})", stacklevel=2)
+            state["compile"] = False
+    return _tower(self, state, hidden_states, grid_thw, compiled=False)
+
+
+def _tower(self: Any, state: dict, hidden_states: torch.Tensor, grid_thw: torch.Tensor, compiled: bool) -> Any:
     from transformers.modeling_outputs import BaseModelOutputWithPooling
     from transformers.vision_utils import get_vision_position_ids
 
-    state = getattr(self, _ATTR)
     layout = Layout(self, grid_thw)
     position_ids = get_vision_position_ids(grid_thw, self.spatial_merge_size)
     hidden = layout.permute(self.patch_embed(hidden_states))
     cos, sin = (layout.permute(t) for t in self.rotary_pos_emb(hidden, position_ids))
     full = set(self.fullatt_block_indexes)
     for i, block in enumerate(self.blocks):
-        pre, post = _compiled_block(state, block) if state["compile"] and _compilable(block) else (_pre, _post)
+        pre, post = _compiled_block(state, block) if compiled and _compilable(block) else (_pre, _post)
         q, k, v = pre(block, hidden, cos, sin)
         o = _attend(q, k, v, layout, i in full, block.attn.scaling)
         hidden = post(block, hidden, o)

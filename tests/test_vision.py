@@ -237,3 +237,20 @@ def test_grpo_step_with_feature_cache_equals_without(tiny_model_dir, tmp_path, m
     for name, value in adapter.items():
         assert torch.allclose(value, ref_adapter[name], atol=1e-6), name
     assert any(not torch.all(v == 0) for n, v in adapter.items() if "lora_B" in n)  # the step did change it
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
+    tower = _tower()
+    pixels, grid = _inputs(GRIDS[:2])
+
+    def broken(fn, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("no compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with torch.no_grad():
+        ref = tower(pixels, grid_thw=grid).pooler_output
+        with fast_vision(tower, compile=True), pytest.warns(UserWarning, match="running eagerly"):
+            out = tower(pixels, grid_thw=grid).pooler_output
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
