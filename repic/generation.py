@@ -280,11 +280,13 @@ def _static_generate_eval(core: Any, inputs: Mapping[str, torch.Tensor], cfg: An
     t0 = time.perf_counter()
     # --- prefill: the model's own forward, once per distinct prompt
     positions = _prompt_positions(core, inputs)
-    from repic.vision import fast_vision
+    from repic.vision import fast_vision, fast_vision_enabled
 
-    # windows bucketed by length (one attention call per window length and layer); on CUDA the blocks around
-    # the attention compiled too (BENCHMARKS.md: the tower at 362-372 TFLOP/s on an H200, 181 eager)
-    with fast_vision(core, compile=True if device.type == "cuda" else None):
+    # windows bucketed by length (one attention call per window length and layer); for captioning on CUDA the
+    # blocks around the attention compiled too (BENCHMARKS.md: the tower at 362-372 TFLOP/s on an H200, 181
+    # eager). A tower set up by the GRPO trainer keeps its own setting (eager: a few images per step).
+    compile_vision = None if fast_vision_enabled(core) else device.type == "cuda"
+    with fast_vision(core, compile=compile_vision):
         out = core(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
     _sync(device)
     n_prompts, prompt_len = inputs["input_ids"].shape

@@ -60,6 +60,10 @@ def enable_fast_vision(model: Any, *, compile: bool = False) -> Any:
     return visual
 
 
+def fast_vision_enabled(model: Any) -> bool:
+    return getattr(_visual(model), _ATTR, None) is not None
+
+
 def disable_fast_vision(model: Any) -> None:
     visual = _visual(model)
     if getattr(visual, _ATTR, None) is not None:
