@@ -14,7 +14,8 @@ one key/value head stacked, as transformers' sdpa path decodes. Greedy output eq
 token in fp32 (tests/test_generation.py); `bench/generation.py` measures agreement in bf16 on a GPU.
 
 `rollout_trainer(GRPOTrainer)` routes TRL's default rollouts (no vLLM, no continuous batching, no tools)
-through the static backend: the G samples of a prompt share one prefill.
+through the static backend: the G samples of a prompt share one prefill. Both the static prefill and the
+trainer's forwards run the vision tower through repic.vision (windows bucketed by length).
 """
 
 from __future__ import annotations
@@ -156,6 +157,15 @@ def rollout_trainer(trainer_cls: type, backend: str = "static") -> type:
     class StaticRolloutGRPOTrainer(trainer_cls):
         rollout_backend = backend
 
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            from repic.vision import enable_fast_vision, enable_image_feature_cache
+
+            # the frozen vision tower runs in every rollout prefill, policy forward and reference forward:
+            # bucketed windows, and each distinct image encoded once per step (not once per completion and pass)
+            enable_fast_vision(self.model)
+            self.image_feature_cache = enable_image_feature_cache(self.model)
+
         def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
                                   has_tool_images=False):
             if (self.use_vllm or self.use_transformers_continuous_batching or self.tools or has_tool_images
@@ -270,7 +280,14 @@ def _static_generate_eval(core: Any, inputs: Mapping[str, torch.Tensor], cfg: An
     t0 = time.perf_counter()
     # --- prefill: the model's own forward, once per distinct prompt
     positions = _prompt_positions(core, inputs)
-    out = core(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
+    from repic.vision import fast_vision, fast_vision_enabled
+
+    # windows bucketed by length (one attention call per window length and layer); for captioning on CUDA the
+    # blocks around the attention compiled too (BENCHMARKS.md: the tower at 362-372 TFLOP/s on an H200, 181
+    # eager). A tower set up by the GRPO trainer keeps its own setting (eager: a few images per step).
+    compile_vision = None if fast_vision_enabled(core) else device.type == "cuda"
+    with fast_vision(core, compile=compile_vision):
+        out = core(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
     _sync(device)
     n_prompts, prompt_len = inputs["input_ids"].shape
     batch = n_prompts * repeats
