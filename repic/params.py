@@ -66,7 +66,7 @@ SCHEMA: dict[str, Any] = _obj({
             "steps": _INT, "batch_size": _POS, "learning_rate": _NUM,
         }),
     }),
-    "subset_2k": _obj({"size": _POS}),
+    "subset_2k": _obj({"n_samples": _POS}),
     "build_db": _obj({"embedder": {"enum": ["color_layout", "clip"]}, "embedder_kwargs": {"type": "object"}}),
     "caption": _obj({
         "backend": {"enum": ["hf", "static"]},

@@ -29,8 +29,8 @@ def test_unknown_key_is_named(tmp_path):
 
 def test_mistyped_value_is_named(tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["subset_2k"]["size"] = "many"
-    with pytest.raises(RepicError, match=r"subset_2k\.size: 'many' is not of type 'integer'"):
+    params["subset_2k"]["n_samples"] = "many"
+    with pytest.raises(RepicError, match=r"subset_2k\.n_samples: 'many' is not of type 'integer'"):
         load_params(_write(tmp_path, params))
 
 
