@@ -76,7 +76,10 @@ def lora_config(lora: dict[str, Any]):
     kwargs = dict(lora)
     kwargs.setdefault("target_modules", LANGUAGE_MODEL_LINEAR)
     kwargs.setdefault("task_type", "CAUSAL_LM")
-    return LoraConfig(**kwargs)
+    try:
+        return LoraConfig(**kwargs)
+    except (ValueError, TypeError) as exc:  # LoraConfig.__post_init__'s own checks
+        raise RepicError(f"params.yaml: train_grpo_lora.lora: {str(exc).splitlines()[0]}") from None
 
 
 def grpo_config(grpo: dict[str, Any], output_dir: str | os.PathLike, use_cpu: bool):
@@ -86,7 +89,10 @@ def grpo_config(grpo: dict[str, Any], output_dir: str | os.PathLike, use_cpu: bo
     kwargs = dict(grpo)
     kwargs.setdefault("report_to", "none")
     kwargs.setdefault("save_strategy", "no")
-    return GRPOConfig(output_dir=str(output_dir), use_cpu=use_cpu, **kwargs)
+    try:
+        return GRPOConfig(output_dir=str(output_dir), use_cpu=use_cpu, **kwargs)
+    except (ValueError, TypeError) as exc:  # GRPOConfig/TrainingArguments.__post_init__'s own checks
+        raise RepicError(f"params.yaml: train_grpo_lora.grpo: {str(exc).splitlines()[0]}") from None
 
 
 def reward_functions(names: list[str], protocol: str) -> list:
@@ -97,6 +103,22 @@ def reward_functions(names: list[str], protocol: str) -> list:
         raise RepicError(f"train_grpo_lora.rewards: unknown reward {unknown[0]!r}; "
                          f"expected one of {sorted(REWARD_REGISTRY)}")
     return [REWARD_REGISTRY[n](protocol) for n in names]
+
+
+# What the training loop reads of the `train_grpo_lora` section: checkpoints are keyed on these (and the data,
+# base model, seed, dtype and number of processes), so editing `heldout_eval` or `launch` keeps them.
+TRAINING_KEYS = ("rollout_backend", "protocol", "rewards", "resize", "lora", "grpo")
+
+
+def check_training_params(params: dict[str, Any], *, seed: int = 0) -> None:
+    """Everything `train` checks before it starts: GRPOConfig/LoraConfig field names and value types, the
+    dataclasses' own checks (`__post_init__`), reward names. Raises RepicError; touches no file."""
+    import tempfile
+
+    lora_config(params["lora"])
+    with tempfile.TemporaryDirectory() as tmp:  # GRPOConfig wants an output_dir; nothing is written there
+        grpo_config({**params["grpo"], "seed": seed}, tmp, use_cpu=True)
+    reward_functions(params["rewards"], params["protocol"])
 
 
 def prepare_checkpoints(checkpoint_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> str | None:
@@ -139,8 +161,6 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
     lora = lora_config(params["lora"])
     args = grpo_config({**params["grpo"], "seed": seed}, checkpoint_dir, use_cpu=device == "cpu")
     rewards = reward_functions(params["rewards"], params["protocol"])
-    resume = prepare_checkpoints(checkpoint_dir, {"params": params, "seed": seed, "model": str(model_path),
-                                                  "samples": samples, "dtype": dtype})
     examples = build_examples(samples, root, seed=seed, **params.get("resize", {}))
     dataset = Dataset.from_list(examples)
     processor = load_processor(model_path)
@@ -160,6 +180,10 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
         processing_class=processor,
         callbacks=callbacks,
     )
+    # Only now, with everything built, may stale checkpoints go: a config error above keeps them.
+    resume = prepare_checkpoints(checkpoint_dir, {"params": {k: params.get(k) for k in TRAINING_KEYS},
+                                                  "seed": seed, "model": str(model_path), "samples": samples,
+                                                  "dtype": dtype, "world_size": args.world_size})
     trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():
         trainer.model.save_pretrained(out_dir)

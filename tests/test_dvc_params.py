@@ -26,6 +26,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from repic.params import deep_merge
@@ -182,3 +183,77 @@ def test_params_not_declared_by_any_stage_reach_it_through_its_command():
                 continue
             dotted = ".".join(map(str, leaf))
             assert "${" + dotted + "}" in dvc_yaml, f"params.yaml: {dotted}: read by no stage of dvc.yaml"
+
+
+MAKE_OUTS = """
+import json, sys
+from pathlib import Path
+run = json.load(open("params.json"))["run"]
+if run == "fail":
+    sys.exit("failed on purpose")
+for path in map(Path, sys.argv[1:]):
+    if path.suffix:  # a file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{path} from run {run}\\n")
+    else:
+        (path / "sub").mkdir(parents=True, exist_ok=True)
+        (path / "sub" / "file.txt").write_text(f"{path} from run {run}\\n")
+"""
+
+
+def snapshot(root: Path, paths: list[str]) -> dict[str, str]:
+    out = {}
+    for rel in paths:
+        p = root / rel
+        for f in sorted([p] if p.is_file() else p.rglob("*") if p.is_dir() else []):
+            if f.is_file():
+                out[str(f.relative_to(root))] = f.read_text()
+    return out
+
+
+def test_a_failing_stage_loses_no_output(tmp_path):
+    """`dvc repro` deletes a stage's outs before running its command. A stage that then fails must leave every
+    `cache: false` out of the real dvc.yaml (metrics in git: nothing could restore them) in place, and every
+    cached one restorable by `dvc checkout`. Driven through DVC on the real stages' outs and their flags."""
+    from dvc.exceptions import ReproductionError
+    from dvc.repo import Repo
+
+    real = [s for s in Repo(str(REPO)).index.stages if s.cmd]
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    Repo.init(str(repo)).close()
+    (repo / "make_outs.py").write_text(MAKE_OUTS)
+    stages = {}
+    for stage in real:
+        paths = [o.def_path for o in stage.outs]
+        outs = {"outs": [], "metrics": []}
+        for o in stage.outs:
+            flags = {k: v for k, v in (("cache", o.use_cache), ("persist", o.persist)) if v != (k == "cache")}
+            outs["metrics" if o.metric else "outs"].append({o.def_path: flags} if flags else o.def_path)
+        stages[stage.name] = {"cmd": f"python make_outs.py {' '.join(paths)}", "deps": ["make_outs.py"],
+                              "params": [{PARAMS: ["run"]}], **{k: v for k, v in outs.items() if v}}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    all_outs = [o.def_path for s in real for o in s.outs]
+    uncached = [o.def_path for s in real for o in s.outs if not o.use_cache]
+    assert {"results/score/metrics.json", "results/train/summary.json"} <= set(uncached)
+    cwd = os.getcwd()
+    os.chdir(repo)
+    try:
+        (repo / PARAMS).write_text(json.dumps({"run": 1}))
+        with Repo(str(repo)) as dvc:
+            dvc.reproduce()
+        before = snapshot(repo, all_outs)
+        assert len(before) == len(all_outs)
+        (repo / PARAMS).write_text(json.dumps({"run": "fail"}))
+        for stage in real:
+            with Repo(str(repo)) as dvc, pytest.raises(ReproductionError):
+                dvc.reproduce(stage.name, single_item=True)
+            now = snapshot(repo, uncached)
+            kept = {k: v for k, v in before.items() if any(k == u or k.startswith(u + "/") for u in uncached)}
+            assert now == kept, f"{stage.name}: a failed run lost cache: false outs {sorted(kept.keys() - now)}"
+        with Repo(str(repo)) as dvc:
+            dvc.checkout(force=True)
+        assert snapshot(repo, all_outs) == before
+    finally:
+        os.chdir(cwd)

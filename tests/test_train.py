@@ -23,6 +23,10 @@ def test_grpo_and_lora_configs_carry_the_params(tmp_path):
         grpo_config({"num_generation": 8}, tmp_path, use_cpu=True)
     with pytest.raises(RepicError, match="unknown reward 'bleu'"):
         reward_functions(["bleu"], "repic")
+    with pytest.raises(RepicError, match=r"grpo\.learning_rate: '1e-4' is not a number"):
+        grpo_config({"learning_rate": "1e-4"}, tmp_path, use_cpu=True)
+    with pytest.raises(RepicError, match=r"lora\.lora_dropout: '0.05' is not a number"):
+        lora_config({"lora_dropout": "0.05"})
 
 
 def test_lora_targets_language_model_only(tiny_model_dir):
@@ -111,9 +115,18 @@ def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, monkey
         train(tiny_model_dir, samples, tmp_path, tmp_path / "resumed", params,
               checkpoint_dir=tmp_path / "ck", seed=3, device="cpu", callbacks=[Crash()])
     assert not (tmp_path / "resumed").exists() and (tmp_path / "ck" / "checkpoint-2").is_dir()
-    log = train(tiny_model_dir, samples, tmp_path, tmp_path / "resumed", params,
-                checkpoint_dir=tmp_path / "ck", seed=3, device="cpu")
-    assert [r["step"] for r in log if "loss" in r][-2:] == [3, 4]  # steps 1-2 came from the checkpoint
+    class Steps(TrainerCallback):
+        ran: list[int] = []
+
+        def on_step_end(self, args, state, control, **kw):
+            self.ran.append(state.global_step)
+
+    # evaluation-only keys are not what the checkpoints were trained on: editing them keeps the checkpoints
+    log = train(tiny_model_dir, samples, tmp_path, tmp_path / "resumed",
+                {**params, "heldout_eval": 99, "launch": "accelerate launch --num_processes 1"},
+                checkpoint_dir=tmp_path / "ck", seed=3, device="cpu", callbacks=[Steps()])
+    assert Steps.ran == [3, 4]  # steps 1-2 came from the checkpoint
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
     full, resumed = _adapter_weights(tmp_path / "full"), _adapter_weights(tmp_path / "resumed")
     assert full.keys() == resumed.keys()
     assert all(torch.equal(full[k], resumed[k]) for k in full)
@@ -128,3 +141,25 @@ def test_checkpoints_of_another_config_are_not_resumed(tmp_path):
     (ck / "checkpoint-5").mkdir()
     assert prepare_checkpoints(ck, {"lr": 1}).endswith("checkpoint-5")
     assert prepare_checkpoints(ck, {"lr": 2}) is None and not (ck / "checkpoint-5").exists()
+
+
+def test_a_failing_run_keeps_the_checkpoints(tiny_model_dir, tmp_path):
+    """Stale checkpoints are dropped only once the trainer is built: a bad value, a missing model or any other
+    failure before training starts keeps a long run's checkpoints."""
+    from repic.train import prepare_checkpoints, train
+
+    samples = _tiny_samples(tmp_path)
+    params = _tiny_params()
+    ck = tmp_path / "ck"
+    prepare_checkpoints(ck, {"an": "older configuration"})
+    (ck / "checkpoint-2").mkdir()
+    bad = {**params, "grpo": {**params["grpo"], "learning_rate": "1e-4"}}
+    with pytest.raises(RepicError, match=r"learning_rate: '1e-4' is not a number"):
+        train(tiny_model_dir, samples, tmp_path, tmp_path / "out", bad, checkpoint_dir=ck, seed=0, device="cpu")
+    with pytest.raises(Exception):  # noqa: B017 - whatever transformers raises for a missing model
+        train(tmp_path / "no-model", samples, tmp_path, tmp_path / "out", params, checkpoint_dir=ck, seed=0,
+              device="cpu")
+    with pytest.raises(RepicError, match="cannot read image"):
+        train(tiny_model_dir, [{**samples[0], "image": "./data/nope.png"}], tmp_path, tmp_path / "out", params,
+              checkpoint_dir=ck, seed=0, device="cpu")
+    assert (ck / "checkpoint-2").is_dir()
