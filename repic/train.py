@@ -121,6 +121,43 @@ def check_training_params(params: dict[str, Any], *, seed: int = 0) -> None:
     reward_functions(params["rewards"], params["protocol"])
 
 
+def epoch_seeded(trainer_cls: type) -> type:
+    """`trainer_cls` (a TRL GRPOTrainer) whose training sampler draws epoch e's order from the epoch number.
+
+    TRL's `RepeatSampler` seeds one generator when it is built and advances it by one permutation per pass, and
+    transformers 5's Trainer no longer replays the finished epochs on resume (it calls `set_epoch`, which
+    RepeatSampler lacks). So a run resumed in epoch 2 or later drew epoch 1's order again and then skipped the
+    batches already trained: samples repeated or missed. Here pass e reseeds and draws e+1 permutations, the
+    order an uninterrupted run sees, whichever process or resume asks for it.
+    """
+    import torch
+    from trl.trainer.utils import RepeatSampler
+
+    class EpochRepeatSampler(RepeatSampler):
+        epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:  # called by the Trainer / accelerate before each pass
+            self.epoch = epoch
+
+        def __iter__(self):
+            if self.shuffle:
+                self.generator.manual_seed(self.seed)
+                for _ in range(self.epoch):
+                    torch.randperm(self.num_samples, generator=self.generator)
+            return super().__iter__()
+
+    class EpochSeededTrainer(trainer_cls):
+        def _get_train_sampler(self, dataset=None):
+            s = super()._get_train_sampler(dataset)
+            if not isinstance(s, RepeatSampler) or (s.shuffle and s.seed is None):
+                raise RepicError(f"unexpected TRL training sampler {type(s).__name__}: resume would not be exact")
+            return EpochRepeatSampler(data_source=s.data_source, mini_repeat_count=s.mini_repeat_count,
+                                      batch_size=s.batch_size, repeat_count=s.repeat_count, shuffle=s.shuffle,
+                                      seed=s.seed)
+
+    return EpochSeededTrainer
+
+
 def prepare_checkpoints(checkpoint_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> str | None:
     """The checkpoint to resume from, if any. Checkpoints of another configuration (params, data, base model)
     are stale: they are removed rather than resumed."""
@@ -170,8 +207,7 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
     model = get_peft_model(load_model(model_path, device="cpu", dtype=dtype).train(), lora)
     from repic.generation import rollout_trainer
 
-    trainer_cls = rollout_trainer(GRPOTrainer, params["rollout_backend"]) \
-        if params.get("rollout_backend", "hf") != "hf" else GRPOTrainer
+    trainer_cls = epoch_seeded(rollout_trainer(GRPOTrainer, params.get("rollout_backend", "hf")))
     trainer = trainer_cls(
         model=model,
         reward_funcs=rewards,
@@ -184,6 +220,10 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
     resume = prepare_checkpoints(checkpoint_dir, {"params": {k: params.get(k) for k in TRAINING_KEYS},
                                                   "seed": seed, "model": str(model_path), "samples": samples,
                                                   "dtype": dtype, "world_size": args.world_size})
+    if trainer.is_world_process_zero():
+        print(f"train_grpo_lora: resuming from {resume}" if resume else
+              f"train_grpo_lora: no checkpoint of this configuration in {checkpoint_dir}: training from step 0",
+              flush=True)
     trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():
         trainer.model.save_pretrained(out_dir)

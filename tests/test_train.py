@@ -133,6 +133,50 @@ def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, monkey
     assert any(v.abs().sum() > 0 for k, v in full.items() if "lora_B" in k)  # it did train
 
 
+def test_a_run_killed_in_epoch_2_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, monkeypatch, capfd):
+    """The paper trains 2 epochs. A run killed inside epoch 2 must resume epoch 2's sample order, not replay
+    epoch 1's (TRL's sampler is seeded once per run; see repic.train.epoch_seeded): same prompts per step, and
+    the same final adapter as an uninterrupted run."""
+    import torch
+    from transformers import TrainerCallback
+
+    from repic.rewards import REWARD_REGISTRY
+    from repic.train import train
+
+    seen: list[str] = []
+
+    def recording(completions, prompts=None, **kwargs):  # the prompt of every step, in order
+        seen.append(prompts[0][0]["content"][-1]["text"])
+        return text_variety(completions)
+
+    monkeypatch.setitem(REWARD_REGISTRY, "text_variety", lambda protocol: recording)
+    samples = _tiny_samples(tmp_path)[:4]  # 4 steps per epoch
+    params = _tiny_params(max_steps=-1, num_train_epochs=2, save_steps=5)
+    params["rewards"] = ["object_consistency", "text_variety"]
+    train(tiny_model_dir, samples, tmp_path, tmp_path / "full", params, checkpoint_dir=tmp_path / "ck_full",
+          seed=5, device="cpu")
+    full_order, seen[:] = list(seen), []
+    assert len(full_order) == 8 and full_order[:4] != full_order[4:]  # epoch 2 is reshuffled
+    assert "no checkpoint of this configuration" in capfd.readouterr().out
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 7:
+                raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model_dir, samples, tmp_path, tmp_path / "resumed", params, checkpoint_dir=tmp_path / "ck",
+              seed=5, device="cpu", callbacks=[Crash()])
+    assert seen == full_order[:7] and (tmp_path / "ck" / "checkpoint-5").is_dir()  # step 5: inside epoch 2
+    seen[:] = []
+    train(tiny_model_dir, samples, tmp_path, tmp_path / "resumed", params, checkpoint_dir=tmp_path / "ck",
+          seed=5, device="cpu")
+    assert f"train_grpo_lora: resuming from {tmp_path / 'ck' / 'checkpoint-5'}" in capfd.readouterr().out
+    assert seen == full_order[5:]  # steps 6-8: epoch 2's order, not epoch 1's
+    full, resumed = _adapter_weights(tmp_path / "full"), _adapter_weights(tmp_path / "resumed")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
 def test_checkpoints_of_another_config_are_not_resumed(tmp_path):
     from repic.train import prepare_checkpoints
 
