@@ -1,4 +1,4 @@
-"""Every param a stage declares really reruns it under `dvc repro`.
+"""DVC and our dvc.yaml: every param a stage declares really reruns it, and a failed stage loses nothing.
 
 DVC 3.67 keys its run cache on the stage's lock entry (cmd, deps' hashes, params' values, outs' paths) hashed by
 `dvc.stage.cache._get_cache_hash`, which calls `dict_sha256(..., exclude=[Meta.PARAM_SIZE, Meta.PARAM_NFILES])`.
@@ -10,8 +10,8 @@ and restores the stale outputs ("Stage ... is cached - skipping run"), while dvc
 So this test does not list the names DVC treats specially: it drives DVC itself, on every leaf under every key
 a stage of the real dvc.yaml declares (read by DVC's own loader), for params.yaml and params.yaml with each
 overlay in configs/ applied. A stage's lock entry holds each declared key's value apart (`{key: value}`), so
-stages declaring the same key get the same entry for it: the scratch git+DVC repo has one stage per distinct
-declared key, declaring exactly it, with a run-cacheable command that copies the params file into its out.
+stages declaring the same key get the same entry for it: each distinct declared key gets a scratch DVC repo
+whose one stage declares exactly it, with a run-cacheable command that copies the params file into its out.
 After a `repro` that fills the run cache, leaves are changed one at a time, cumulatively: each change must make
 `status` flag the stage, and after `repro` the stage's out must hold the current params. If DVC left the leaf
 out of the key, the key would equal the previous state's, whose run-cache entry `repro` would restore.
@@ -95,16 +95,16 @@ def git(repo: Path, *args: str) -> None:
 
 
 class ScratchRepo:
-    """A git+DVC repo with one stage, `check`: it declares `key` and copies the params file to its out. One repo
-    per key keeps dvc.lock small: DVC re-reads the whole lock (ruamel.yaml) for every stage it runs."""
+    """A DVC repo (no git: the run cache and status do not involve it) with one stage, `check`: it declares `key`
+    and copies the params file to its out. One repo per key keeps dvc.lock small: DVC re-reads the whole lock
+    (ruamel.yaml) for every stage it runs."""
 
     def __init__(self, path: Path, key: tuple[str, ...], params: dict[str, Any]):
         from dvc.repo import Repo
 
         self.path, self.key, self.params = path, key, params
         path.mkdir(parents=True)
-        git(path, "init", "-q")
-        Repo.init(str(path)).close()
+        Repo.init(str(path), no_scm=True).close()
         (path / "dep.txt").write_text("a dependency, so that DVC's run cache can key the stage\n")
         stage = {"cmd": f"cp {PARAMS} out.json", "deps": ["dep.txt"], "params": [{PARAMS: [".".join(key)]}],
                  "outs": ["out.json"]}
