@@ -216,10 +216,16 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
         processing_class=processor,
         callbacks=callbacks,
     )
-    # Only now, with everything built, may stale checkpoints go: a config error above keeps them.
-    resume = prepare_checkpoints(checkpoint_dir, {"params": {k: params.get(k) for k in TRAINING_KEYS},
-                                                  "seed": seed, "model": str(model_path), "samples": samples,
-                                                  "dtype": dtype, "world_size": args.world_size})
+    # Only now, with everything built, may stale checkpoints go: a config error above keeps them. One process
+    # decides (several removing the same folder would race), the others then read what it left.
+    fingerprint = {"params": {k: params.get(k) for k in TRAINING_KEYS}, "seed": seed, "model": str(model_path),
+                   "samples": samples, "dtype": dtype, "world_size": args.world_size}
+    if trainer.accelerator.is_main_process:
+        prepare_checkpoints(checkpoint_dir, fingerprint)
+    trainer.accelerator.wait_for_everyone()
+    from transformers.trainer_utils import get_last_checkpoint
+
+    resume = get_last_checkpoint(str(checkpoint_dir))
     if trainer.is_world_process_zero():
         print(f"train_grpo_lora: resuming from {resume}" if resume else
               f"train_grpo_lora: no checkpoint of this configuration in {checkpoint_dir}: training from step 0",
