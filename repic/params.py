@@ -110,9 +110,34 @@ def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# DVC 3.67 leaves every dict key so named, at any depth, out of a stage's run-cache key
+# (dvc.stage.cache._get_cache_hash excludes Meta.PARAM_SIZE and Meta.PARAM_NFILES): a change to such a param
+# would make `dvc repro` restore the previous result. tests/test_dvc_params.py checks every declared param.
+RUN_CACHE_BLIND_KEYS = ("size", "nfiles")
+
+
+def _blind_key(value: Any, path: tuple = ()) -> str | None:
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            if key in RUN_CACHE_BLIND_KEYS:
+                return ".".join(map(str, (*path, key)))
+            if found := _blind_key(sub, (*path, key)):
+                return found
+    elif isinstance(value, list):
+        for i, sub in enumerate(value):
+            if found := _blind_key(sub, (*path, i)):
+                return found
+    return None
+
+
 def validate(params: dict[str, Any], source: str = "params.yaml") -> None:
     """Raise RepicError naming the first offending key (dotted path) and what was expected."""
     import jsonschema
+
+    if blind := _blind_key(params):
+        raise RepicError(f"{source}: {blind}: a key named {blind.split('.')[-1]!r} is ignored by DVC's run cache "
+                         "(a change would restore a stale result); no param may be named "
+                         f"{' or '.join(RUN_CACHE_BLIND_KEYS)}")
 
     validator = jsonschema.Draft202012Validator(SCHEMA)
     errors = sorted(validator.iter_errors(params), key=lambda e: list(e.absolute_path))

@@ -106,3 +106,16 @@ def test_check_catches_what_the_training_stage_would(tmp_path, capsys):
     params["train_grpo_lora"]["rewards"] = ["bleu"]
     assert main(["check", "--params", str(_write(tmp_path, params))]) == 2
     assert "unknown reward 'bleu'" in capsys.readouterr().err
+
+
+def test_keys_dvc_run_cache_ignores_are_refused(tmp_path):
+    """A key named `size`/`nfiles` anywhere (e.g. in a library's kwargs) would be left out of DVC's run-cache key."""
+    from dvc_data.hashfile.meta import Meta
+
+    from repic.params import RUN_CACHE_BLIND_KEYS
+
+    assert set(RUN_CACHE_BLIND_KEYS) == {Meta.PARAM_SIZE, Meta.PARAM_NFILES}
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["caption"]["detector_kwargs"] = {"size": 768}
+    with pytest.raises(RepicError, match=r"caption\.detector_kwargs\.size: a key named 'size' is ignored by DVC"):
+        load_params(_write(tmp_path, params))
