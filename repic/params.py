@@ -130,6 +130,13 @@ def _blind_key(value: Any, path: tuple = ()) -> str | None:
     return None
 
 
+def _yaml_number_hint(value: Any) -> str:
+    """YAML 1.1 (PyYAML) reads `1e-4` as a string: a float needs a dot."""
+    if isinstance(value, str) and re.fullmatch(r"[-+]?[0-9]+[eE][-+]?[0-9]+", value):
+        return f" (YAML reads {value} as a string, a number needs a dot: write {re.sub('[eE]', '.0e', value)})"
+    return ""
+
+
 def validate(params: dict[str, Any], source: str = "params.yaml") -> None:
     """Raise RepicError naming the first offending key (dotted path) and what was expected."""
     import jsonschema
@@ -151,7 +158,7 @@ def validate(params: dict[str, Any], source: str = "params.yaml") -> None:
         raise RepicError(f"{source}: {key}: unknown key (expected one of {sorted(err.schema['properties'])})")
     if err.validator == "required":
         raise RepicError(f"{source}: {where or '<top>'}: {err.message}")
-    raise RepicError(f"{source}: {where}: {err.message}")
+    raise RepicError(f"{source}: {where}: {err.message}{_yaml_number_hint(err.instance)}")
 
 
 def load_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
@@ -227,11 +234,8 @@ def check_fields(section: str, values: dict[str, Any], dataclass_type: type) -> 
         if key not in names:
             raise RepicError(f"params.yaml: {section}.{key}: unknown key (not a field of {dataclass_type.__name__})")
         if not _matches(value, hints.get(key, Any)):
-            hint = ""
-            if isinstance(value, str) and re.fullmatch(r"[-+]?[0-9]+[eE][-+]?[0-9]+", value):
-                hint = f" (YAML reads {value} as a string, it needs a dot: write {value.replace('e', '.0e', 1)})"
             raise RepicError(f"params.yaml: {section}.{key}: {value!r} is not {_expected(hints[key])} "
-                             f"({dataclass_type.__name__}.{key}){hint}")
+                             f"({dataclass_type.__name__}.{key}){_yaml_number_hint(value)}")
 
 
 def check_libraries(params: dict[str, Any]) -> None:

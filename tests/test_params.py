@@ -32,6 +32,11 @@ def test_mistyped_value_is_named(tmp_path):
     params["subset_2k"]["n_samples"] = "many"
     with pytest.raises(RepicError, match=r"subset_2k\.n_samples: 'many' is not of type 'integer'"):
         load_params(_write(tmp_path, params))
+    params["subset_2k"]["n_samples"] = 24
+    params["fetch_data"]["warmup"]["learning_rate"] = "3e-3"  # what YAML makes of `learning_rate: 3e-3`
+    with pytest.raises(RepicError, match=r"warmup\.learning_rate: '3e-3' is not of type 'number' \(YAML reads "
+                                         r"3e-3 as a string, a number needs a dot: write 3\.0e-3\)"):
+        load_params(_write(tmp_path, params))
 
 
 def test_missing_section_is_named(tmp_path):
