@@ -1,14 +1,15 @@
 """params.yaml: load, overlay and validate against a schema before any work starts.
 
 An unknown or mistyped key is an error that names it, e.g. `params.yaml: train_grpo_lora.lora.rank: unknown key`.
-`lora` and `grpo` hold PEFT's and TRL's own field names; they are checked against those dataclasses when the
-training stage builds its configs.
+`lora` and `grpo` hold PEFT's and TRL's own field names; their names and value types are checked against those
+dataclasses by `python -m repic.params check` and by the training stage before it touches any output.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,7 @@ SCHEMA: dict[str, Any] = _obj({
             "steps": _INT, "batch_size": _POS, "learning_rate": _NUM,
         }),
     }),
-    "subset_2k": _obj({"size": _POS}),
+    "subset_2k": _obj({"n_samples": _POS}),
     "build_db": _obj({"embedder": {"enum": ["color_layout", "clip"]}, "embedder_kwargs": {"type": "object"}}),
     "caption": _obj({
         "backend": {"enum": ["hf", "static"]},
@@ -109,9 +110,41 @@ def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# DVC 3.67 leaves every dict key so named, at any depth, out of a stage's run-cache key
+# (dvc.stage.cache._get_cache_hash excludes Meta.PARAM_SIZE and Meta.PARAM_NFILES): a change to such a param
+# would make `dvc repro` restore the previous result. tests/test_dvc_params.py checks every declared param.
+RUN_CACHE_BLIND_KEYS = ("size", "nfiles")
+
+
+def _blind_key(value: Any, path: tuple = ()) -> str | None:
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            if key in RUN_CACHE_BLIND_KEYS:
+                return ".".join(map(str, (*path, key)))
+            if found := _blind_key(sub, (*path, key)):
+                return found
+    elif isinstance(value, list):
+        for i, sub in enumerate(value):
+            if found := _blind_key(sub, (*path, i)):
+                return found
+    return None
+
+
+def _yaml_number_hint(value: Any) -> str:
+    """YAML 1.1 (PyYAML) reads `1e-4` as a string: a float needs a dot."""
+    if isinstance(value, str) and re.fullmatch(r"[-+]?[0-9]+[eE][-+]?[0-9]+", value):
+        return f" (YAML reads {value} as a string, a number needs a dot: write {re.sub('[eE]', '.0e', value)})"
+    return ""
+
+
 def validate(params: dict[str, Any], source: str = "params.yaml") -> None:
     """Raise RepicError naming the first offending key (dotted path) and what was expected."""
     import jsonschema
+
+    if blind := _blind_key(params):
+        raise RepicError(f"{source}: {blind}: a key named {blind.split('.')[-1]!r} is ignored by DVC's run cache "
+                         "(a change would restore a stale result); no param may be named "
+                         f"{' or '.join(RUN_CACHE_BLIND_KEYS)}")
 
     validator = jsonschema.Draft202012Validator(SCHEMA)
     errors = sorted(validator.iter_errors(params), key=lambda e: list(e.absolute_path))
@@ -125,7 +158,7 @@ def validate(params: dict[str, Any], source: str = "params.yaml") -> None:
         raise RepicError(f"{source}: {key}: unknown key (expected one of {sorted(err.schema['properties'])})")
     if err.validator == "required":
         raise RepicError(f"{source}: {where or '<top>'}: {err.message}")
-    raise RepicError(f"{source}: {where}: {err.message}")
+    raise RepicError(f"{source}: {where}: {err.message}{_yaml_number_hint(err.instance)}")
 
 
 def load_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
@@ -142,14 +175,75 @@ def load_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
     return params
 
 
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a YAML value fits a dataclass field's type hint. Strict on the scalars YAML gets wrong (`1e-4` is
+    a string to YAML, `yes` a bool), lenient on types params.yaml cannot express (callables, config objects)."""
+    import enum
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is None or hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is typing.Literal:
+        # PEFT writes a family of values as one template, e.g. 'pissa_niter_[number of iters]'
+        return value in args or (isinstance(value, str) and any(isinstance(a, str) and "[" in a for a in args))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return value in {m.value for m in hint}
+    if origin in (list, tuple) or hint in (list, tuple):
+        return isinstance(value, list) and (not args or all(_matches(v, args[0]) for v in value))
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _expected(hint: Any) -> str:
+    import types
+    import typing
+
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_expected(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is typing.Literal:
+        return f"one of {list(typing.get_args(hint))}"
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
 def check_fields(section: str, values: dict[str, Any], dataclass_type: type) -> None:
-    """Keys of a library-config section must be fields of that library's dataclass (GRPOConfig, LoraConfig)."""
+    """Keys of a library-config section must be fields of that library's dataclass (GRPOConfig, LoraConfig), and
+    values of the field's type: a dataclass does not check types, so `learning_rate: 1e-4` (a string to YAML)
+    would only fail inside torch, hours into a run."""
     import dataclasses
+    import typing
 
     names = {f.name for f in dataclasses.fields(dataclass_type)}
-    for key in values:
+    hints = typing.get_type_hints(dataclass_type)
+    for key, value in values.items():
         if key not in names:
             raise RepicError(f"params.yaml: {section}.{key}: unknown key (not a field of {dataclass_type.__name__})")
+        if not _matches(value, hints.get(key, Any)):
+            raise RepicError(f"params.yaml: {section}.{key}: {value!r} is not {_expected(hints[key])} "
+                             f"({dataclass_type.__name__}.{key}){_yaml_number_hint(value)}")
+
+
+def check_libraries(params: dict[str, Any]) -> None:
+    """What the stages check at run time beyond the schema: the training section's GRPOConfig / LoraConfig
+    (field names, value types, and the dataclasses' own checks) and reward names. Imports TRL (seconds)."""
+    from repic.train import check_training_params
+
+    check_training_params(params["train_grpo_lora"], seed=params["base"]["seed"])
 
 
 def apply_overlay(params_path: str | os.PathLike, overlay_path: str | os.PathLike) -> dict[str, Any]:
@@ -160,6 +254,7 @@ def apply_overlay(params_path: str | os.PathLike, overlay_path: str | os.PathLik
     overlay = yaml.safe_load(Path(overlay_path).read_text(encoding="utf-8")) or {}
     merged = deep_merge(base, overlay)
     validate(merged, f"{params_path} + {overlay_path}")
+    check_libraries(merged)
     header = f"# {params_path} with {overlay_path} applied (git checkout {params_path} undoes it)\n"
     write_text(params_path, header + yaml.safe_dump(merged, sort_keys=False, width=110))
     return merged
@@ -171,14 +266,16 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m repic.params", description="validate or overlay params.yaml")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("check", help="validate params.yaml").add_argument("--params", default="params.yaml")
+    ck = sub.add_parser("check", help="validate params.yaml: the schema, and what the stages check before any work "
+                        "(GRPOConfig/LoraConfig field names and types, reward names)")
+    ck.add_argument("--params", default="params.yaml")
     ap = sub.add_parser("apply", help="overlay a config (e.g. configs/paper.yaml) onto params.yaml")
     ap.add_argument("overlay")
     ap.add_argument("--params", default="params.yaml")
     args = p.parse_args(argv)
     try:
         if args.command == "check":
-            load_params(args.params)
+            check_libraries(load_params(args.params))
         else:
             apply_overlay(args.params, args.overlay)
     except RepicError as exc:

@@ -76,7 +76,10 @@ def lora_config(lora: dict[str, Any]):
     kwargs = dict(lora)
     kwargs.setdefault("target_modules", LANGUAGE_MODEL_LINEAR)
     kwargs.setdefault("task_type", "CAUSAL_LM")
-    return LoraConfig(**kwargs)
+    try:
+        return LoraConfig(**kwargs)
+    except (ValueError, TypeError) as exc:  # LoraConfig.__post_init__'s own checks
+        raise RepicError(f"params.yaml: train_grpo_lora.lora: {str(exc).splitlines()[0]}") from None
 
 
 def grpo_config(grpo: dict[str, Any], output_dir: str | os.PathLike, use_cpu: bool):
@@ -86,7 +89,10 @@ def grpo_config(grpo: dict[str, Any], output_dir: str | os.PathLike, use_cpu: bo
     kwargs = dict(grpo)
     kwargs.setdefault("report_to", "none")
     kwargs.setdefault("save_strategy", "no")
-    return GRPOConfig(output_dir=str(output_dir), use_cpu=use_cpu, **kwargs)
+    try:
+        return GRPOConfig(output_dir=str(output_dir), use_cpu=use_cpu, **kwargs)
+    except (ValueError, TypeError) as exc:  # GRPOConfig/TrainingArguments.__post_init__'s own checks
+        raise RepicError(f"params.yaml: train_grpo_lora.grpo: {str(exc).splitlines()[0]}") from None
 
 
 def reward_functions(names: list[str], protocol: str) -> list:
@@ -97,6 +103,59 @@ def reward_functions(names: list[str], protocol: str) -> list:
         raise RepicError(f"train_grpo_lora.rewards: unknown reward {unknown[0]!r}; "
                          f"expected one of {sorted(REWARD_REGISTRY)}")
     return [REWARD_REGISTRY[n](protocol) for n in names]
+
+
+# What the training loop reads of the `train_grpo_lora` section: checkpoints are keyed on these (and the data,
+# base model, seed, dtype and number of processes), so editing `heldout_eval` or `launch` keeps them.
+TRAINING_KEYS = ("rollout_backend", "protocol", "rewards", "resize", "lora", "grpo")
+
+
+def check_training_params(params: dict[str, Any], *, seed: int = 0) -> None:
+    """Everything `train` checks before it starts: GRPOConfig/LoraConfig field names and value types, the
+    dataclasses' own checks (`__post_init__`), reward names. Raises RepicError; touches no file."""
+    import tempfile
+
+    lora_config(params["lora"])
+    with tempfile.TemporaryDirectory() as tmp:  # GRPOConfig wants an output_dir; nothing is written there
+        grpo_config({**params["grpo"], "seed": seed}, tmp, use_cpu=True)
+    reward_functions(params["rewards"], params["protocol"])
+
+
+def epoch_seeded(trainer_cls: type) -> type:
+    """`trainer_cls` (a TRL GRPOTrainer) whose training sampler draws epoch e's order from the epoch number.
+
+    TRL's `RepeatSampler` seeds one generator when it is built and advances it by one permutation per pass, and
+    transformers 5's Trainer no longer replays the finished epochs on resume (it calls `set_epoch`, which
+    RepeatSampler lacks). So a run resumed in epoch 2 or later drew epoch 1's order again and then skipped the
+    batches already trained: samples repeated or missed. Here pass e reseeds and draws e+1 permutations, the
+    order an uninterrupted run sees, whichever process or resume asks for it.
+    """
+    import torch
+    from trl.trainer.utils import RepeatSampler
+
+    class EpochRepeatSampler(RepeatSampler):
+        epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:  # called by the Trainer / accelerate before each pass
+            self.epoch = epoch
+
+        def __iter__(self):
+            if self.shuffle:
+                self.generator.manual_seed(self.seed)
+                for _ in range(self.epoch):
+                    torch.randperm(self.num_samples, generator=self.generator)
+            return super().__iter__()
+
+    class EpochSeededTrainer(trainer_cls):
+        def _get_train_sampler(self, dataset=None):
+            s = super()._get_train_sampler(dataset)
+            if not isinstance(s, RepeatSampler) or (s.shuffle and s.seed is None):
+                raise RepicError(f"unexpected TRL training sampler {type(s).__name__}: resume would not be exact")
+            return EpochRepeatSampler(data_source=s.data_source, mini_repeat_count=s.mini_repeat_count,
+                                      batch_size=s.batch_size, repeat_count=s.repeat_count, shuffle=s.shuffle,
+                                      seed=s.seed)
+
+    return EpochSeededTrainer
 
 
 def prepare_checkpoints(checkpoint_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> str | None:
@@ -139,8 +198,6 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
     lora = lora_config(params["lora"])
     args = grpo_config({**params["grpo"], "seed": seed}, checkpoint_dir, use_cpu=device == "cpu")
     rewards = reward_functions(params["rewards"], params["protocol"])
-    resume = prepare_checkpoints(checkpoint_dir, {"params": params, "seed": seed, "model": str(model_path),
-                                                  "samples": samples, "dtype": dtype})
     examples = build_examples(samples, root, seed=seed, **params.get("resize", {}))
     dataset = Dataset.from_list(examples)
     processor = load_processor(model_path)
@@ -150,8 +207,7 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
     model = get_peft_model(load_model(model_path, device="cpu", dtype=dtype).train(), lora)
     from repic.generation import rollout_trainer
 
-    trainer_cls = rollout_trainer(GRPOTrainer, params["rollout_backend"]) \
-        if params.get("rollout_backend", "hf") != "hf" else GRPOTrainer
+    trainer_cls = epoch_seeded(rollout_trainer(GRPOTrainer, params.get("rollout_backend", "hf")))
     trainer = trainer_cls(
         model=model,
         reward_funcs=rewards,
@@ -160,6 +216,20 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
         processing_class=processor,
         callbacks=callbacks,
     )
+    # Only now, with everything built, may stale checkpoints go: a config error above keeps them. One process
+    # decides (several removing the same folder would race), the others then read what it left.
+    fingerprint = {"params": {k: params.get(k) for k in TRAINING_KEYS}, "seed": seed, "model": str(model_path),
+                   "samples": samples, "dtype": dtype, "world_size": args.world_size}
+    if trainer.accelerator.is_main_process:
+        prepare_checkpoints(checkpoint_dir, fingerprint)
+    trainer.accelerator.wait_for_everyone()
+    from transformers.trainer_utils import get_last_checkpoint
+
+    resume = get_last_checkpoint(str(checkpoint_dir))
+    if trainer.is_world_process_zero():
+        print(f"train_grpo_lora: resuming from {resume}" if resume else
+              f"train_grpo_lora: no checkpoint of this configuration in {checkpoint_dir}: training from step 0",
+              flush=True)
     trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():
         trainer.model.save_pretrained(out_dir)

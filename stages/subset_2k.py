@@ -25,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     params = params_of(args)
     samples = validate_training(read_json(args.train_json), args.train_json)
-    chosen, manifest = stratified_subset(samples, params["subset_2k"]["size"], params["base"]["seed"])
+    chosen, manifest = stratified_subset(samples, params["subset_2k"]["n_samples"], params["base"]["seed"])
     subset = [samples[i] for i in chosen]
     out = Path(args.out)
     write_json(out / "train_subset.json", subset)

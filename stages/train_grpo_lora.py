@@ -18,7 +18,7 @@ import pandas as pd
 from repic.cli import params_of, parser, run
 from repic.io import atomic_dir, read_json, write_json, write_text
 from repic.subset import stratified_subset, validate_training
-from repic.train import heldout_rewards, summarize_log, train
+from repic.train import check_training_params, heldout_rewards, summarize_log, train
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -32,7 +32,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     params = params_of(args)
     base = params["base"]
+    # Everything that can be checked is checked before any output (or resume checkpoint) is touched.
+    check_training_params(params["train_grpo_lora"], seed=base["seed"])
     samples = validate_training(read_json(args.train), args.train)
+    n_eval = params["train_grpo_lora"]["heldout_eval"]
+    heldout = validate_training(read_json(args.heldout), args.heldout) if n_eval and args.heldout else []
     out = Path(args.out)
     # ---- train
     with atomic_dir(out / "adapter") as adapter_dir:
@@ -43,14 +47,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     frame = pd.DataFrame(log)
     write_text(out / "log.jsonl", frame.to_json(orient="records", lines=True))
     summary = summarize_log(log)
-    n_eval = params["train_grpo_lora"]["heldout_eval"]
-    if n_eval and args.heldout and int(os.environ.get("RANK", "0")) == 0:  # one process under accelerate
-        heldout = validate_training(read_json(args.heldout), args.heldout)
-        if heldout:
-            chosen, _ = stratified_subset(heldout, n_eval, base["seed"])
-            summary["heldout"] = heldout_rewards(args.model, out / "adapter", [heldout[i] for i in chosen],
-                                                 args.root, params["train_grpo_lora"], seed=base["seed"],
-                                                 device=base["device"], dtype=base["dtype"])
+    if heldout and int(os.environ.get("RANK", "0")) == 0:  # one process under accelerate
+        chosen, _ = stratified_subset(heldout, n_eval, base["seed"])
+        summary["heldout"] = heldout_rewards(args.model, out / "adapter", [heldout[i] for i in chosen],
+                                             args.root, params["train_grpo_lora"], seed=base["seed"],
+                                             device=base["device"], dtype=base["dtype"])
     write_json(out / "summary.json", summary)
 
 

@@ -28,6 +28,56 @@ def test_atomic_dir_replaces_only_on_success(tmp_path):
     assert sorted(p.name for p in target.iterdir()) == ["a"]
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_atomic_writers_respect_the_umask(tmp_path, mask):
+    """mkstemp/mkdtemp create 0600/0700; results must get what open()/mkdir give under the user's umask, so
+    colleagues on a shared cluster can read them."""
+    import os
+    import stat
+
+    from repic.io import umask, write_parquet, write_text
+
+    old = os.umask(mask)
+    try:
+        assert umask() == mask
+        write_json(tmp_path / "a.json", {"x": 1})
+        write_text(tmp_path / "b.txt", "b")
+        import pandas as pd
+
+        write_parquet(tmp_path / "c.parquet", pd.DataFrame({"x": [1]}))
+        with atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "inner.txt").write_text("x")
+        (tmp_path / "plain").mkdir()
+        for name in ("a.json", "b.txt", "c.parquet"):
+            assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask, name
+        assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o777 & ~mask
+        assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+    finally:
+        os.umask(old)
+
+
+def test_writers_remove_what_killed_writers_left(tmp_path):
+    """A kill -9 leaves `.<name>.*.tmp`; the next writer of that path removes those of dead processes of this
+    host (and untagged ones from before), never a live writer's or another path's."""
+    import os
+    import subprocess
+    import sys
+
+    from repic.io import _HOST
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    stale = [f".adapter.{_HOST}-{dead}.abcd_123.tmp", ".adapter.x9y8z7w6.tmp", f".adapter.{_HOST}-{dead}.abcdefgh.old"]
+    kept = [f".adapter.{_HOST}-{os.getpid()}.live1234.tmp", f".adapter.otherhost-{dead}.abcdefgh.tmp",
+            f".log.jsonl.{_HOST}-{dead}.abcdefgh.tmp", f".adapter.x.{_HOST}-{dead}.abcdefgh.tmp"]
+    for name in stale + kept:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "weights").write_text("x")
+    with atomic_dir(tmp_path / "adapter") as tmp:
+        (tmp / "a").write_text("1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["adapter", *kept])
+
+
 def test_read_json_errors_name_the_file(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{")

@@ -26,7 +26,7 @@ def test_paper_overlay_builds_the_paper_recipe(tmp_path):
     lora = lora_config(train["lora"])
     assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (64, 128, 0.05)
     assert lora.target_modules == LANGUAGE_MODEL_LINEAR
-    assert params["subset_2k"]["size"] == 2000 and params["base"]["dtype"] == "bfloat16"
+    assert params["subset_2k"]["n_samples"] == 2000 and params["base"]["dtype"] == "bfloat16"
     assert train["launch"].startswith("accelerate launch --config_file configs/accelerate/zero2.yaml")
     # the paper's five evaluation sets, each with its own database; the embedded default's other keys survive
     assert [d["name"] for d in params["base"]["data"]["datasets"]] == [

@@ -29,8 +29,13 @@ def test_unknown_key_is_named(tmp_path):
 
 def test_mistyped_value_is_named(tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["subset_2k"]["size"] = "many"
-    with pytest.raises(RepicError, match=r"subset_2k\.size: 'many' is not of type 'integer'"):
+    params["subset_2k"]["n_samples"] = "many"
+    with pytest.raises(RepicError, match=r"subset_2k\.n_samples: 'many' is not of type 'integer'"):
+        load_params(_write(tmp_path, params))
+    params["subset_2k"]["n_samples"] = 24
+    params["fetch_data"]["warmup"]["learning_rate"] = "3e-3"  # what YAML makes of `learning_rate: 3e-3`
+    with pytest.raises(RepicError, match=r"warmup\.learning_rate: '3e-3' is not of type 'number' \(YAML reads "
+                                         r"3e-3 as a string, a number needs a dot: write 3\.0e-3\)"):
         load_params(_write(tmp_path, params))
 
 
@@ -79,3 +84,43 @@ def test_an_overlay_replaces_the_dataset_list():
     merged = deep_merge(base, overlay)
     assert [d["name"] for d in merged["base"]["data"]["datasets"]] == [
         "myvlm", "yollava", "dreambooth", "2_concepts", "4_concepts"]
+
+
+def test_check_catches_what_the_training_stage_would(tmp_path, capsys):
+    """`python -m repic.params check` validates GRPOConfig/LoraConfig field names and value types (YAML reads
+    `1e-4` as a string) and the dataclasses' own checks, as the stage does before touching any output."""
+    from repic.params import main
+
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert main(["check", "--params", str(_write(tmp_path, base))]) == 0
+    for section, bad, message in [
+        ("grpo", {"learning_rate": "1e-4"}, "train_grpo_lora.grpo.learning_rate: '1e-4' is not a number "
+                                            "(GRPOConfig.learning_rate) (YAML reads 1e-4 as a string"),
+        ("grpo", {"num_generation": 4}, "train_grpo_lora.grpo.num_generation: unknown key (not a field of GRPOConfig)"),
+        ("grpo", {"num_generations": 3}, "train_grpo_lora.grpo: generation_batch_size (4) must be divisible by "
+                                         "num_generations (3)"),
+        ("lora", {"r": "8"}, "train_grpo_lora.lora.r: '8' is not an integer (LoraConfig.r)"),
+        ("lora", {"bias": "some"}, "train_grpo_lora.lora.bias: 'some' is not one of ['none', 'all', 'lora_only']"),
+    ]:
+        params = yaml.safe_load((REPO / "params.yaml").read_text())
+        params["train_grpo_lora"][section].update(bad)
+        assert main(["check", "--params", str(_write(tmp_path, params))]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train_grpo_lora"]["rewards"] = ["bleu"]
+    assert main(["check", "--params", str(_write(tmp_path, params))]) == 2
+    assert "unknown reward 'bleu'" in capsys.readouterr().err
+
+
+def test_keys_dvc_run_cache_ignores_are_refused(tmp_path):
+    """A key named `size`/`nfiles` anywhere (e.g. in a library's kwargs) would be left out of DVC's run-cache key."""
+    from dvc_data.hashfile.meta import Meta
+
+    from repic.params import RUN_CACHE_BLIND_KEYS
+
+    assert set(RUN_CACHE_BLIND_KEYS) == {Meta.PARAM_SIZE, Meta.PARAM_NFILES}
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["caption"]["detector_kwargs"] = {"size": 768}
+    with pytest.raises(RepicError, match=r"caption\.detector_kwargs\.size: a key named 'size' is ignored by DVC"):
+        load_params(_write(tmp_path, params))

@@ -163,3 +163,27 @@ def test_dvc_metrics_show_and_diff(pipeline):
         assert diff["overall.n_pairs"]["old"] > diff["overall.n_pairs"]["new"]
     finally:
         params_path.write_text(original)
+
+
+def test_a_failing_stage_keeps_its_metrics_and_dvc_checkout_restores_the_rest(pipeline):
+    """`dvc repro` deletes a stage's outs before its command runs: a stage failing on a bad param must leave the
+    `cache: false` metrics (persist: true) as they were, and `dvc checkout` must bring back its cached outs."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    metrics = {p: (pipeline / p).read_text() for p in ("results/score/metrics.json",
+                                                       "results/score/metrics_strict.json")}
+    table = (pipeline / "results/score/table.md").read_text()
+    params_path = pipeline / "params.yaml"
+    original = params_path.read_text()
+    try:
+        params = yaml.safe_load(original)
+        params["score"]["protocol"] = "bogus"
+        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+        proc = subprocess.run(["dvc", "repro", "score"], cwd=pipeline, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode != 0 and "score.protocol: 'bogus' is not one of" in proc.stdout + proc.stderr
+        assert not (pipeline / "results/score/table.md").exists()  # DVC removed the cached outs first
+        assert {p: (pipeline / p).read_text() for p in metrics} == metrics
+    finally:
+        params_path.write_text(original)
+    _sh(["dvc", "checkout", "score"], pipeline)
+    assert (pipeline / "results/score/table.md").read_text() == table

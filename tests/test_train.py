@@ -23,6 +23,10 @@ def test_grpo_and_lora_configs_carry_the_params(tmp_path):
         grpo_config({"num_generation": 8}, tmp_path, use_cpu=True)
     with pytest.raises(RepicError, match="unknown reward 'bleu'"):
         reward_functions(["bleu"], "repic")
+    with pytest.raises(RepicError, match=r"grpo\.learning_rate: '1e-4' is not a number"):
+        grpo_config({"learning_rate": "1e-4"}, tmp_path, use_cpu=True)
+    with pytest.raises(RepicError, match=r"lora\.lora_dropout: '0.05' is not a number"):
+        lora_config({"lora_dropout": "0.05"})
 
 
 def test_lora_targets_language_model_only(tiny_model_dir):
@@ -111,13 +115,66 @@ def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, monkey
         train(tiny_model_dir, samples, tmp_path, tmp_path / "resumed", params,
               checkpoint_dir=tmp_path / "ck", seed=3, device="cpu", callbacks=[Crash()])
     assert not (tmp_path / "resumed").exists() and (tmp_path / "ck" / "checkpoint-2").is_dir()
-    log = train(tiny_model_dir, samples, tmp_path, tmp_path / "resumed", params,
-                checkpoint_dir=tmp_path / "ck", seed=3, device="cpu")
-    assert [r["step"] for r in log if "loss" in r][-2:] == [3, 4]  # steps 1-2 came from the checkpoint
+    class Steps(TrainerCallback):
+        ran: list[int] = []
+
+        def on_step_end(self, args, state, control, **kw):
+            self.ran.append(state.global_step)
+
+    # evaluation-only keys are not what the checkpoints were trained on: editing them keeps the checkpoints
+    log = train(tiny_model_dir, samples, tmp_path, tmp_path / "resumed",
+                {**params, "heldout_eval": 99, "launch": "accelerate launch --num_processes 1"},
+                checkpoint_dir=tmp_path / "ck", seed=3, device="cpu", callbacks=[Steps()])
+    assert Steps.ran == [3, 4]  # steps 1-2 came from the checkpoint
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
     full, resumed = _adapter_weights(tmp_path / "full"), _adapter_weights(tmp_path / "resumed")
     assert full.keys() == resumed.keys()
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     assert any(v.abs().sum() > 0 for k, v in full.items() if "lora_B" in k)  # it did train
+
+
+def test_a_run_killed_in_epoch_2_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, monkeypatch, capfd):
+    """The paper trains 2 epochs. A run killed inside epoch 2 must resume epoch 2's sample order, not replay
+    epoch 1's (TRL's sampler is seeded once per run; see repic.train.epoch_seeded): same prompts per step, and
+    the same final adapter as an uninterrupted run."""
+    import torch
+    from transformers import TrainerCallback
+
+    from repic.rewards import REWARD_REGISTRY
+    from repic.train import train
+
+    seen: list[str] = []
+
+    def recording(completions, prompts=None, **kwargs):  # the prompt of every step, in order
+        seen.append(prompts[0][0]["content"][-1]["text"])
+        return text_variety(completions)
+
+    monkeypatch.setitem(REWARD_REGISTRY, "text_variety", lambda protocol: recording)
+    samples = _tiny_samples(tmp_path)[:4]  # 4 steps per epoch
+    params = _tiny_params(max_steps=-1, num_train_epochs=2, save_steps=5)
+    params["rewards"] = ["object_consistency", "text_variety"]
+    train(tiny_model_dir, samples, tmp_path, tmp_path / "full", params, checkpoint_dir=tmp_path / "ck_full",
+          seed=5, device="cpu")
+    full_order, seen[:] = list(seen), []
+    assert len(full_order) == 8 and full_order[:4] != full_order[4:]  # epoch 2 is reshuffled
+    assert "no checkpoint of this configuration" in capfd.readouterr().out
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 7:
+                raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model_dir, samples, tmp_path, tmp_path / "resumed", params, checkpoint_dir=tmp_path / "ck",
+              seed=5, device="cpu", callbacks=[Crash()])
+    assert seen == full_order[:7] and (tmp_path / "ck" / "checkpoint-5").is_dir()  # step 5: inside epoch 2
+    seen[:] = []
+    train(tiny_model_dir, samples, tmp_path, tmp_path / "resumed", params, checkpoint_dir=tmp_path / "ck",
+          seed=5, device="cpu")
+    assert f"train_grpo_lora: resuming from {tmp_path / 'ck' / 'checkpoint-5'}" in capfd.readouterr().out
+    assert seen == full_order[5:]  # steps 6-8: epoch 2's order, not epoch 1's
+    full, resumed = _adapter_weights(tmp_path / "full"), _adapter_weights(tmp_path / "resumed")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
 
 
 def test_checkpoints_of_another_config_are_not_resumed(tmp_path):
@@ -128,3 +185,25 @@ def test_checkpoints_of_another_config_are_not_resumed(tmp_path):
     (ck / "checkpoint-5").mkdir()
     assert prepare_checkpoints(ck, {"lr": 1}).endswith("checkpoint-5")
     assert prepare_checkpoints(ck, {"lr": 2}) is None and not (ck / "checkpoint-5").exists()
+
+
+def test_a_failing_run_keeps_the_checkpoints(tiny_model_dir, tmp_path):
+    """Stale checkpoints are dropped only once the trainer is built: a bad value, a missing model or any other
+    failure before training starts keeps a long run's checkpoints."""
+    from repic.train import prepare_checkpoints, train
+
+    samples = _tiny_samples(tmp_path)
+    params = _tiny_params()
+    ck = tmp_path / "ck"
+    prepare_checkpoints(ck, {"an": "older configuration"})
+    (ck / "checkpoint-2").mkdir()
+    bad = {**params, "grpo": {**params["grpo"], "learning_rate": "1e-4"}}
+    with pytest.raises(RepicError, match=r"learning_rate: '1e-4' is not a number"):
+        train(tiny_model_dir, samples, tmp_path, tmp_path / "out", bad, checkpoint_dir=ck, seed=0, device="cpu")
+    with pytest.raises(Exception):  # noqa: B017 - whatever transformers raises for a missing model
+        train(tmp_path / "no-model", samples, tmp_path, tmp_path / "out", params, checkpoint_dir=ck, seed=0,
+              device="cpu")
+    with pytest.raises(RepicError, match="cannot read image"):
+        train(tiny_model_dir, [{**samples[0], "image": "./data/nope.png"}], tmp_path, tmp_path / "out", params,
+              checkpoint_dir=ck, seed=0, device="cpu")
+    assert (ck / "checkpoint-2").is_dir()
