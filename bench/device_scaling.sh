@@ -17,8 +17,11 @@ LOGS=$(mktemp -d)
 END=$((SECONDS + ${BUDGET_S:-480}))
 mkdir -p "$OUT"
 
-if [ -d .whl ]; then  # the device machine: the pinned libraries travel as wheels
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+if [ -d .whl ]; then  # the device machine: the pinned libraries travel as wheels (DeepSpeed's pydantic and
+  # hjson too, which that image lacks: pydantic, pydantic-core, annotated-types, typing-inspection,
+  # typing-extensions, hjson, in .whl or whl-extra/)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl $(ls whl-extra/*.whl 2>/dev/null)
   DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site \
     .whl/deepspeed-*.tar.gz 2>&1 | tail -3
   export PYTHONPATH=/tmp/site:$PWD
