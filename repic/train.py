@@ -139,8 +139,11 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
     lora = lora_config(params["lora"])
     args = grpo_config({**params["grpo"], "seed": seed}, checkpoint_dir, use_cpu=device == "cpu")
     rewards = reward_functions(params["rewards"], params["protocol"])
-    resume = prepare_checkpoints(checkpoint_dir, {"params": params, "seed": seed, "model": str(model_path),
-                                                  "samples": samples, "dtype": dtype})
+    # One process a GPU, on one node or several sharing the file system: the first one alone may drop stale
+    # checkpoints; the others look once it is done (else one removes the folder another is writing to).
+    with args.main_process_first(local=False, desc="checkpoints"):
+        resume = prepare_checkpoints(checkpoint_dir, {"params": params, "seed": seed, "model": str(model_path),
+                                                      "samples": samples, "dtype": dtype})
     examples = build_examples(samples, root, seed=seed, **params.get("resize", {}))
     dataset = Dataset.from_list(examples)
     processor = load_processor(model_path)
