@@ -173,7 +173,7 @@ import trl
 from repic.rewards import REWARD_REGISTRY
 from tests.test_train import text_variety
 
-CHOICES = [[101, 102], [103], [104, 105, 106], [107, 108, 109, 110]]
+CHOICES = ["yes", "no, a red toy", "caption", "yes yes no"]  # distinct characters: the reward differs
 OUT = Path(sys.argv[sys.argv.index("--out") + 1])
 
 
@@ -188,7 +188,8 @@ def fixed_rollouts(self, prompt_ids, images, multimodal_fields, num_generations,
     seen, completions = {}, []
     for ids in prompt_ids:
         k = seen[tuple(ids)] = seen.get(tuple(ids), -1) + 1
-        completions.append(CHOICES[(sum(ids) + k) % len(CHOICES)])
+        text = CHOICES[(sum(ids) + k) % len(CHOICES)]
+        completions.append(self._tokenizer(text, add_special_tokens=False)["input_ids"])
     return completions, None
 
 

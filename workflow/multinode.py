@@ -2,20 +2,22 @@
 
 The Snakefile runs the stages whose dvc.yaml `meta.resources` name `nodes` through this script:
 
-    python workflow/multinode.py -- '<the stage cmd, as dvc.yaml resolves it>'
+    python workflow/multinode.py '<the stage cmd, as dvc.yaml resolves it>'
 
 - Outside a SLURM job (`snakemake --profile local`): the command runs unchanged, as under `dvc repro`.
-- In a one-node SLURM job: `accelerate launch` gets the allocation's size, `--num_processes` = the node's GPUs
-  (SLURM_GPUS_ON_NODE), and a free main port (accelerate picks it: several jobs may share a node).
-- In an N-node job (the batch step runs on the first node): picks a free port there, takes the main address
-  from the job's first host (`scontrol show hostnames`, then that node's NodeAddr), and starts one launcher a
-  node with `srun --ntasks-per-node=1`. Each launcher (`--main ADDR:PORT`) runs `accelerate launch` with
+- In a SLURM job the allocation comes from SLURM's record of the job (`scontrol show job`: Snakemake's
+  job-step plugin drops the SLURM_* variables before it runs a rule).
+- One node: `accelerate launch` gets `--num_processes` = the node's GPUs and a free main port (accelerate
+  picks it: several jobs may share a node). A one-process command (`python -m ...`) runs unchanged.
+- N nodes (the rule runs in the batch step, on the first node): picks a free port there, takes the main
+  address from the job's first host (`scontrol show hostnames`, then that node's NodeAddr), and starts one
+  launcher a node with `srun --ntasks-per-node=1`. Each (`--main ADDR:PORT`) runs `accelerate launch` with
   `--num_machines N --machine_rank $SLURM_NODEID --num_processes N x GPUs --main_process_ip/port` and
-  DeepSpeed's `standard` (torchrun) multi-node launcher; torch.distributed's static rendezvous does the rest.
-  A job without GPUs runs one process a node (gloo on CPU).
+  DeepSpeed's `standard` (torchrun) multi-node launcher; torch.distributed's static rendezvous does the
+  rest. A job without GPUs runs one process a node (gloo on CPU).
 
-The launch words that set the machine are appended after the command's own launcher options, so they win
-(argparse keeps the last); the command's config file, DeepSpeed settings and script stay as they are.
+The launch words that set the machine go after the command's own launcher options, so they win (argparse
+keeps the last); the command's config file, DeepSpeed settings and script stay as they are.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import socket
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import NoReturn
 
 # How a stage's cmd may start `accelerate launch`: the console script or the module.
 ACCELERATE = (["accelerate", "launch"], ["-m", "accelerate.commands.launch"])
@@ -92,13 +96,43 @@ def node_command(cmd: str, nodes: int, rank: int, gpus_per_node: int, main: tupl
     return [python, *ACCELERATE[1], *rest[:script_at], *flags, *rest[script_at:]]
 
 
-def first_host_address(nodelist: str) -> str:
-    """The job's first host, as the other nodes reach it: its NodeAddr (its name unless slurm.conf says)."""
-    host = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                          check=True).stdout.split()[0]
-    node = subprocess.run(["scontrol", "-o", "show", "node", host], capture_output=True, text=True).stdout
-    fields = dict(f.split("=", 1) for f in node.split() if "=" in f)
-    return fields.get("NodeAddr") or host
+def scontrol(*args: str) -> dict[str, str]:
+    """`scontrol -o show ...` as key=value pairs."""
+    out = subprocess.run(["scontrol", "-o", "show", *args], capture_output=True, text=True, check=True).stdout
+    return dict(field.split("=", 1) for field in out.split() if "=" in field)
+
+
+def gpus_of(record: Mapping[str, str]) -> int:
+    """GPUs a node of a job record has: `TresPerNode=gres:gpu:8` (sbatch --gres=gpu:8), or for a one-node job
+    `TresPerJob=gres:gpu:8` (--gpus=8); a GPU type (`gres:gpu:h100:8`) and SLURM's `/` spelling are read too."""
+    for key, per in (("TresPerNode", 1), ("TresPerJob", int(record.get("NumNodes", "1")))):
+        for tres in record.get(key, "").split(","):
+            parts = tres.replace("/", ":").split(":")
+            if parts[:2] == ["gres", "gpu"] and parts[-1].isdigit():
+                return int(parts[-1]) // per
+    return 0
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """What this job has, from SLURM's record (the Snakemake job step drops the SLURM_* variables)."""
+
+    nodes: int
+    hosts: list[str]
+    gpus_per_node: int
+    cpus_per_task: int
+
+    @classmethod
+    def of_job(cls, job_id: str) -> Allocation:
+        record = scontrol("job", job_id)
+        hosts = subprocess.run(["scontrol", "show", "hostnames", record["NodeList"]], capture_output=True,
+                               text=True, check=True).stdout.split()
+        cpus = record.get("CPUs/Task", "1")
+        return cls(int(record["NumNodes"]), hosts, gpus_of(record), int(cpus) if cpus.isdigit() else 1)
+
+    def main_address(self) -> str:
+        """The first host, as the other nodes reach it: its NodeAddr (the host name unless slurm.conf says)."""
+        return scontrol("node", self.hosts[0]).get("NodeAddr") or self.hosts[0]
 
 
 def free_port() -> int:
@@ -107,16 +141,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def gpus_on_node(env: Mapping[str, str]) -> int:
-    """GPUs SLURM gave this node of the job (0 for a CPU job)."""
-    for key in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
-        value = env.get(key, "")
-        if value.isdigit():
-            return int(value)
-    return 0
-
-
-def run(argv: Sequence[str]) -> None:
+def run(argv: Sequence[str]) -> NoReturn:
     print("+", shlex.join(argv), flush=True)
     os.execvp(argv[0], list(argv))
 
@@ -124,24 +149,30 @@ def run(argv: Sequence[str]) -> None:
 def main(args: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--main", help="ADDR:PORT of machine 0 (set by the batch step for the launcher on each node)")
+    ap.add_argument("--nodes", type=int, help="the job's nodes (set by the batch step with --main)")
+    ap.add_argument("--gpus-per-node", type=int, default=0, help="the job's GPUs a node (idem)")
     ap.add_argument("cmd", help="the stage's command, one shell string")
     opts = ap.parse_args(args)
     env = os.environ
-    nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 0)
-    if not env.get("SLURM_JOB_ID") or nodes == 0:  # not a SLURM job: exactly what dvc repro runs
-        run(["bash", "-c", opts.cmd])
-    gpus = gpus_on_node(env)
-    if opts.main:  # one node's launcher, started by srun below
+    if opts.main:  # one node's launcher, started by srun below: SLURM_NODEID is this node's index
         addr, port = opts.main.rsplit(":", 1)
-        run(node_command(opts.cmd, nodes, int(env["SLURM_NODEID"]), gpus, (addr, int(port))))
-    if nodes == 1:
-        run(node_command(opts.cmd, 1, 0, gpus, None))
-    node_command(opts.cmd, nodes, 0, gpus, ("check", 0))  # refuse a command that cannot run on N nodes, here
-    main_at = f"{first_host_address(env['SLURM_JOB_NODELIST'])}:{free_port()}"
-    print(f"multinode: {nodes} nodes ({env['SLURM_JOB_NODELIST']}), {max(gpus, 1)} process(es) a node, "
-          f"main process at {main_at}", flush=True)
-    run(["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
-         sys.executable, os.path.abspath(__file__), "--main", main_at, opts.cmd])
+        gpus = int(env.get("SLURM_GPUS_ON_NODE") or opts.gpus_per_node)
+        run(node_command(opts.cmd, opts.nodes, int(env["SLURM_NODEID"]), gpus, (addr, int(port))))
+    if not env.get("SLURM_JOB_ID"):  # not a SLURM job: exactly what dvc repro runs
+        run(["bash", "-c", opts.cmd])
+    job = Allocation.of_job(env["SLURM_JOB_ID"])
+    if job.nodes == 1:  # inside the one-task step of Snakemake's job-step plugin, which has the node's GPUs
+        run(node_command(opts.cmd, 1, 0, int(env.get("SLURM_GPUS_ON_NODE") or job.gpus_per_node), None))
+    node_command(opts.cmd, job.nodes, 0, job.gpus_per_node, ("check", 0))  # refuse here what cannot run
+    main_at = f"{job.main_address()}:{free_port()}"  # the batch step runs on the first host
+    print(f"multinode: {job.nodes} nodes ({','.join(job.hosts)}), {max(job.gpus_per_node, 1)} process(es) a "
+          f"node, main process at {main_at}", flush=True)
+    step = [f"--nodes={job.nodes}", f"--ntasks={job.nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+            f"--cpus-per-task={job.cpus_per_task}"]
+    if job.gpus_per_node:
+        step.append(f"--gres=gpu:{job.gpus_per_node}")
+    run(["srun", *step, sys.executable, os.path.abspath(__file__), "--main", main_at, "--nodes", str(job.nodes),
+         "--gpus-per-node", str(job.gpus_per_node), opts.cmd])
 
 
 if __name__ == "__main__":
