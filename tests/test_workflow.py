@@ -326,6 +326,10 @@ def test_multinode_launch_flags_come_from_the_allocation() -> None:
     # one node: the node's GPUs, a free port that accelerate picks
     assert multinode.node_command(paper, 1, 0, 2, None, python="py")[7:15] == [
         "--num_machines", "1", "--machine_rank", "0", "--num_processes", "2", "--main_process_port", "0"]
+    # one GPU (a capped request): one process, which accelerate refuses to start with --multi_gpu
+    assert multinode.node_command("accelerate launch --multi_gpu s.py", 1, 0, 1, None, python="py") == [
+        "py", "-m", "accelerate.commands.launch", "--num_machines", "1", "--machine_rank", "0",
+        "--num_processes", "1", "--main_process_port", "0", "s.py"]
     # a job without GPUs: one process a node
     assert multinode.node_command("accelerate launch s.py", 3, 2, 0, ("h", 1), python="py")[3:9] == [
         "--num_machines", "3", "--machine_rank", "2", "--num_processes", "3"]

@@ -92,8 +92,11 @@ def node_command(cmd: str, nodes: int, rank: int, gpus_per_node: int, main: tupl
     assert rest[script_at] == parsed.training_script, (rest, parsed.training_script)
     while script_at and rest[script_at - 1] in ("-m", "--module", "--no_python"):  # flags that belong to it
         script_at -= 1
+    options = rest[:script_at]
+    if nodes * max(gpus_per_node, 1) == 1:  # accelerate refuses --multi_gpu for one process (a capped request)
+        options = [word for word in options if word != "--multi_gpu"]
     flags = machine_flags(nodes, rank, gpus_per_node, main)
-    return [python, *ACCELERATE[1], *rest[:script_at], *flags, *rest[script_at:]]
+    return [python, *ACCELERATE[1], *options, *flags, *rest[script_at:]]
 
 
 def scontrol(*args: str) -> dict[str, str]:
