@@ -333,6 +333,10 @@ def test_multinode_launch_flags_come_from_the_allocation() -> None:
     # a job without GPUs: one process a node
     assert multinode.node_command("accelerate launch s.py", 3, 2, 0, ("h", 1), python="py")[3:9] == [
         "--num_machines", "3", "--machine_rank", "2", "--num_processes", "3"]
+    # GPUs a node, from SLURM's record of the job (--gres=gpu:8 a node; --gpus=8 for a one-node job)
+    assert multinode.gpus_of({"NumNodes": "2", "TresPerNode": "gres:gpu:8"}) == 8
+    assert multinode.gpus_of({"NumNodes": "1", "TresPerJob": "gres/gpu:h100:4"}) == 4
+    assert multinode.gpus_of({"NumNodes": "2", "TRES": "cpu=4,node=2"}) == 0
     # a one-process launch: unchanged on one node, refused on several; shell syntax refused
     assert multinode.node_command("python -m stages.x --a", 1, 0, 8, None) == ["python", "-m", "stages.x", "--a"]
     with pytest.raises(ValueError, match="starts one process, but the job has 2 nodes"):
