@@ -2,8 +2,9 @@
 # Starts a SLURM cluster for CI on this one host: $SLURM_CI_NODES nodes (default 2), each one slurmd of its
 # own (`slurmd -N`, its own port and loopback address) with all of this host's CPUs and memory and one fake
 # GPU; no accounting database. Two nodes let a multi-node job run for real: srun starts one task on each,
-# with SLURM_NODEID 0 and 1. Debian's build lacks --enable-multiple-slurmd, which only forbids nodes that
-# share a NodeHostname; distinct NodeHostnames with NodeAddr 127.0.0.1, 127.0.0.2 are accepted.
+# with SLURM_NODEID 0 and 1. No --enable-multiple-slurmd build is needed (whether Debian's has it was not
+# checked): that option is about nodes sharing a NodeHostname, and these have distinct ones, with NodeAddr
+# 127.0.0.1, 127.0.0.2, ... (all this host's loopback).
 # Writes /etc/slurm/{slurm.conf,gres.conf} (the job-step plugin drops SLURM_CONF, so the default location
 # is the only one jobs see), starts munged, slurmctld and the slurmds with pid files under $SLURM_CI_RUN,
 # and waits until every node is idle. Stop with down.sh. Needs root.
