@@ -3,6 +3,9 @@
 One process:   python bench/grpo_recipe.py --shape 7b --steps 3 --out bench_7b.json
 N GPUs, ZeRO-2: accelerate launch --config_file configs/accelerate/zero2.yaml --num_processes 2 \
                     bench/grpo_recipe.py --shape small --steps 4 --out bench_zero2.json
+Scaling (bench/device_scaling.sh): --prompts-per-device P --grad-accum A sets the per-GPU batch (P x G completions)
+and the accumulation; global batch = GPUs x P x A prompts per optimizer step. Tokens/s per GPU counts prompt
+(image tokens included) + completion tokens of every sequence of a step, over the step's wall time, as EasyR1/verl.
 The recipe (LoRA r64/a128 on the language model, G=8, 256 new tokens, beta 0.04, loss grpo, gradient
 checkpointing, bf16) comes from configs/paper.yaml through the same builders the pipeline uses. Completions of
 a random model rarely stop early, so every step generates the full 256 tokens: a worst case for time.
@@ -77,13 +80,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", required=True)
     ap.add_argument("--max-new-tokens", type=int, help="override the recipe's 256 (CPU smoke runs only)")
+    ap.add_argument("--rollout-backend", choices=["hf", "static"],
+                    help="GRPO rollouts (default: configs/paper.yaml's train_grpo_lora.rollout_backend)")
+    ap.add_argument("--prompts-per-device", type=int, help="prompts per GPU per micro-step (default: the recipe's)")
+    ap.add_argument("--grad-accum", type=int, help="gradient_accumulation_steps (default: the recipe's)")
     args = ap.parse_args()
 
     from datasets import Dataset
     from peft import get_peft_model
     from PIL import Image
+    from transformers import TrainerCallback
     from trl import GRPOTrainer
 
+    from repic.generation import rollout_trainer
     from repic.train import build_examples, grpo_config, lora_config, reward_functions
 
     paper = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/paper.yaml").read_text())
@@ -102,27 +111,61 @@ def main() -> None:
             "logging_steps": 1, "num_train_epochs": 1}
     if args.max_new_tokens:
         grpo["max_completion_length"] = args.max_new_tokens
+    if args.prompts_per_device:
+        grpo["per_device_train_batch_size"] = args.prompts_per_device * grpo["num_generations"]
+    if args.grad_accum:
+        grpo["gradient_accumulation_steps"] = args.grad_accum
+    backend = args.rollout_backend or recipe.get("rollout_backend", "hf")
     if not torch.cuda.is_available():
         grpo.update(bf16=False, gradient_checkpointing=False)
     targs = grpo_config(grpo, work / "out", use_cpu=not torch.cuda.is_available())
-    trainer = GRPOTrainer(model=model, reward_funcs=reward_functions(["identity_consistency"], "repic"),
+    class StepClock(TrainerCallback):
+        """Wall time of each optimizer step (generation, forward, backward, optimizer), GPU work included."""
+
+        def __init__(self) -> None:
+            self.ends = [time.perf_counter()]
+
+        def on_step_end(self, *_, **__) -> None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.ends.append(time.perf_counter())
+
+    clock = StepClock()
+    trainer_cls = rollout_trainer(GRPOTrainer, backend) if backend != "hf" else GRPOTrainer
+    trainer = trainer_cls(model=model, reward_funcs=reward_functions(["identity_consistency"], "repic"),
                           args=targs, train_dataset=Dataset.from_list(build_examples(samples, work, seed=0)),
-                          processing_class=processor)
+                          processing_class=processor, callbacks=[clock])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.time()
+    clock.ends = [time.perf_counter()]
     trainer.train()
     wall = time.time() - start
+    # every GPU's peak (ZeRO-2 shards optimizer state, so they differ), gathered on the main process
+    peaks = trainer.accelerator.gather_for_metrics(
+        [torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0], use_gather_object=True)
     if trainer.is_world_process_zero():
         steps = [r for r in trainer.state.log_history if "step_time" in r]
+        n_gpus = trainer.accelerator.num_processes
+        wall_steps = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
+        seen = [0] + [r["num_tokens"] for r in steps]  # cumulative prompt + completion tokens, all processes
+        tokens = [b - a for a, b in zip(seen, seen[1:])]
         result = {
             "shape": args.shape, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-            "n_gpus": trainer.accelerator.num_processes,
+            "n_gpus": n_gpus,
             "distributed": str(trainer.accelerator.distributed_type), "steps": args.steps,
-            "step_time_s": [r["step_time"] for r in steps],
+            "rollout_backend": backend,
+            "step_time_s": [r["step_time"] for r in steps],  # TRL's: the training_step calls of one step
+            "step_wall_s": wall_steps,  # optimizer step to optimizer step, synchronised
+            "tokens_per_step": tokens,
+            "tokens_per_s_per_gpu": [t / w / n_gpus for t, w in zip(tokens, wall_steps)],
             "completion_mean_length": [r.get("completions/mean_length") for r in steps],
             "prompts_per_step_per_gpu": grpo["per_device_train_batch_size"] // grpo["num_generations"],
+            "gradient_accumulation_steps": grpo["gradient_accumulation_steps"],
+            "global_batch_prompts": n_gpus * grpo["gradient_accumulation_steps"]
+            * grpo["per_device_train_batch_size"] // grpo["num_generations"],
             "num_generations": grpo["num_generations"], "max_completion_length": grpo["max_completion_length"],
+            "peak_memory_gib_per_gpu": peaks,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None,
             "wall_s": wall,

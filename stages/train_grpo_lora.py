@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,16 +39,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     n_eval = params["train_grpo_lora"]["heldout_eval"]
     heldout = validate_training(read_json(args.heldout), args.heldout) if n_eval and args.heldout else []
     out = Path(args.out)
+    # Under `accelerate launch` every process (of every node) runs this stage; the first alone writes the
+    # outputs. train() saves the adapter from that process only: another's atomic_dir would put an empty
+    # folder in place of the adapter, whichever finished last.
+    main_process = int(os.environ.get("RANK", "0")) == 0
     # ---- train
-    with atomic_dir(out / "adapter") as adapter_dir:
+    with atomic_dir(out / "adapter") if main_process else tempfile.TemporaryDirectory() as adapter_dir:
         log = train(args.model, samples, args.root, adapter_dir, params["train_grpo_lora"],
                     checkpoint_dir=out / "checkpoints", seed=base["seed"], device=base["device"],
                     dtype=base["dtype"])
+    if not main_process:
+        return
     # ---- save the log
     frame = pd.DataFrame(log)
     write_text(out / "log.jsonl", frame.to_json(orient="records", lines=True))
     summary = summarize_log(log)
-    if heldout and int(os.environ.get("RANK", "0")) == 0:  # one process under accelerate
+    if heldout:
         chosen, _ = stratified_subset(heldout, n_eval, base["seed"])
         summary["heldout"] = heldout_rewards(args.model, out / "adapter", [heldout[i] for i in chosen],
                                              args.root, params["train_grpo_lora"], seed=base["seed"],

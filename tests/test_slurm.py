@@ -1,17 +1,20 @@
 """The pipeline on a real SLURM: every stage runs as a SLURM job through the users' profile
 (`snakemake --profile slurm`, CI's cluster layered on with `--profile .ci/slurm/profile`), `dvc status` is
-clean afterwards, and a job asking for more GPUs than the cluster has fails at submission with SLURM's
-message while every existing output stays.
+clean afterwards, a job asking for more GPUs than the cluster has fails at submission with SLURM's
+message while every existing output stays, and a stage that asks for 2 nodes trains across both
+(workflow/multinode.py) to the adapter a 1-process run with the same global batch gets.
 
-Needs running SLURM daemons: CI starts a one-node cluster with a fake GPU (.ci/slurm/install.sh, up.sh;
-down.sh stops it). Without them these tests skip.
+Needs running SLURM daemons: CI starts a two-node cluster on its one machine, a fake GPU a node
+(.ci/slurm/install.sh, up.sh; down.sh stops it). Without them these tests skip.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -151,3 +154,117 @@ def test_the_embedded_pipeline_runs_on_slurm(tmp_path: Path) -> None:
     assert all(job_log.is_file() for _, job_log in jobs.values())
     dvc_clean(work)
     assert "Running stage" not in run([*DVC, "repro"], work).stdout
+
+
+
+# The real train_grpo_lora stage (`python -m stages.train_grpo_lora`, run through runpy) with its rollouts
+# fixed: completion k of a prompt's group is a function of the prompt and k. Sampled rollouts differ with
+# the number of processes (each draws its own random numbers), so only fixed ones can show that 2 processes
+# train like 1 with the same global batch. What stays is the data-parallel part: sharding, rewards and
+# advantages gathered across processes, gradients all-reduced (gloo), the optimizer step, and the stage's
+# outputs written by one process. Each rank records where it ran.
+TRAIN_STEP = '''
+import json, os, runpy, sys
+from pathlib import Path
+
+import torch.distributed as dist
+import trl
+
+from repic.rewards import REWARD_REGISTRY
+from tests.test_train import text_variety
+
+CHOICES = ["yes", "no, a red toy", "caption", "yes yes no"]  # distinct characters: the reward differs
+OUT = Path(sys.argv[sys.argv.index("--out") + 1])
+
+
+def fixed_rollouts(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+    where = OUT / f"rank{self.accelerator.process_index}.json"
+    if not where.exists():
+        where.write_text(json.dumps({
+            "rank": self.accelerator.process_index, "world_size": self.accelerator.num_processes,
+            "backend": dist.get_backend() if dist.is_initialized() else None,
+            "node": os.environ.get("SLURMD_NODENAME"), "node_id": os.environ.get("SLURM_NODEID"),
+            "job": os.environ.get("SLURM_JOB_ID")}))
+    seen, completions = {}, []
+    for ids in prompt_ids:
+        k = seen[tuple(ids)] = seen.get(tuple(ids), -1) + 1
+        text = CHOICES[(sum(ids) + k) % len(CHOICES)]
+        completions.append(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+    return completions, None
+
+
+trl.GRPOTrainer._generate_single_turn = fixed_rollouts
+REWARD_REGISTRY["text_variety"] = lambda protocol: text_variety
+OUT.mkdir(parents=True, exist_ok=True)
+sys.argv = ["stages.train_grpo_lora", *sys.argv[1:]]
+runpy.run_module("stages.train_grpo_lora", run_name="__main__")
+'''
+
+
+def tiny_training_params(per_device: int) -> str:
+    """The repository's params.yaml with a 3-step tiny GRPO run on the CPU, `per_device` completions a process."""
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["base"].update(device="cpu", dtype="float32")
+    params["train_grpo_lora"].update(
+        rollout_backend="hf", rewards=["text_variety"], heldout_eval=0,
+        lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+        grpo={"num_generations": 2, "per_device_train_batch_size": per_device, "max_completion_length": 4,
+              "learning_rate": 1e-2, "beta": 0.04, "loss_type": "grpo", "logging_steps": 1, "bf16": False,
+              "gradient_checkpointing": False, "max_steps": 3, "save_strategy": "no"})
+    return yaml.safe_dump(params)
+
+
+def test_a_two_node_job_trains_like_one_process(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`nodes: 2` in dvc.yaml: one SLURM job on both nodes, srun starts one accelerate launcher a node,
+    torch.distributed's static rendezvous joins them (gloo, CPU), the stage trains and its first process
+    writes the outputs; the adapter equals a 1-process run's with the same global batch."""
+    if len(subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split()) < 2:
+        pytest.skip("CI's cluster has one node: .ci/slurm/up.sh starts two (SLURM_CI_NODES)")
+    from repic.io import write_json
+
+    from .test_train import _adapter_weights, _tiny_samples
+
+    repo, env = toy_repo(tmp_path / "toy"), profiles_env(tmp_path)
+    (repo / "trainstep.py").write_text(TRAIN_STEP)
+    write_json(repo / "train.json", _tiny_samples(repo / "world"))
+    (repo / "params.yaml").write_text(tiny_training_params(per_device=2))  # 2 processes x 1 prompt x G=2
+    (repo / "params_one.yaml").write_text(tiny_training_params(per_device=4))  # 1 process x 2 prompts x G=2
+    stage = f"trainstep.py --model {tiny_model_dir} --train train.json --root world"
+    (repo / "dvc.yaml").write_text(f"""
+stages:
+  train:
+    cmd: accelerate launch --multi_gpu {stage} --out out/two_nodes
+    deps: [trainstep.py, train.json, world]
+    outs: [out/two_nodes]
+    meta: {{resources: {{nodes: 2, gpus_per_node: 1, mem_mb: 1500, runtime: 10, threads: 1}}}}
+""")
+    (repo / ".gitignore").write_text("/out/\n/.snakemake/\n")
+    env["PYTHONPATH"] = str(ROOT)  # repic, stages and tests.test_train, for the job's processes on both nodes
+
+    log = on_slurm(repo, env).stdout
+    job, job_log = slurm_jobs(log)["train"]
+    record = slurm_job(job)
+    assert (record["NumNodes"], record["NumTasks"]) == ("2", "2"), record
+    assert re.search(r"multinode: 2 nodes \(\S+\), 1 process\(es\) a node, main process at 127\.0\.0\.1:\d+",
+                     job_log.read_text()), job_log.read_text()[-3000:]
+    nodes = subprocess.run(["scontrol", "show", "hostnames", record["NodeList"]], capture_output=True,
+                           text=True, check=True).stdout.split()
+    ranks = [json.loads((repo / f"out/two_nodes/rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(w["rank"], w["world_size"], w["backend"], w["node"], w["node_id"], w["job"]) for w in ranks] == [
+        (0, 2, "gloo", nodes[0], "0", job), (1, 2, "gloo", nodes[1], "1", job)]
+    dvc_clean(repo)
+
+    # One process, the same global batch (2 prompts x 2 completions a step), on this machine.
+    run([sys.executable, *stage.split(), "--out", "out/one_process", "--params", "params_one.yaml"], repo,
+        PYTHONPATH=str(ROOT))
+    two, one = _adapter_weights(repo / "out/two_nodes/adapter"), _adapter_weights(repo / "out/one_process/adapter")
+    assert two.keys() == one.keys()
+    trained = [k for k in one if "lora_B" in k]
+    assert trained and all(one[k].abs().max() > 1e-3 for k in trained)  # 3 steps at lr 1e-2 moved every B
+    worst = max(float((two[k] - one[k]).abs().max() / one[k].abs().max()) for k in one)
+    assert worst < 1e-4, worst
+    rewards = [[r["reward"] for r in map(json.loads, (repo / f"out/{d}/log.jsonl").read_text().splitlines())]
+               for d in ("two_nodes", "one_process")]
+    assert rewards[0] == pytest.approx(rewards[1], abs=1e-6) and len(rewards[0]) == 3

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -266,22 +267,90 @@ def test_deps_that_overlap_outs_link_the_same_stages(tmp_path: Path) -> None:
 
 def test_resources_come_from_dvc_meta_and_profiles_cap_them() -> None:
     stages = {dvc_dag.rule_name(dvc_dag.stage_address(s, ROOT)): s.meta["resources"] for s in dvc_stages(ROOT)}
+    # training asks for nodes x GPUs a node (one node of 8 by default): on one node that is `gpu`
+    assert stages["train_grpo_lora"]["nodes"] == 1 and "gpu" not in stages["train_grpo_lora"]
+    gpus = {name: meta.get("gpu", meta.get("gpus_per_node")) for name, meta in stages.items()}
     rules = snakemake_rules(ROOT)
     for name, meta in stages.items():
         assert rules[name]["threads"] == meta["threads"]
         assert {k: rules[name]["resources"][k] for k in ("gpu", "mem_mb", "runtime")} == {
-            k: meta[k] for k in ("gpu", "mem_mb", "runtime")
+            "gpu": gpus[name], **{k: meta[k] for k in ("mem_mb", "runtime")}
         }
         assert not rules[name]["local"]
+        # the training job runs through multinode.py (unchanged outside SLURM); the others as DVC runs them
+        multinode = f"python workflow/multinode.py {shlex.quote(rules[name]['params']['cmd'])}"
+        assert rules[name]["params"]["run"] == (multinode if "nodes" in meta else rules[name]["params"]["cmd"])
 
     caps = {"max_gpu": 1, "max_mem_mb": 3000, "max_threads": 2, "max_runtime": 20, "local_cpu_stages": True}
     capped = snakemake_rules(ROOT, caps)
     for name, meta in stages.items():
         assert capped[name]["threads"] == min(meta["threads"], 2)
-        assert capped[name]["resources"]["gpu"] == min(meta["gpu"], 1)
+        assert capped[name]["resources"]["gpu"] == min(gpus[name], 1)
         assert capped[name]["resources"]["mem_mb"] == min(meta["mem_mb"], 3000)
         assert capped[name]["resources"]["runtime"] == min(meta["runtime"], 20)
-        assert capped[name]["local"] == (meta["gpu"] == 0)
+        assert capped[name]["local"] == (gpus[name] == 0)
+
+
+def test_a_multi_node_request_becomes_one_task_a_node_with_gpus_per_node() -> None:
+    """`nodes: 2` in dvc.yaml (the one change for two nodes): sbatch --nodes=2 --ntasks=2 --gres=gpu:8, and the
+    rule starts its own tasks (`mpi`: the job-step plugin does not wrap it in a one-task srun)."""
+    meta = {"nodes": 2, "gpus_per_node": 8, "mem_mb": 256000, "threads": 32}
+    assert dvc_dag.job_resources(dvc_dag.capped(meta, {})) == {
+        **meta, "mpi": "srun", "tasks": 2, "tasks_per_gpu": 0, "gres": "gpu:8"}
+    assert dvc_dag.job_resources(dvc_dag.capped(meta, {"max_gpu": 4, "max_nodes": 1})) == {
+        **meta, "nodes": 1, "gpus_per_node": 4, "gpu": 4}
+    assert dvc_dag.asks_gpu_or_nodes({"nodes": 2}) and not dvc_dag.asks_gpu_or_nodes({"nodes": 1, "gpu": 0})
+    with pytest.raises(ValueError, match="`gpu` .one node. or as `nodes` x `gpus_per_node`, not both"):
+        dvc_dag._resources({"resources": {"gpu": 1, "nodes": 2, "gpus_per_node": 1}}, "train")
+    with pytest.raises(ValueError, match="meta.resources.nodes must be at least 1"):
+        dvc_dag._resources({"resources": {"nodes": 0}}, "train")
+
+
+def test_multinode_launch_flags_come_from_the_allocation() -> None:
+    """What each node runs (workflow/multinode.py): the stage's accelerate launch with its machine's flags
+    placed just before the script, so they override the command's own `--num_processes`."""
+    import multinode
+
+    paper = "accelerate launch --config_file configs/accelerate/zero2.yaml --num_processes 8 -m stages.train --x 'a b'"
+    argv = multinode.node_command(paper, 2, 1, 8, ("10.1.2.3", 29555), python="py")
+    assert argv == ["py", "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/zero2.yaml",
+                    "--num_processes", "8", "--num_machines", "2", "--machine_rank", "1", "--num_processes", "16",
+                    "--main_process_ip", "10.1.2.3", "--main_process_port", "29555", "--same_network",
+                    "--rdzv_backend", "static", "--deepspeed_multinode_launcher", "standard",
+                    "-m", "stages.train", "--x", "a b"]
+    from accelerate.commands.launch import launch_command_parser
+
+    parsed = launch_command_parser().parse_args(argv[3:])  # accelerate itself reads the last value of each
+    assert (parsed.num_processes, parsed.num_machines, parsed.machine_rank, parsed.module) == (16, 2, 1, True)
+    assert (parsed.training_script, parsed.training_script_args) == ("stages.train", ["--x", "a b"])
+    # one node: the node's GPUs, a free port that accelerate picks
+    assert multinode.node_command(paper, 1, 0, 2, None, python="py")[7:15] == [
+        "--num_machines", "1", "--machine_rank", "0", "--num_processes", "2", "--main_process_port", "0"]
+    # one GPU (a capped request): one process, which accelerate refuses to start with --multi_gpu
+    assert multinode.node_command("accelerate launch --multi_gpu s.py", 1, 0, 1, None, python="py") == [
+        "py", "-m", "accelerate.commands.launch", "--num_machines", "1", "--machine_rank", "0",
+        "--num_processes", "1", "--main_process_port", "0", "s.py"]
+    # a job without GPUs: one process a node
+    assert multinode.node_command("accelerate launch s.py", 3, 2, 0, ("h", 1), python="py")[3:9] == [
+        "--num_machines", "3", "--machine_rank", "2", "--num_processes", "3"]
+    # GPUs a node, from SLURM's record of the job (--gres=gpu:8 a node; --gpus=8 for a one-node job)
+    assert multinode.gpus_of({"NumNodes": "2", "TresPerNode": "gres:gpu:8"}) == 8
+    assert multinode.gpus_of({"NumNodes": "1", "TresPerJob": "gres/gpu:h100:4"}) == 4
+    assert multinode.gpus_of({"NumNodes": "2", "TRES": "cpu=4,node=2"}) == 0
+    # a one-process launch: unchanged on one node, refused on several; shell syntax refused
+    assert multinode.node_command("python -m stages.x --a", 1, 0, 8, None) == ["python", "-m", "stages.x", "--a"]
+    with pytest.raises(ValueError, match="starts one process, but the job has 2 nodes"):
+        multinode.node_command("python -m stages.x", 2, 0, 8, ("h", 1))
+    with pytest.raises(ValueError, match="one command, without shell syntax"):
+        multinode.split_launch("accelerate launch s.py && echo done")
+
+
+def test_multinode_outside_slurm_runs_the_command_as_dvc_does(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run([sys.executable, str(ROOT / "workflow/multinode.py"), "echo \"$((6 * 7))\" > out.txt"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out.txt").read_text() == "42\n"
 
 
 def test_a_config_typo_fails_when_the_workflow_loads() -> None:

@@ -26,9 +26,9 @@ from typing import Any
 RAN_DIR = Path(".snakemake") / "dvc-ran"
 LOG_DIR = Path(".snakemake") / "stage_logs"  # each stage's stdout+stderr, also shown on the terminal
 
-# Every rule's shell (a Snakemake format string): the stage's command as DVC runs it, teed to the log,
-# then the mark that it succeeded (`set -o pipefail` from the Snakefile's prefix keeps its exit status).
-SHELL = f"( {{params.cmd}}\n) 2>&1 | tee {{log:q}}\nmkdir -p {RAN_DIR} && touch {{params.ran:q}}"
+# Every rule's shell (a Snakemake format string): the stage's command as DVC runs it (`command()`), teed to
+# the log, then the mark that it succeeded (`set -o pipefail` from the Snakefile's prefix keeps its exit status).
+SHELL = f"( {{params.run}}\n) 2>&1 | tee {{log:q}}\nmkdir -p {RAN_DIR} && touch {{params.ran:q}}"
 
 # Snakemake leaves this file in every directory output (its mtime stamp); DVC must not hash it, or a
 # directory built by Snakemake differs from the same directory built by `dvc repro`.
@@ -36,7 +36,11 @@ TIMESTAMP = ".snakemake_timestamp"
 
 # `meta: {resources: {...}}` keys checked here; `threads` becomes the rule's threads, the others its
 # resources. Any other key (`gpu_model`, `constraint`, `slurm_partition`, ...) is passed on unchanged.
-COUNTED = ("gpu", "mem_mb", "runtime", "threads")
+# `nodes` x `gpus_per_node` (instead of `gpu`) asks for several nodes: mem_mb and threads are then per node.
+COUNTED = ("gpu", "mem_mb", "runtime", "threads", "nodes", "gpus_per_node")
+
+# The launcher of stages that ask for `nodes`: runs their `accelerate launch` on every node (multinode.py).
+MULTINODE = Path(__file__).resolve().with_name("multinode.py")
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,11 @@ def _resources(meta: Mapping[str, Any] | None, address: str) -> tuple[int, dict[
         value = requested.get(key, 0)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{address}: meta.resources.{key} must be a non-negative integer, got {value!r}")
+    if "gpus_per_node" in requested and ("gpu" in requested or "nodes" not in requested):
+        raise ValueError(f"{address}: meta.resources asks for GPUs as `gpu` (one node) or as `nodes` x "
+                         f"`gpus_per_node`, not both; got {sorted(requested)}")
+    if requested.get("nodes", 1) < 1:
+        raise ValueError(f"{address}: meta.resources.nodes must be at least 1, got {requested['nodes']}")
     return max(1, requested.pop("threads", 1)), requested
 
 
@@ -166,13 +175,50 @@ def _inputs_from_producers(stages: list[Stage]) -> list[Stage]:
 
 def capped(requested: Mapping[str, Any], caps: Mapping[str, Any]) -> dict[str, Any]:
     """Resources with each `max_<name>` of `caps` applied: the request of dvc.yaml, at most what the
-    cluster offers (`capped({'gpu': 8}, {'max_gpu': 1}) == {'gpu': 1}`)."""
+    cluster offers (`capped({'gpu': 8}, {'max_gpu': 1}) == {'gpu': 1}`). `max_gpu` also caps `gpus_per_node`
+    (a node's GPUs), `max_nodes` the nodes; `max_mem_mb` and `max_threads` are per node too."""
     out = dict(requested)
     for key, value in caps.items():
         name = key.removeprefix("max_")
-        if key.startswith("max_") and name in out:
-            out[name] = min(out[name], value)
+        for target in (name, "gpus_per_node") if name == "gpu" else (name,):
+            if key.startswith("max_") and target in out:
+                out[target] = min(out[target], value)
     return out
+
+
+def job_resources(requested: Mapping[str, Any]) -> dict[str, Any]:
+    """Snakemake resources (as the SLURM executor plugin reads them) for a capped request.
+
+    A one-node request is unchanged, `nodes: 1, gpus_per_node: G` asks `gpu: G` (`--gpus=G`). An N-node one
+    asks `--nodes=N --ntasks=N` and `--gres=gpu:G` (GRES count per node); `mpi` tells the job-step plugin
+    that the rule starts its own tasks (multinode.py runs `srun`, one launcher a node), so it does not wrap
+    the rule in a one-task step; `tasks_per_gpu: 0` keeps `tasks` from becoming `--ntasks-per-gpu`.
+    >>> job_resources({"nodes": 2, "gpus_per_node": 8, "mem_mb": 9})
+    {'nodes': 2, 'gpus_per_node': 8, 'mem_mb': 9, 'mpi': 'srun', 'tasks': 2, 'tasks_per_gpu': 0, 'gres': 'gpu:8'}
+    """
+    out = dict(requested)
+    nodes, per_node = out.get("nodes", 1), out.get("gpus_per_node", 0)
+    if nodes > 1:
+        out.update(mpi="srun", tasks=nodes, tasks_per_gpu=0)
+        if per_node:
+            out["gres"] = f"gpu:{per_node}"
+    elif per_node:
+        out["gpu"] = per_node
+    return out
+
+
+def asks_gpu_or_nodes(requested: Mapping[str, Any]) -> bool:
+    """Whether a job must go to the cluster even with `local_cpu_stages`: it asks for a GPU or several nodes."""
+    return bool(requested.get("gpu") or requested.get("gpus_per_node") or requested.get("nodes", 1) > 1)
+
+
+def command(stage: Stage, root: str | os.PathLike[str] = ".") -> str:
+    """What the rule runs (SHELL's `params.run`): the stage's command; for a stage that asks for `nodes`,
+    that command through multinode.py, which runs it unchanged outside SLURM and, in a SLURM job, once a
+    node with one process a GPU."""
+    if "nodes" not in stage.resources:
+        return stage.cmd
+    return f"python {shlex.quote(os.path.relpath(MULTINODE, root))} {shlex.quote(stage.cmd)}"
 
 
 def commit_ran(root: str | os.PathLike[str] = ".") -> list[str]:

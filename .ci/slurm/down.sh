@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Stops what up.sh started, by the daemons' pid files (slurmd, slurmctld, munged), and waits for each.
+# Stops what up.sh started, by the daemons' pid files (each node's slurmd, slurmctld, munged), and waits for each.
 set -uo pipefail
 RUN=${SLURM_CI_RUN:-/run/repic-slurm}
-for pidfile in "$RUN/slurmd.pid" "$RUN/slurmctld.pid" /run/munge/munged.pid; do
+for pidfile in "$RUN"/slurmd-*.pid "$RUN/slurmd.pid" "$RUN/slurmctld.pid" /run/munge/munged.pid; do
   [ -f "$pidfile" ] || continue
   pid=$(cat "$pidfile")
   if kill "$pid" 2>/dev/null; then

@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# Starts a single-node SLURM cluster for CI: this host, all its CPUs and memory, one fake GPU, no
-# accounting database. Writes /etc/slurm/{slurm.conf,gres.conf} (the job-step plugin drops SLURM_CONF,
-# so the default location is the only one jobs see), starts munged, slurmctld and slurmd with pid files
-# under $SLURM_CI_RUN, and waits until the node is idle. Stop with down.sh. Needs root.
+# Starts a SLURM cluster for CI on this one host: $SLURM_CI_NODES nodes (default 2), each one slurmd of its
+# own (`slurmd -N`, its own port and loopback address) with all of this host's CPUs and memory and one fake
+# GPU; no accounting database. Two nodes let a multi-node job run for real: srun starts one task on each,
+# with SLURM_NODEID 0 and 1. No --enable-multiple-slurmd build is needed (whether Debian's has it was not
+# checked): that option is about nodes sharing a NodeHostname, and these have distinct ones, with NodeAddr
+# 127.0.0.1, 127.0.0.2, ... (all this host's loopback).
+# Writes /etc/slurm/{slurm.conf,gres.conf} (the job-step plugin drops SLURM_CONF, so the default location
+# is the only one jobs see), starts munged, slurmctld and the slurmds with pid files under $SLURM_CI_RUN,
+# and waits until every node is idle. Stop with down.sh. Needs root.
 set -euo pipefail
 RUN=${SLURM_CI_RUN:-/run/repic-slurm}         # pid files, state, logs
+NODES=${SLURM_CI_NODES:-2}
 CONF=/etc/slurm
 MARK="# written by repic .ci/slurm/up.sh"
 
@@ -18,13 +24,19 @@ done
 mkdir -p "$RUN"/{ctld,d,munge} "$CONF"
 
 host=$(hostname -s)
-# slurmd -C prints this machine's real NodeName line (CPUs, sockets, cores, RealMemory).
-node=$(slurmd -C | head -n1 | sed "s/^NodeName=[^ ]*/NodeName=$host/")
+# slurmd -C prints this machine's real hardware line (CPUs, sockets, cores, RealMemory).
+hardware=$(slurmd -C | head -n1 | sed "s/^NodeName=[^ ]* //")
 # A GRES gpu needs File= to be a character device: a stand-in with /dev/null's numbers.
 [ -c "$RUN/fake-gpu0" ] || mknod "$RUN/fake-gpu0" c 1 3
+names=(); node_lines=""
+for i in $(seq 0 $((NODES - 1))); do
+  names+=("$host-$i")
+  node_lines+="NodeName=$host-$i NodeHostname=$host-$i NodeAddr=127.0.0.$((i + 1)) Port=$((6818 + i)) $hardware"
+  node_lines+=" Gres=gpu:1 State=UNKNOWN"$'\n'
+done
 
 cat > "$CONF/slurm.conf" <<CONFEOF
-$MARK: one node, one fake GPU, no slurmdbd. Safe to delete.
+$MARK: $NODES nodes on one host, one fake GPU each, no slurmdbd. Safe to delete.
 ClusterName=repic-ci
 SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
@@ -48,18 +60,18 @@ MinJobAge=300
 KillWait=5
 InactiveLimit=0
 StateSaveLocation=$RUN/ctld
-SlurmdSpoolDir=$RUN/d
+SlurmdSpoolDir=$RUN/d/%n
 SlurmctldPidFile=$RUN/slurmctld.pid
-SlurmdPidFile=$RUN/slurmd.pid
+SlurmdPidFile=$RUN/slurmd-%n.pid
 SlurmctldLogFile=$RUN/slurmctld.log
-SlurmdLogFile=$RUN/slurmd.log
-$node NodeAddr=127.0.0.1 Gres=gpu:1 State=UNKNOWN
-PartitionName=ci Nodes=$host Default=YES MaxTime=INFINITE State=UP
+SlurmdLogFile=$RUN/slurmd-%n.log
+$node_lines
+PartitionName=ci Nodes=$(IFS=,; echo "${names[*]}") Default=YES MaxTime=INFINITE State=UP
 CONFEOF
 cat > "$CONF/gres.conf" <<CONFEOF
 $MARK
 AutoDetect=off
-NodeName=$host Name=gpu File=$RUN/fake-gpu0
+Name=gpu File=$RUN/fake-gpu0
 CONFEOF
 
 # munge: the key comes with the package; run the daemon as its user, socket and pid in its usual place.
@@ -69,13 +81,18 @@ install -d -o munge -g munge -m 0700 /var/lib/munge /var/log/munge
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 pid_alive /run/munge/munged.pid || runuser -u munge -- munged --pid-file=/run/munge/munged.pid
 pid_alive "$RUN/slurmctld.pid" || slurmctld
-pid_alive "$RUN/slurmd.pid" || slurmd
+for name in "${names[@]}"; do
+  mkdir -p "$RUN/d/$name"
+  pid_alive "$RUN/slurmd-$name.pid" || slurmd -N "$name"
+done
 
 for _ in $(seq 60); do
-  state=$(sinfo -h -n "$host" -o %T 2>/dev/null || true)
-  case "$state" in idle|mixed|allocated) echo "slurm up: node $host $state"; exit 0;; esac
+  states=$(sinfo -h -N -o %T 2>/dev/null | sort | uniq -c | tr -s ' ' || true)
+  if [ "$(sinfo -h -N -o %T 2>/dev/null | grep -cE '^(idle|mixed|allocated)$')" -eq "$NODES" ]; then
+    echo "slurm up: $NODES nodes (${names[*]}):$states"; exit 0
+  fi
   sleep 0.5
 done
-echo "up.sh: node $host not idle after 30 s (state: ${state:-none}); logs:" >&2
-tail -n 20 "$RUN/slurmctld.log" "$RUN/slurmd.log" >&2 || true
+echo "up.sh: not all $NODES nodes idle after 30 s (states:${states:-none}); logs:" >&2
+tail -n 20 "$RUN/slurmctld.log" "$RUN"/slurmd-*.log >&2 || true
 exit 1
