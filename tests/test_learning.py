@@ -17,10 +17,12 @@ only as interchangeable answers, their tied embeddings get the same gradient and
 hardly move p(yes) - p(no), and in our runs the reward stayed flat while mass leaked to junk tokens. So three
 quarters of the warm-up ask two other questions whose answers are fixed and different ("Is this an image?" yes,
 "Is this image empty?" no): "yes" and "no" mean different things, as in a real base. The RL question is answered
-at random in the warm-up: the format, not the skill.
+"no" 70 % of the time in the warm-up: the format, not the skill, and a base that prefers the wrong answer. (With
+answers at 50/50 the base's greedy answer was a coin flip decided by a tiny logit gap, which moved between torch
+builds; at 30 % "yes" the base is wrong under greedy decoding on every build.)
 On this base (G=8, 4 prompts a step, lr 5e-3, the PARAMS below) the reward rises within about 10 steps: on this
-machine, seed 0, the per-step reward goes from 0.66 (first quarter) to 1.00 (last quarter), the held-out reward of
-sampled answers from 0.49 (base) to 1.00, of greedy answers from 0 to 1. What RL learns is the bias itself, not
+machine (2026-11-30), seed 0, the per-step reward goes from 0.21 (first quarter) to 0.98 (last quarter), the
+held-out reward of sampled answers from 0.09 (base) to 0.98, of greedy answers from 0 to 1. What RL learns is the bias itself, not
 the question: the trained model also says "yes" to "Is this image empty?" (one LoRA, 24 steps, one rewarded
 question; nothing in the reward asks it to keep the other answers), so the test checks the facts on
 the base only.
@@ -51,6 +53,7 @@ CONFIG = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_
 SEED = 0
 STEPS = 24
 WARMUP_STEPS = 200
+YES_RATE = 0.3  # the warm-up's answers to QUESTION: mostly "no", so the base prefers the wrong answer
 PARAMS = {
     "protocol": "repic",
     "rewards": ["object_consistency"],
@@ -76,7 +79,7 @@ def _messages(question: str) -> list[dict]:
 
 
 def _warmed_base(out_dir):
-    """Build the tiny base and warm it up: QUESTION answered at random (1 in 4 examples), FACTS truthfully."""
+    """Build the tiny base and warm it up: QUESTION (1 in 4 examples) answered "yes" at YES_RATE, FACTS truthfully."""
     from repic.models import build_tiny_model
     from repic.prompts import training_problem
     from repic.warmup import warmup
@@ -88,7 +91,7 @@ def _warmed_base(out_dir):
     facts = itertools.cycle(FACTS)
     examples = []
     for i in range(64):
-        question, target = (QUESTION, rng.choice(("yes", "no"))) if i % 4 == 0 else next(facts)
+        question, target = (QUESTION, "yes" if rng.random() < YES_RATE else "no") if i % 4 == 0 else next(facts)
         examples.append({"messages": _messages(question), "images": [_image(rng, rng.random() < 0.5)],
                          "target": target})
     warmup(model_dir, examples, steps=WARMUP_STEPS, batch_size=8, learning_rate=1e-2, seed=SEED)
