@@ -152,9 +152,12 @@ def attn_implementation() -> str:
     return "sdpa"
 
 
-def load_processor(path: str | os.PathLike) -> ImageQwenVLProcessor:
+def load_processor(path: str | os.PathLike, *, max_pixels: int | None = None) -> ImageQwenVLProcessor:
+    """The checkpoint's processor, left padding; `max_pixels` caps the image size (RePIC's captioning uses
+    1024*28*28); None keeps the checkpoint's own."""
+    extra = {} if max_pixels is None else {"max_pixels": int(max_pixels)}
     try:
-        processor = ImageQwenVLProcessor.from_pretrained(str(path))
+        processor = ImageQwenVLProcessor.from_pretrained(str(path), **extra)
     except OSError as exc:
         raise RepicError(f"{path}: cannot load a Qwen2.5-VL processor ({exc})") from None
     processor.tokenizer.padding_side = "left"
