@@ -118,6 +118,8 @@ def openai_judge(base_url: str, model: str, api_key_env: str, *, max_new_tokens:
     import urllib.error
     import urllib.request
 
+    from repic.sources import mirror_url
+
     key = os.environ.get(api_key_env)
     if not key:
         raise RepicError(f"judge_llm.openai.api_key_env: environment variable {api_key_env} is not set")
@@ -134,7 +136,8 @@ def openai_judge(base_url: str, model: str, api_key_env: str, *, max_new_tokens:
             if attempt:
                 time.sleep(backoff_s * 2 ** (attempt - 1) if not retry_after else retry_after)
             retry_after = 0.0
-            req = urllib.request.Request(url, data=body.encode(), headers={
+            # REPIC_URL_MIRRORS (repic.sources) may point the API at a mirror: `make paper-rehearsal`'s loopback
+            req = urllib.request.Request(mirror_url(url), data=body.encode(), headers={
                 "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
             try:
                 with urllib.request.urlopen(req, timeout=timeout_s) as resp:

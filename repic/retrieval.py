@@ -418,7 +418,7 @@ class YoloWorldDetector:
     confidence 0.1, as in RePIC's retrieval script.
 
     Optional: `ultralytics` is AGPL-3.0, so it is not in requirements.txt; install it yourself
-    (`pip install ultralytics`) to use this detector. `model_path` is the weights file (fetch it as a pinned `url`
+    (`pip install ultralytics`) to use this detector. `model_id` is the weights file (fetch it as a pinned `url`
     source; `sha256` checks it again here). `set_classes` embeds the class names with CLIP ViT-B/32, which
     ultralytics downloads on first use (pins/SOURCES.md lists its sha256).
     """
@@ -429,7 +429,7 @@ class YoloWorldDetector:
     def __init__(
         self,
         classes: Sequence[str],
-        model_path: str = "yolov8x-worldv2.pt",
+        model_id: str = "yolov8x-worldv2.pt",
         threshold: float = 0.1,
         max_boxes: int = 16,
         sha256: str | None = None,
@@ -440,9 +440,9 @@ class YoloWorldDetector:
         except ImportError:
             raise RepicError("yolo_world detector: the optional package 'ultralytics' (AGPL-3.0) is not installed: "
                              "pip install ultralytics, or use detector: owlv2") from None
-        path = Path(model_path)
+        path = Path(model_id)
         if not path.is_file():
-            raise RepicError(f"yolo_world detector: model_path: {path} does not exist (fetch yolov8x-worldv2.pt "
+            raise RepicError(f"yolo_world detector: model_id: {path} does not exist (fetch yolov8x-worldv2.pt "
                              "as a pinned url source)")
         if sha256 is not None:
             from repic.sources import file_sha256
