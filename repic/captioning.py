@@ -198,8 +198,9 @@ def run_setting(setting: str, queries_path: str, database_path: str, root: str, 
                                device=device)
     with Progress(len({q.image for q in queries}), f"retrieve {setting}", unit="image") as bar:
         def retrieve_one(image: str) -> dict[str, Any]:
+            hit = retriever(_open(root, image))
             bar.update()
-            return retriever(_open(root, image))
+            return hit
 
         retrieved = attach_retrieval(queries, retrieve_one)
     missing = sorted({h["image"] for q in retrieved for h in q.retrieval["hits"] if h.get("missing")})
