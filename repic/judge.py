@@ -172,7 +172,10 @@ def judge_pairs(pairs: list[dict[str, Any]], backend_id: str, ask: Judge, cache:
     """Judge each pair in both orders. A pair: references, images (refs + query), caption_trained,
     caption_base. Returns per-pair verdict records with outcome trained|base|tie. Cached answers cost nothing;
     once `max_requests` new requests were made, the remaining pairs are left out (the budget is bounded)."""
+    from repic.progress import Progress
+
     records = []
+    bar = Progress(len(pairs), "judge", unit="pair")
     for pair in pairs:
         new = sum(content_hash(backend_id, judge_messages(pair["references"], a, b), pair["images"])
                   not in cache.answers for a, b in ((pair["caption_trained"], pair["caption_base"]),
@@ -195,6 +198,8 @@ def judge_pairs(pairs: list[dict[str, Any]], backend_id: str, ask: Judge, cache:
         records.append({**{k: pair[k] for k in ("setting", "mode", "query_image")},
                         "gt_keys": pair["gt_keys"], "verdict_trained_first": first,
                         "verdict_base_first": second, "outcome": outcome})
+        bar.update()
+    bar.close()
     return records
 
 

@@ -67,3 +67,29 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def training_callback(stream: TextIO | None = None) -> Any:
+    """A transformers `TrainerCallback` writing `Progress` log lines of optimizer steps when the output is not a
+    terminal (on a terminal the Trainer's own tqdm bar shows count and ETA); None on a terminal."""
+    from transformers import TrainerCallback
+
+    out = stream if stream is not None else sys.stderr
+    if getattr(out, "isatty", lambda: False)():
+        return None
+
+    class StepProgress(TrainerCallback):
+        def __init__(self) -> None:
+            self.bar: Progress | None = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.is_world_process_zero:
+                self.bar = Progress(state.max_steps, "train", unit="step", stream=out, tty=False)
+                self.bar.done = state.global_step  # a resumed run counts from its checkpoint's step
+                self.bar._next = state.global_step + self.bar.every
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.done)
+
+    return StepProgress()

@@ -17,6 +17,7 @@ import pandas as pd
 
 from repic.cli import params_of, parser, run
 from repic.io import atomic_dir, read_json, write_json, write_text
+from repic.progress import training_callback
 from repic.subset import stratified_subset, validate_training
 from repic.train import heldout_rewards, summarize_log, train
 
@@ -38,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with atomic_dir(out / "adapter") as adapter_dir:
         log = train(args.model, samples, args.root, adapter_dir, params["train_grpo_lora"],
                     checkpoint_dir=out / "checkpoints", seed=base["seed"], device=base["device"],
-                    dtype=base["dtype"])
+                    dtype=base["dtype"], callbacks=[cb for cb in [training_callback()] if cb is not None])
     # ---- save the log
     frame = pd.DataFrame(log)
     write_text(out / "log.jsonl", frame.to_json(orient="records", lines=True))

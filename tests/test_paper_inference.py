@@ -158,3 +158,24 @@ def test_yolo_world_detector_sets_classes_and_conf(tmp_path: Path, monkeypatch: 
     with pytest.raises(RepicError, match="model_id: .* does not exist"):
         make_detector("yolo_world", classes=["cat"], model_id=str(tmp_path / "absent.pt"))
     assert np.isfinite(out[0]["score"])
+
+
+def test_training_progress_lines_in_a_log_resume_counts_from_the_checkpoint() -> None:
+    from repic.progress import training_callback
+
+    out = io.StringIO()
+    cb = training_callback(out)
+    state = types.SimpleNamespace(is_world_process_zero=True, max_steps=40, global_step=20)
+    cb.on_train_begin(None, state, None)
+    for step in range(21, 41):
+        state.global_step = step
+        cb.on_step_end(None, state, None)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("train: 22/40 (55.0%)") and lines[-1].startswith("train: 40/40 (100.0%)")
+    assert len(lines) == 10  # every 2 steps (5 %) from the resumed step on
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert training_callback(Tty()) is None  # a terminal has the Trainer's own bar
