@@ -177,11 +177,15 @@ def fetch_sources(sources: Mapping[str, Mapping[str, Any]], outs: Mapping[str, s
         if rel_path.is_absolute() or ".." in rel_path.parts:
             raise RepicError(f"source {name!r}: dest: must stay inside {out!r}, got {spec.get('dest')!r}")
         plan.append((len(rel_path.parts), name, Path(outs[out]) / rel_path, rel_path.as_posix()))
+    from repic.progress import Progress
+
     done: dict[str, str] = {}
-    for _, name, dest, rel in sorted(plan):
-        again = name in rerecord or "all" in rerecord
-        done[name] = str(fetch_source(sources[name], dest, name=name, cache_dir=cache_dir, progress=progress,
-                                      lock=lock_file, rerecord=again, layout_path=rel))
+    with Progress(len(plan), "fetch", unit="source", every=1) as bar:
+        for _, name, dest, rel in sorted(plan):
+            again = name in rerecord or "all" in rerecord
+            done[name] = str(fetch_source(sources[name], dest, name=name, cache_dir=cache_dir, progress=progress,
+                                          lock=lock_file, rerecord=again, layout_path=rel))
+            bar.update()
     return done
 
 
