@@ -507,22 +507,12 @@ def download(url: str, target: Path, sha256: str | None, *, label: str, retries:
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
     restarted = False
-    forms = 0
     while True:
         resumed = part.is_file() and part.stat().st_size > 0
         for attempt in range(retries + 1):
             try:
-                _transfer(url, part, label=label, timeout_s=timeout_s, progress=progress)
+                url = _transfer_following_forms(url, part, label=label, timeout_s=timeout_s, progress=progress)
                 break
-            except _DriveForm as form:
-                forms += 1
-                if forms > 2:
-                    raise RepicError(f"{label}: Google Drive keeps answering {url} with its confirmation page "
-                                     "(quota exceeded, or not shared publicly?)") from None
-                log.info("%s: Google Drive asks to confirm a large download; following its form", label)
-                url = form.url
-                part.unlink(missing_ok=True)
-                continue
             except _Interrupted as exc:
                 size = part.stat().st_size if part.exists() else 0
                 if attempt == retries:
@@ -530,8 +520,6 @@ def download(url: str, target: Path, sha256: str | None, *, label: str, retries:
                                      f"{part}: run again to resume") from None
                 log.warning("%s: %s; retrying from byte %d", label, exc, size)
                 time.sleep(backoff_s * 2**attempt)
-        else:
-            raise RepicError(f"{label}: download of {url} did not complete")
         digest = file_sha256(part)
         if sha256 is None:
             if _looks_like_html(part):
@@ -551,6 +539,20 @@ def download(url: str, target: Path, sha256: str | None, *, label: str, retries:
         hint = " (the server sent an HTML page, not the file)" if _looks_like_html(part) else ""
         part.unlink()
         raise RepicError(f"{label}: sha256 mismatch for {url}: expected {sha256}, got {digest}{hint}")
+
+
+def _transfer_following_forms(url: str, part: Path, *, label: str, timeout_s: float, progress: bool) -> str:
+    """`_transfer`, answering Google Drive's confirmation page with its form; returns the URL that gave the file."""
+    for _ in range(3):
+        try:
+            _transfer(url, part, label=label, timeout_s=timeout_s, progress=progress)
+            return url
+        except _DriveForm as form:
+            log.info("%s: Google Drive asks to confirm a large download; following its form", label)
+            url = form.url
+            part.unlink(missing_ok=True)
+    raise RepicError(f"{label}: Google Drive keeps answering {url} with its confirmation page "
+                     "(quota exceeded, or not shared publicly?)")
 
 
 def _is_drive(url: str) -> bool:

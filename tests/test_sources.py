@@ -614,7 +614,7 @@ def test_drive_confirmation_page_is_answered(files: FileServer, tmp_path: Path,
     files.drive.add("1d33cP7VWxS")
     files.files["/drive/1d33cP7VWxS"] = PAYLOAD
     spec = {"kind": "url", "url": "https://drive.google.com/file/d/1d33cP7VWxS/view?usp=sharing",
-            "sha256": sha(PAYLOAD), "filename": "lora.zip", "backoff_s": 0}
+            "sha256": sha(PAYLOAD), "filename": "lora.zip", "backoff_s": 0, "retries": 0}
     out = fetch_source(spec, tmp_path / "lora.zip", name="lora", progress=False)
     assert out.read_bytes() == PAYLOAD
     assert [p for _, p, _ in files.requests] == ["/download", "/download"]  # the page, then its form's URL
