@@ -116,7 +116,8 @@ def run(work: Path, report_path: Path | None, *, shared: Path) -> dict[str, Any]
     env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
     env.update({"HF_ENDPOINT": hub.url, "REPIC_URL_MIRRORS": mirrors(files, chat), "OPENAI_API_KEY": API_KEY,
                 "HF_HOME": str(work / "hf-home"), "NO_PROXY": "127.0.0.1,localhost", "WANDB_MODE": "offline",
-                "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}", "PYTHONUNBUFFERED": "1"})
+                "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}", "PYTHONUNBUFFERED": "1",
+                "HF_HUB_OFFLINE": "0"})  # as `make paper` (the second fetch runs fetch_data directly)
     # Stand-in models are tiny: a second BLAS thread only spins (20x slower on a shared 2-core machine).
     env.setdefault("OMP_NUM_THREADS", "1")
     venv = Path(sys.executable).parent.parent
