@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1
 export DO_NOT_TRACK := 1
 
-.PHONY: venv repro test paper real-eval bench profiles lint lock clean
+.PHONY: venv repro test paper paper-rehearsal real-eval bench profiles lint lock clean
 
 venv: $(VENV)/.installed
 
@@ -27,9 +27,18 @@ repro: venv
 	dvc repro
 
 # The paper run: overlay configs/paper.yaml onto params.yaml (git checkout params.yaml undoes it), then the DAG.
+# PAPER_OVERLAYS: further overlays applied after it, e.g. configs/paper_yolo_world.yaml. fetch_data downloads, so
+# the hub client is online here.
+PAPER_OVERLAYS ?=
 paper: venv
 	python -m repic.params apply configs/paper.yaml
-	WANDB_MODE=$${WANDB_MODE:-offline} dvc repro
+	$(foreach o,$(PAPER_OVERLAYS),python -m repic.params apply $(o) &&) true
+	HF_HUB_OFFLINE=0 WANDB_MODE=$${WANDB_MODE:-offline} dvc repro
+
+# `make paper` rehearsed offline in a scratch copy (.rehearsal/): loopback hub/GitHub/Drive/OpenAI serving tiny
+# stand-ins, configs/rehearsal.yaml for sizes and hardware; report in results/rehearsal.json.
+paper-rehearsal: venv
+	python -m repic.rehearsal --work .rehearsal --report results/rehearsal.json
 
 # The benchmarks of BENCHMARKS.md into bench/out/ (generation: HF generate vs the static backend, GRPO step;
 # the paper's GRPO recipe at 7B shape). Without a GPU: a short CPU rehearsal of the same code paths.

@@ -87,15 +87,24 @@ def build_conversation(query: Query, database: dict[str, Any], root: str | os.Pa
 
 
 def generate_captions(model: Any, processor: Any, conversations: list[tuple[list[dict], list[Image.Image]]],
-                      *, batch_size: int, max_new_tokens: int, backend: str = "hf") -> list[str]:
+                      *, batch_size: int, max_new_tokens: int, backend: str = "hf", desc: str | None = None,
+                      hit_limit: list[bool] | None = None) -> list[str]:
     """Greedy captions for many conversations, batched by similar prompt size, left padded; `backend` is
-    HF `generate` ("hf") or the static-KV-cache/CUDA-graph decoder ("static", token-identical in fp32)."""
+    HF `generate` ("hf") or the static-KV-cache/CUDA-graph decoder ("static", token-identical in fp32).
+    With `desc`, shows progress (`repic.progress`); `hit_limit` receives, per caption, whether it was cut at
+    `max_new_tokens`."""
     from repic.generation import generate
+    from repic.progress import Progress
 
     texts = [processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
              for msgs, _ in conversations]
-    return generate(model, processor, texts, [imgs for _, imgs in conversations], backend=backend,
-                    max_new_tokens=max_new_tokens, batch_size=batch_size)
+    images = [imgs for _, imgs in conversations]
+    if desc is None:
+        return generate(model, processor, texts, images, backend=backend, max_new_tokens=max_new_tokens,
+                        batch_size=batch_size, hit_limit=hit_limit)
+    with Progress(len(texts), desc, unit="caption") as bar:
+        return generate(model, processor, texts, images, backend=backend, max_new_tokens=max_new_tokens,
+                        batch_size=batch_size, hit_limit=hit_limit, on_batch=bar.update)
 
 
 def caption_rows(queries: list[Query], captions: list[str]) -> list[list[Any]]:
@@ -117,30 +126,40 @@ def attach_retrieval(queries: list[Query], retrieve_keys: Any) -> list[Query]:
 
 
 def caption_all(model: Any, processor: Any, queries_by_mode: dict[str, list[Query]], database: dict[str, Any],
-                root: str | os.PathLike, *, batch_size: int, max_new_tokens: int, backend: str = "hf"
-                ) -> dict[str, list[list[Any]]]:
-    """Caption every mode's queries with one model; returns RePIC caption rows per mode."""
+                root: str | os.PathLike, *, batch_size: int, max_new_tokens: int, backend: str = "hf",
+                desc: str = "caption", hit_limit: dict[str, int] | None = None) -> dict[str, list[list[Any]]]:
+    """Caption every mode's queries with one model; returns RePIC caption rows per mode. `hit_limit`, when
+    given, receives per mode how many captions stopped at `max_new_tokens` (cut off, no EOS)."""
     rows = {}
     for mode, queries in queries_by_mode.items():
         conversations = [build_conversation(q, database, root) for q in queries]
+        cut: list[bool] = []
         captions = generate_captions(model, processor, conversations, batch_size=batch_size,
-                                     max_new_tokens=max_new_tokens, backend=backend)
+                                     max_new_tokens=max_new_tokens, backend=backend, desc=f"{desc} {mode}",
+                                     hit_limit=cut)
         rows[mode] = caption_rows(queries, captions)
+        if hit_limit is not None:
+            hit_limit[mode] = sum(cut)
     return rows
 
 
-def make_retriever(index_dir: str | os.PathLike, root: str | os.PathLike, params: dict[str, Any], k: int
-                   ) -> Any:
+def make_retriever(index_dir: str | os.PathLike, root: str | os.PathLike, params: dict[str, Any], k: int,
+                   *, database: str | os.PathLike | None = None, device: str = "auto") -> Any:
     """`image -> {"keys", "hits"}` over the index built by `build_db` (its embedder is read from the index
     meta, so captioning always embeds queries as the database was embedded). Hits whose image is missing
-    are reported in `hits` and left out of `keys`."""
+    are reported in `hits` and left out of `keys`. An open-vocabulary detector is prompted with the categories
+    of `database` (default: the one the index was built from); detector and embedder run on `device`."""
     from pathlib import Path
 
-    from repic.retrieval import load_index, make_detector, make_embedder, retrieve
+    from repic.models import pick_device
+    from repic.retrieval import database_categories, load_index, make_detector, make_embedder, retrieve
 
     index, id_map, meta = load_index(Path(index_dir))
-    embedder = make_embedder(meta["embedder"], **meta.get("embedder_kwargs", {}))
-    detector = make_detector(params["detector"], **params["detector_kwargs"])
+    device = pick_device(device)
+    embedder = make_embedder(meta["embedder"], device=device, **meta.get("embedder_kwargs", {}))
+    db_path = database if database is not None else meta.get("database")
+    classes = database_categories(Path(db_path)) if db_path else []
+    detector = make_detector(params["detector"], classes=classes, device=device, **params["detector_kwargs"])
 
     def retrieve_keys(image: Image.Image) -> dict[str, Any]:
         hits = retrieve(image, index, id_map, embedder, detector, k, root=Path(root))
@@ -180,17 +199,30 @@ def run_setting(setting: str, queries_path: str, database_path: str, root: str, 
     queries = expand_queries(valid, setting, source=queries_path)
     for q in queries:
         q.ref_keys = list(q.gt_keys)
-    retriever = make_retriever(index_dir, root, params, k=params["top_k"][setting])
-    retrieved = attach_retrieval(queries, lambda image: retriever(_open(root, image)))
+    from repic.progress import Progress
+
+    retriever = make_retriever(index_dir, root, params, k=params["top_k"][setting], database=database_path,
+                               device=device)
+    with Progress(len({q.image for q in queries}), f"retrieve {setting}", unit="image") as bar:
+        def retrieve_one(image: str) -> dict[str, Any]:
+            hit = retriever(_open(root, image))
+            bar.update()
+            return hit
+
+        retrieved = attach_retrieval(queries, retrieve_one)
     missing = sorted({h["image"] for q in retrieved for h in q.retrieval["hits"] if h.get("missing")})
     by_mode = {"skip": queries, "retrieval": retrieved}
     gen = dict(batch_size=params["batch_size"], max_new_tokens=params["max_new_tokens"], backend=params["backend"])
-    processor = load_processor(model_path)
+    processor = load_processor(model_path, max_pixels=params.get("max_pixels"))
     model = load_model(model_path, device=device, dtype=dtype)
-    rows = {f"base_{m}": r for m, r in caption_all(model, processor, by_mode, database, root, **gen).items()}
+    hit_limit: dict[str, dict[str, int]] = {"base": {}, "trained": {}}
+    rows = {f"base_{m}": r for m, r in caption_all(model, processor, by_mode, database, root, desc=f"{setting} base",
+                                                   hit_limit=hit_limit["base"], **gen).items()}
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter).eval()
-        rows |= {f"trained_{m}": r for m, r in caption_all(model, processor, by_mode, database, root, **gen).items()}
+        rows |= {f"trained_{m}": r for m, r in caption_all(model, processor, by_mode, database, root,
+                                                           desc=f"{setting} trained", hit_limit=hit_limit["trained"],
+                                                           **gen).items()}
     summary = {
         "setting": setting,
         "k": params["top_k"][setting],
@@ -200,5 +232,8 @@ def run_setting(setting: str, queries_path: str, database_path: str, root: str, 
         "left_out": left_out,
         "missing_images": missing,
         "per_query": [{"query_image": q.image, "gt_keys": q.gt_keys, "retrieved": q.ref_keys} for q in retrieved],
+        # captions cut at max_new_tokens (no EOS), per run file: RePIC allows 1024 new tokens
+        "max_new_tokens": params["max_new_tokens"],
+        "hit_max_new_tokens": {f"{model}_{mode}": n for model, modes in hit_limit.items() for mode, n in modes.items()},
     }
     return rows, summary

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ def fetch_synthetic(out_data: str | os.PathLike, out_model: str | os.PathLike, p
 
 
 def fetch_real(out_data: str | os.PathLike, out_model: str | os.PathLike, params: dict[str, Any],
-               data_paths: dict[str, Any], seed: int) -> dict[str, Any]:
+               data_paths: dict[str, Any], seed: int, rerecord: Sequence[str] = ()) -> dict[str, Any]:
     """Declared sources (hub repos, hashed URLs, local folders in RePIC's layout) into the data root and the
     model folder, then validation of every database and query file (`validation.json` in the data root).
 
@@ -63,7 +64,8 @@ def fetch_real(out_data: str | os.PathLike, out_model: str | os.PathLike, params
         return tmp / Path(path).relative_to(data_root)
 
     with atomic_dir(out_data) as data_tmp, atomic_dir(out_model) as model_tmp:
-        fetched = fetch_sources(params["sources"], {"data": data_tmp, "model": model_tmp}, cache_dir=params["cache"])
+        fetched = fetch_sources(params["sources"], {"data": data_tmp, "model": model_tmp}, cache_dir=params["cache"],
+                                lock=params.get("lock"), rerecord=rerecord, progress=sys.stderr.isatty())
         if not any(str(spec["dest"]).split("/")[0] == "model" for spec in params["sources"].values()):
             build_tiny_model(model_tmp, world_texts(data_tmp), params["tiny_model"], seed=seed)
         datasets = [{"name": d["name"], "database": inside(d["database"], data_tmp),

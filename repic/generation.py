@@ -53,12 +53,15 @@ _REFUSED = {
 
 @torch.inference_mode()
 def generate(model: Any, processor: Any, texts: Sequence[str], images: Sequence[Sequence[Any]], *,
-             backend: str = "hf", max_new_tokens: int, batch_size: int, **generation_kwargs: Any) -> list[str]:
+             backend: str = "hf", max_new_tokens: int, batch_size: int, hit_limit: list[bool] | None = None,
+             on_batch: Any = None, **generation_kwargs: Any) -> list[str]:
     """Greedy completions of chat-templated `texts` (each with its list of PIL `images`), in input order.
 
     Batches hold prompts of similar size (sorted by image area + text length), left padded; each batch's images
     are preprocessed once. `generation_kwargs` go to `generate` (hf) or are honoured alike (static), e.g.
-    `repetition_penalty`; the model's `generation_config` supplies the rest, as in `generate`.
+    `repetition_penalty`; the model's `generation_config` supplies the rest, as in `generate`. `hit_limit`, when
+    given, receives per text whether it stopped at `max_new_tokens` without an EOS (a cut-off caption);
+    `on_batch(n)`, when given, is called after each batch of `n` texts (progress).
     """
     check_backend(backend)
     sizes = [sum(img.width * img.height for img in imgs) + len(t) for t, imgs in zip(texts, images)]
@@ -66,6 +69,7 @@ def generate(model: Any, processor: Any, texts: Sequence[str], images: Sequence[
     device = next(model.parameters()).device
     pad = processor.tokenizer.pad_token_id
     out: list[str] = [""] * len(texts)
+    cut = [False] * len(texts)
     decoders: dict = {}
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
@@ -75,6 +79,14 @@ def generate(model: Any, processor: Any, texts: Sequence[str], images: Sequence[
                            pad_token_id=pad, _decoders=decoders, **generation_kwargs)
         for i, text in zip(idx, processor.batch_decode(ids, skip_special_tokens=True)):
             out[i] = text.strip()
+        if hit_limit is not None:
+            eos = set(_eos_ids(_generation_config(model, max_new_tokens, generation_kwargs)))
+            for i, row in zip(idx, ids):
+                cut[i] = len(row) >= max_new_tokens and (not row or row[-1] not in eos)
+        if on_batch is not None:
+            on_batch(len(idx))
+    if hit_limit is not None:
+        hit_limit[:] = cut
     return out
 
 

@@ -163,6 +163,8 @@ def openai_judge(base_url: str, model: str, api_key_env: str, *, max_new_tokens:
     import httpx2
     from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
+    from repic.sources import mirror_url
+
     key = os.environ.get(api_key_env)
     if not key:
         raise RepicError(f"judge_llm.openai.api_key_env: environment variable {api_key_env} is not set")
@@ -177,7 +179,8 @@ def openai_judge(base_url: str, model: str, api_key_env: str, *, max_new_tokens:
 
     def post(body: dict[str, Any]) -> str:
         try:
-            resp = client.post(url, json=body)
+            # REPIC_URL_MIRRORS (repic.sources) may point the API at a mirror: `make paper-rehearsal`'s loopback
+            resp = client.post(mirror_url(url), json=body)
         except httpx2.TransportError as exc:  # refused, timed out, or dropped before or during the reply
             raise _Transient(f"connection failed ({type(exc).__name__}: {exc})") from None
         if resp.status_code == 429 or resp.status_code >= 500:
@@ -217,7 +220,10 @@ def judge_pairs(pairs: list[dict[str, Any]], backend_id: str, ask: Judge, cache:
     """Judge each pair in both orders. A pair: references, images (refs + query), caption_trained,
     caption_base. Returns per-pair verdict records with outcome trained|base|tie. Cached answers cost nothing;
     once `max_requests` new requests were made, the remaining pairs are left out (the budget is bounded)."""
+    from repic.progress import Progress
+
     records = []
+    bar = Progress(len(pairs), "judge", unit="pair")
     for pair in pairs:
         new = sum(content_hash(backend_id, judge_messages(pair["references"], a, b), pair["images"])
                   not in cache.answers for a, b in ((pair["caption_trained"], pair["caption_base"]),
@@ -240,6 +246,8 @@ def judge_pairs(pairs: list[dict[str, Any]], backend_id: str, ask: Judge, cache:
         records.append({**{k: pair[k] for k in ("setting", "mode", "query_image")},
                         "gt_keys": pair["gt_keys"], "verdict_trained_first": first,
                         "verdict_base_first": second, "outcome": outcome})
+        bar.update()
+    bar.close()
     return records
 
 

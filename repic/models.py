@@ -152,12 +152,20 @@ def attn_implementation() -> str:
     return "sdpa"
 
 
-def load_processor(path: str | os.PathLike) -> ImageQwenVLProcessor:
+def load_processor(path: str | os.PathLike, *, max_pixels: int | None = None) -> ImageQwenVLProcessor:
+    """The checkpoint's processor, left padding; `max_pixels` caps the image size (RePIC's captioning uses
+    1024*28*28); None keeps the checkpoint's own."""
     try:
         processor = ImageQwenVLProcessor.from_pretrained(str(path))
     except OSError as exc:
         raise RepicError(f"{path}: cannot load a Qwen2.5-VL processor ({exc})") from None
     processor.tokenizer.padding_side = "left"
+    if max_pixels is not None:
+        from transformers.image_utils import SizeDict
+
+        # `size`, not a max_pixels kwarg: transformers deprecates passing max_pixels through to each call.
+        shortest = processor.image_processor.size["shortest_edge"]
+        processor.image_processor.size = SizeDict(shortest_edge=shortest, longest_edge=int(max_pixels))
     return processor
 
 

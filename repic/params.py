@@ -50,6 +50,7 @@ SCHEMA: dict[str, Any] = _obj({
         "source": {"enum": ["synthetic", "real"]},
         "strict": {"type": "boolean"},
         "cache": {"type": ["string", "null"]},
+        "lock": {"type": ["string", "null"]},
         "sources": {"type": "object", "additionalProperties": SOURCE_SCHEMA},
         "world": _obj({
             "n_concepts": {"type": "integer", "minimum": 4}, "n_distractors": _INT, "queries_single": _POS,
@@ -72,7 +73,8 @@ SCHEMA: dict[str, Any] = _obj({
     "caption": _obj({
         "backend": {"enum": ["hf", "static"]},
         "batch_size": _POS, "max_new_tokens": _POS,
-        "detector": {"enum": ["foreground", "owlv2"]}, "detector_kwargs": {"type": "object"},
+        "detector": {"enum": ["foreground", "owlv2", "yolo_world"]}, "detector_kwargs": {"type": "object"},
+        "max_pixels": {"type": ["integer", "null"], "minimum": 3136},
         "top_k": _obj({"single": _POS, "multi2": _POS, "multi4": _POS}),
     }),
     "train_grpo_lora": _obj({

@@ -7,9 +7,10 @@ database images -> per-crop top-k, pooled, deduplicated -> top-k concepts (k = 2
 
 - embedders: "color_layout" (offline, no weights; separates the synthetic world's concepts) and "clip"
   (transformers `CLIPModel`, the paper's);
-- detectors: "foreground" (offline connected components of non-background pixels, for the synthetic world)
-  and "owlv2" (transformers `Owlv2ForObjectDetection`, an open-vocabulary stand-in for YOLO-World, which has
-  no transformers port).
+- detectors: "foreground" (offline connected components of non-background pixels, for the synthetic world),
+  "owlv2" (transformers `Owlv2ForObjectDetection`, an open-vocabulary stand-in for YOLO-World, which has
+  no transformers port) and "yolo_world" (RePIC's own, through the optional AGPL package `ultralytics`).
+  Open-vocabulary detectors are prompted with the database's categories and run on the pipeline's device.
 
 A database image that is missing from disk never crashes anything: `build_index` skips it (and
 `missing_database_images` lists it), `retrieve` reports a hit whose image went missing with `missing: True`.
@@ -224,6 +225,8 @@ class ClipEmbedder:
 
     name = "clip"
 
+    uses_device = True
+
     def __init__(
         self, model_id: str = "openai/clip-vit-large-patch14-336", device: str = "cpu", batch_size: int = 16
     ) -> None:
@@ -258,11 +261,15 @@ EMBEDDERS: dict[str, Callable[..., Embedder]] = {
 }
 
 
-def make_embedder(name: str, **kw: Any) -> Embedder:
-    """Build the embedder registered as `name` (see `EMBEDDERS`) with its keyword arguments."""
+def make_embedder(name: str, *, device: str = "cpu", **kw: Any) -> Embedder:
+    """Build the embedder registered as `name` (see `EMBEDDERS`) with its keyword arguments, on `device`
+    (the pipeline's `base.device`) when it runs a model; weight-free embedders ignore it."""
     if name not in EMBEDDERS:
         raise RepicError(f"unknown embedder {name!r}; expected one of {sorted(EMBEDDERS)}")
-    return EMBEDDERS[name](**kw)
+    cls = EMBEDDERS[name]
+    if getattr(cls, "uses_device", False):
+        kw = {"device": device, **kw}
+    return cls(**kw)
 
 
 # =============================================================================================== detectors
@@ -359,6 +366,7 @@ class Owlv2Detector:
     """
 
     name = "owlv2"
+    open_vocabulary = True
 
     def __init__(
         self,
@@ -411,17 +419,85 @@ class Owlv2Detector:
         ]
 
 
+class YoloWorldDetector:
+    """RePIC's own detector: YOLO-World (`yolov8x-worldv2.pt`) through `ultralytics`, `set_classes(categories)`,
+    confidence 0.1, as in RePIC's retrieval script.
+
+    Optional: `ultralytics` is AGPL-3.0, so it is not in requirements.txt; install it yourself
+    (`pip install ultralytics`) to use this detector. `model_id` is the weights file (fetch it as a pinned `url`
+    source; `sha256` checks it again here). `set_classes` embeds the class names with CLIP ViT-B/32, which
+    ultralytics downloads on first use (pins/SOURCES.md lists its sha256).
+    """
+
+    name = "yolo_world"
+    open_vocabulary = True
+
+    def __init__(
+        self,
+        classes: Sequence[str],
+        model_id: str = "yolov8x-worldv2.pt",
+        threshold: float = 0.1,
+        max_boxes: int = 16,
+        sha256: str | None = None,
+        device: str = "cpu",
+    ) -> None:
+        try:
+            from ultralytics import YOLO
+        except ImportError:
+            raise RepicError("yolo_world detector: the optional package 'ultralytics' (AGPL-3.0) is not installed: "
+                             "pip install ultralytics, or use detector: owlv2") from None
+        path = Path(model_id)
+        if not path.is_file():
+            raise RepicError(f"yolo_world detector: model_id: {path} does not exist (fetch yolov8x-worldv2.pt "
+                             "as a pinned url source)")
+        if sha256 is not None:
+            from repic.sources import file_sha256
+
+            actual = file_sha256(path)
+            if actual != sha256:
+                raise RepicError(f"yolo_world detector: {path}: sha256 mismatch: expected {sha256}, got {actual}")
+        self.classes = list(classes)
+        self.threshold = threshold
+        self.max_boxes = max_boxes
+        self.device = device
+        self.model = YOLO(str(path))
+        self.model.set_classes(self.classes)
+
+    def detect(self, image: Image.Image) -> list[dict[str, Any]]:
+        rgb = image.convert("RGB")
+        result = self.model.predict(rgb, conf=self.threshold, device=self.device, verbose=False)[0]
+        boxes = np.asarray(result.boxes.xyxy.cpu().numpy(), dtype=np.float32).reshape(-1, 4)
+        scores = np.asarray(result.boxes.conf.cpu().numpy(), dtype=np.float32).reshape(-1)
+        labels = np.asarray(result.boxes.cls.cpu().numpy()).reshape(-1).astype(int)
+        boxes = np.clip(boxes, 0, [rgb.width, rgb.height, rgb.width, rgb.height])
+        order = np.argsort(-scores, kind="stable")[: self.max_boxes]  # YOLO-World has applied its own NMS
+        return [{"box": [round(float(v)) for v in boxes[i]], "score": float(scores[i]),
+                 "label": self.classes[labels[i]] if 0 <= labels[i] < len(self.classes) else str(labels[i])}
+                for i in order if boxes[i, 2] - boxes[i, 0] >= 1 and boxes[i, 3] - boxes[i, 1] >= 1]
+
+
 DETECTORS: dict[str, Callable[..., Detector]] = {
     ForegroundDetector.name: ForegroundDetector,
     Owlv2Detector.name: Owlv2Detector,
+    YoloWorldDetector.name: YoloWorldDetector,
 }
 
 
-def make_detector(name: str, **kw: Any) -> Detector:
-    """Build the detector registered as `name` (see `DETECTORS`) with its keyword arguments."""
+def make_detector(name: str, *, classes: Sequence[str] = (), device: str = "cpu", **kw: Any) -> Detector:
+    """Build the detector registered as `name` (see `DETECTORS`) with its keyword arguments.
+
+    An open-vocabulary detector (owlv2, yolo_world) is prompted with `classes` (the database's categories,
+    `database_categories`) and runs on `device` (the pipeline's `base.device`); the offline foreground detector
+    needs neither.
+    """
     if name not in DETECTORS:
         raise RepicError(f"unknown detector {name!r}; expected one of {sorted(DETECTORS)}")
-    return DETECTORS[name](**kw)
+    cls = DETECTORS[name]
+    if getattr(cls, "open_vocabulary", False):
+        if not classes:
+            raise RepicError(f"{name} detector: needs at least one class (the database categories)")
+        kw = {"classes": list(classes), "device": device, **kw}
+    return cls(**kw)
 
 
 # =================================================================================================== index
@@ -472,10 +548,14 @@ def build_index(
             log.warning("%s: database image %s is missing; it is not indexed", database_json, image)
     if not present:
         raise RepicError(f"{database_json}: none of its images exist under {root}")
+    from repic.progress import Progress
+
     chunks = []
-    for start in range(0, len(present), batch_size):
-        batch = [open_image(resolve_image(root, image)) for image, _ in present[start : start + batch_size]]
-        chunks.append(embedder.embed(batch))
+    with Progress(len(present), f"embed {Path(database_json).parent.name}", unit="image") as bar:
+        for start in range(0, len(present), batch_size):
+            batch = [open_image(resolve_image(root, image)) for image, _ in present[start : start + batch_size]]
+            chunks.append(embedder.embed(batch))
+            bar.update(len(batch))
     vectors = np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32)
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(vectors)

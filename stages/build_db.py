@@ -15,6 +15,7 @@ from pathlib import Path
 from repic.captioning import eval_datasets
 from repic.cli import params_of, parser, run
 from repic.io import atomic_dir, write_json
+from repic.models import pick_device
 from repic.retrieval import build_index, database_entries, make_embedder, missing_database_images, save_index
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     params = params_of(args)
     cfg = params["build_db"]
-    embedder = make_embedder(cfg["embedder"], **cfg["embedder_kwargs"])
+    embedder = make_embedder(cfg["embedder"], device=pick_device(params["base"]["device"]), **cfg["embedder_kwargs"])
     # (database, index folder name); one --database goes straight into --out
     jobs = ([(args.database, None)] if args.database else
             [(d["database"], d["name"]) for d in eval_datasets(params["base"]["data"])])

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from repic.cli import params_of, parser, run
 from repic.fetch import fetch_real, fetch_synthetic
+from repic.sources import rerecord_from_env
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -17,13 +18,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out-data", required=True,
                    help="data root to write, in RePIC's layout (databases, query maps, images, training JSON)")
     p.add_argument("--out-model", required=True, help="folder to write the base model into (from_pretrained)")
+    p.add_argument("--re-record", action="append", default=[], metavar="NAME",
+                   help="record this 'record: true' source again, replacing its value in the lock file "
+                        "(repeatable; 'all': every one). Under dvc repro: REPIC_RERECORD=NAME[,NAME]")
     args = p.parse_args(argv)
     params = params_of(args)
     cfg, base = params["fetch_data"], params["base"]
     if cfg["source"] == "synthetic":
         summary = fetch_synthetic(args.out_data, args.out_model, cfg, seed=base["seed"])
     else:  # real: hub repos, hashed URLs and local folders declared in fetch_data.sources, then validation
-        summary = fetch_real(args.out_data, args.out_model, cfg, base["data"], seed=base["seed"])
+        summary = fetch_real(args.out_data, args.out_model, cfg, base["data"], seed=base["seed"],
+                             rerecord=[*args.re_record, *rerecord_from_env()])
     print(summary)
 
 

@@ -18,6 +18,7 @@ import pandas as pd
 
 from repic.cli import params_of, parser, run
 from repic.io import atomic_dir, read_json, write_json, write_text
+from repic.progress import training_callback
 from repic.subset import stratified_subset, validate_training
 from repic.train import check_training_params, heldout_rewards, summarize_log, train
 
@@ -47,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with atomic_dir(out / "adapter") if main_process else tempfile.TemporaryDirectory() as adapter_dir:
         log = train(args.model, samples, args.root, adapter_dir, params["train_grpo_lora"],
                     checkpoint_dir=out / "checkpoints", seed=base["seed"], device=base["device"],
-                    dtype=base["dtype"])
+                    dtype=base["dtype"], callbacks=[cb for cb in [training_callback()] if cb is not None])
     if not main_process:
         return
     # ---- save the log

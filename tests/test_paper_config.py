@@ -33,18 +33,58 @@ def test_paper_overlay_builds_the_paper_recipe(tmp_path):
         "myvlm", "yollava", "dreambooth", "2_concepts", "4_concepts"]
     assert len({d["database"] for d in params["base"]["data"]["datasets"]}) == 5
     default = yaml.safe_load((REPO / "params.yaml").read_text())["fetch_data"]
-    assert params["fetch_data"] == {**default, "source": "real", "sources": {}}
+    assert params["fetch_data"]["source"] == "real" and params["fetch_data"]["world"] == default["world"]
+    # RePIC's inference settings (its caption scripts)
+    caption = params["caption"]
+    assert caption["max_pixels"] == 1024 * 28 * 28 and caption["max_new_tokens"] == 1024
+    assert caption["top_k"] == {"single": 2, "multi2": 2, "multi4": 4}
+    assert caption["detector"] == "owlv2" and caption["detector_kwargs"]["threshold"] == 0.1
+    # the retrieval models are fetched into the data root, where build_db and caption find them
+    sources = params["fetch_data"]["sources"]
+    assert caption["detector_kwargs"]["model_id"] == "data/repic/" + sources["owlv2"]["dest"].split("/", 1)[1]
+    assert params["build_db"]["embedder_kwargs"]["model_id"] == "data/repic/" + sources["clip"]["dest"].split("/", 1)[1]
 
 
-def test_paper_fetch_without_pinned_sources_stops_with_a_clear_error(tmp_path):
-    import pytest
+def test_paper_declares_every_source_pinned_or_recorded():
+    from repic.sources import read_manifest
 
-    from repic.io import RepicError
-    from stages.fetch_data import main
+    paper = yaml.safe_load((REPO / "configs" / "paper.yaml").read_text())["fetch_data"]
+    sources = paper["sources"]
+    pins = {n: s.get("revision") or s.get("commit") or s.get("sha256") for n, s in sources.items()}
+    assert pins == {  # ../shared/pins/SOURCES.md
+        "qwen": "cc594898137f460bfe9f0759e9844b3ce807cfb5", "clip": "ce19dc912ca5cd21c8a653c79e251e808ccabcd1",
+        "owlv2": "cfd3195ba4ea9592eec887ded089f4c08eff231d", "repic": "122ffa6cbcdf713e94b11ebad1e01580d07c9faf",
+        "dreambooth": "4f887af7970a06fc0cd3adaa1d0b368547d6a1d0",
+        "yollava": "dd6e47aa28b489b8acbfff23eab14e44278fb7ae", "myvlm": "a1eae861a46636bd3bb822e70791c00fbfce82a1",
+        "two_concepts": None, "training_images": None, "training_json": None, "released_lora": None,
+        "released_repic": None, "released_rap": None}
+    recorded = {n for n, s in sources.items() if s.get("record")}
+    assert recorded == {n for n, pin in pins.items() if pin is None}  # no public pin: recorded on first download
+    assert {sources[n].get("repo_id") or sources[n]["url"].split("/d/")[1].split("/")[0] for n in recorded} == {
+        "1VzNLzzjqEfVcpWDT-3m6O71CAImoD8qE", "Yeongtak/RePIC-training-data", "1DKPmLI58NZUpSUFEUgzpUmMKKPK3Oguc",
+        "1d33cP7VWxS_7PWqaV7yAYgNIfMFWcrlA", "Yeongtak/RePIC_Qwen2.5VL_7B", "Yeongtak/RAP_Qwen2.5VL_7B"}
+    assert (REPO / paper["lock"]).is_file()
+    # query images land in RePIC's layout under the data root
+    assert {n: sources[n]["dest"] for n in ("myvlm", "dreambooth", "yollava", "two_concepts")} == {
+        "myvlm": "data/data/myvlm_data", "dreambooth": "data/data/dreambooth", "yollava": "data/data/yollava-data",
+        "two_concepts": "data/data/query-image-2-concepts"}
+    # the committed manifests are the pins of ../shared/pins, and every one parses
+    counts = {n: len(read_manifest(REPO / sources[n]["manifest"], label=n)) for n in ("repic", "dreambooth", "yollava")}
+    assert counts == {"repic": 886, "dreambooth": 158, "yollava": 333}
+    shared = REPO.parent / "shared" / "pins"
+    if shared.is_dir():
+        for rel in ("repic_data_tree.txt", "dreambooth_query_manifest.tsv", "yollava_query_lfs_manifest.tsv",
+                    "myvlm_expected_files.txt", "two_concept_expected_files.txt"):
+            assert (REPO / "configs/pins" / rel).read_bytes() == (shared / rel).read_bytes(), rel
 
+
+def test_yolo_world_overlay_applies_on_top_of_the_paper_run(tmp_path):
     params_path = tmp_path / "params.yaml"
     shutil.copy(REPO / "params.yaml", params_path)
     apply_overlay(params_path, REPO / "configs" / "paper.yaml")
-    with pytest.raises(RepicError, match="fetch_data.sources is empty"):
-        main(["--params", str(params_path), "--out-data", str(tmp_path / "d"), "--out-model", str(tmp_path / "m")])
-    assert not (tmp_path / "d").exists() and not (tmp_path / "m").exists()
+    params = apply_overlay(params_path, REPO / "configs" / "paper_yolo_world.yaml")
+    assert params["caption"]["detector"] == "yolo_world"
+    kwargs = params["caption"]["detector_kwargs"]
+    assert kwargs["sha256"] == params["fetch_data"]["sources"]["yolo_world"]["sha256"] == (
+        "41e771bfbbb8894dd857f3fef7cac3b3578dffd49fd3547101efa6a606a02a0e")
+    assert kwargs["model_id"] == "data/repic/models/yolov8x-worldv2.pt"

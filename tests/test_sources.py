@@ -16,12 +16,20 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import pytest
 
 from repic.io import RepicError
-from repic.sources import SOURCE_SCHEMA, fetch_source, fetch_sources, gdrive_direct_url, tree_sha256
+from repic.sources import (
+    SOURCE_SCHEMA,
+    extract_archive,
+    fetch_source,
+    fetch_sources,
+    gdrive_direct_url,
+    git_blob_id,
+    tree_sha256,
+)
 
 
 def sha(data: bytes) -> str:
@@ -38,6 +46,7 @@ class FileServer:
     no_range: set[str] = field(default_factory=set)             # paths served whole even to a Range request
     content_type: dict[str, str] = field(default_factory=dict)
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
+    drive: set[str] = field(default_factory=set)                # Drive file ids behind a confirmation page
     url: str = ""
 
     def ranges(self, path: str) -> list[str | None]:
@@ -52,6 +61,24 @@ def _file_handler(state: FileServer) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             path = unquote(urlsplit(self.path).path)
             state.requests.append(("GET", path, dict(self.headers)))
+            query = dict(parse_qsl(urlsplit(self.path).query))
+            if path == "/download" and query.get("id") in state.drive:
+                # Google Drive: a large file first gets the "can't scan for viruses" page, whose form adds a uuid.
+                if query.get("uuid") != "u-123":
+                    page = (f'<!DOCTYPE html><html><body>Google Drive can\'t scan this file for viruses.'
+                            f'<form id="download-form" action="https://drive.usercontent.google.com/download" '
+                            f'method="get"><input type="submit" value="Download anyway"/>'
+                            f'<input type="hidden" name="id" value="{query["id"]}">'
+                            f'<input type="hidden" name="export" value="download">'
+                            f'<input type="hidden" name="confirm" value="t">'
+                            f'<input type="hidden" name="uuid" value="u-123"></form></body></html>').encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html; charset=utf-8")
+                    self.send_header("Content-Length", str(len(page)))
+                    self.end_headers()
+                    self.wfile.write(page)
+                    return
+                path = "/drive/" + query["id"]
             if path not in state.files:
                 self.send_error(404, "Not Found")
                 return
@@ -365,6 +392,7 @@ def _hub_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
     #   GET  /[datasets/]{repo_id}/resolve/{rev}/{path}                      -> the bytes
     tree = re.compile(r"^/api/(models|datasets)/([^/]+/[^/]+)/tree/([0-9a-f]{40})/?$")
     resolve = re.compile(r"^/(datasets/)?([^/]+/[^/]+)/resolve/([0-9a-f]{40})/(.+)$")
+    info = re.compile(r"^/api/(models|datasets)/([^/]+/[^/]+)(?:/revision/main)?$")  # repo_info: record mode
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args: Any) -> None:
@@ -381,7 +409,12 @@ def _hub_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def _route(self, send_body: bool) -> None:
             path = unquote(urlsplit(self.path).path)
             hub.requests.append((self.command, self.path))
-            if m := tree.match(path):
+            if m := info.match(path):
+                if (m.group(1)[:-1], m.group(2)) in hub.repos:
+                    body = json.dumps({"id": m.group(2), "sha": REV, "siblings": []}).encode()
+                    self._reply(200, body, {"Content-Type": "application/json"}, send_body)
+                    return
+            elif m := tree.match(path):
                 repo = hub.repos.get((m.group(1)[:-1], m.group(2)))
                 if repo is not None and m.group(3) == REV:
                     listing = [{"type": "file", "path": p, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
@@ -465,3 +498,204 @@ def test_hf_errors_name_the_source(hub: FakeHub, tmp_path: Path) -> None:
     with pytest.raises(RepicError, match=r"has no file matching allow_patterns=\['\*\.bin'\]"):
         fetch_source({"kind": "hf", "repo_id": "org/tiny-vl", "revision": REV, "allow_patterns": ["*.bin"]},
                      tmp_path / "m", name="m")
+
+
+# ============================================================================= mirrors, git, record, Drive
+COMMIT = "122ffa6cbcdf713e94b11ebad1e01580d07c9faf"
+
+
+def _ls_tree(files: dict[str, bytes]) -> str:
+    lines = []
+    for path, data in files.items():
+        blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        lines.append(f"100644 blob {blob} {len(data):>7}\t{path}")
+    return "\n".join(lines) + "\n"
+
+
+def test_git_blob_id_is_gits(tmp_path: Path) -> None:
+    (tmp_path / "a").write_bytes(b"hello\n")
+    assert git_blob_id(tmp_path / "a") == "ce013625030ba8dba906f756967f9e9ca394464a"  # git hash-object
+
+
+def test_git_archive_lands_manifest_files_checked_by_blob_id(files: FileServer, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REPIC_URL_MIRRORS", f"https://github.com={files.url}/gh")
+    data = {"data/query_tot/q.json": b'{"a.jpg": ["<a>"]}', "data/database_tot/db/a.jpg": b"jpeg"}
+    archive = {f"RePIC-{COMMIT}/{p}": b for p, b in {**data, "README.md": b"code", "data/extra.txt": b"x"}.items()}
+    files.files[f"/gh/oyt9306/RePIC/archive/{COMMIT}.tar.gz"] = _targz(archive)
+    manifest = tmp_path / "tree.txt"
+    manifest.write_text(_ls_tree(data))
+    spec = {"kind": "git", "repo": "oyt9306/RePIC", "commit": COMMIT, "subdir": "data", "manifest": str(manifest),
+            "backoff_s": 0}
+    dest = fetch_source(spec, tmp_path / "root" / "data", name="repic", progress=False)
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == [
+        "database_tot/db/a.jpg", "query_tot/q.json"]  # only what the manifest lists, nothing else of the repo
+    assert sorted(p.name for p in (tmp_path / "root").iterdir()) == ["data"]  # archive and extraction gone
+    # a file that differs from its pin: one line naming the file and both ids, nothing lands
+    tampered = {**archive, f"RePIC-{COMMIT}/data/database_tot/db/a.jpg": b"JPEG"}
+    files.files[f"/gh/oyt9306/RePIC/archive/{COMMIT}.tar.gz"] = _targz(tampered)
+    with pytest.raises(RepicError) as err:
+        fetch_source(spec, tmp_path / "root2" / "data", name="repic", progress=False)
+    msg = str(err.value)
+    blob, pinned = hashlib.sha1(b"blob 4\0JPEG").hexdigest(), hashlib.sha1(b"blob 4\0jpeg").hexdigest()
+    assert msg.startswith("source 'repic': 1 of 2 files of oyt9306/RePIC@122ffa6cbcdf do not match")
+    assert f"data/database_tot/db/a.jpg (expected blob {pinned}, got {blob})" in msg
+    assert "\n" not in msg and list((tmp_path / "root2").iterdir()) == []
+
+
+def test_git_lfs_files_come_from_the_media_host_checked_by_sha256(files: FileServer, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REPIC_URL_MIRRORS", f"https://media.githubusercontent.com={files.url}/media")
+    repo = "WisconsinAIVision/YoLLaVA"
+    files.files[f"/media/media/{repo}/{COMMIT}/yollava-data/test/bo/0.png"] = b"png0"
+    files.files[f"/media/media/{repo}/{COMMIT}/yollava-data/test/bo/1.png"] = b"png1"
+    manifest = tmp_path / "lfs.tsv"
+    manifest.write_text("repic_path\tyollava_repo_path\tlfs_sha256\tsize\n" + "".join(
+        f"./data/yollava-data/bo/{i}.png\tyollava-data/test/bo/{i}.png\t{sha(f'png{i}'.encode())}\t4\n"
+        for i in range(2)))
+    spec = {"kind": "git", "repo": repo, "commit": COMMIT, "subdir": "yollava-data/test", "lfs": True,
+            "manifest": str(manifest), "backoff_s": 0}
+    dest = fetch_source(spec, tmp_path / "yollava-data", name="yollava", progress=False)
+    assert (dest / "bo" / "1.png").read_bytes() == b"png1"
+    files.files[f"/media/media/{repo}/{COMMIT}/yollava-data/test/bo/1.png"] = b"other"
+    with pytest.raises(RepicError, match=rf"sha256 mismatch .*expected {sha(b'png1')}, got {sha(b'other')}"):
+        fetch_source(spec, tmp_path / "again", name="yollava", progress=False)
+    assert not (tmp_path / "again").exists()
+
+
+def test_record_on_first_download_then_match_or_stop(files: FileServer, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    files.files["/train.json"] = b"[1]"
+    lock = tmp_path / "paper.lock.json"
+    sources = {"train_json": {"kind": "url", "url": files.url + "/train.json", "record": True,
+                              "dest": "data/train.json", "backoff_s": 0}}
+    outs = {"data": tmp_path / "d1", "model": tmp_path / "m"}
+    fetch_sources(sources, outs, lock=lock, progress=False)
+    out = capsys.readouterr().out
+    assert out.strip() == (f"source 'train_json': recorded sha256 {sha(b'[1]')} in {lock} "
+                           "(first download; later fetches must match)")
+    recorded = json.loads(lock.read_text())["sources"]
+    assert recorded == {"train_json": {"kind": "url", "url": files.url + "/train.json", "sha256": sha(b"[1]")}}
+    # same content: fetched against the recorded value, silently
+    fetch_sources(sources, {**outs, "data": tmp_path / "d2"}, lock=lock, progress=False)
+    assert capsys.readouterr().out == "" and (tmp_path / "d2" / "train.json").read_bytes() == b"[1]"
+    # the server now sends something else: stop, naming both values, lock untouched
+    files.files["/train.json"] = b"[2]"
+    with pytest.raises(RepicError) as err:
+        fetch_sources(sources, {**outs, "data": tmp_path / "d3"}, lock=lock, progress=False)
+    assert f"expected {sha(b'[1]')}, got {sha(b'[2]')}" in str(err.value) and "--re-record train_json" in str(err.value)
+    assert json.loads(lock.read_text())["sources"]["train_json"]["sha256"] == sha(b"[1]")
+    # deliberate re-recording
+    fetch_sources(sources, {**outs, "data": tmp_path / "d4"}, lock=lock, rerecord=["train_json"], progress=False)
+    assert f"re-recorded sha256 {sha(b'[2]')} (was {sha(b'[1]')})" in capsys.readouterr().out
+    assert json.loads(lock.read_text())["sources"]["train_json"]["sha256"] == sha(b"[2]")
+    with pytest.raises(RepicError, match="needs fetch_data.lock"):
+        fetch_sources(sources, {**outs, "data": tmp_path / "d5"}, progress=False)
+    with pytest.raises(RepicError, match=r"--re-record: no source named 'nope'"):
+        fetch_sources(sources, outs, lock=lock, rerecord=["nope"], progress=False)
+
+
+def test_record_hub_revision(hub: FakeHub, tmp_path: Path) -> None:
+    lock = tmp_path / "lock.json"
+    sources = {"rap": {"kind": "hf", "repo_id": "org/tiny-vl", "record": True, "dest": "data/rap",
+                       "allow_patterns": ["*.json"]}}
+    fetch_sources(sources, {"data": tmp_path / "d"}, lock=lock)
+    assert json.loads(lock.read_text())["sources"]["rap"] == {
+        "kind": "hf", "repo_id": "org/tiny-vl", "repo_type": "model", "revision": REV}
+    assert ("GET", "/api/models/org/tiny-vl/revision/main") in hub.requests
+    n = len(hub.requests)
+    fetch_sources(sources, {"data": tmp_path / "d2"}, lock=lock)  # at the recorded commit, no repo_info call
+    assert not any("/revision/" in p for _, p in hub.requests[n:]) and (tmp_path / "d2/rap/config.json").is_file()
+
+
+def test_drive_confirmation_page_is_answered(files: FileServer, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REPIC_URL_MIRRORS", f"https://drive.usercontent.google.com={files.url}")
+    files.drive.add("1d33cP7VWxS")
+    files.files["/drive/1d33cP7VWxS"] = PAYLOAD
+    spec = {"kind": "url", "url": "https://drive.google.com/file/d/1d33cP7VWxS/view?usp=sharing",
+            "sha256": sha(PAYLOAD), "filename": "lora.zip", "backoff_s": 0, "retries": 0}
+    out = fetch_source(spec, tmp_path / "lora.zip", name="lora", progress=False)
+    assert out.read_bytes() == PAYLOAD
+    assert [p for _, p, _ in files.requests] == ["/download", "/download"]  # the page, then its form's URL
+    assert leftovers(tmp_path) == []
+
+
+def test_subdir_must_stay_inside_the_archive(files: FileServer, tmp_path: Path) -> None:
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(SOURCE_SCHEMA)
+    base = {"kind": "url", "url": "https://x/a.zip", "sha256": "b" * 64, "extract": True, "dest": "data"}
+    for bad in ("/abs/dir", "../../x", "a/../../b", "..", "C:/x"):
+        assert [e.validator for e in validator.iter_errors({**base, "subdir": bad})] == ["pattern"], bad
+    assert list(validator.iter_errors({**base, "subdir": "RePIC-abc/data"})) == []
+    # past the schema (a direct call): refused before anything is touched; an outside folder is never moved
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    files.files["/a.zip"] = _zip({"x/1.jpg": b"1"})
+    for bad in (str(outside), "../precious", "x/../../precious"):
+        with pytest.raises(RepicError, match="subdir"):
+            fetch_source(url_spec(files, "/a.zip", extract=True, subdir=bad), tmp_path / "out" / "d", progress=False)
+    assert (outside / "keep.txt").read_text() == "mine"
+    assert leftovers(tmp_path) == [] and not (tmp_path / "out").exists()  # refused before any request
+
+
+def _tar_with(members: list[tarfile.TarInfo], data: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for info in members:
+            tf.addfile(info, io.BytesIO(data[info.name]) if info.name in data else None)
+    return buf.getvalue()
+
+
+def test_hostile_archives_are_one_line_errors_and_leave_nothing(files: FileServer, tmp_path: Path) -> None:
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    link = tarfile.TarInfo("top/evil")
+    link.type, link.linkname = tarfile.SYMTYPE, str(outside)
+    through = tarfile.TarInfo("top/evil/keep.txt")
+    through.size = 4
+    hard = tarfile.TarInfo("top/hard")
+    hard.type, hard.linkname = tarfile.LNKTYPE, "../../precious/keep.txt"
+    cases = {
+        "/dirlink.tar.gz": _tar_with([link, through], {"top/evil/keep.txt": b"EVIL"}),   # write through a link
+        "/hardlink.tar.gz": _tar_with([hard], {}),                                     # link to outside file
+    }
+    for path, body in cases.items():
+        files.files[path] = body
+        dest = tmp_path / "out" / path.strip("/").split(".")[0]
+        with pytest.raises(RepicError) as err:
+            fetch_source(url_spec(files, path, extract=True), dest, name="q", progress=False)
+        assert str(err.value).startswith("source 'q': ") and "refused" in str(err.value)
+        assert "\n" not in str(err.value)
+        assert list((tmp_path / "out").iterdir()) == []  # no archive, no extraction, no dest
+    assert (outside / "keep.txt").read_text() == "mine"
+    # a symlink inside the tree pointing out is refused when copying (zip/tar both end up here)
+    raw = tmp_path / "arch"
+    (raw / "top").mkdir(parents=True)
+    (raw / "top" / "out").symlink_to(outside / "keep.txt")
+    tar = tmp_path / "sym.tar"
+    with tarfile.open(tar, "w") as tf:
+        tf.add(raw / "top", arcname="top")
+    with pytest.raises(RepicError, match="refused"):
+        extract_archive(tar, tmp_path / "x", label="q")
+    assert not (tmp_path / "x").exists()
+
+
+def test_expect_list_locates_the_zip_folder_and_checks_every_file(files: FileServer, tmp_path: Path) -> None:
+    expect = tmp_path / "two_concept_expected_files.txt"
+    expect.write_text("./data/query-image-2-concepts/A_and_B/A_and_B_1.jpg\n"
+                      "./data/query-image-2-concepts/A_and_B/A_and_B_2.jpg\n")
+    files.files["/2c.zip"] = _zip({"query-image-2-concepts/A_and_B/A_and_B_1.jpg": b"1",
+                                   "query-image-2-concepts/A_and_B/A_and_B_2.jpg": b"2"})
+    sources = {"two": url_spec(files, "/2c.zip", extract=True, expect=str(expect),
+                               dest="data/data/query-image-2-concepts")}
+    fetch_sources(sources, {"data": tmp_path / "root"}, progress=False)
+    assert (tmp_path / "root/data/query-image-2-concepts/A_and_B/A_and_B_2.jpg").read_bytes() == b"2"
+    files.files["/2c.zip"] = _zip({"A_and_B/A_and_B_1.jpg": b"1"})
+    sources = {"two": url_spec(files, "/2c.zip", extract=True, expect=str(expect),
+                               dest="data/data/query-image-2-concepts")}
+    with pytest.raises(RepicError, match=r"1 of the 2 files listed in .* are missing from .*A_and_B_2.jpg"):
+        fetch_sources(sources, {"data": tmp_path / "root2"}, progress=False)

@@ -1,0 +1,1 @@
+"""The paper run rehearsed offline: loopback servers, tiny same-class stand-ins, `make paper` (see __main__)."""
