@@ -23,8 +23,8 @@ builds; at 30 % "yes" the base is wrong under greedy decoding on every build.)
 On this base (G=8, 4 prompts a step, lr 5e-3, the PARAMS below) the reward rises within about 10 steps: on this
 machine (2026-11-30), seed 0, the per-step reward goes from 0.21 (first quarter) to 0.98 (last quarter), the
 held-out reward of sampled answers from 0.09 (base) to 0.98, of greedy answers from 0 to 1. What RL learns is the
-bias itself, not the question: the trained model also says "yes" to "Is this image empty?" (one LoRA, 24 steps, one rewarded
-question; nothing in the reward asks it to keep the other answers), so the test checks the facts on
+bias itself, not the question: the trained model also says "yes" to "Is this image empty?" (one LoRA, 24 steps,
+one rewarded question; nothing in the reward asks it to keep the other answers), so the test checks the facts on
 the base only.
 
 Cost and determinism. One torch thread (the matrices are tiny; on a shared 2-core machine two threads contend and
