@@ -287,6 +287,15 @@ class _FeatureCache:
         del self.entries[:-self.capacity]
 
 
+def _language_and_vision(model: Any) -> Any:
+    """The Qwen2.5-VL model inside PEFT / DDP / DeepSpeed wrappers and the generation head: the object whose
+    `get_image_features` the forward calls."""
+    inner = model
+    while hasattr(inner, "get_base_model") or hasattr(inner, "module"):
+        inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner.module
+    return getattr(inner, "model", inner)
+
+
 def enable_image_feature_cache(model: Any, capacity: int = 32) -> _FeatureCache:
     """Encode each distinct image once: repeated images in a batch (GRPO's G completions of one prompt share
     theirs) and images seen by a recent call (the reference forward, then the policy forward of one step) reuse
@@ -294,10 +303,7 @@ def enable_image_feature_cache(model: Any, capacity: int = 32) -> _FeatureCache:
     graph; otherwise the model's own `get_image_features` runs. Returns the cache (its counters say how many
     images the tower encoded)."""
     visual = _visual(model)
-    inner = model
-    while hasattr(inner, "get_base_model") or hasattr(inner, "module"):
-        inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner.module
-    inner = getattr(inner, "model", inner)
+    inner = _language_and_vision(model)
     if getattr(inner, "_repic_feature_cache", None) is not None:
         return inner._repic_feature_cache
     original = inner.get_image_features
@@ -348,10 +354,7 @@ def enable_image_feature_cache(model: Any, capacity: int = 32) -> _FeatureCache:
 
 
 def disable_image_feature_cache(model: Any) -> None:
-    inner = model
-    while hasattr(inner, "get_base_model") or hasattr(inner, "module"):
-        inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner.module
-    inner = getattr(inner, "model", inner)
+    inner = _language_and_vision(model)
     if getattr(inner, "_repic_feature_cache", None) is not None:
         del inner.get_image_features
         del inner._repic_feature_cache
