@@ -214,6 +214,9 @@ def _size(body: bytes | Path) -> int:
     return body.stat().st_size if isinstance(body, Path) else len(body)
 
 
-def _git_oid(body: bytes | Path) -> str:
-    data = body.read_bytes() if isinstance(body, Path) else body
+def blob_id(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # noqa: S324 (git's object id)
+
+
+def _git_oid(body: bytes | Path) -> str:
+    return blob_id(body.read_bytes() if isinstance(body, Path) else body)

@@ -31,7 +31,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from repic.rehearsal.servers import DRIVE_HOST
+from repic.rehearsal.servers import DRIVE_HOST, blob_id
 from repic.sources import read_manifest
 
 _DRIVE_ID = ("/file/d/", "id=")
@@ -46,10 +46,6 @@ class Served:
     drive: dict[str, bytes | Path] = field(default_factory=dict)
     manifests: dict[str, str] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
-
-
-def blob_id(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # noqa: S324 (git's object id)
 
 
 def sha256(data: bytes) -> str:
