@@ -41,6 +41,7 @@ succeed), so after a checksum error nothing is left at the destination or beside
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import html.parser
 import http.client
@@ -56,7 +57,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -719,6 +720,17 @@ def _locate(raw: Path, subdir: str | None, expected: list[str] | None, *, label:
     return raw
 
 
+@contextlib.contextmanager
+def _unpacked(archive: Path, dest: Path, *, label: str) -> Iterator[Path]:
+    """The archive unpacked into a scratch folder beside `dest` (same file system, for cheap copies), removed after."""
+    raw = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".extract", dir=dest.parent))
+    try:
+        _unpack(archive, raw, label=label)
+        yield raw
+    finally:
+        shutil.rmtree(raw, ignore_errors=True)
+
+
 def extract_archive(archive: Path, dest: Path, *, subdir: str | None = None, label: str = "archive",
                     expect: list[str] | None = None, expect_name: str | None = None) -> Path:
     """Extract a zip or tar(.gz/.bz2/.xz) archive into folder `dest`, atomically; with `subdir`, only the content
@@ -728,13 +740,9 @@ def extract_archive(archive: Path, dest: Path, *, subdir: str | None = None, lab
     if subdir is not None:
         _check_inside(subdir, label=label, key="subdir")
     with atomic_dir(dest) as tmp:
-        raw = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".extract", dir=dest.parent))
-        try:
-            _unpack(archive, raw, label=label)
+        with _unpacked(archive, dest, label=label) as raw:
             src = _locate(raw, subdir, expect, label=label)
             copied = _copy_tree(src, tmp, top=raw, label=label)
-        finally:
-            shutil.rmtree(raw, ignore_errors=True)
         if expect is not None:
             _check_expected(set(copied), expect, label=label, where=archive.name, expect=expect_name or "expect")
     return dest
@@ -862,9 +870,7 @@ def fetch_git(spec: Mapping[str, Any], dest: Path, *, label: str, cache_dir: Pat
         if not archive.is_file():
             # Not byte-stable (GitHub regenerates archives), so no sha256: the files are checked one by one below.
             download(url, archive, None, label=label, **{**opts, "progress": progress})
-        raw = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".extract", dir=dest.parent))
-        try:
-            _unpack(archive, raw, label=label)
+        with _unpacked(archive, dest, label=label) as raw:
             tops = [p for p in raw.iterdir() if p.is_dir()]
             if len(tops) != 1:
                 raise RepicError(f"{label}: {url}: expected one top folder (<repo>-<commit>/), got "
@@ -885,8 +891,6 @@ def fetch_git(spec: Mapping[str, Any], dest: Path, *, label: str, cache_dir: Pat
                 if bad:
                     raise RepicError(f"{label}: {len(bad)} of {len(wanted)} files of {where} do not match "
                                      f"{spec['manifest']}: {'; '.join(bad[:3])}")
-        finally:
-            shutil.rmtree(raw, ignore_errors=True)
     except RepicError:
         if cache_dir is not None:
             archive.unlink(missing_ok=True)  # a bad cached archive must not fail every later run the same way
