@@ -8,10 +8,15 @@ preallocated KV cache (`_Decoder`). Every tensor that step touches lives at a fi
 host synchronisation (stop flags, the next position and the output column all advance on the device), so on
 CUDA one decode step of the whole language model, logits processors and sampling included, is captured once as
 a CUDA graph and replayed per token; the host looks at the stop flags every `SYNC_EVERY` steps. On CPU the same
-step runs eagerly. It calls the model's own modules (norms, projections, MLPs, rotary embedding), so PEFT LoRA
-layers apply as in `generate`; attention over the cache is scaled-dot-product attention with the query heads of
-one key/value head stacked, as transformers' sdpa path decodes. Greedy output equals `generate`'s token for
-token in fp32 (tests/test_generation.py); `bench/generation.py` measures agreement in bf16 on a GPU.
+step runs eagerly. The step calls the model's own modules (norms, projections, MLPs, rotary embedding), so PEFT
+LoRA layers apply as in `generate`; attention over the cache is scaled-dot-product attention with the query heads
+of one key/value head stacked, as transformers' sdpa path decodes. With `decode_compile` the parts of each layer
+around the attention (norm, q/k/v projections, rotary; output projection, residuals, norm, MLP) run instead as
+two `torch.compile` functions of plain tensors (one graph for all layers), compiled before the CUDA graph is
+captured, so the graph replays inductor's fused kernels; `decode_attention="matmul"` attends with transformers'
+eager formula (two batched matrix products around a masked fp32 softmax) instead of sdpa. Defaults:
+`_decode_options`. Greedy output equals `generate`'s token for token in fp32 (tests/test_generation.py);
+`bench/generation.py` measures agreement in bf16 on a GPU.
 
 `rollout_trainer(GRPOTrainer)` routes TRL's default rollouts (no vLLM, no continuous batching, no tools)
 through the static backend: the G samples of a prompt share one prefill. Both the static prefill and the
@@ -33,6 +38,7 @@ from repic.io import RepicError
 
 BACKENDS = ("hf", "static")
 SYNC_EVERY = 16  # decode steps between two host checks of "every row has stopped"
+DECODE_ATTENTION = ("sdpa", "matmul")
 CACHE_ALIGN = 64  # KV cache length rounded up to this: fewer distinct graphs, aligned attention masks
 
 # Generation options the static backend implements; any other option set away from its default is refused
@@ -99,13 +105,16 @@ def check_backend(backend: str) -> str:
 @torch.inference_mode()
 def generate_ids(model: Any, inputs: Mapping[str, torch.Tensor], *, backend: str, max_new_tokens: int,
                  repeats: int = 1, stats: dict[str, float] | None = None, _decoders: dict | None = None,
+                 decode_compile: bool | None = None, decode_attention: str | None = None,
                  **generation_kwargs: Any) -> list[list[int]]:
     """New token ids for each prompt row of `inputs` (a left-padded processor batch on the model's device).
 
     Row `i * repeats + j` of the result is sample `j` of prompt `i`; each row ends at its first EOS (kept).
     `generation_kwargs`: `generate`'s own (`do_sample`, `temperature`, `top_k`, `eos_token_id`, `pad_token_id`,
     `repetition_penalty`, `suppress_tokens`, ...). `stats`, when given, receives timings of the static path
-    (`prefill_s`, `decode_s`, `decode_steps`, `capture_s`, `graph`: whether the step ran as a CUDA graph).
+    (`prefill_s`, `decode_s`, `decode_steps`, `capture_s`, `graph`: whether the step ran as a CUDA graph,
+    `compiled`: whether it ran inductor's kernels). `decode_compile`, `decode_attention`: the static decode step's
+    options (module docstring); None takes `_decode_options`' defaults.
     """
     check_backend(backend)
     cfg = _generation_config(model, max_new_tokens, generation_kwargs)
@@ -118,8 +127,9 @@ def generate_ids(model: Any, inputs: Mapping[str, torch.Tensor], *, backend: str
         rows = out[:, inputs["input_ids"].shape[1]:].tolist()
     else:
         _check_static_supported(cfg)
+        options = _decode_options(inputs["input_ids"].device, decode_compile, decode_attention)
         rows = _static_generate(model, inputs, cfg, eos, repeats, stats,
-                                _decoders if _decoders is not None else {}).tolist()
+                                _decoders if _decoders is not None else {}, options).tolist()
     return [_cut_at_eos(r, eos) for r in rows]
 
 
@@ -202,6 +212,8 @@ def rollout_trainer(trainer_cls: type, backend: str = "static") -> type:
                     repetition_penalty=self.repetition_penalty, eos_token_id=list(self.eos_token_ids),
                     pad_token_id=self._tokenizer.pad_token_id,
                     suppress_tokens=[config.image_token_id] if self._is_vlm else None,
+                    # eager step, as the GRPO step was measured (BENCHMARKS.md); compiling costs its first step
+                    decode_compile=False,
                 )
             return completion_ids, None
 
@@ -256,13 +268,24 @@ def _core(model: Any) -> Any:
     return model
 
 
+def _decode_options(device: torch.device, compile: bool | None, attention: str | None) -> tuple[bool, str]:
+    """(compile, attention) of the static decode step. Defaults: compiled on CUDA (BENCHMARKS.md, issue 12:
+    the compiled step is faster at every measured shape), eager elsewhere (a CPU build may lack a compiler and
+    decodes a few tokens in tests); sdpa attention."""
+    attention = attention or "sdpa"
+    if attention not in DECODE_ATTENTION:
+        raise RepicError(f"decode_attention: expected one of {'|'.join(DECODE_ATTENTION)}, got {attention!r}")
+    return (device.type == "cuda" if compile is None else bool(compile)), attention
+
+
 def _static_generate(model: Any, inputs: Mapping[str, torch.Tensor], cfg: Any, eos: list[int], repeats: int,
-                     stats: dict[str, float] | None, decoders: dict) -> torch.Tensor:
+                     stats: dict[str, float] | None, decoders: dict, options: tuple[bool, str] = (False, "sdpa")
+                     ) -> torch.Tensor:
     core = _core(model)
     modes = {m: m.training for m in core.modules()}
     core.eval()
     try:
-        return _static_generate_eval(core, inputs, cfg, eos, repeats, stats, decoders)
+        return _static_generate_eval(core, inputs, cfg, eos, repeats, stats, decoders, options)
     finally:
         for m, training in modes.items():
             m.training = training
@@ -285,7 +308,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _static_generate_eval(core: Any, inputs: Mapping[str, torch.Tensor], cfg: Any, eos: list[int], repeats: int,
-                          stats: dict[str, float] | None, decoders: dict) -> torch.Tensor:
+                          stats: dict[str, float] | None, decoders: dict, options: tuple[bool, str]
+                          ) -> torch.Tensor:
     device = inputs["input_ids"].device
     max_new = int(cfg.max_new_tokens)
     _sync(device)
@@ -306,11 +330,11 @@ def _static_generate_eval(core: Any, inputs: Mapping[str, torch.Tensor], cfg: An
     rows = torch.arange(n_prompts, device=device).repeat_interleave(repeats)
     cache_len = -(-(prompt_len + max_new) // CACHE_ALIGN) * CACHE_ALIGN
     key = (batch, cache_len, cfg.do_sample, float(cfg.temperature or 1.0), int(cfg.top_k or 0),
-           float(cfg.repetition_penalty or 1.0), tuple(eos), tuple(cfg.suppress_tokens or ()), max_new)
+           float(cfg.repetition_penalty or 1.0), tuple(eos), tuple(cfg.suppress_tokens or ()), max_new, options)
     t1 = time.perf_counter()
     decoder = decoders.get(key)
     if decoder is None:
-        decoder = decoders[key] = _Decoder(core, batch, cache_len, max_new, cfg, eos, device)
+        decoder = decoders[key] = _Decoder(core, batch, cache_len, max_new, cfg, eos, device, *options)
     t2 = time.perf_counter()
     decoder.load(out.cache, out.logits[:, -1].float(), inputs, positions, rows)
     del out
@@ -319,7 +343,8 @@ def _static_generate_eval(core: Any, inputs: Mapping[str, torch.Tensor], cfg: An
     t3 = time.perf_counter()
     if stats is not None:
         stats.update(prefill_s=t1 - t0, capture_s=t2 - t1, decode_s=t3 - t2, decode_steps=steps,
-                     graph=decoder.graph is not None, capture_error=decoder.capture_error)
+                     graph=decoder.graph is not None, capture_error=decoder.capture_error,
+                     compiled=decoder.parts is not None, compile_error=decoder.compile_error)
     return decoder.tokens[:, :steps + 1].cpu()
 
 
@@ -332,7 +357,7 @@ class _Decoder:
     """
 
     def __init__(self, core: Any, batch: int, cache_len: int, max_new: int, cfg: Any, eos: list[int],
-                 device: torch.device) -> None:
+                 device: torch.device, compile: bool = False, attention: str = "sdpa") -> None:
         lm = core.model.language_model
         text_cfg = lm.config
         if "sliding_attention" in (getattr(text_cfg, "layer_types", None) or []):
@@ -379,6 +404,17 @@ class _Decoder:
                         (torch.empty(m.lora_A[a].weight.shape, dtype=dtype, **kw),
                          torch.empty(m.lora_B[a].weight.shape, dtype=dtype, **kw), (m, a)) for a in adapters])
         self.refresh_adapters()
+        self.attend = _attend_sdpa if attention == "sdpa" else _attend_matmul
+        self.parts: dict[str, Any] | None = None  # the compiled layer functions, when the step uses them
+        self.compile_error: str | None = None
+        if compile:
+            self.params, why = self._layer_params()
+            if why is None:
+                self.parts = _compiled_parts(attention)
+                self.attend = self.parts["attend"]
+            else:
+                self.compile_error = why
+                warnings.warn(f"generation: decode step not compiled ({why})", stacklevel=3)
         self.graph = None
         self.capture_error: str | None = None
         if device.type == "cuda":
@@ -398,6 +434,35 @@ class _Decoder:
             y = torch.addmm(y.reshape(-1, y.shape[-1]), F.linear(x, a).reshape(-1, a.shape[0]), b_scaled.t()
                             ).view(y.shape)
         return y
+
+    def _layer_params(self) -> tuple[list[tuple[tuple, tuple]], str | None]:
+        """Per layer, the tensors of the compiled functions' arguments (a PEFT LoRA projection: its base weight
+        and our low-rank copies); or the reason the layers do not fit them."""
+        def proj(m: Any) -> tuple:
+            entry = self.low_rank.get(id(m))
+            if entry is not None:
+                base, adapters = entry
+                return base.weight, base.bias, tuple((a, b) for a, b, _ in adapters)
+            if type(m) is not torch.nn.Linear:
+                raise TypeError(f"{type(m).__name__} is not a plain Linear or LoRA layer")
+            return m.weight, m.bias, ()
+
+        params = []
+        try:
+            for layer in self.lm.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                norms = (layer.input_layernorm, layer.post_attention_layernorm)
+                if not all(type(n).__name__.endswith("RMSNorm") and hasattr(n, "variance_epsilon") for n in norms):
+                    raise TypeError(f"{type(norms[0]).__name__} is not an RMSNorm")
+                if not (type(mlp.act_fn).__name__ == "SiLUActivation" or isinstance(mlp.act_fn, torch.nn.SiLU)):
+                    raise TypeError(f"activation {type(mlp.act_fn).__name__} is not SiLU")
+                params.append(((norms[0].weight, norms[0].variance_epsilon, proj(attn.q_proj), proj(attn.k_proj),
+                                proj(attn.v_proj), attn.head_dim),
+                               (proj(attn.o_proj), norms[1].weight, norms[1].variance_epsilon, proj(mlp.gate_proj),
+                                proj(mlp.up_proj), proj(mlp.down_proj))))
+        except TypeError as exc:
+            return [], str(exc)
+        return params, None
 
     def refresh_adapters(self) -> None:
         for _, adapters in self.low_rank.values():
@@ -431,6 +496,19 @@ class _Decoder:
 
     def step(self) -> None:
         """One decode step; device-side state only, so it can be captured and replayed."""
+        if self.parts is not None:
+            try:
+                return self._step(self.parts)
+            except Exception as exc:  # noqa: BLE001 - no compiler here (no Triton / C++ toolchain): stay eager, say so
+                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                    raise
+                # the failed try wrote at most the same keys/values at the same slot: rerunning eagerly is exact
+                self.parts, self.compile_error = None, repr(exc)
+                self.attend = _attend_sdpa if self.attend is _attend_sdpa else _attend_matmul
+                warnings.warn(f"generation: compiled decode step failed, decoding eagerly ({exc!r})", stacklevel=2)
+        self._step(None)
+
+    def _step(self, parts: dict[str, Any] | None) -> None:
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 
         lm, b = self.lm, self.batch
@@ -440,17 +518,23 @@ class _Decoder:
         mask = (self.prompt_mask | (self.is_new & (self.arange <= self.slot)))[:, None, None, :]
         for i, layer in enumerate(lm.layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            q = self.linear(attn.q_proj, x).view(b, 1, -1, attn.head_dim).transpose(1, 2)
-            k = self.linear(attn.k_proj, x).view(b, 1, -1, attn.head_dim).transpose(1, 2)
-            v = self.linear(attn.v_proj, x).view(b, 1, -1, attn.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            if parts is not None:
+                q, k, v = parts["pre"](hidden, cos, sin, *self.params[i][0])
+            else:
+                x = layer.input_layernorm(hidden)
+                q = self.linear(attn.q_proj, x).view(b, 1, -1, attn.head_dim).transpose(1, 2)
+                k = self.linear(attn.k_proj, x).view(b, 1, -1, attn.head_dim).transpose(1, 2)
+                v = self.linear(attn.v_proj, x).view(b, 1, -1, attn.head_dim).transpose(1, 2)
+                q, k = apply_rotary_pos_emb(q, k, cos, sin)
             self.keys[i].index_copy_(2, self.slot, k)
             self.values[i].index_copy_(2, self.slot, v)
             # the n_rep query heads of one key/value head as n_rep query rows: no repeated keys/values
             q = q.reshape(b, -1, self.n_rep, attn.head_dim)
-            o = F.scaled_dot_product_attention(q, self.keys[i], self.values[i], attn_mask=mask, scale=attn.scaling)
+            o = self.attend(q, self.keys[i], self.values[i], mask, attn.scaling)
             o = o.reshape(b, -1, 1, attn.head_dim).transpose(1, 2).reshape(b, 1, -1)
+            if parts is not None:
+                hidden = parts["post"](hidden, o, *self.params[i][1])
+                continue
             hidden = hidden + self.linear(attn.o_proj, o)
             mlp, x = layer.mlp, layer.post_attention_layernorm(hidden)
             x = mlp.act_fn(self.linear(mlp.gate_proj, x)) * self.linear(mlp.up_proj, x)
@@ -512,6 +596,76 @@ class _Decoder:
             if steps % SYNC_EVERY == 0 and bool(self.done.all()):
                 break
         return steps
+
+
+# The decode step's layer parts as functions of plain tensors: one compiled graph serves every layer (a module
+# argument would compile once per layer). `p` of a projection: (weight, bias or None, ((A, B·scaling), ...)).
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen2_5_VLRMSNorm.forward, as a function of tensors."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _proj(x: torch.Tensor, p: tuple) -> torch.Tensor:
+    weight, bias, low_rank = p
+    y = F.linear(x, weight, bias)
+    for a, b in low_rank:
+        y = y + F.linear(F.linear(x, a), b)
+    return y
+
+
+def _pre_fn(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm_w: torch.Tensor, eps: float,
+            q_p: tuple, k_p: tuple, v_p: tuple, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input norm, q/k/v projections and rotary (transformers' `apply_rotary_pos_emb`) of one decode position:
+    [B, 1, hidden] -> 3 × [B, heads, 1, d]."""
+    b = hidden.shape[0]
+    x = _rms(hidden, norm_w, eps)
+    q, k, v = (_proj(x, p).view(b, 1, -1, head_dim).transpose(1, 2) for p in (q_p, k_p, v_p))
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = head_dim // 2
+
+    def rotate_half(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat((-t[..., half:], t[..., :half]), dim=-1)
+
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+
+def _post_fn(hidden: torch.Tensor, o: torch.Tensor, o_p: tuple, norm_w: torch.Tensor, eps: float, gate_p: tuple,
+             up_p: tuple, down_p: tuple) -> torch.Tensor:
+    """Output projection, residual, norm, SiLU MLP, residual."""
+    hidden = hidden + _proj(o, o_p)
+    x = _rms(hidden, norm_w, eps)
+    return hidden + _proj(F.silu(_proj(x, gate_p)) * _proj(x, up_p), down_p)
+
+
+def _attend_sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+                 ) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+
+
+def _attend_matmul(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+                   ) -> torch.Tensor:
+    """transformers' eager attention (scores in the model's dtype, softmax in fp32), masked by a bool mask."""
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(q.dtype), values)
+
+
+_COMPILED: dict[str, dict[str, Any]] = {}
+
+
+def _compiled_parts(attention: str) -> dict[str, Any]:
+    """The compiled layer functions (made once per process; inductor recompiles per batch size only)."""
+    if attention not in _COMPILED:
+        pre = _COMPILED.get("sdpa", {}).get("pre") or torch.compile(_pre_fn, fullgraph=True)
+        post = _COMPILED.get("sdpa", {}).get("post") or torch.compile(_post_fn, fullgraph=True)
+        # sdpa is one kernel already; the matmul form's scale, mask, softmax and cast fuse into one
+        attend = _attend_sdpa if attention == "sdpa" else torch.compile(_attend_matmul, fullgraph=True)
+        _COMPILED[attention] = {"pre": pre, "post": post, "attend": attend}
+    return _COMPILED[attention]
 
 
 def _lora_adapters(module: Any) -> list[str] | None:
