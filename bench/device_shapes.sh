@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (the device tool), from the repo root: bench/repic_shapes.py, one call per part (BENCHMARKS.md,
-# "RePIC's real shapes"). Usage: bash bench/device_shapes.sh 1|2|3|4   (wheels of the pinned packages in $WHL,
+# "RePIC's real shapes"). Usage: bash bench/device_shapes.sh 1|2|3|4|5   (wheels of the pinned packages in $WHL,
 # default .whl/)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -30,6 +30,11 @@ case "$part" in
     --plan 4:32:ours_cd,ours_c 4:3:hf_b1 1:32:ours_cd,hf,hf_static,ours_c,ours \
     2:1:ours_cd,hf_b1,hf_static,ours_c,ours 1:1:ours_cd,hf_b1,hf_static,ours_c,ours --deadline-s 460 \
     --out "$OUT/shapes_4.json" > "$OUT/log_4.txt" 2>&1 ;;
+5)  # bf16 tolerance of the decode step; the default path against transformers' static + compile at the
+    # 4-concept shape in one run; the GRPO step with the eager and the compiled decode step, against TRL's default
+  timeout 560 python3 bench/repic_shapes.py --sections peak decode_noise caption grpo --decode-shapes gen:32 \
+    --plan 4:32:ours_cdm,hf_static --grpo-paths ours_cd ours hf --grpo-steps 4 --deadline-s 480 \
+    --out "$OUT/shapes_5.json" > "$OUT/log_5.txt" 2>&1 ;;
 esac
 echo "rc=$?"
 grep -a '^\[' "$OUT/log_$part.txt" | cut -c1-1500

@@ -490,6 +490,64 @@ def bench_decode(model: Any, processor: Any, shapes: list[str], variants: list[s
     return results
 
 
+VARIANTS = {"eager": (False, "sdpa"), "compiled": (True, "sdpa"), "compiled_matmul": (True, "matmul"),
+            "eager_matmul": (False, "matmul")}
+
+
+def decode_noise(model: Any, processor: Any, shape: str, variants: list[str]) -> dict[str, Any]:
+    """bf16 tolerance of the decode step, measured: one step's logits from each variant and from an fp32 copy of
+    the model (TF32 off), on the same prompts and the same first token (the fp32 model's); relative L2 difference
+    to the fp32 logits and the rows whose greedy choice equals fp32's."""
+    import copy
+
+    inputs, lengths, max_new = decode_inputs(model, processor, shape)
+    batch = len(lengths)
+    cfg = gen._generation_config(model, max_new, {"do_sample": False})
+    eos = gen._eos_ids(cfg)
+    device = inputs["input_ids"].device
+    fp32 = copy.deepcopy(model).float()
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    logits: dict[str, torch.Tensor] = {}
+    first = None
+    rows = torch.arange(batch, device=device)
+    try:
+        with torch.inference_mode():
+            for name, m in [("fp32", fp32), ("bf16", model)]:
+                positions = gen._prompt_positions(m, inputs)
+                prefilled = m(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
+                prompt_len = inputs["input_ids"].shape[1]
+                cache_len = -(-(prompt_len + max_new) // gen.CACHE_ALIGN) * gen.CACHE_ALIGN
+                for variant in (["eager"] if name == "fp32" else variants):
+                    dec = gen._Decoder(m, batch, cache_len, max_new, cfg, eos, device, *VARIANTS[variant])
+                    Lengths.current = lengths
+                    dec.load(prefilled.cache, prefilled.logits[:, -1].float(), inputs, positions, rows)
+                    if first is None:
+                        first = dec.tokens[:, 0].clone()
+                    dec.tokens[:, 0] = first
+                    choose = dec.choose
+
+                    def stash(lg: torch.Tensor, key: str = f"{name}_{variant}", choose: Any = choose) -> Any:
+                        logits[key] = lg.float().clone()
+                        return choose(lg)
+
+                    dec.choose = stash
+                    dec._step(dec.parts)
+                    dec = None
+                del prefilled
+                if name == "fp32":
+                    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+                    fp32 = None
+                    torch.cuda.empty_cache()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    ref = logits.pop("fp32_eager")
+    return {"shape": shape, "batch": batch, **{
+        key: {"rel_l2_vs_fp32": float((lg - ref).norm() / ref.norm()),
+              "argmax_equal_fp32": float((lg.argmax(-1) == ref.argmax(-1)).float().mean())}
+        for key, lg in logits.items()}}
+
+
 def decode_shape(model: Any, processor: Any, shape: str, variants: list[str], bw: float, deadline: float,
                  micro: bool, row: dict[str, Any]) -> None:
     lm = model.model.language_model
@@ -523,8 +581,7 @@ def decode_shape(model: Any, processor: Any, shape: str, variants: list[str], bw
         if time.perf_counter() > deadline:
             row[variant] = {"skipped": "deadline"}
             continue
-        compile_, attention = {"eager": (False, "sdpa"), "compiled": (True, "sdpa"),
-                               "compiled_matmul": (True, "matmul"), "eager_matmul": (False, "matmul")}[variant]
+        compile_, attention = VARIANTS[variant]
         try:
             with torch.inference_mode():
                 t0 = time.perf_counter()
@@ -742,7 +799,9 @@ def bench_grpo(model: Any, processor: Any, steps: int, generations: int, paths: 
         Lengths.schedule = [list(x) for x in schedule]
         torch.manual_seed(0)
         peft_model = get_peft_model(model.train(), lora)
-        trainer_cls = gen.rollout_trainer(GRPOTrainer, "static") if path == "ours" else GRPOTrainer
+        trainer_cls = gen.rollout_trainer(GRPOTrainer, "static") if path in ("ours", "ours_cd") else GRPOTrainer
+        if path == "ours_cd":  # the compiled decode step (sdpa attention, as in the eager step) in the rollouts
+            trainer_cls = type("CompiledDecode" + trainer_cls.__name__, (trainer_cls,), {"decode_compile": True})
         genbench.peak_reset()
         try:
             trainer = trainer_cls(model=peft_model, reward_funcs=reward_functions(
@@ -784,7 +843,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-px", type=int, default=CAPTION_PX, help="captioning max_pixels = this²")
     ap.add_argument("--sections", nargs="+", default=["peak", "decode", "prefill_profile", "caption", "vision",
                                                       "vision_compiled", "noise", "grpo"],
-                    help="run in this order: peak decode prefill_profile caption vision vision_compiled noise grpo")
+                    help="run in this order: peak decode decode_noise prefill_profile caption vision vision_compiled "
+                    "noise grpo")
     ap.add_argument("--decode-shapes", nargs="+", default=["gen:32", "cap4:32"],
                     help="decode section: gen:B (bench/generation.py's 448-px prompt, 128 tokens) or capK:B")
     ap.add_argument("--decode-variants", nargs="+", default=["eager", "compiled", "compiled_matmul"],
@@ -926,6 +986,14 @@ def main(argv: list[str] | None = None) -> int:
                                                                         "tokens_equal_first_variant", "error")}
                                           for v in args.decode_variants if isinstance(row.get(v), dict)}))
 
+    def section_decode_noise() -> None:
+        try:
+            res["decode_noise"] = decode_noise(model, processor, args.decode_shapes[0], args.decode_variants)
+        except Exception as exc:  # noqa: BLE001
+            res["decode_noise"] = {"error": repr(exc)[:500], "trace": traceback.format_exc()[-2000:]}
+        save()
+        log("decode noise " + json.dumps(res["decode_noise"], default=str)[:1500])
+
     def section_prefill_profile() -> None:
         k, batch = (int(x) for x in args.prefill_profile.split(":"))
         try:
@@ -938,7 +1006,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sections = {"vision": section_vision, "caption": section_caption, "vision_compiled": section_vision_compiled,
                 "noise": section_noise, "grpo": section_grpo, "decode": section_decode,
-                "prefill_profile": section_prefill_profile}
+                "prefill_profile": section_prefill_profile, "decode_noise": section_decode_noise}
     for name in args.sections:
         if name == "peak":
             continue

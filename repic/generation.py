@@ -178,6 +178,8 @@ def rollout_trainer(trainer_cls: type, backend: str = "static") -> type:
 
     class StaticRolloutGRPOTrainer(trainer_cls):
         rollout_backend = backend
+        # the eager decode step, as the GRPO step was measured (BENCHMARKS.md, issue 12)
+        decode_compile = False
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -212,8 +214,7 @@ def rollout_trainer(trainer_cls: type, backend: str = "static") -> type:
                     repetition_penalty=self.repetition_penalty, eos_token_id=list(self.eos_token_ids),
                     pad_token_id=self._tokenizer.pad_token_id,
                     suppress_tokens=[config.image_token_id] if self._is_vlm else None,
-                    # eager step, as the GRPO step was measured (BENCHMARKS.md); compiling costs its first step
-                    decode_compile=False,
+                    decode_compile=self.decode_compile,
                 )
             return completion_ids, None
 
@@ -269,13 +270,16 @@ def _core(model: Any) -> Any:
 
 
 def _decode_options(device: torch.device, compile: bool | None, attention: str | None) -> tuple[bool, str]:
-    """(compile, attention) of the static decode step. Defaults: compiled on CUDA (BENCHMARKS.md, issue 12:
-    the compiled step is faster at every measured shape), eager elsewhere (a CPU build may lack a compiler and
-    decodes a few tokens in tests); sdpa attention."""
-    attention = attention or "sdpa"
+    """(compile, attention) of the static decode step. Defaults, as measured on an H200 (BENCHMARKS.md, issue 12):
+    compiled on CUDA (8.0 -> 5.9 ms a step at B = 32, 1-image prompts; 11.1 -> 8.6 ms at RePIC's 4-reference
+    captioning shape), eager elsewhere (a CPU build may lack a compiler, and CPU decoding is tests and rehearsals);
+    attention "matmul" when compiled (faster than sdpa's masked kernel at every measured shape, most at B = 1),
+    "sdpa" when eager (equal to `generate` bit for bit on CPU)."""
+    compile = device.type == "cuda" if compile is None else bool(compile)
+    attention = attention or ("matmul" if compile else "sdpa")
     if attention not in DECODE_ATTENTION:
         raise RepicError(f"decode_attention: expected one of {'|'.join(DECODE_ATTENTION)}, got {attention!r}")
-    return (device.type == "cuda" if compile is None else bool(compile)), attention
+    return compile, attention
 
 
 def _static_generate(model: Any, inputs: Mapping[str, torch.Tensor], cfg: Any, eos: list[int], repeats: int,
