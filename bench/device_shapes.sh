@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (the device tool), from the repo root: bench/repic_shapes.py, one call per part (BENCHMARKS.md,
-# "RePIC's real shapes"). Usage: bash bench/device_shapes.sh 1|2|3|4|5   (wheels of the pinned packages in $WHL,
+# "RePIC's real shapes"). Usage: bash bench/device_shapes.sh 1|2|3|4|5|6   (wheels of the pinned packages in $WHL,
 # default .whl/)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -35,6 +35,10 @@ case "$part" in
   timeout 560 python3 bench/repic_shapes.py --sections peak decode_noise caption grpo --decode-shapes gen:32 \
     --plan 4:32:ours_cdm,hf_static --grpo-paths ours_cd ours hf --grpo-steps 4 --deadline-s 480 \
     --out "$OUT/shapes_5.json" > "$OUT/log_5.txt" 2>&1 ;;
+6)  # the grid's cells not yet run with the default path and hf_static: B = 8 at k = 4, 2, 1; k = 4, B = 1; k = 2, B = 32
+  timeout 500 python3 bench/repic_shapes.py --sections peak caption --plan 4:8:ours_cdm,hf_static,hf \
+    4:1:ours_cdm,hf_b1,hf_static 2:8:ours_cdm,hf_static,hf 1:8:ours_cdm,hf_static,hf 2:32:ours_cdm \
+    --deadline-s 420 --out "$OUT/shapes_6.json" > "$OUT/log_6.txt" 2>&1 ;;
 esac
 echo "rc=$?"
 grep -a '^\[' "$OUT/log_$part.txt" | cut -c1-1500
