@@ -664,8 +664,9 @@ _COMPILED: dict[str, dict[str, Any]] = {}
 def _compiled_parts(attention: str) -> dict[str, Any]:
     """The compiled layer functions (made once per process; inductor recompiles per batch size only)."""
     if attention not in _COMPILED:
-        pre = _COMPILED.get("sdpa", {}).get("pre") or torch.compile(_pre_fn, fullgraph=True)
-        post = _COMPILED.get("sdpa", {}).get("post") or torch.compile(_post_fn, fullgraph=True)
+        other = next(iter(_COMPILED.values()), None)  # the layer functions do not depend on the attention
+        pre = other["pre"] if other else torch.compile(_pre_fn, fullgraph=True)
+        post = other["post"] if other else torch.compile(_post_fn, fullgraph=True)
         # sdpa is one kernel already; the matmul form's scale, mask, softmax and cast fuse into one
         attend = _attend_sdpa if attention == "sdpa" else torch.compile(_attend_matmul, fullgraph=True)
         _COMPILED[attention] = {"pre": pre, "post": post, "attend": attend}
