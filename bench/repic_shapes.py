@@ -1,8 +1,15 @@
-"""RePIC's real shapes on one card (issue 12): captioning with k reference images, the vision tower, a GRPO step.
+"""RePIC's real shapes on one card (issue 12): captioning with k references, the vision tower, decode, a GRPO step.
 
 Sections (each saved to --out as it finishes; a section that would start past --deadline-s is skipped and says so):
 
 - `peak`: the card's bf16 matrix rate (8192³ products, median of 10) and copy bandwidth: the ceilings used.
+- `decode`: the static backend's decode step (a CUDA graph), eager vs compiled and sdpa vs matmul attention, on
+  one prefill per shape (`--decode-shapes`: `gen:B` = bench/generation.py's 448-px prompt and 128 tokens, `capK:B`
+  = captioning with k references): ms per step, % of the bandwidth roofline (weights + KV cache read a step),
+  kernel profiles by class, and a one-layer attention micro-benchmark on the real cache.
+- `decode_noise`: one decode step's logits of each variant and of an fp32 copy of the model, same inputs.
+- `prefill_profile`: kernel profiles of a whole captioning prefill and of the vision tower alone (the language
+  model's share by difference), LM prefill TFLOP/s.
 - `vision`: the vision tower alone on one captioning batch (B prompts × (k + 1) images at RePIC's captioning
   `max_pixels = 1024·28²`): transformers' sdpa tower vs repic.vision (windows bucketed by length), eager and with
   compiled blocks; seconds, TFLOP/s (counted FLOPs below), % of the measured and the datasheet peak, and the bf16
@@ -12,13 +19,15 @@ Sections (each saved to --out as it finishes; a section that would start past --
   processor (HF paths: a `LogitsProcessor`; static backend: the same rule inside its captured step), so all paths
   generate the same number of tokens. Paths: `hf_b1` (RePIC's loop: `generate` one prompt at a time), `hf`
   (`generate` batched), `hf_static` (`generate(cache_implementation="static")`, transformers' compiled decode) and
-  `ours` (repic.generation static backend + repic.vision). Captions/s, prefill / decode split, LM prefill TFLOP/s.
+  the static backend + repic.vision (`OURS`: `ours` eager tower and decode step, `ours_c` compiled tower, `ours_cd`
+  and compiled decode step, `ours_cdm` and matmul attention: the default). Captions/s, prefill / decode split,
+  vision and LM prefill TFLOP/s.
 - `grpo`: one TRL GRPOTrainer step at RePIC's training-sample shape: the four task types in turn (OCT yes/no with
   2 images, VLT box with 1 image, ICT caption with 2 images, ICT multi caption with 3 images), images resized as
   repic.train does (short side 512 multi-image, 1024 single) and processed at Qwen2.5-VL's default max_pixels;
   completions end at EOS at preset lengths (yes/no 2-4, box 16-24, caption 60-150 tokens, per row); G=8, LoRA
   r64/α128 on the language model, β 0.04, gradient checkpointing, bf16. TRL's default path vs ours
-  (`rollout_trainer(GRPOTrainer, "static")`, which also installs repic.vision).
+  (`rollout_trainer(GRPOTrainer, "static")`, which also installs repic.vision), `ours_cd` with the compiled decode.
 
 The model is Qwen2.5-VL-7B's shape with random bf16 weights (bench/generation.py's builder).
 
