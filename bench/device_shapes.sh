@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (the device tool), from the repo root: bench/repic_shapes.py, one call per part (BENCHMARKS.md,
-# "RePIC's real shapes"). Usage: bash bench/device_shapes.sh 1|2|3|4|5|6   (wheels of the pinned packages in $WHL,
+# "RePIC's real shapes"). Usage: bash bench/device_shapes.sh 1|2|3|4|5|6|7   (wheels of the pinned packages in $WHL,
 # default .whl/)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -39,6 +39,10 @@ case "$part" in
   timeout 500 python3 bench/repic_shapes.py --sections peak caption --plan 4:8:ours_cdm,hf_static,hf \
     4:1:ours_cdm,hf_b1,hf_static 2:8:ours_cdm,hf_static,hf 1:8:ours_cdm,hf_static,hf 2:32:ours_cdm \
     --deadline-s 420 --out "$OUT/shapes_6.json" > "$OUT/log_6.txt" 2>&1 ;;
+7)  # a padded batch prefilled one unpadded prompt at a time (ours_cdmr) vs batched (ours_cdm), with hf_static
+  timeout 280 python3 bench/repic_shapes.py --sections peak caption --plan 4:32:ours_cdmr,ours_cdm \
+    4:8:ours_cdmr,ours_cdm,hf_static 1:32:ours_cdmr,ours_cdm --deadline-s 200 \
+    --out "$OUT/shapes_7.json" > "$OUT/log_7.txt" 2>&1 ;;
 esac
 echo "rc=$?"
 grep -a '^\[' "$OUT/log_$part.txt" | cut -c1-1500

@@ -20,7 +20,8 @@ Sections (each saved to --out as it finishes; a section that would start past --
   generate the same number of tokens. Paths: `hf_b1` (RePIC's loop: `generate` one prompt at a time), `hf`
   (`generate` batched), `hf_static` (`generate(cache_implementation="static")`, transformers' compiled decode) and
   the static backend + repic.vision (`OURS`: `ours` eager tower and decode step, `ours_c` compiled tower, `ours_cd`
-  and compiled decode step, `ours_cdm` and matmul attention: the default). Captions/s, prefill / decode split,
+  and compiled decode step, `ours_cdm` and matmul attention, `ours_cdmr` and a padded batch prefilled one prompt
+  at a time: the default). Captions/s, prefill / decode split,
   vision and LM prefill TFLOP/s.
 - `grpo`: one TRL GRPOTrainer step at RePIC's training-sample shape: the four task types in turn (OCT yes/no with
   2 images, VLT box with 1 image, ICT caption with 2 images, ICT multi caption with 3 images), images resized as
@@ -347,9 +348,10 @@ def profile_vision(model: Any, visual: Any, pixels: torch.Tensor, grid: torch.Te
     return rows
 
 
-# our paths: (vision blocks compiled, decode step compiled, decode attention)
-OURS = {"ours": (False, False, "sdpa"), "ours_c": (True, False, "sdpa"), "ours_cd": (True, True, "sdpa"),
-        "ours_cdm": (True, True, "matmul")}
+# our paths: (vision blocks compiled, decode step compiled, decode attention, padded batch prefilled by rows)
+OURS = {"ours": (False, False, "sdpa", False), "ours_c": (True, False, "sdpa", False),
+        "ours_cd": (True, True, "sdpa", False), "ours_cdm": (True, True, "matmul", False),
+        "ours_cdmr": (True, True, "matmul", True)}
 
 
 def caption_path(model: Any, inputs: Any, lengths: list[int], path: str, max_new: int, decoders: dict
@@ -359,12 +361,13 @@ def caption_path(model: Any, inputs: Any, lengths: list[int], path: str, max_new
     Lengths.current = lengths
     split: dict[str, Any] = {}
     if path in OURS:
-        vision_c, decode_c, attention = OURS[path]
+        vision_c, decode_c, attention, by_rows = OURS[path]
         stats: dict[str, Any] = {}
         with fast_vision(model, compile=vision_c):
             ids, t = timed(lambda: gen.generate_ids(model, inputs, backend="static", max_new_tokens=max_new,
                                                     do_sample=False, stats=stats, _decoders=decoders,
-                                                    decode_compile=decode_c, decode_attention=attention))
+                                                    decode_compile=decode_c, decode_attention=attention,
+                                                    prefill_rows=by_rows))
         split = {"prefill_s": stats["prefill_s"], "decode_s": stats["decode_s"], "capture_s": stats["capture_s"],
                  "decode_steps": stats["decode_steps"], "graph": stats["graph"], "compiled": stats["compiled"],
                  "compile_error": stats["compile_error"]}

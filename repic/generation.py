@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import time
+import types
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -106,7 +107,7 @@ def check_backend(backend: str) -> str:
 def generate_ids(model: Any, inputs: Mapping[str, torch.Tensor], *, backend: str, max_new_tokens: int,
                  repeats: int = 1, stats: dict[str, float] | None = None, _decoders: dict | None = None,
                  decode_compile: bool | None = None, decode_attention: str | None = None,
-                 **generation_kwargs: Any) -> list[list[int]]:
+                 prefill_rows: bool | None = None, **generation_kwargs: Any) -> list[list[int]]:
     """New token ids for each prompt row of `inputs` (a left-padded processor batch on the model's device).
 
     Row `i * repeats + j` of the result is sample `j` of prompt `i`; each row ends at its first EOS (kept).
@@ -114,7 +115,8 @@ def generate_ids(model: Any, inputs: Mapping[str, torch.Tensor], *, backend: str
     `repetition_penalty`, `suppress_tokens`, ...). `stats`, when given, receives timings of the static path
     (`prefill_s`, `decode_s`, `decode_steps`, `capture_s`, `graph`: whether the step ran as a CUDA graph,
     `compiled`: whether it ran inductor's kernels). `decode_compile`, `decode_attention`: the static decode step's
-    options (module docstring); None takes `_decode_options`' defaults.
+    options (module docstring); None takes `_decode_options`' defaults. `prefill_rows`: prefill a padded batch one
+    prompt at a time, unpadded (`_prefill`); None: on CUDA.
     """
     check_backend(backend)
     cfg = _generation_config(model, max_new_tokens, generation_kwargs)
@@ -127,9 +129,11 @@ def generate_ids(model: Any, inputs: Mapping[str, torch.Tensor], *, backend: str
         rows = out[:, inputs["input_ids"].shape[1]:].tolist()
     else:
         _check_static_supported(cfg)
-        options = _decode_options(inputs["input_ids"].device, decode_compile, decode_attention)
+        device = inputs["input_ids"].device
+        options = _decode_options(device, decode_compile, decode_attention)
+        by_rows = device.type == "cuda" if prefill_rows is None else prefill_rows
         rows = _static_generate(model, inputs, cfg, eos, repeats, stats,
-                                _decoders if _decoders is not None else {}, options).tolist()
+                                _decoders if _decoders is not None else {}, options, by_rows).tolist()
     return [_cut_at_eos(r, eos) for r in rows]
 
 
@@ -214,7 +218,7 @@ def rollout_trainer(trainer_cls: type, backend: str = "static") -> type:
                     repetition_penalty=self.repetition_penalty, eos_token_id=list(self.eos_token_ids),
                     pad_token_id=self._tokenizer.pad_token_id,
                     suppress_tokens=[config.image_token_id] if self._is_vlm else None,
-                    decode_compile=self.decode_compile,
+                    decode_compile=self.decode_compile, prefill_rows=False,
                 )
             return completion_ids, None
 
@@ -283,13 +287,13 @@ def _decode_options(device: torch.device, compile: bool | None, attention: str |
 
 
 def _static_generate(model: Any, inputs: Mapping[str, torch.Tensor], cfg: Any, eos: list[int], repeats: int,
-                     stats: dict[str, float] | None, decoders: dict, options: tuple[bool, str] = (False, "sdpa")
-                     ) -> torch.Tensor:
+                     stats: dict[str, float] | None, decoders: dict, options: tuple[bool, str] = (False, "sdpa"),
+                     prefill_rows: bool = False) -> torch.Tensor:
     core = _core(model)
     modes = {m: m.training for m in core.modules()}
     core.eval()
     try:
-        return _static_generate_eval(core, inputs, cfg, eos, repeats, stats, decoders, options)
+        return _static_generate_eval(core, inputs, cfg, eos, repeats, stats, decoders, options, prefill_rows)
     finally:
         for m, training in modes.items():
             m.training = training
@@ -311,9 +315,40 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _prefill(core: Any, inputs: Mapping[str, torch.Tensor], positions: torch.Tensor, by_rows: bool
+             ) -> tuple[Any, torch.Tensor]:
+    """The prompt's KV cache (`.layers[i].keys/.values`, [B, kv heads, width, d], left padded) and last logits.
+
+    `by_rows` and a padded batch: one forward per prompt without its padding, so the language model's attention
+    is causal with no mask (flash); in a padded batch sdpa gets a padding mask and a slower masked kernel
+    (BENCHMARKS.md, LM prefill profile). The pad slots stay zero; the decode mask never attends them."""
+    mask = inputs["attention_mask"]
+    if not by_rows or len(mask) == 1 or bool(mask.all()):
+        out = core(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
+        return out.cache, out.logits[:, -1]
+    n, width = mask.shape
+    keys: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+    logits = []
+    for b in range(n):
+        row = select_rows(inputs, [b], core.config)  # without its all-padding columns
+        start = width - row["input_ids"].shape[1]
+        out = core(**row, position_ids=positions[:, b:b + 1, start:], use_cache=True, logits_to_keep=1)
+        for i, layer in enumerate(out.cache.layers):
+            if b == 0:
+                keys.append(layer.keys.new_zeros(n, layer.keys.shape[1], width, layer.keys.shape[3]))
+                values.append(layer.values.new_zeros(n, layer.values.shape[1], width, layer.values.shape[3]))
+            keys[i][b, :, start:] = layer.keys[0]
+            values[i][b, :, start:] = layer.values[0]
+        logits.append(out.logits[0, -1])
+        del out
+    cache = types.SimpleNamespace(layers=[types.SimpleNamespace(keys=k, values=v) for k, v in zip(keys, values)])
+    return cache, torch.stack(logits)
+
+
 def _static_generate_eval(core: Any, inputs: Mapping[str, torch.Tensor], cfg: Any, eos: list[int], repeats: int,
-                          stats: dict[str, float] | None, decoders: dict, options: tuple[bool, str]
-                          ) -> torch.Tensor:
+                          stats: dict[str, float] | None, decoders: dict, options: tuple[bool, str],
+                          prefill_rows: bool = False) -> torch.Tensor:
     device = inputs["input_ids"].device
     max_new = int(cfg.max_new_tokens)
     _sync(device)
@@ -327,7 +362,7 @@ def _static_generate_eval(core: Any, inputs: Mapping[str, torch.Tensor], cfg: An
     # eager). A tower set up by the GRPO trainer keeps its own setting (eager: a few images per step).
     compile_vision = None if fast_vision_enabled(core) else device.type == "cuda"
     with fast_vision(core, compile=compile_vision):
-        out = core(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
+        cache, logits = _prefill(core, inputs, positions, prefill_rows)
     _sync(device)
     n_prompts, prompt_len = inputs["input_ids"].shape
     batch = n_prompts * repeats
@@ -340,8 +375,8 @@ def _static_generate_eval(core: Any, inputs: Mapping[str, torch.Tensor], cfg: An
     if decoder is None:
         decoder = decoders[key] = _Decoder(core, batch, cache_len, max_new, cfg, eos, device, *options)
     t2 = time.perf_counter()
-    decoder.load(out.cache, out.logits[:, -1].float(), inputs, positions, rows)
-    del out
+    decoder.load(cache, logits.float(), inputs, positions, rows)
+    del cache, logits
     steps = decoder.run()
     _sync(device)
     t3 = time.perf_counter()

@@ -129,6 +129,30 @@ def test_functional_decode_step_equals_hf_generate(tiny_model_dir, monkeypatch, 
     assert generate_ids(model, inputs, backend="static", decode_compile=False, decode_attention=attention, **kw) == hf
 
 
+def test_prefill_by_rows_equals_the_padded_batch(tiny):
+    """A padded batch prefilled one unpadded prompt at a time: the same cache where the rows hold tokens, the same
+    last logits (within fp32 rounding: unmasked vs masked attention) and `generate`'s tokens."""
+    from repic.generation import _prefill, _prompt_positions
+
+    model, processor = tiny
+    texts, images = _prompts(processor, 4)
+    inputs = _batch(processor, texts, images)
+    mask = inputs["attention_mask"].bool()
+    assert not mask.all()  # the batch is padded, so the per-row path runs
+    with torch.inference_mode():
+        positions = _prompt_positions(model, inputs)
+        batched, logits = _prefill(model, inputs, positions, by_rows=False)
+        rows, row_logits = _prefill(model, inputs, positions, by_rows=True)
+    assert torch.allclose(row_logits, logits, atol=1e-4, rtol=1e-4)
+    for a, b in zip(batched.layers, rows.layers):
+        keep = mask[:, None, :, None].expand_as(a.keys)
+        assert torch.allclose(b.keys[keep], a.keys[keep], atol=1e-5) and not b.keys[~keep].any()
+        assert torch.allclose(b.values[keep], a.values[keep], atol=1e-5)
+    kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    assert generate_ids(model, inputs, backend="static", prefill_rows=True, **kw) == \
+        generate_ids(model, inputs, backend="hf", **kw)
+
+
 def test_compile_failure_decodes_eagerly_with_a_warning(tiny, monkeypatch):
     from repic import generation
 
