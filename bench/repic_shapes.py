@@ -1,8 +1,15 @@
-"""RePIC's real shapes on one card (issue 12): captioning with k reference images, the vision tower, a GRPO step.
+"""RePIC's real shapes on one card (issue 12): captioning with k references, the vision tower, decode, a GRPO step.
 
 Sections (each saved to --out as it finishes; a section that would start past --deadline-s is skipped and says so):
 
 - `peak`: the card's bf16 matrix rate (8192³ products, median of 10) and copy bandwidth: the ceilings used.
+- `decode`: the static backend's decode step (a CUDA graph), eager vs compiled and sdpa vs matmul attention, on
+  one prefill per shape (`--decode-shapes`: `gen:B` = bench/generation.py's 448-px prompt and 128 tokens, `capK:B`
+  = captioning with k references): ms per step, % of the bandwidth roofline (weights + KV cache read a step),
+  kernel profiles by class, and a one-layer attention micro-benchmark on the real cache.
+- `decode_noise`: one decode step's logits of each variant and of an fp32 copy of the model, same inputs.
+- `prefill_profile`: kernel profiles of a whole captioning prefill and of the vision tower alone (the language
+  model's share by difference), LM prefill TFLOP/s.
 - `vision`: the vision tower alone on one captioning batch (B prompts × (k + 1) images at RePIC's captioning
   `max_pixels = 1024·28²`): transformers' sdpa tower vs repic.vision (windows bucketed by length), eager and with
   compiled blocks; seconds, TFLOP/s (counted FLOPs below), % of the measured and the datasheet peak, and the bf16
@@ -12,13 +19,16 @@ Sections (each saved to --out as it finishes; a section that would start past --
   processor (HF paths: a `LogitsProcessor`; static backend: the same rule inside its captured step), so all paths
   generate the same number of tokens. Paths: `hf_b1` (RePIC's loop: `generate` one prompt at a time), `hf`
   (`generate` batched), `hf_static` (`generate(cache_implementation="static")`, transformers' compiled decode) and
-  `ours` (repic.generation static backend + repic.vision). Captions/s, prefill / decode split, LM prefill TFLOP/s.
+  the static backend + repic.vision (`OURS`: `ours` eager tower and decode step, `ours_c` compiled tower, `ours_cd`
+  and compiled decode step, `ours_cdm` and matmul attention, `ours_cdmr` and a padded batch prefilled one prompt
+  at a time: the default). Captions/s, prefill / decode split,
+  vision and LM prefill TFLOP/s.
 - `grpo`: one TRL GRPOTrainer step at RePIC's training-sample shape: the four task types in turn (OCT yes/no with
   2 images, VLT box with 1 image, ICT caption with 2 images, ICT multi caption with 3 images), images resized as
   repic.train does (short side 512 multi-image, 1024 single) and processed at Qwen2.5-VL's default max_pixels;
   completions end at EOS at preset lengths (yes/no 2-4, box 16-24, caption 60-150 tokens, per row); G=8, LoRA
   r64/α128 on the language model, β 0.04, gradient checkpointing, bf16. TRL's default path vs ours
-  (`rollout_trainer(GRPOTrainer, "static")`, which also installs repic.vision).
+  (`rollout_trainer(GRPOTrainer, "static")`, which also installs repic.vision), `ours_cd` with the compiled decode.
 
 The model is Qwen2.5-VL-7B's shape with random bf16 weights (bench/generation.py's builder).
 
@@ -115,11 +125,11 @@ def patch_static_decoder() -> None:
         return
     init, load, choose = cls.__init__, cls.load, cls.choose
 
-    def __init__(self, core, batch, cache_len, max_new, cfg, eos, device):
+    def __init__(self, core, batch, cache_len, max_new, cfg, eos, device, *options):
         self._stop_at = torch.full((batch,), 10**9, dtype=torch.long, device=device)
         self._eos_mask = torch.zeros(core.lm_head.out_features, dtype=torch.bool, device=device)
         self._eos_mask[Lengths.eos] = True
-        init(self, core, batch, cache_len, max_new, cfg, eos, device)
+        init(self, core, batch, cache_len, max_new, cfg, eos, device, *options)
 
     def load_(self, cache, logits, inputs, positions, rows):
         lengths = Lengths.next()
@@ -338,19 +348,29 @@ def profile_vision(model: Any, visual: Any, pixels: torch.Tensor, grid: torch.Te
     return rows
 
 
+# our paths: (vision blocks compiled, decode step compiled, decode attention, padded batch prefilled by rows)
+OURS = {"ours": (False, False, "sdpa", False), "ours_c": (True, False, "sdpa", False),
+        "ours_cd": (True, True, "sdpa", False), "ours_cdm": (True, True, "matmul", False),
+        "ours_cdmr": (True, True, "matmul", True)}
+
+
 def caption_path(model: Any, inputs: Any, lengths: list[int], path: str, max_new: int, decoders: dict
                  ) -> tuple[float, dict[str, Any], list[list[int]]]:
     """One timed call of one path; returns seconds, its split, and the token ids."""
     prompt_len = inputs["input_ids"].shape[1]
     Lengths.current = lengths
     split: dict[str, Any] = {}
-    if path in ("ours", "ours_c"):
+    if path in OURS:
+        vision_c, decode_c, attention, by_rows = OURS[path]
         stats: dict[str, Any] = {}
-        with fast_vision(model, compile=path == "ours_c"):  # ours_c: compiled vision blocks
+        with fast_vision(model, compile=vision_c):
             ids, t = timed(lambda: gen.generate_ids(model, inputs, backend="static", max_new_tokens=max_new,
-                                                    do_sample=False, stats=stats, _decoders=decoders))
+                                                    do_sample=False, stats=stats, _decoders=decoders,
+                                                    decode_compile=decode_c, decode_attention=attention,
+                                                    prefill_rows=by_rows))
         split = {"prefill_s": stats["prefill_s"], "decode_s": stats["decode_s"], "capture_s": stats["capture_s"],
-                 "decode_steps": stats["decode_steps"], "graph": stats["graph"]}
+                 "decode_steps": stats["decode_steps"], "graph": stats["graph"], "compiled": stats["compiled"],
+                 "compile_error": stats["compile_error"]}
         return t, split, ids
     mark: dict[str, float] = {}
     kw = {"cache_implementation": "static"} if path == "hf_static" else {}
@@ -363,6 +383,298 @@ def caption_path(model: Any, inputs: Any, lengths: list[int], path: str, max_new
     if "prefill_end" in mark:
         split = {"prefill_s": mark["prefill_end"] - t0, "decode_s": t0 + t - mark["prefill_end"]}
     return t, split, ids
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# decode step (issue 12 item 4) and the language model's prefill: timings, roofline, kernel profiles
+
+
+def kernel_class(name: str) -> str:
+    n = name.lower()
+    if any(t in n for t in ("fmha", "flash", "attention", "attn", "sdpa")):
+        return "attention"
+    if any(t in n for t in ("gemm", "gemv", "nvjet", "cutlass", "xmma", "sm90_", "splitk", "cublas")):
+        return "matmul"
+    if n.startswith("triton"):
+        return "inductor (fused elementwise)"
+    if any(t in n for t in ("copy", "memcpy", "memset", "index", "cat", "fill")):
+        return "copies/index"
+    return "elementwise/other (eager)"
+
+
+def profile_kernels(fn: Any, per: int = 1, top: int = 30) -> dict[str, Any]:
+    """GPU kernel time of `fn()` by kernel and by class (torch.profiler; CUDA graph replays included where the
+    profiler sees their kernels), divided by `per` (steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    classes: dict[str, float] = {}
+    for e in events:
+        classes[kernel_class(e.key)] = classes.get(kernel_class(e.key), 0.0) + e.device_time_total / 1e3 / per
+    return {"kernel_ms": sum(classes.values()), "kernels": sum(e.count for e in events) / per,
+            "by_class_ms": dict(sorted(classes.items(), key=lambda kv: -kv[1])),
+            "top": [{"name": e.key[:110], "calls": e.count / per, "ms": e.device_time_total / 1e3 / per}
+                    for e in sorted(events, key=lambda e: -e.device_time_total)[:top]]}
+
+
+def attention_micro(dec: Any, bw: float, reps: int = 20) -> dict[str, Any]:
+    """One layer's attention over the decoder's real cache (state right after `load`), each way of computing it;
+    GB/s counts the keys and values read once."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b, kvh, s_len, hd = dec.keys[0].shape
+    q = torch.randn(b, kvh, dec.n_rep, hd, device="cuda", dtype=dec.keys[0].dtype)
+    keys, values = dec.keys[0], dec.values[0]
+    mask = (dec.prompt_mask | (dec.is_new & (dec.arange <= dec.slot)))[:, None, None, :]
+    scale = hd ** -0.5
+    nbytes = 2 * keys.numel() * keys.element_size()
+    compiled = torch.compile(gen._attend_matmul, fullgraph=True)
+    ways = {
+        "sdpa (as the step calls it)": lambda: gen._attend_sdpa(q, keys, values, mask, scale),
+        "sdpa, mem-efficient kernel": lambda: _with(sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION),
+                                                    lambda: gen._attend_sdpa(q, keys, values, mask, scale)),
+        "sdpa, cuDNN kernel": lambda: _with(sdpa_kernel(SDPBackend.CUDNN_ATTENTION),
+                                           lambda: gen._attend_sdpa(q, keys, values, mask, scale)),
+        "matmul, eager": lambda: gen._attend_matmul(q, keys, values, mask, scale),
+        "matmul, compiled": lambda: compiled(q, keys, values, mask, scale),
+        "flash, NO mask (not our semantics: a bound)": lambda: _with(
+            sdpa_kernel(SDPBackend.FLASH_ATTENTION),
+            lambda: torch.nn.functional.scaled_dot_product_attention(q, keys, values, scale=scale)),
+    }
+    out: dict[str, Any] = {"shape_q": list(q.shape), "shape_kv": list(keys.shape), "bytes_per_layer": nbytes,
+                           "roofline_ms_per_layer": nbytes / bw * 1e3}
+    ref = ways["sdpa (as the step calls it)"]()
+    for name, fn in ways.items():
+        try:
+            for _ in range(3):
+                res = fn()
+            times = []
+            for _ in range(reps):
+                s_, e_ = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s_.record()
+                fn()
+                e_.record()
+                e_.synchronize()
+                times.append(s_.elapsed_time(e_))
+            ms = statistics.median(times)
+            out[name] = {"ms": ms, "gb_s": nbytes / ms / 1e6, "pct_bw": 100 * nbytes / bw / (ms / 1e3),
+                         "max_abs_diff_vs_sdpa": float((res.float() - ref.float()).abs().max())}
+        except Exception as exc:  # noqa: BLE001 - a backend that refuses this shape: reported
+            out[name] = {"error": repr(exc)[:300]}
+    return out
+
+
+def _with(ctx: Any, fn: Any) -> Any:
+    with ctx:
+        return fn()
+
+
+def decode_inputs(model: Any, processor: Any, shape: str) -> tuple[Any, list[int], int]:
+    """`gen:B`: bench/generation.py's workload (one 448-px image, 128 new tokens); `capK:B`: RePIC captioning
+    with k references (preset lengths 40-150)."""
+    kind, batch = shape.split(":")
+    batch = int(batch)
+    if kind == "gen":
+        texts, images = genbench.prompts(processor, batch, 448)
+        return to_device(model, processor, texts, images), [128] * batch, 128
+    texts, images, lengths = caption_batch(processor, batch, int(kind[3:]), seed=100 + int(kind[3:]))
+    return to_device(model, processor, texts, images), lengths, 160
+
+
+def bench_decode(model: Any, processor: Any, shapes: list[str], variants: list[str], bw: float, deadline: float,
+                 micro: bool) -> list[dict[str, Any]]:
+    """The static decode step, eager vs compiled (and attention variants), on one prefill per shape: ms per step
+    (median of 3 decodes after the one that compiles and captures), % of the bandwidth roofline, kernel profiles
+    of 4 replayed steps and of 4 steps run without the graph, tokens vs the first variant."""
+    results = []
+    for shape in shapes:
+        if time.perf_counter() > deadline:
+            results.append({"shape": shape, "skipped": "deadline"})
+            continue
+        results.append({"shape": shape})
+        decode_shape(model, processor, shape, variants, bw, deadline, micro, results[-1])
+        torch.cuda.empty_cache()
+        _SAVE()
+    return results
+
+
+VARIANTS = {"eager": (False, "sdpa"), "compiled": (True, "sdpa"), "compiled_matmul": (True, "matmul"),
+            "eager_matmul": (False, "matmul")}
+
+
+def decode_noise(model: Any, processor: Any, shape: str, variants: list[str]) -> dict[str, Any]:
+    """bf16 tolerance of the decode step, measured: one step's logits from each variant and from an fp32 copy of
+    the model (TF32 off), on the same prompts and the same first token (the fp32 model's); relative L2 difference
+    to the fp32 logits and the rows whose greedy choice equals fp32's."""
+    import copy
+
+    inputs, lengths, max_new = decode_inputs(model, processor, shape)
+    batch = len(lengths)
+    cfg = gen._generation_config(model, max_new, {"do_sample": False})
+    eos = gen._eos_ids(cfg)
+    device = inputs["input_ids"].device
+    fp32 = copy.deepcopy(model).float()
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    logits: dict[str, torch.Tensor] = {}
+    first = None
+    rows = torch.arange(batch, device=device)
+    try:
+        with torch.inference_mode():
+            for name, m in [("fp32", fp32), ("bf16", model)]:
+                positions = gen._prompt_positions(m, inputs)
+                prefilled = m(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
+                prompt_len = inputs["input_ids"].shape[1]
+                cache_len = -(-(prompt_len + max_new) // gen.CACHE_ALIGN) * gen.CACHE_ALIGN
+                for variant in (["eager"] if name == "fp32" else variants):
+                    dec = gen._Decoder(m, batch, cache_len, max_new, cfg, eos, device, *VARIANTS[variant])
+                    Lengths.current = lengths
+                    dec.load(prefilled.cache, prefilled.logits[:, -1].float(), inputs, positions, rows)
+                    if first is None:
+                        first = dec.tokens[:, 0].clone()
+                    dec.tokens[:, 0] = first
+                    choose = dec.choose
+
+                    def stash(lg: torch.Tensor, key: str = f"{name}_{variant}", choose: Any = choose) -> Any:
+                        logits[key] = lg.float().clone()
+                        return choose(lg)
+
+                    dec.choose = stash
+                    dec._step(dec.parts)
+                    dec = None
+                del prefilled
+                if name == "fp32":
+                    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+                    fp32 = None
+                    torch.cuda.empty_cache()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    ref = logits.pop("fp32_eager")
+    return {"shape": shape, "batch": batch, **{
+        key: {"rel_l2_vs_fp32": float((lg - ref).norm() / ref.norm()),
+              "argmax_equal_fp32": float((lg.argmax(-1) == ref.argmax(-1)).float().mean())}
+        for key, lg in logits.items()}}
+
+
+def decode_shape(model: Any, processor: Any, shape: str, variants: list[str], bw: float, deadline: float,
+                 micro: bool, row: dict[str, Any]) -> None:
+    lm = model.model.language_model
+    weights = genbench.weight_bytes(model)
+    inputs, lengths, max_new = decode_inputs(model, processor, shape)
+    batch = len(lengths)
+    cfg = gen._generation_config(model, max_new, {"do_sample": False})
+    eos = gen._eos_ids(cfg)
+    with torch.inference_mode():
+        positions = gen._prompt_positions(model, inputs)
+        with fast_vision(model, compile=torch.cuda.is_available()):
+            prefilled = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
+    prompt_len = inputs["input_ids"].shape[1]
+    cache_len = -(-(prompt_len + max_new) // gen.CACHE_ALIGN) * gen.CACHE_ALIGN
+    kv_bytes = 2 * lm.config.num_hidden_layers * batch * lm.config.num_key_value_heads * cache_len \
+        * (lm.config.hidden_size // lm.config.num_attention_heads) * 2
+    step_bytes = weights["read_per_step"] + kv_bytes
+    row.update({"batch": batch, "prompt_len": prompt_len, "cache_len": cache_len, "lengths": lengths,
+                "weights_read_gb": weights["read_per_step"] / 1e9, "kv_cache_gb": kv_bytes / 1e9,
+                "copy_tb_s": bw / 1e12, "roofline_ms_per_step": step_bytes / bw * 1e3,
+                "roofline_weights_only_ms": weights["lm_all"] / bw * 1e3})
+    rows = torch.arange(batch, device=inputs["input_ids"].device)
+    logits = prefilled.logits[:, -1].float()
+
+    def load(dec: Any) -> None:
+        Lengths.current = lengths
+        dec.load(prefilled.cache, logits, inputs, positions, rows)
+
+    tokens_ref = None
+    for variant in variants:
+        if time.perf_counter() > deadline:
+            row[variant] = {"skipped": "deadline"}
+            continue
+        compile_, attention = VARIANTS[variant]
+        try:
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                dec = gen._Decoder(model, batch, cache_len, max_new, cfg, eos, inputs["input_ids"].device, compile_,
+                                   attention)
+                res = {"build_and_capture_s": time.perf_counter() - t0}
+                row[variant] = res
+                res.update(decode_variant(dec, load, row, lengths))
+                if tokens_ref is None:
+                    tokens_ref = res.pop("tokens")
+                else:
+                    res["tokens_equal_first_variant"] = float((res.pop("tokens") == tokens_ref).float().mean())
+                if micro and variant == variants[0]:
+                    load(dec)
+                    row["attention_one_layer"] = attention_micro(dec, bw)
+        except Exception as exc:  # noqa: BLE001 - reported, the other variants still run
+            row[variant] = {"error": repr(exc)[:500], "trace": traceback.format_exc()[-2000:]}
+        dec = None
+        torch.cuda.empty_cache()
+        _SAVE()
+
+
+def decode_variant(dec: Any, load: Any, row: dict[str, Any], lengths: list[int]) -> dict[str, Any]:
+    batch = len(lengths)
+    times, steps = [], 0
+    for _ in range(3):
+        load(dec)
+        sync()
+        t0 = time.perf_counter()
+        steps = dec.run()
+        sync()
+        times.append(time.perf_counter() - t0)
+    tokens = dec.tokens[:, :steps + 1].cpu()
+    ms = statistics.median(times) / steps * 1e3
+    got = [r.index(Lengths.eos) + 1 if Lengths.eos in r else -1 for r in tokens.tolist()]
+    res: dict[str, Any] = {
+        "graph": dec.graph is not None, "compiled": dec.parts is not None, "compile_error": dec.compile_error,
+        "capture_error": dec.capture_error, "steps": steps, "decode_s": times, "ms_per_step": ms,
+        "tokens_s": batch * steps / statistics.median(times), "pct_roofline": 100 * row["roofline_ms_per_step"] / ms,
+        "pct_roofline_weights_only": 100 * row["roofline_weights_only_ms"] / ms, "lengths_ok": got == lengths,
+        "tokens": tokens}
+    if not torch.cuda.is_available():
+        return res
+    if dec.graph is not None:
+        load(dec)
+        res["profile_graph_4_steps"] = profile_kernels(lambda: [dec.graph.replay() for _ in range(4)], per=4)
+    load(dec)
+    res["profile_no_graph_4_steps"] = profile_kernels(lambda: [dec.step() for _ in range(4)], per=4)
+    return res
+
+
+def lm_prefill_profile(model: Any, processor: Any, k: int, batch: int) -> dict[str, Any]:
+    """Where the prefill's GPU time goes at the captioning shape: kernel profiles of the whole prefill (compiled
+    vision tower) and of the tower alone; the language model's share is their difference, by kernel class."""
+    texts, images, _ = caption_batch(processor, batch, k, seed=100 + k)
+    inputs = to_device(model, processor, texts, images)
+    visual = model.model.visual
+    pixels, grid = inputs["pixel_values"].type(visual.dtype), inputs["image_grid_thw"]
+    out: dict[str, Any] = {"k": k, "batch": batch, "prompt_len": int(inputs["input_ids"].shape[1]),
+                           "lm_prefill_tflop": lm_prefill_flops(model, inputs["attention_mask"]) / 1e12,
+                           "padding_tokens": int((inputs["attention_mask"] == 0).sum())}
+    cuda = torch.cuda.is_available()
+    with torch.inference_mode(), fast_vision(model, compile=cuda):
+        positions = gen._prompt_positions(model, inputs)
+
+        def prefill() -> Any:
+            return model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
+
+        prefill()  # compiles the tower for these sizes
+        _, out["prefill_s"] = timed(prefill)
+        _, out["vision_s"] = timed(lambda: visual(pixels, grid_thw=grid))
+        out["lm_prefill_s"] = out["prefill_s"] - out["vision_s"]
+        out["lm_prefill_tflops"] = out["lm_prefill_tflop"] / out["lm_prefill_s"]
+        if not cuda:
+            return out
+        out["profile_prefill"] = profile_kernels(prefill, top=25)
+        out["profile_vision"] = profile_kernels(lambda: visual(pixels, grid_thw=grid), top=10)
+    whole, vis = out["profile_prefill"]["by_class_ms"], out["profile_vision"]["by_class_ms"]
+    out["lm_by_class_ms"] = {c: whole.get(c, 0.0) - vis.get(c, 0.0) for c in whole}
+    return out
+
 
 
 def split_prefill(model: Any, inputs: Any, row: dict[str, Any], res: dict[str, Any], fast: bool,
@@ -410,7 +722,7 @@ def bench_caption(model: Any, processor: Any, k: int, batch: int, paths: list[st
                 ids_by_path[path] = ids
                 continue
             runs = []
-            repeats = 2 if path in ("ours", "ours_c", "hf_static") else 1  # first call: graph capture / compilation
+            repeats = 2 if path in OURS or path == "hf_static" else 1  # first call: graph capture / compilation
             for _ in range(repeats):
                 runs.append(caption_path(model, inputs, lengths, path, max_new, decoders))
             t, split, ids = runs[-1]
@@ -419,9 +731,9 @@ def bench_caption(model: Any, processor: Any, k: int, batch: int, paths: list[st
             if "prefill_s" in split:
                 row[path]["lm_prefill_tflops_incl_vision"] = row["lm_prefill_tflop"] / split["prefill_s"]
             ids_by_path[path] = ids
-            if path in ("ours", "ours_c") or (path == "hf" and batch <= 8):
+            if path in OURS or (path == "hf" and batch <= 8):
                 row[path].update(split_prefill(model, inputs, row, row[path], fast=path != "hf",
-                                               compile=path == "ours_c"))
+                                               compile=OURS.get(path, (False,))[0]))
         except Exception as exc:  # noqa: BLE001 - reported, the other paths still run
             row[path] = {"error": repr(exc)[:400], "trace": traceback.format_exc()[-1500:]}
         if torch.cuda.is_available():
@@ -499,7 +811,9 @@ def bench_grpo(model: Any, processor: Any, steps: int, generations: int, paths: 
         Lengths.schedule = [list(x) for x in schedule]
         torch.manual_seed(0)
         peft_model = get_peft_model(model.train(), lora)
-        trainer_cls = gen.rollout_trainer(GRPOTrainer, "static") if path == "ours" else GRPOTrainer
+        trainer_cls = gen.rollout_trainer(GRPOTrainer, "static") if path in ("ours", "ours_cd") else GRPOTrainer
+        if path == "ours_cd":  # the compiled decode step (sdpa attention, as in the eager step) in the rollouts
+            trainer_cls = type("CompiledDecode" + trainer_cls.__name__, (trainer_cls,), {"decode_compile": True})
         genbench.peak_reset()
         try:
             trainer = trainer_cls(model=peft_model, reward_funcs=reward_functions(
@@ -539,8 +853,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(genbench.SHAPES), default="7b")
     ap.add_argument("--image-px", type=int, default=CAPTION_PX, help="captioning max_pixels = this²")
-    ap.add_argument("--sections", nargs="+", default=["peak", "vision", "caption", "vision_compiled", "noise", "grpo"],
-                    help="run in this order: peak vision caption vision_compiled noise grpo")
+    ap.add_argument("--sections", nargs="+", default=["peak", "decode", "prefill_profile", "caption", "vision",
+                                                      "vision_compiled", "noise", "grpo"],
+                    help="run in this order: peak decode decode_noise prefill_profile caption vision vision_compiled "
+                    "noise grpo")
+    ap.add_argument("--decode-shapes", nargs="+", default=["gen:32", "cap4:32"],
+                    help="decode section: gen:B (bench/generation.py's 448-px prompt, 128 tokens) or capK:B")
+    ap.add_argument("--decode-variants", nargs="+", default=["eager", "compiled", "compiled_matmul"],
+                    choices=["eager", "compiled", "compiled_matmul", "eager_matmul"])
+    ap.add_argument("--prefill-profile", default="4:8", help="k:batch of the prefill profile")
     ap.add_argument("--ks", type=int, nargs="+", default=[4, 2, 1])
     ap.add_argument("--plan", nargs="*", default=[],
                     help="captioning runs as k:batch:path,path,... (replaces --ks x --batches x --paths)")
@@ -662,8 +983,42 @@ def main(argv: list[str] | None = None) -> int:
         save()
         log("grpo " + json.dumps({k: v for k, v in res["grpo"].items() if k not in ("lengths",)}, default=str))
 
+    def section_decode() -> None:
+        bw = res.get("peak", {}).get("copy_tb_s", 0.1) * 1e12
+        res["decode"] = []
+        try:
+            res["decode"] = bench_decode(model, processor, args.decode_shapes, args.decode_variants, bw, deadline,
+                                         micro=cuda)
+        except Exception as exc:  # noqa: BLE001
+            res["decode"].append({"error": repr(exc)[:500], "trace": traceback.format_exc()[-2000:]})
+        save()
+        for row in res["decode"]:
+            log("decode " + json.dumps({"shape": row.get("shape"), "roofline_ms": row.get("roofline_ms_per_step")}
+                                       | {v: {k: row[v].get(k) for k in ("ms_per_step", "pct_roofline", "compiled",
+                                                                        "tokens_equal_first_variant", "error")}
+                                          for v in args.decode_variants if isinstance(row.get(v), dict)}))
+
+    def section_decode_noise() -> None:
+        try:
+            res["decode_noise"] = decode_noise(model, processor, args.decode_shapes[0], args.decode_variants)
+        except Exception as exc:  # noqa: BLE001
+            res["decode_noise"] = {"error": repr(exc)[:500], "trace": traceback.format_exc()[-2000:]}
+        save()
+        log("decode noise " + json.dumps(res["decode_noise"], default=str)[:1500])
+
+    def section_prefill_profile() -> None:
+        k, batch = (int(x) for x in args.prefill_profile.split(":"))
+        try:
+            res["prefill_profile"] = lm_prefill_profile(model, processor, k, batch)
+        except Exception as exc:  # noqa: BLE001
+            res["prefill_profile"] = {"error": repr(exc)[:500], "trace": traceback.format_exc()[-2000:]}
+        save()
+        log("prefill profile " + json.dumps({k: v for k, v in res["prefill_profile"].items()
+                                              if not k.startswith("profile")}, default=str)[:1500])
+
     sections = {"vision": section_vision, "caption": section_caption, "vision_compiled": section_vision_compiled,
-                "noise": section_noise, "grpo": section_grpo}
+                "noise": section_noise, "grpo": section_grpo, "decode": section_decode,
+                "prefill_profile": section_prefill_profile, "decode_noise": section_decode_noise}
     for name in args.sections:
         if name == "peak":
             continue

@@ -2,16 +2,22 @@
 
 `hf`: `model.generate` on left-padded batches; the reference, and what RePIC's original code does.
 
-`static`: the prefill is the model's own forward (vision tower, 3-D mrope positions from its `get_rope_index`),
-each prompt prefilled once however many samples it gets; decoding then runs a hand-written step over a
+`static`: the prefill is the model's own forward (vision tower, 3-D mrope positions from its `get_rope_index`), each
+prompt prefilled once however many samples it gets (with `prefill_rows`, on by default on CUDA, a padded batch one
+prompt at a time without its padding, so attention needs no mask); decoding then runs a hand-written step over a
 preallocated KV cache (`_Decoder`). Every tensor that step touches lives at a fixed address and the step holds no
-host synchronisation (stop flags, the next position and the output column all advance on the device), so on
-CUDA one decode step of the whole language model, logits processors and sampling included, is captured once as
-a CUDA graph and replayed per token; the host looks at the stop flags every `SYNC_EVERY` steps. On CPU the same
-step runs eagerly. It calls the model's own modules (norms, projections, MLPs, rotary embedding), so PEFT LoRA
-layers apply as in `generate`; attention over the cache is scaled-dot-product attention with the query heads of
-one key/value head stacked, as transformers' sdpa path decodes. Greedy output equals `generate`'s token for
-token in fp32 (tests/test_generation.py); `bench/generation.py` measures agreement in bf16 on a GPU.
+host synchronisation (stop flags, the next position and the output column all advance on the device), so on CUDA one
+decode step of the whole language model, logits processors and sampling included, is captured once as a CUDA graph
+and replayed per token; the host looks at the stop flags every `SYNC_EVERY` steps. On CPU the same step runs
+eagerly. The step calls the model's own modules (norms, projections, MLPs, rotary embedding), so PEFT LoRA layers
+apply as in `generate`; attention over the cache is scaled-dot-product attention with the query heads of one
+key/value head stacked, as transformers' sdpa path decodes. With `decode_compile` the parts of each layer around the
+attention (norm, q/k/v projections, rotary; output projection, residuals, norm, MLP) run instead as two
+`torch.compile` functions of plain tensors (one graph for all layers), compiled before the CUDA graph is captured,
+so the graph replays inductor's fused kernels; `decode_attention="matmul"` attends with transformers' eager formula
+(two batched matrix products around a masked fp32 softmax) instead of sdpa. Defaults: `_decode_options`. Greedy
+output equals `generate`'s token for token in fp32 (tests/test_generation.py); `bench/generation.py` measures
+agreement in bf16 on a GPU.
 
 `rollout_trainer(GRPOTrainer)` routes TRL's default rollouts (no vLLM, no continuous batching, no tools)
 through the static backend: the G samples of a prompt share one prefill. Both the static prefill and the
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import time
+import types
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -33,6 +40,7 @@ from repic.io import RepicError
 
 BACKENDS = ("hf", "static")
 SYNC_EVERY = 16  # decode steps between two host checks of "every row has stopped"
+DECODE_ATTENTION = ("sdpa", "matmul")
 CACHE_ALIGN = 64  # KV cache length rounded up to this: fewer distinct graphs, aligned attention masks
 
 # Generation options the static backend implements; any other option set away from its default is refused
@@ -99,13 +107,17 @@ def check_backend(backend: str) -> str:
 @torch.inference_mode()
 def generate_ids(model: Any, inputs: Mapping[str, torch.Tensor], *, backend: str, max_new_tokens: int,
                  repeats: int = 1, stats: dict[str, float] | None = None, _decoders: dict | None = None,
-                 **generation_kwargs: Any) -> list[list[int]]:
+                 decode_compile: bool | None = None, decode_attention: str | None = None,
+                 prefill_rows: bool | None = None, **generation_kwargs: Any) -> list[list[int]]:
     """New token ids for each prompt row of `inputs` (a left-padded processor batch on the model's device).
 
     Row `i * repeats + j` of the result is sample `j` of prompt `i`; each row ends at its first EOS (kept).
     `generation_kwargs`: `generate`'s own (`do_sample`, `temperature`, `top_k`, `eos_token_id`, `pad_token_id`,
     `repetition_penalty`, `suppress_tokens`, ...). `stats`, when given, receives timings of the static path
-    (`prefill_s`, `decode_s`, `decode_steps`, `capture_s`, `graph`: whether the step ran as a CUDA graph).
+    (`prefill_s`, `decode_s`, `decode_steps`, `capture_s`, `graph`: whether the step ran as a CUDA graph,
+    `compiled`: whether it ran inductor's kernels). `decode_compile`, `decode_attention`: the static decode step's
+    options (module docstring); None takes `_decode_options`' defaults. `prefill_rows`: prefill a padded batch one
+    prompt at a time, unpadded (`_prefill`); None: on CUDA (as measured for captioning), off elsewhere.
     """
     check_backend(backend)
     cfg = _generation_config(model, max_new_tokens, generation_kwargs)
@@ -118,8 +130,11 @@ def generate_ids(model: Any, inputs: Mapping[str, torch.Tensor], *, backend: str
         rows = out[:, inputs["input_ids"].shape[1]:].tolist()
     else:
         _check_static_supported(cfg)
+        device = inputs["input_ids"].device
+        options = _decode_options(device, decode_compile, decode_attention)
+        by_rows = device.type == "cuda" if prefill_rows is None else prefill_rows
         rows = _static_generate(model, inputs, cfg, eos, repeats, stats,
-                                _decoders if _decoders is not None else {}).tolist()
+                                _decoders if _decoders is not None else {}, options, by_rows).tolist()
     return [_cut_at_eos(r, eos) for r in rows]
 
 
@@ -168,6 +183,8 @@ def rollout_trainer(trainer_cls: type, backend: str = "static") -> type:
 
     class StaticRolloutGRPOTrainer(trainer_cls):
         rollout_backend = backend
+        # the eager decode step, as the GRPO step was measured (BENCHMARKS.md, issue 12)
+        decode_compile = False
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -202,6 +219,7 @@ def rollout_trainer(trainer_cls: type, backend: str = "static") -> type:
                     repetition_penalty=self.repetition_penalty, eos_token_id=list(self.eos_token_ids),
                     pad_token_id=self._tokenizer.pad_token_id,
                     suppress_tokens=[config.image_token_id] if self._is_vlm else None,
+                    decode_compile=self.decode_compile, prefill_rows=False,
                 )
             return completion_ids, None
 
@@ -256,13 +274,27 @@ def _core(model: Any) -> Any:
     return model
 
 
+def _decode_options(device: torch.device, compile: bool | None, attention: str | None) -> tuple[bool, str]:
+    """(compile, attention) of the static decode step. Defaults, as measured on an H200 (BENCHMARKS.md, issue 12):
+    compiled on CUDA (8.0 -> 5.9 ms a step at B = 32, 1-image prompts; 11.1 -> 8.6 ms at RePIC's 4-reference
+    captioning shape), eager elsewhere (a CPU build may lack a compiler, and CPU decoding is tests and rehearsals);
+    attention "matmul" when compiled (faster than sdpa's masked kernel at every measured shape, most at B = 1),
+    "sdpa" when eager (equal to `generate` bit for bit on CPU)."""
+    compile = device.type == "cuda" if compile is None else bool(compile)
+    attention = attention or ("matmul" if compile else "sdpa")
+    if attention not in DECODE_ATTENTION:
+        raise RepicError(f"decode_attention: expected one of {'|'.join(DECODE_ATTENTION)}, got {attention!r}")
+    return compile, attention
+
+
 def _static_generate(model: Any, inputs: Mapping[str, torch.Tensor], cfg: Any, eos: list[int], repeats: int,
-                     stats: dict[str, float] | None, decoders: dict) -> torch.Tensor:
+                     stats: dict[str, float] | None, decoders: dict, options: tuple[bool, str] = (False, "sdpa"),
+                     prefill_rows: bool = False) -> torch.Tensor:
     core = _core(model)
     modes = {m: m.training for m in core.modules()}
     core.eval()
     try:
-        return _static_generate_eval(core, inputs, cfg, eos, repeats, stats, decoders)
+        return _static_generate_eval(core, inputs, cfg, eos, repeats, stats, decoders, options, prefill_rows)
     finally:
         for m, training in modes.items():
             m.training = training
@@ -284,8 +316,41 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _prefill(core: Any, inputs: Mapping[str, torch.Tensor], positions: torch.Tensor, by_rows: bool
+             ) -> tuple[Any, torch.Tensor]:
+    """The prompt's KV cache (`.layers[i].keys/.values`, [B, kv heads, width, d], left padded) and last logits.
+
+    `by_rows` and a padded batch: one forward per prompt without its padding, so the language model's attention
+    is causal with no mask (flash); in a padded batch sdpa gets a padding mask and a slower masked kernel
+    (BENCHMARKS.md: 16 % more captions/s at 4 references, B = 32, on an H200; 1.5 % fewer at 1 reference). The
+    pad slots stay zero; the decode mask never attends them."""
+    mask = inputs["attention_mask"]
+    if not by_rows or len(mask) == 1 or bool(mask.all()):
+        out = core(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
+        return out.cache, out.logits[:, -1]
+    n, width = mask.shape
+    keys: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+    logits = []
+    for b in range(n):
+        row = select_rows(inputs, [b], core.config)  # without its all-padding columns
+        start = width - row["input_ids"].shape[1]
+        out = core(**row, position_ids=positions[:, b:b + 1, start:], use_cache=True, logits_to_keep=1)
+        for i, layer in enumerate(out.cache.layers):
+            if b == 0:
+                keys.append(layer.keys.new_zeros(n, layer.keys.shape[1], width, layer.keys.shape[3]))
+                values.append(layer.values.new_zeros(n, layer.values.shape[1], width, layer.values.shape[3]))
+            keys[i][b, :, start:] = layer.keys[0]
+            values[i][b, :, start:] = layer.values[0]
+        logits.append(out.logits[0, -1])
+        del out
+    cache = types.SimpleNamespace(layers=[types.SimpleNamespace(keys=k, values=v) for k, v in zip(keys, values)])
+    return cache, torch.stack(logits)
+
+
 def _static_generate_eval(core: Any, inputs: Mapping[str, torch.Tensor], cfg: Any, eos: list[int], repeats: int,
-                          stats: dict[str, float] | None, decoders: dict) -> torch.Tensor:
+                          stats: dict[str, float] | None, decoders: dict, options: tuple[bool, str],
+                          prefill_rows: bool = False) -> torch.Tensor:
     device = inputs["input_ids"].device
     max_new = int(cfg.max_new_tokens)
     _sync(device)
@@ -299,27 +364,28 @@ def _static_generate_eval(core: Any, inputs: Mapping[str, torch.Tensor], cfg: An
     # eager). A tower set up by the GRPO trainer keeps its own setting (eager: a few images per step).
     compile_vision = None if fast_vision_enabled(core) else device.type == "cuda"
     with fast_vision(core, compile=compile_vision):
-        out = core(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
+        cache, logits = _prefill(core, inputs, positions, prefill_rows)
     _sync(device)
     n_prompts, prompt_len = inputs["input_ids"].shape
     batch = n_prompts * repeats
     rows = torch.arange(n_prompts, device=device).repeat_interleave(repeats)
     cache_len = -(-(prompt_len + max_new) // CACHE_ALIGN) * CACHE_ALIGN
     key = (batch, cache_len, cfg.do_sample, float(cfg.temperature or 1.0), int(cfg.top_k or 0),
-           float(cfg.repetition_penalty or 1.0), tuple(eos), tuple(cfg.suppress_tokens or ()), max_new)
+           float(cfg.repetition_penalty or 1.0), tuple(eos), tuple(cfg.suppress_tokens or ()), max_new, options)
     t1 = time.perf_counter()
     decoder = decoders.get(key)
     if decoder is None:
-        decoder = decoders[key] = _Decoder(core, batch, cache_len, max_new, cfg, eos, device)
+        decoder = decoders[key] = _Decoder(core, batch, cache_len, max_new, cfg, eos, device, *options)
     t2 = time.perf_counter()
-    decoder.load(out.cache, out.logits[:, -1].float(), inputs, positions, rows)
-    del out
+    decoder.load(cache, logits.float(), inputs, positions, rows)
+    del cache, logits
     steps = decoder.run()
     _sync(device)
     t3 = time.perf_counter()
     if stats is not None:
         stats.update(prefill_s=t1 - t0, capture_s=t2 - t1, decode_s=t3 - t2, decode_steps=steps,
-                     graph=decoder.graph is not None, capture_error=decoder.capture_error)
+                     graph=decoder.graph is not None, capture_error=decoder.capture_error,
+                     compiled=decoder.parts is not None, compile_error=decoder.compile_error)
     return decoder.tokens[:, :steps + 1].cpu()
 
 
@@ -332,7 +398,7 @@ class _Decoder:
     """
 
     def __init__(self, core: Any, batch: int, cache_len: int, max_new: int, cfg: Any, eos: list[int],
-                 device: torch.device) -> None:
+                 device: torch.device, compile: bool = False, attention: str = "sdpa") -> None:
         lm = core.model.language_model
         text_cfg = lm.config
         if "sliding_attention" in (getattr(text_cfg, "layer_types", None) or []):
@@ -379,6 +445,17 @@ class _Decoder:
                         (torch.empty(m.lora_A[a].weight.shape, dtype=dtype, **kw),
                          torch.empty(m.lora_B[a].weight.shape, dtype=dtype, **kw), (m, a)) for a in adapters])
         self.refresh_adapters()
+        self.attend = _attend_sdpa if attention == "sdpa" else _attend_matmul
+        self.parts: dict[str, Any] | None = None  # the compiled layer functions, when the step uses them
+        self.compile_error: str | None = None
+        if compile:
+            self.params, why = self._layer_params()
+            if why is None:
+                self.parts = _compiled_parts(attention)
+                self.attend = self.parts["attend"]
+            else:
+                self.compile_error = why
+                warnings.warn(f"generation: decode step not compiled ({why})", stacklevel=3)
         self.graph = None
         self.capture_error: str | None = None
         if device.type == "cuda":
@@ -398,6 +475,35 @@ class _Decoder:
             y = torch.addmm(y.reshape(-1, y.shape[-1]), F.linear(x, a).reshape(-1, a.shape[0]), b_scaled.t()
                             ).view(y.shape)
         return y
+
+    def _layer_params(self) -> tuple[list[tuple[tuple, tuple]], str | None]:
+        """Per layer, the tensors of the compiled functions' arguments (a PEFT LoRA projection: its base weight
+        and our low-rank copies); or the reason the layers do not fit them."""
+        def proj(m: Any) -> tuple:
+            entry = self.low_rank.get(id(m))
+            if entry is not None:
+                base, adapters = entry
+                return base.weight, base.bias, tuple((a, b) for a, b, _ in adapters)
+            if type(m) is not torch.nn.Linear:
+                raise TypeError(f"{type(m).__name__} is not a plain Linear or LoRA layer")
+            return m.weight, m.bias, ()
+
+        params = []
+        try:
+            for layer in self.lm.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                norms = (layer.input_layernorm, layer.post_attention_layernorm)
+                if not all(type(n).__name__.endswith("RMSNorm") and hasattr(n, "variance_epsilon") for n in norms):
+                    raise TypeError(f"{type(norms[0]).__name__} is not an RMSNorm")
+                if not (type(mlp.act_fn).__name__ == "SiLUActivation" or isinstance(mlp.act_fn, torch.nn.SiLU)):
+                    raise TypeError(f"activation {type(mlp.act_fn).__name__} is not SiLU")
+                params.append(((norms[0].weight, norms[0].variance_epsilon, proj(attn.q_proj), proj(attn.k_proj),
+                                proj(attn.v_proj), attn.head_dim),
+                               (proj(attn.o_proj), norms[1].weight, norms[1].variance_epsilon, proj(mlp.gate_proj),
+                                proj(mlp.up_proj), proj(mlp.down_proj))))
+        except TypeError as exc:
+            return [], str(exc)
+        return params, None
 
     def refresh_adapters(self) -> None:
         for _, adapters in self.low_rank.values():
@@ -431,6 +537,19 @@ class _Decoder:
 
     def step(self) -> None:
         """One decode step; device-side state only, so it can be captured and replayed."""
+        if self.parts is not None:
+            try:
+                return self._step(self.parts)
+            except Exception as exc:  # noqa: BLE001 - no compiler here (no Triton / C++ toolchain): stay eager, say so
+                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                    raise
+                # the failed try wrote at most the same keys/values at the same slot: rerunning eagerly is exact
+                self.parts, self.compile_error = None, repr(exc)
+                self.attend = _attend_sdpa if self.attend is _attend_sdpa else _attend_matmul
+                warnings.warn(f"generation: compiled decode step failed, decoding eagerly ({exc!r})", stacklevel=2)
+        self._step(None)
+
+    def _step(self, parts: dict[str, Any] | None) -> None:
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 
         lm, b = self.lm, self.batch
@@ -440,17 +559,23 @@ class _Decoder:
         mask = (self.prompt_mask | (self.is_new & (self.arange <= self.slot)))[:, None, None, :]
         for i, layer in enumerate(lm.layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            q = self.linear(attn.q_proj, x).view(b, 1, -1, attn.head_dim).transpose(1, 2)
-            k = self.linear(attn.k_proj, x).view(b, 1, -1, attn.head_dim).transpose(1, 2)
-            v = self.linear(attn.v_proj, x).view(b, 1, -1, attn.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            if parts is not None:
+                q, k, v = parts["pre"](hidden, cos, sin, *self.params[i][0])
+            else:
+                x = layer.input_layernorm(hidden)
+                q = self.linear(attn.q_proj, x).view(b, 1, -1, attn.head_dim).transpose(1, 2)
+                k = self.linear(attn.k_proj, x).view(b, 1, -1, attn.head_dim).transpose(1, 2)
+                v = self.linear(attn.v_proj, x).view(b, 1, -1, attn.head_dim).transpose(1, 2)
+                q, k = apply_rotary_pos_emb(q, k, cos, sin)
             self.keys[i].index_copy_(2, self.slot, k)
             self.values[i].index_copy_(2, self.slot, v)
             # the n_rep query heads of one key/value head as n_rep query rows: no repeated keys/values
             q = q.reshape(b, -1, self.n_rep, attn.head_dim)
-            o = F.scaled_dot_product_attention(q, self.keys[i], self.values[i], attn_mask=mask, scale=attn.scaling)
+            o = self.attend(q, self.keys[i], self.values[i], mask, attn.scaling)
             o = o.reshape(b, -1, 1, attn.head_dim).transpose(1, 2).reshape(b, 1, -1)
+            if parts is not None:
+                hidden = parts["post"](hidden, o, *self.params[i][1])
+                continue
             hidden = hidden + self.linear(attn.o_proj, o)
             mlp, x = layer.mlp, layer.post_attention_layernorm(hidden)
             x = mlp.act_fn(self.linear(mlp.gate_proj, x)) * self.linear(mlp.up_proj, x)
@@ -512,6 +637,77 @@ class _Decoder:
             if steps % SYNC_EVERY == 0 and bool(self.done.all()):
                 break
         return steps
+
+
+# The decode step's layer parts as functions of plain tensors: one compiled graph serves every layer (a module
+# argument would compile once per layer). `p` of a projection: (weight, bias or None, ((A, B·scaling), ...)).
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen2_5_VLRMSNorm.forward, as a function of tensors."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _proj(x: torch.Tensor, p: tuple) -> torch.Tensor:
+    weight, bias, low_rank = p
+    y = F.linear(x, weight, bias)
+    for a, b in low_rank:
+        y = y + F.linear(F.linear(x, a), b)
+    return y
+
+
+def _pre_fn(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm_w: torch.Tensor, eps: float,
+            q_p: tuple, k_p: tuple, v_p: tuple, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input norm, q/k/v projections and rotary (transformers' `apply_rotary_pos_emb`) of one decode position:
+    [B, 1, hidden] -> 3 × [B, heads, 1, d]."""
+    b = hidden.shape[0]
+    x = _rms(hidden, norm_w, eps)
+    q, k, v = (_proj(x, p).view(b, 1, -1, head_dim).transpose(1, 2) for p in (q_p, k_p, v_p))
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = head_dim // 2
+
+    def rotate_half(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat((-t[..., half:], t[..., :half]), dim=-1)
+
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+
+def _post_fn(hidden: torch.Tensor, o: torch.Tensor, o_p: tuple, norm_w: torch.Tensor, eps: float, gate_p: tuple,
+             up_p: tuple, down_p: tuple) -> torch.Tensor:
+    """Output projection, residual, norm, SiLU MLP, residual."""
+    hidden = hidden + _proj(o, o_p)
+    x = _rms(hidden, norm_w, eps)
+    return hidden + _proj(F.silu(_proj(x, gate_p)) * _proj(x, up_p), down_p)
+
+
+def _attend_sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+                 ) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+
+
+def _attend_matmul(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+                   ) -> torch.Tensor:
+    """transformers' eager attention (scores in the model's dtype, softmax in fp32), masked by a bool mask."""
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(q.dtype), values)
+
+
+_COMPILED: dict[str, dict[str, Any]] = {}
+
+
+def _compiled_parts(attention: str) -> dict[str, Any]:
+    """The compiled layer functions (made once per process; inductor recompiles per batch size only)."""
+    if attention not in _COMPILED:
+        other = next(iter(_COMPILED.values()), None)  # the layer functions do not depend on the attention
+        pre = other["pre"] if other else torch.compile(_pre_fn, fullgraph=True)
+        post = other["post"] if other else torch.compile(_post_fn, fullgraph=True)
+        # sdpa is one kernel already; the matmul form's scale, mask, softmax and cast fuse into one
+        attend = _attend_sdpa if attention == "sdpa" else torch.compile(_attend_matmul, fullgraph=True)
+        _COMPILED[attention] = {"pre": pre, "post": post, "attend": attend}
+    return _COMPILED[attention]
 
 
 def _lora_adapters(module: Any) -> list[str] | None:

@@ -85,6 +85,111 @@ def test_static_greedy_equals_hf_generate_with_a_lora_adapter(tiny_model_dir):
     assert base != hf  # the adapter changes the captions, so the comparison covers its path
 
 
+def _lora_model(tiny_model_dir):
+    from peft import get_peft_model
+
+    from repic.train import lora_config
+
+    torch.manual_seed(0)  # PEFT draws A from the global generator: the same adapter whatever ran before
+    model = get_peft_model(_chaotic(load_model(tiny_model_dir, device="cpu", dtype="float32")),
+                           lora_config({"r": 4, "lora_alpha": 8}))
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # PEFT initialises B to zero: make the adapter change the output
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "matmul"])
+def test_functional_decode_step_equals_hf_generate(tiny_model_dir, monkeypatch, attention):
+    """The compiled step's functions (run uncompiled here: `torch.compile` is the identity) and the matmul attention
+    give `generate`'s tokens, LoRA adapter included; stats say the step used them. (The matmul attention sums in
+    another order than sdpa: equal within 1e-6 below, and on these fixed weights no greedy choice is that close.)"""
+    from repic import generation
+
+    q, k, v = torch.randn(3, 2, 4, 16), torch.randn(3, 2, 40, 16), torch.randn(3, 2, 40, 16)
+    mask = torch.rand(3, 1, 1, 40) > 0.3
+    assert torch.allclose(generation._attend_matmul(q, k, v, mask, 0.25), generation._attend_sdpa(q, k, v, mask, 0.25),
+                          atol=1e-6)
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    monkeypatch.setattr(generation, "_COMPILED", {})
+    processor = load_processor(tiny_model_dir)
+    model = _lora_model(tiny_model_dir)
+    texts, images = _prompts(processor, 4)
+    inputs = _batch(processor, texts, images)
+    kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id,
+              repetition_penalty=1.2)
+    hf = generate_ids(model, inputs, backend="hf", **kw)
+    stats: dict = {}
+    assert generate_ids(model, inputs, backend="static", stats=stats, decode_compile=True,
+                        decode_attention=attention, **kw) == hf
+    assert stats["compiled"] and stats["compile_error"] is None
+    assert generate_ids(model, inputs, backend="static", decode_compile=False, decode_attention=attention, **kw) == hf
+
+
+def test_prefill_by_rows_equals_the_padded_batch(tiny):
+    """A padded batch prefilled one unpadded prompt at a time: the same cache where the rows hold tokens, the same
+    last logits (within fp32 rounding: unmasked vs masked attention) and `generate`'s tokens."""
+    from repic.generation import _prefill, _prompt_positions
+
+    model, processor = tiny
+    texts, images = _prompts(processor, 4)
+    inputs = _batch(processor, texts, images)
+    mask = inputs["attention_mask"].bool()
+    assert not mask.all()  # the batch is padded, so the per-row path runs
+    with torch.inference_mode():
+        positions = _prompt_positions(model, inputs)
+        batched, logits = _prefill(model, inputs, positions, by_rows=False)
+        rows, row_logits = _prefill(model, inputs, positions, by_rows=True)
+    assert torch.allclose(row_logits, logits, atol=1e-4, rtol=1e-4)
+    for a, b in zip(batched.layers, rows.layers):
+        keep = mask[:, None, :, None].expand_as(a.keys)
+        assert torch.allclose(b.keys[keep], a.keys[keep], atol=1e-5) and not b.keys[~keep].any()
+        assert torch.allclose(b.values[keep], a.values[keep], atol=1e-5)
+    kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    assert generate_ids(model, inputs, backend="static", prefill_rows=True, **kw) == \
+        generate_ids(model, inputs, backend="hf", **kw)
+
+
+def test_compile_failure_decodes_eagerly_with_a_warning(tiny, monkeypatch):
+    from repic import generation
+
+    def broken(fn, **kw):
+        def run(*args, **kwargs):
+            raise RuntimeError("no compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(generation, "_COMPILED", {})
+    model, processor = tiny
+    texts, images = _prompts(processor, 3)
+    inputs = _batch(processor, texts, images)
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    stats: dict = {}
+    with pytest.warns(UserWarning, match="decoding eagerly"):
+        static = generate_ids(model, inputs, backend="static", stats=stats, decode_compile=True, **kw)
+    assert static == generate_ids(model, inputs, backend="hf", **kw)
+    assert not stats["compiled"] and "no compiler" in stats["compile_error"]
+    with pytest.raises(RepicError, match="decode_attention: expected one of sdpa|matmul"):
+        generate_ids(model, inputs, backend="static", decode_attention="flash", **kw)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_equals_hf_generate(tiny_model_dir):
+    """Inductor-compiled layer functions (CPU C++ backend here; Triton on CUDA) give `generate`'s tokens."""
+    processor = load_processor(tiny_model_dir)
+    model = _lora_model(tiny_model_dir)
+    texts, images = _prompts(processor, 3)
+    inputs = _batch(processor, texts, images)
+    kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    stats: dict = {}
+    static = generate_ids(model, inputs, backend="static", stats=stats, decode_compile=True, **kw)
+    assert stats["compiled"], stats["compile_error"]
+    assert static == generate_ids(model, inputs, backend="hf", **kw)
+
+
 def test_static_runs_past_eos_rows_and_without_eos(tiny):
     """Rows that stop early keep stopped while others go on; with no EOS every row runs max_new_tokens."""
     model, processor = tiny
