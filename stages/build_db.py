@@ -12,11 +12,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from repic.captioning import eval_datasets
-from repic.cli import params_of, parser, run
-from repic.io import atomic_dir, write_json
-from repic.models import pick_device
-from repic.retrieval import build_index, database_entries, make_embedder, missing_database_images, save_index
+from repic.core.cli import params_of, parser, run
+from repic.core.io import atomic_dir, write_json
+from repic.core.layout import DB_MANIFEST, eval_datasets
+from repic.data.retrieval import build_index, database_entries, make_embedder, missing_database_images, save_index
+from repic.vlm.models import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "missing_images": missing}
             save_index(tmp / name if name else tmp, index, id_map, meta)
         if not args.database:
-            write_json(tmp / "manifest.json",
+            write_json(tmp / DB_MANIFEST,
                        {"built": [name for _, name in jobs if name not in skipped], "skipped": skipped})
 
 

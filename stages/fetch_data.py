@@ -8,9 +8,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from repic.cli import params_of, parser, run
-from repic.fetch import fetch_real, fetch_synthetic
-from repic.sources import rerecord_from_env
+from repic.core.cli import params_of, parser, run
+from repic.data.fetch import fetch_real, fetch_synthetic
+from repic.data.sources import rerecord_from_env
 
 
 def main(argv: Sequence[str] | None = None) -> None:

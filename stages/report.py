@@ -10,9 +10,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from repic.cli import params_of, parser, run
-from repic.report import build_report
-from repic.scoring import layout_of
+from repic.core.cli import params_of, parser, run
+from repic.core.layout import layout_of
+from repic.eval.report import build_report
 
 
 def main(argv: Sequence[str] | None = None) -> None:

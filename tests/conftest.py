@@ -20,7 +20,7 @@ TINY_MODEL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hid
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from repic.models import build_tiny_model
+    from repic.synthetic.tiny_model import build_tiny_model
 
     out = tmp_path_factory.mktemp("tiny") / "model"
     texts = ["This is the query image. Name: <zorp>, Info: a red toy. yes no caption"] * 20

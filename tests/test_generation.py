@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from repic.generation import generate, generate_ids, rollout_trainer, select_rows
-from repic.io import RepicError
-from repic.models import load_model, load_processor
-from repic.prompts import caption_messages
+from repic.core.io import RepicError
+from repic.core.prompts import caption_messages
+from repic.vlm.generation import generate, generate_ids, rollout_trainer, select_rows
+from repic.vlm.models import load_model, load_processor
 
 
 def _prompts(processor, n: int):
@@ -62,7 +62,7 @@ def test_static_greedy_equals_hf_generate_with_a_lora_adapter(tiny_model_dir):
     """Captions of the trained model: PEFT LoRA layers (two adapters, one active) in the static decode step."""
     from peft import get_peft_model
 
-    from repic.train import lora_config
+    from repic.train.grpo import lora_config
 
     processor = load_processor(tiny_model_dir)
     model = get_peft_model(_chaotic(load_model(tiny_model_dir, device="cpu", dtype="float32")),
@@ -156,7 +156,7 @@ def test_grpo_rollouts_through_static_backend(tiny_model_dir, tmp_path):
     from peft import get_peft_model
     from trl import GRPOTrainer
 
-    from repic.train import grpo_config, lora_config
+    from repic.train.grpo import grpo_config, lora_config
 
     processor = load_processor(tiny_model_dir)
     model = get_peft_model(load_model(tiny_model_dir, device="cpu").train(), lora_config({"r": 4, "lora_alpha": 8}))

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from repic.io import RepicError
-from repic.params import check_fields, deep_merge, load_params
+from repic.core.io import RepicError
+from repic.core.params import check_fields, deep_merge, load_params
 
 from .conftest import REPO
 
@@ -70,7 +70,7 @@ def test_dataset_entries_are_checked(tmp_path):
 
 
 def test_duplicate_dataset_names_are_refused():
-    from repic.captioning import eval_datasets
+    from repic.core.layout import eval_datasets
 
     one = {"name": "myvlm", "database": "d.json", "queries": {"single": "q.json"}}
     with pytest.raises(RepicError, match="dataset name 'myvlm' appears more than once"):
@@ -87,9 +87,9 @@ def test_an_overlay_replaces_the_dataset_list():
 
 
 def test_check_catches_what_the_training_stage_would(tmp_path, capsys):
-    """`python -m repic.params check` validates GRPOConfig/LoraConfig field names and value types (YAML reads
+    """`python -m repic.core.params check` validates GRPOConfig/LoraConfig field names and value types (YAML reads
     `1e-4` as a string) and the dataclasses' own checks, as the stage does before touching any output."""
-    from repic.params import main
+    from repic.core.params import main
 
     base = yaml.safe_load((REPO / "params.yaml").read_text())
     assert main(["check", "--params", str(_write(tmp_path, base))]) == 0
@@ -117,7 +117,7 @@ def test_keys_dvc_run_cache_ignores_are_refused(tmp_path):
     """A key named `size`/`nfiles` anywhere (e.g. in a library's kwargs) would be left out of DVC's run-cache key."""
     from dvc_data.hashfile.meta import Meta
 
-    from repic.params import RUN_CACHE_BLIND_KEYS
+    from repic.core.params import RUN_CACHE_BLIND_KEYS
 
     assert set(RUN_CACHE_BLIND_KEYS) == {Meta.PARAM_SIZE, Meta.PARAM_NFILES}
     params = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from repic.io import RepicError
-from repic.params import deep_merge, validate
+from repic.core.io import RepicError
+from repic.core.params import deep_merge, validate
 from repic.rehearsal.__main__ import ALLOWED, OVERLAY, allowed, check_overlay, leaves
 
 from .conftest import REPO, SHARED
@@ -92,7 +92,7 @@ def test_paper_rehearsal_runs_every_stage(tmp_path: Path) -> None:
     lora = next((repo / "data/repic/released/repic_lora").rglob("adapter_config.json")).parent
     from peft import PeftModel
 
-    from repic.models import load_model
+    from repic.vlm.models import load_model
 
     model = PeftModel.from_pretrained(load_model(repo / "data/models/Qwen2.5-VL-7B-Instruct", device="cpu"), lora)
     assert model.peft_config["default"].r == 8

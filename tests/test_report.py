@@ -10,7 +10,7 @@ import subprocess
 import pytest
 from PIL import Image
 
-from repic.report import build_report, highlight
+from repic.eval.report import build_report, highlight
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from repic import rewards
-from repic.io import RepicError
-from repic.rewards import (
+from repic.core.io import RepicError
+from repic.train import rewards
+from repic.train.rewards import (
     REWARD_REGISTRY,
     completion_text,
     iou_repic,

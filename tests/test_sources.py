@@ -1,4 +1,4 @@
-"""repic.sources against real HTTP servers on loopback: a file server with Range support and failure modes, and a
+"""repic.data.sources against real HTTP servers on loopback: a file server with Range support and failure modes, and a
 fake Hugging Face hub serving the routes snapshot_download uses at a pinned commit. Offline, a few seconds."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import pytest
 
-from repic.io import RepicError
-from repic.sources import (
+from repic.core.io import RepicError
+from repic.data.sources import (
     SOURCE_SCHEMA,
     extract_archive,
     fetch_source,

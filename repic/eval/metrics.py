@@ -26,11 +26,10 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from repic.io import RepicError, read_json
+from repic.core.io import RepicError, read_json
+from repic.core.layout import PROTOCOLS, SETTINGS
 
 PUNCT_STRIP = ".,!?;:()[]{}\"'-"
-SETTINGS = {"single": 1, "multi2": 2, "multi4": 4}  # setting -> ground-truth keys per row
-PROTOCOLS = ("repic", "strict")
 _POSSESSIVES = ("'s", "\u2019s")
 
 
@@ -164,7 +163,7 @@ def score_captions(
         raise RepicError(f"scoring setting {setting!r}: expected one of {', '.join(SETTINGS)}")
     if protocol not in PROTOCOLS:
         raise RepicError(f"scoring protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
-    n_keys = SETTINGS[setting]
+    n_keys = SETTINGS[setting].n_concepts
     for i, row in enumerate(rows):
         if len(row[1]) != n_keys:
             raise RepicError(
@@ -173,7 +172,8 @@ def score_captions(
 
     # Only 2-concept scoring is case-sensitive in the original (its script never lowercases).
     pool = sorted({k for row in rows for k in row[1]})
-    matcher = _Matcher(protocol, lowercase=setting != "multi2", display_names=_display_names(database), pool=pool)
+    matcher = _Matcher(protocol, lowercase=not SETTINGS[setting].case_sensitive,
+                       display_names=_display_names(database), pool=pool)
     # bare normalised form -> the normalised pool keys with that form ("<anya>" and "anya" share "anya"), so the
     # miss rule below looks only at what the caption mentions instead of walking the pool for every row.
     keys_of_bare: dict[str, set[str]] = {}

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from repic.io import RepicError, atomic_dir
+from repic.core.io import RepicError, atomic_dir
 
 
 @torch.inference_mode()
@@ -39,8 +39,8 @@ def merge_and_verify(base_path: str | os.PathLike, adapter: str | os.PathLike, o
     (raising RepicError after the report is complete when a check fails)."""
     from peft import PeftModel
 
-    from repic.captioning import generate_captions
-    from repic.models import load_model, load_processor
+    from repic.eval.captioning import generate_captions
+    from repic.vlm.models import load_model, load_processor
 
     processor = load_processor(base_path)
     report: dict[str, Any] = {"n_inputs": len(conversations)}

@@ -26,9 +26,9 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from repic.io import RepicError
+from repic.core.io import RepicError
+from repic.core.layout import PROTOCOLS
 
-PROTOCOLS = ("repic", "strict")
 MIN_CONTENT_LEN = 100  # ICT: shorter answers get 0, so the policy cannot win by emitting just the name
 IOU_THRESHOLD = 0.5
 # The original's box pattern: first `[x1, y1, x2, y2]` of non-negative integers anywhere in the answer.

@@ -9,8 +9,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from repic.io import RepicError, atomic_dir, write_json
-from repic.prompts import CAPTION_QUESTIONS, CAPTION_SYSTEM_PROMPT, ICT_SUFFIXES, OCT_SUFFIX, VLT_SUFFIX
+from repic.core.io import RepicError, atomic_dir, write_json
+from repic.core.prompts import CAPTION_QUESTIONS, CAPTION_SYSTEM_PROMPT, ICT_SUFFIXES, OCT_SUFFIX, VLT_SUFFIX
 
 
 def world_texts(root: Path) -> Iterator[str]:
@@ -24,10 +24,10 @@ def world_texts(root: Path) -> Iterator[str]:
 def fetch_synthetic(out_data: str | os.PathLike, out_model: str | os.PathLike, params: dict[str, Any],
                     seed: int) -> dict[str, Any]:
     """Seeded concept world + tiny Qwen2.5-VL (tokenizer trained on the world's and the warm-up's text,
-    then the supervised warm-up of repic.warmup)."""
-    from repic.models import build_tiny_model
-    from repic.warmup import warmup, warmup_examples
-    from repic.world import make_world
+    then the supervised warm-up of repic.synthetic.warmup)."""
+    from repic.synthetic.tiny_model import build_tiny_model
+    from repic.synthetic.warmup import warmup, warmup_examples
+    from repic.synthetic.world import make_world
 
     world, wcfg = params["world"], params["warmup"]
     examples = warmup_examples(seed=seed, n_concepts=world["n_concepts"], n_train_concepts=None,
@@ -50,10 +50,10 @@ def fetch_real(out_data: str | os.PathLike, out_model: str | os.PathLike, params
 
     Without a source for `model/`, the tiny Qwen2.5-VL is built as a stand-in (tokenizer trained on the
     fetched JSON text), so the data path can be exercised end to end without the 7B weights."""
-    from repic.captioning import eval_datasets
-    from repic.models import build_tiny_model
-    from repic.sources import fetch_sources
-    from repic.validate import summary, validate_datasets
+    from repic.core.layout import VALIDATION_REPORT, eval_datasets
+    from repic.data.sources import fetch_sources
+    from repic.data.validate import summary, validate_datasets
+    from repic.synthetic.tiny_model import build_tiny_model
 
     if not params["sources"]:
         raise RepicError("fetch_data.sources is empty: source 'real' fetches only declared sources (hub repos with "
@@ -73,5 +73,5 @@ def fetch_real(out_data: str | os.PathLike, out_model: str | os.PathLike, params
                     for d in eval_datasets(data_paths)]
         report = validate_datasets(data_tmp, datasets, strict=params["strict"])
         report["root"] = str(out_data)
-        write_json(data_tmp / "validation.json", report)
+        write_json(data_tmp / VALIDATION_REPORT, report)
     return {"fetched": sorted(fetched), "validation": summary(report), "ok": report["ok"]}

@@ -9,10 +9,19 @@ import re
 from pathlib import Path
 from typing import Any
 
-from repic.io import atomic_dir, read_json, resolve_image
-from repic.tables import column_groups, group_label
-
-RUNS = ("base_skip", "trained_skip", "base_retrieval", "trained_retrieval")
+from repic.core.io import atomic_dir, read_json, resolve_image
+from repic.core.layout import (
+    MODELS,
+    MODES,
+    REPORT_INDEX,
+    RETRIEVAL_REPORT,
+    SETTINGS,
+    caption_file,
+    caption_folder,
+    run_name,
+    runs,
+)
+from repic.eval.tables import column_groups, group_label
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1200px}
@@ -110,13 +119,13 @@ def plot_prf(metrics: dict[str, Any], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     flat = column_groups(metrics)
-    groups = [(g, m) for g in flat for m in ("skip", "retrieval") if m in flat[g]]
+    groups = [(g, m) for g in flat for m in MODES if m in flat[g]]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5), sharey=True)
-    width = 0.4
+    width = 0.8 / len(MODELS)
     for ax, key in zip(axes, ("precision", "recall", "f1")):
-        for j, model in enumerate(("base", "trained")):
+        for j, model in enumerate(MODELS):
             vals = [flat[g][m].get(model, {}).get(key, 0.0) for g, m in groups]
-            ax.bar([i + (j - 0.5) * width for i in range(len(groups))], vals, width, label=model)
+            ax.bar([i + (j - (len(MODELS) - 1) / 2) * width for i in range(len(groups))], vals, width, label=model)
         ax.set_xticks(range(len(groups)), [f"{group_label(g)}\n{m}" for g, m in groups], fontsize=8)
         ax.set_title(key)
         ax.set_ylim(0, 100)
@@ -131,7 +140,7 @@ def build_report(out_dir: str | os.PathLike, *, captions_dir: str | os.PathLike,
                  train_log: str | os.PathLike, layout: dict[str, list[tuple[str, dict[str, Any]]]],
                  root: str | os.PathLike, max_queries: int) -> None:
     """Write `out_dir/index.html`, `out_dir/plots/*.png` and `out_dir/img/*` (thumbnails), atomically.
-    `layout` is `{setting: [(dataset, its database)]}` (`repic.scoring.layout_of`)."""
+    `layout` is `{setting: [(dataset, its database)]}` (`repic.core.layout.layout_of`)."""
     metrics = read_json(metrics_path)
     with atomic_dir(out_dir) as tmp:
         (tmp / "plots").mkdir()
@@ -150,24 +159,25 @@ def build_report(out_dir: str | os.PathLike, *, captions_dir: str | os.PathLike,
                 '<img src="plots/prf.png" alt="P/R/F1 per setting">', "<h2>Training</h2>",
                 '<img src="plots/rewards.png" alt="GRPO reward curves">']
         for setting, dataset, database in ((s, d, db) for s, datasets in layout.items() for d, db in datasets):
-            folder = Path(captions_dir) / setting / dataset
+            folder = caption_folder(captions_dir, setting, dataset)
             concepts = database["concept_dict"]
-            runs = {r: read_json(folder / f"{r}.json") for r in RUNS}
-            retrieval = read_json(folder / "retrieval.json")
+            rows = {run_name(model, mode): read_json(folder / caption_file(model, mode)) for model, mode in runs()}
+            first = next(iter(rows.values()))
+            retrieval = read_json(folder / RETRIEVAL_REPORT)
             retrieved = [q["retrieved"] for q in retrieval["per_query"]]
-            pool = {k for row in runs["base_skip"] for k in row[1]}
-            case_sensitive = setting == "multi2"
-            body.append(f"<h2>{setting} · {html.escape(dataset)}: {len(runs['base_skip'])} queries "
+            pool = {k for row in first for k in row[1]}
+            case_sensitive = SETTINGS[setting].case_sensitive
+            body.append(f"<h2>{setting} · {html.escape(dataset)}: {len(first)} queries "
                         f"(retrieval recall@{retrieval['k']} = {retrieval['recall_at_k']:.2f})</h2>")
-            for i, row in enumerate(runs["base_skip"][:max_queries]):
+            for i, row in enumerate(first[:max_queries]):
                 image, gt = row[0], row[1]
                 refs = "".join(
                     f'<span class="ref"><img src="{thumb(concepts[k]["image"])}" alt="{html.escape(k)}"><br>'
                     f"{html.escape(k)}</span>" for k in gt)
                 got = ", ".join(html.escape(k) for k in retrieved[i]) if i < len(retrieved) else "-"
                 lines = []
-                for run in RUNS:
-                    caption = runs[run][i][2]
+                for run, run_rows in rows.items():
+                    caption = run_rows[i][2]
                     missed = [k for k in gt if not _mentioned(caption, k, case_sensitive)]
                     lines.append(
                         f'<div class="caption"><span class="run">{run}</span> '
@@ -179,13 +189,13 @@ def build_report(out_dir: str | os.PathLike, *, captions_dir: str | os.PathLike,
         page = ("<!doctype html><html><head><meta charset='utf-8'><title>RePIC report</title>"
                 f"<style>{CSS}</style><script>{LOAD_SCRIPT}</script></head><body>"
                 + "\n".join(body) + "</body></html>\n")
-        (tmp / "index.html").write_text(page, encoding="utf-8")
+        (tmp / REPORT_INDEX).write_text(page, encoding="utf-8")
 
 
 def _metrics_html(metrics: dict[str, Any]) -> str:
     rows = ["<table><tr><th>setting</th><th>mode</th><th>model</th><th>P</th><th>R</th><th>F1</th></tr>"]
     for group, modes in column_groups(metrics).items():
-        for m in ("skip", "retrieval"):
+        for m in MODES:
             for model, cell in modes.get(m, {}).items():
                 rows.append(f"<tr><td>{html.escape(group_label(group))}</td><td>{m}</td><td>{model}</td>"
                             + "".join(f"<td>{cell[k]:.1f}</td>" for k in ("precision", "recall", "f1")) + "</tr>")

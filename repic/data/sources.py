@@ -61,7 +61,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from repic.io import RepicError, atomic_dir, atomic_path
+from repic.core.io import RepicError, atomic_dir, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def fetch_sources(sources: Mapping[str, Mapping[str, Any]], outs: Mapping[str, s
         if rel_path.is_absolute() or ".." in rel_path.parts:
             raise RepicError(f"source {name!r}: dest: must stay inside {out!r}, got {spec.get('dest')!r}")
         plan.append((len(rel_path.parts), name, Path(outs[out]) / rel_path, rel_path.as_posix()))
-    from repic.progress import Progress
+    from repic.core.progress import Progress
 
     done: dict[str, str] = {}
     with Progress(len(plan), "fetch", unit="source", every=1) as bar:
@@ -234,7 +234,7 @@ class SourceLock:
         return self.entries.get(name)
 
     def record(self, name: str, entry: dict[str, Any]) -> None:
-        from repic.io import write_text
+        from repic.core.io import write_text
 
         self.entries[name] = entry
         body = {"about": "Values recorded on first download by fetch_data (sources with record: true). Commit this "
@@ -825,7 +825,7 @@ def read_manifest(path: str | os.PathLike, *, label: str) -> list[tuple[str, str
 def fetch_git(spec: Mapping[str, Any], dest: Path, *, label: str, cache_dir: Path | None = None,
               progress: bool = True) -> Path:
     """The manifest's files under `subdir` of a repository at a pinned commit, each checked, into folder `dest`."""
-    from repic.progress import Progress
+    from repic.core.progress import Progress
 
     repo, commit = str(spec.get("repo", "")), str(spec.get("commit", ""))
     if not re.match(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$", repo):

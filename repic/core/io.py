@@ -125,12 +125,24 @@ def resolve_image(root: str | os.PathLike, rel: str) -> Path:
     return p if p.is_absolute() else Path(root) / p
 
 
+def open_rgb(root: str | os.PathLike, rel: str) -> Any:
+    """The RGB PIL image at a path stored in RePIC's JSON files (relative to `root`), as RePIC's captioning
+    scripts open it (no EXIF rotation; retrieval's `open_image` applies it); unreadable: a RepicError naming it."""
+    from PIL import Image
+
+    path = resolve_image(root, rel)
+    try:
+        return Image.open(path).convert("RGB")
+    except OSError as exc:
+        raise RepicError(f"cannot read image {path} ({exc})") from None
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `path`; it replaces `path` only if the block succeeds.
 
     The directory gets mkdir's mode (0777 less the umask), not mkdtemp's 0700. An exception, Ctrl-C or SIGTERM
-    (repic.cli turns it into an exception) removes it; what a kill -9 leaves is removed by the next writer."""
+    (repic.core.cli turns it into an exception) removes it; what a kill -9 leaves is removed by the next writer."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_tmp(path)

@@ -22,7 +22,8 @@ from typing import Any
 
 from PIL import Image
 
-from repic.io import RepicError
+from repic.core.io import RepicError
+from repic.core.layout import BASE, MODES, TRAINED, Layout, caption_file, caption_folder
 
 JUDGE_INSTRUCTION = (
     "You are judging personalized image captions. The reference images above show concepts with their names. "
@@ -120,8 +121,8 @@ class AnswerCache:
 
 
 def local_judge(model_path: str, *, device: str, dtype: str, max_new_tokens: int) -> tuple[str, Judge]:
-    from repic.captioning import generate_captions
-    from repic.models import load_model, load_processor
+    from repic.eval.captioning import generate_captions
+    from repic.vlm.models import load_model, load_processor
 
     processor = load_processor(model_path)
     model = load_model(model_path, device=device, dtype=dtype)
@@ -137,10 +138,6 @@ def _data_url(img: Image.Image) -> str:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-class BudgetExhausted(Exception):
-    """The judge's request budget (`judge_llm.max_requests`) is spent: remaining pairs are not asked."""
 
 
 class _Transient(Exception):
@@ -163,7 +160,7 @@ def openai_judge(base_url: str, model: str, api_key_env: str, *, max_new_tokens:
     import httpx2
     from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
-    from repic.sources import mirror_url
+    from repic.data.sources import mirror_url
 
     key = os.environ.get(api_key_env)
     if not key:
@@ -179,7 +176,7 @@ def openai_judge(base_url: str, model: str, api_key_env: str, *, max_new_tokens:
 
     def post(body: dict[str, Any]) -> str:
         try:
-            # REPIC_URL_MIRRORS (repic.sources) may point the API at a mirror: `make paper-rehearsal`'s loopback
+            # REPIC_URL_MIRRORS (repic.data.sources) may point the API at a mirror: `make paper-rehearsal`'s loopback
             resp = client.post(mirror_url(url), json=body)
         except httpx2.TransportError as exc:  # refused, timed out, or dropped before or during the reply
             raise _Transient(f"connection failed ({type(exc).__name__}: {exc})") from None
@@ -220,7 +217,7 @@ def judge_pairs(pairs: list[dict[str, Any]], backend_id: str, ask: Judge, cache:
     """Judge each pair in both orders. A pair: references, images (refs + query), caption_trained,
     caption_base. Returns per-pair verdict records with outcome trained|base|tie. Cached answers cost nothing;
     once `max_requests` new requests were made, the remaining pairs are left out (the budget is bounded)."""
-    from repic.progress import Progress
+    from repic.core.progress import Progress
 
     records = []
     bar = Progress(len(pairs), "judge", unit="pair")
@@ -278,23 +275,22 @@ def win_rates(records: list[dict[str, Any]], *, seed: int = 0) -> dict[str, Any]
             "pairs_with_invalid_answer": invalid}
 
 
-def build_pairs(captions_dir: str | os.PathLike, layout: dict[str, list[tuple[str, dict[str, Any]]]],
+def build_pairs(captions_dir: str | os.PathLike, layout: Layout,
                 root: str | os.PathLike, max_pairs: int) -> list[dict[str, Any]]:
     """Pair base and trained captions of the same query, per setting, dataset and mode (first `max_pairs` each);
-    `layout` is `{setting: [(dataset, its database)]}` (`repic.scoring.layout_of`).
+    `layout` is `{setting: [(dataset, its database)]}` (`repic.core.layout.layout_of`).
 
     The judge is shown the ground-truth concepts as references, whichever the captioner was shown.
     """
-    from repic.captioning import _open
-    from repic.io import read_json
+    from repic.core.io import open_rgb, read_json
 
     pairs = []
     for setting, datasets in layout.items():
         for dataset, database in datasets:
-            folder = Path(captions_dir) / setting / dataset
-            for mode in ("skip", "retrieval"):
-                base = read_json(folder / f"base_{mode}.json")
-                trained = read_json(folder / f"trained_{mode}.json")
+            folder = caption_folder(captions_dir, setting, dataset)
+            for mode in MODES:
+                base = read_json(folder / caption_file(BASE, mode))
+                trained = read_json(folder / caption_file(TRAINED, mode))
                 for b, t in list(zip(base, trained))[:max_pairs]:
                     if b[0] != t[0] or b[1] != t[1]:
                         raise RepicError(f"{folder}: base and trained caption files are not aligned "
@@ -303,7 +299,7 @@ def build_pairs(captions_dir: str | os.PathLike, layout: dict[str, list[tuple[st
                     pairs.append({
                         "setting": setting, "dataset": dataset, "mode": mode, "query_image": b[0], "gt_keys": b[1],
                         "references": [{"name": k, "info": c["info"]} for k, c in zip(b[1], concepts)],
-                        "images": [_open(root, c["image"]) for c in concepts] + [_open(root, b[0])],
+                        "images": [open_rgb(root, c["image"]) for c in concepts] + [open_rgb(root, b[0])],
                         "caption_base": b[2], "caption_trained": t[2],
                     })
     return pairs

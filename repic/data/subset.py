@@ -10,9 +10,9 @@ import random
 from collections import defaultdict
 from typing import Any
 
-from repic.io import RepicError
+from repic.core.io import RepicError
+from repic.core.layout import REWARD_METHODS
 
-METHODS = ("yes_no", "iou", "yes_no_name", "yes_no_name_multi")
 REQUIRED = ("image", "problem", "solution", "accu_reward_method")
 
 
@@ -26,9 +26,9 @@ def validate_training(samples: Any, source: str) -> list[dict[str, Any]]:
         for key in REQUIRED:
             if key not in s:
                 raise RepicError(f"{source}: sample {i}: missing key {key!r}")
-        if s["accu_reward_method"] not in METHODS:
+        if s["accu_reward_method"] not in REWARD_METHODS:
             raise RepicError(f"{source}: sample {i}: accu_reward_method {s['accu_reward_method']!r} "
-                             f"not one of {METHODS}")
+                             f"not one of {REWARD_METHODS}")
     return samples
 
 

@@ -10,7 +10,7 @@
     data/training/images_synthetic/*.png
 
 Every path stored inside the JSON files is relative to `root` and written "./data/...", as in RePIC's files,
-so `repic.io.resolve_image(root, path)` opens it. Boxes are `[x1, y1, x2, y2]` integer pixels with x2/y2
+so `repic.core.io.resolve_image(root, path)` opens it. Boxes are `[x1, y1, x2, y2]` integer pixels with x2/y2
 exclusive (PIL's `getbbox` convention), covering the pixels of the object whose alpha is at least one half.
 
 Concepts are procedural objects (shape x colour pair x pattern), drawn with PIL on a neutral background with
@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from repic.io import RepicError, atomic_path, write_json
+from repic.core.io import RepicError, atomic_path, write_json
+from repic.core.layout import REWARD_METHODS
 
 # Saturated or dark colours only: all of them must stand clearly apart from the light neutral background,
 # otherwise the foreground detector would split an object where its pattern touches the background.
@@ -60,7 +61,7 @@ SHAPES = ("circle", "square", "triangle", "diamond", "hexagon", "star", "heart",
 DISTRACTOR_SHAPES = ("cross", "crescent", "bar", "ring")
 PATTERNS = ("stripes", "dots", "checks", "core", "half")
 CATEGORIES = ("toy", "pet", "mug", "robot", "plush toy", "figurine")
-METHODS = ("yes_no", "iou", "yes_no_name", "yes_no_name_multi")
+METHODS = REWARD_METHODS
 
 DATABASE_DIR = "data/database_tot/database_synthetic"
 QUERY_DIR = "data/query-image-synthetic"

@@ -2,7 +2,7 @@
 
 An unknown or mistyped key is an error that names it, e.g. `params.yaml: train_grpo_lora.lora.rank: unknown key`.
 `lora` and `grpo` hold PEFT's and TRL's own field names; their names and value types are checked against those
-dataclasses by `python -m repic.params check` and by the training stage before it touches any output.
+dataclasses by `python -m repic.core.params check` and by the training stage before it touches any output.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from typing import Any
 
 import yaml
 
-from repic.io import RepicError
-from repic.sources import SOURCE_SCHEMA
+from repic.core.io import RepicError
+from repic.core.layout import PROTOCOLS, SETTINGS
+from repic.data.sources import SOURCE_SCHEMA
 
 
 def _obj(props: dict[str, Any], required: bool = True, open_: bool = False) -> dict[str, Any]:
@@ -34,7 +35,7 @@ _POS = {"type": "integer", "minimum": 1}
 _NUM = {"type": "number"}
 # An evaluation dataset: its own database (and retrieval index) and the query maps of the settings it has.
 _DATASET = {**_obj({"name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]*$"}, "database": _STR,
-                    "queries": {**_obj({"single": _STR, "multi2": _STR, "multi4": _STR}, required=False),
+                    "queries": {**_obj({s: _STR for s in SETTINGS}, required=False),
                                 "minProperties": 1}})}
 
 SCHEMA: dict[str, Any] = _obj({
@@ -75,19 +76,19 @@ SCHEMA: dict[str, Any] = _obj({
         "batch_size": _POS, "max_new_tokens": _POS,
         "detector": {"enum": ["foreground", "owlv2", "yolo_world"]}, "detector_kwargs": {"type": "object"},
         "max_pixels": {"type": ["integer", "null"], "minimum": 3136},
-        "top_k": _obj({"single": _POS, "multi2": _POS, "multi4": _POS}),
+        "top_k": _obj({s: _POS for s in SETTINGS}),
     }),
     "train_grpo_lora": _obj({
         "launch": _STR,
         "rollout_backend": {"enum": ["hf", "static"]},
-        "protocol": {"enum": ["repic", "strict"]},
+        "protocol": {"enum": list(PROTOCOLS)},
         "rewards": {"type": "array", "items": _STR, "minItems": 1},
         "heldout_eval": _INT,
         "resize": _obj({"multi_short_side": _POS, "single_short_side": _POS}),
         "lora": {"type": "object"},
         "grpo": {"type": "object"},
     }),
-    "score": _obj({"protocol": {"enum": ["repic", "strict"]}}),
+    "score": _obj({"protocol": {"enum": list(PROTOCOLS)}}),
     "merge_lora": _obj({"n_inputs": _POS, "max_new_tokens": _POS,
                         "tolerance": _obj({"float32": {"type": "number", "minimum": 0},
                                            "bfloat16": {"type": "number", "minimum": 0}})}),
@@ -243,14 +244,14 @@ def check_fields(section: str, values: dict[str, Any], dataclass_type: type) -> 
 def check_libraries(params: dict[str, Any]) -> None:
     """What the stages check at run time beyond the schema: the training section's GRPOConfig / LoraConfig
     (field names, value types, and the dataclasses' own checks) and reward names. Imports TRL (seconds)."""
-    from repic.train import check_training_params
+    from repic.train.grpo import check_training_params
 
     check_training_params(params["train_grpo_lora"], seed=params["base"]["seed"])
 
 
 def apply_overlay(params_path: str | os.PathLike, overlay_path: str | os.PathLike) -> dict[str, Any]:
     """Rewrite `params_path` as itself overlaid with `overlay_path` (validated first, written atomically)."""
-    from repic.io import write_text
+    from repic.core.io import write_text
 
     base = load_params(params_path)
     overlay = yaml.safe_load(Path(overlay_path).read_text(encoding="utf-8")) or {}
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    p = argparse.ArgumentParser(prog="python -m repic.params", description="validate or overlay params.yaml")
+    p = argparse.ArgumentParser(prog="python -m repic.core.params", description="validate or overlay params.yaml")
     sub = p.add_subparsers(dest="command", required=True)
     ck = sub.add_parser("check", help="validate params.yaml: the schema, and what the stages check before any work "
                         "(GRPOConfig/LoraConfig field names and types, reward names)")

@@ -14,9 +14,9 @@ from typing import Any
 
 from PIL import Image
 
-from repic.io import RepicError, resolve_image
-from repic.params import check_fields
-from repic.prompts import training_problem
+from repic.core.io import RepicError, resolve_image
+from repic.core.params import check_fields
+from repic.core.prompts import training_problem
 
 # Language-model linear layers only: `gate_proj/up_proj/down_proj` also name the vision tower's MLPs,
 # so a bare list of names would put LoRA on the frozen vision encoder too.
@@ -96,7 +96,7 @@ def grpo_config(grpo: dict[str, Any], output_dir: str | os.PathLike, use_cpu: bo
 
 
 def reward_functions(names: list[str], protocol: str) -> list:
-    from repic.rewards import REWARD_REGISTRY
+    from repic.train.rewards import REWARD_REGISTRY
 
     unknown = [n for n in names if n not in REWARD_REGISTRY]
     if unknown:
@@ -166,7 +166,7 @@ def prepare_checkpoints(checkpoint_dir: str | os.PathLike, fingerprint: dict[str
 
     from transformers.trainer_utils import get_last_checkpoint
 
-    from repic.io import read_json, write_json
+    from repic.core.io import read_json, write_json
 
     checkpoint_dir = Path(checkpoint_dir)
     key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
@@ -192,7 +192,7 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
     from transformers import set_seed
     from trl import GRPOTrainer
 
-    from repic.models import load_model, load_processor, pick_device
+    from repic.vlm.models import load_model, load_processor, pick_device
 
     device = pick_device(device)
     lora = lora_config(params["lora"])
@@ -205,7 +205,7 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
     # Seeded before LoRA's random init of lora_A, which the Trainer's own seeding comes too late for.
     set_seed(seed)
     model = get_peft_model(load_model(model_path, device="cpu", dtype=dtype).train(), lora)
-    from repic.generation import rollout_trainer
+    from repic.vlm.generation import rollout_trainer
 
     trainer_cls = epoch_seeded(rollout_trainer(GRPOTrainer, params.get("rollout_backend", "hf")))
     trainer = trainer_cls(
@@ -244,8 +244,8 @@ def heldout_rewards(model_path: str | os.PathLike, adapter_dir: str | os.PathLik
     length, generation backend and reward functions. `None` where no sample of that reward type was drawn."""
     from peft import PeftModel
 
-    from repic.captioning import generate_captions
-    from repic.models import load_model, load_processor
+    from repic.eval.captioning import generate_captions
+    from repic.vlm.models import load_model, load_processor
 
     examples = build_examples(samples, root, seed=seed, **params.get("resize", {}))
     conversations = [(ex["prompt"], ex["images"]) for ex in examples]

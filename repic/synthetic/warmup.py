@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from repic.prompts import CAPTION_QUESTIONS, caption_messages, training_problem
+from repic.core.prompts import CAPTION_QUESTIONS, caption_messages, training_problem
 
 GENERIC = (
     "A few colourful shapes lie on a plain light background. One of them is {thing}, "
@@ -29,7 +29,7 @@ GENERIC = (
 def warmup_names(seed: int, n: int, avoid: set[str]) -> list[str]:
     """Fresh made-up names for the warm-up (none of the world's): a look gets a new name in every example,
     so the only way to name a concept right is to copy the name given in the prompt."""
-    from repic.world import _made_up_names
+    from repic.synthetic.world import _made_up_names
 
     names = [f"<{n}>" for n in _made_up_names(random.Random(f"{seed}/warmup-names"), n + len(avoid))]
     return [k for k in names if k not in avoid][:n]
@@ -49,7 +49,7 @@ def _generic_caption(concepts: list[tuple[str, Any]]) -> str:
 def warmup_examples(*, seed: int, n_concepts: int, n_train_concepts: int | None, n_distractors: int,
                     image_size: int, n_examples: int, n_names: int, name_rate: float) -> list[dict[str, Any]]:
     """Seeded SFT examples `{"messages", "images", "target"}`: training-concept looks under fresh names."""
-    from repic.world import make_concepts, render_reference, render_scene
+    from repic.synthetic.world import make_concepts, render_reference, render_scene
 
     evaluation, concepts = make_concepts(seed, n_concepts, n_train_concepts or n_concepts)
     pool = warmup_names(seed, n_names, avoid={c.key for c in [*evaluation, *concepts]})
@@ -107,7 +107,7 @@ def _batch(processor: Any, examples: list[dict[str, Any]]) -> dict[str, torch.Te
 def warmup(model_dir: str | os.PathLike, examples: list[dict[str, Any]], *, steps: int, batch_size: int,
            learning_rate: float, seed: int) -> list[float]:
     """Full fine-tune of the saved tiny model in place (`save_pretrained` again); returns the loss curve."""
-    from repic.models import load_model, load_processor
+    from repic.vlm.models import load_model, load_processor
 
     torch.manual_seed(seed)
     processor = load_processor(model_dir)

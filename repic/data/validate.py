@@ -23,10 +23,10 @@ from typing import Any
 
 from PIL import Image
 
-from repic.io import RepicError, read_json, resolve_image
+from repic.core.io import RepicError, read_json, resolve_image
+from repic.core.layout import SETTINGS, check_setting
 
-# The settings of repic.captioning and the number of ground-truth keys an entry holds in each.
-ARITY = {"single": 1, "multi2": 2, "multi4": 4}
+# The settings of repic.eval.captioning and the number of ground-truth keys an entry holds in each.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 CONCEPT_FIELDS = ("name", "image", "info", "category")
 NO_IMAGE, MALFORMED = "reference image missing", "malformed concept"
@@ -118,24 +118,23 @@ def _entry_problems(query_map: Any, database: Mapping[str, Any], root: Path, set
                     ) -> tuple[dict[str, list[tuple[list[str], str]]], dict[str, Any]]:
     """Per query image: (entry, problem or '') for each ground-truth entry (4-concept: each 4-key subset), plus
     the defects found. One place decides validity, for the report and for the filter alike."""
-    if setting not in ARITY:
-        raise RepicError(f"setting: expected one of {sorted(ARITY)}, got {setting!r}")
+    subsets_per_image = check_setting(setting).subsets_per_image
     if not isinstance(query_map, dict):
         raise RepicError(f"{source}: expected an object query image -> keys")
     concepts = database["concept_dict"]
     unusable = _unusable_keys(database, root)
-    arity = ARITY[setting]
+    arity = SETTINGS[setting].n_concepts
     entries: dict[str, list[tuple[list[str], str]]] = {}
     found: dict[str, Any] = {"missing_images": [], "unknown_keys": set(), "unusable_keys": {}, "malformed": []}
     for image, value in query_map.items():
-        subsets = value if setting == "multi4" and isinstance(value, list) else [value]
+        subsets = value if subsets_per_image and isinstance(value, list) else [value]
         image_missing = not resolve_image(root, image).is_file()
         if image_missing:
             found["missing_images"].append(image)
         rows: list[tuple[list[str], str]] = []
         for keys in subsets:
             if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or len(keys) != arity:
-                shape = "a list of 4-key lists" if setting == "multi4" else f"a list of {arity} key(s)"
+                shape = f"a list of {arity}-key lists" if subsets_per_image else f"a list of {arity} key(s)"
                 found["malformed"].append(f"{image}: expected {shape}, got {keys!r}")
                 rows.append(([], f"malformed entry (expected {shape}, got {keys!r})"))
                 continue
@@ -188,7 +187,7 @@ def filter_valid_queries(query_map: Mapping[str, Any], database: Mapping[str, An
     for image, rows in entries.items():
         kept = [keys for keys, problem in rows if not problem]
         if kept:
-            out[image] = kept if setting == "multi4" else kept[0]
+            out[image] = kept if SETTINGS[setting].subsets_per_image else kept[0]
     return out
 
 
@@ -284,7 +283,7 @@ def _count_bits(name: str, part: Mapping[str, Any], fields: tuple[str, ...]) -> 
 
 # ================================================================================================= helpers
 def _norm(path: Path) -> str:
-    # abspath, not resolve(): a symlink mirror (repic.sources, mode symlink) must compare by its own paths.
+    # abspath, not resolve(): a symlink mirror (repic.data.sources, mode symlink) must compare by its own paths.
     return os.path.normpath(os.path.abspath(path))
 
 

@@ -7,13 +7,9 @@ from collections.abc import Iterable
 
 import pandas as pd
 
-SETTING_ORDER = ("single", "multi2", "multi4")
-MODE_ORDER = ("skip", "retrieval")
-MODEL_ORDER = ("base", "trained")
+from repic.core.layout import DATASET_LABELS, MODE_LABELS, MODELS, MODES, PAPER_TABLES, SETTINGS
+
 METRICS = (("precision", "P"), ("recall", "R"), ("f1", "F1"))
-SETTING_LABELS = {"single": "Single", "multi2": "2-concept", "multi4": "4-concept"}
-MODE_LABELS = {"skip": "skip-retrieval", "retrieval": "retrieval"}
-DATASET_LABELS = {"myvlm": "MyVLM", "yollava": "Yo'LLaVA", "dreambooth": "DreamBooth"}
 
 
 def column_groups(metrics: dict, settings: Iterable[str] | None = None) -> dict[str, dict]:
@@ -27,7 +23,7 @@ def column_groups(metrics: dict, settings: Iterable[str] | None = None) -> dict[
     ['single/myvlm', 'single/yollava', 'multi2']
     """
     groups = {}
-    for setting in _ordered(metrics, SETTING_ORDER):
+    for setting in _ordered(metrics, tuple(SETTINGS)):
         if settings is not None and setting not in settings:
             continue
         datasets = metrics[setting]
@@ -39,7 +35,7 @@ def column_groups(metrics: dict, settings: Iterable[str] | None = None) -> dict[
 def group_label(group: str) -> str:
     """`single` -> "Single", `single/myvlm` -> "Single MyVLM", `multi4` -> "4-concept"."""
     setting, _, dataset = group.partition("/")
-    label = SETTING_LABELS.get(setting, setting)
+    label = SETTINGS[setting].label if setting in SETTINGS else setting
     return f"{label} {DATASET_LABELS.get(dataset, dataset)}" if dataset else label
 
 
@@ -59,13 +55,13 @@ def metrics_table(metrics: dict) -> pd.DataFrame:
     >>> float(t.loc["base", ("single", "skip", "P")])
     81.3
     """
-    models = _ordered((m for s in metrics.values() for md in s.values() for m in md), MODEL_ORDER)
+    models = _ordered((m for s in metrics.values() for md in s.values() for m in md), MODELS)
     columns, data = [], []
     found = list(metrics)
-    rank = {s: i for i, s in enumerate(SETTING_ORDER)}
+    rank = {s: i for i, s in enumerate(SETTINGS)}
     groups = sorted(found, key=lambda g: (rank.get(g.partition("/")[0], len(rank)), found.index(g)))
     for setting in groups:
-        for mode in _ordered(metrics[setting], MODE_ORDER):
+        for mode in _ordered(metrics[setting], MODES):
             for key, label in METRICS:
                 columns.append((setting, mode, label))
                 data.append([metrics[setting][mode].get(model, {}).get(key, math.nan) for model in models])
@@ -104,8 +100,8 @@ def to_markdown(df: pd.DataFrame) -> str:
 
 
 # The paper's two tables: Table 1 single-concept (one column group per dataset when there are several),
-# Table 2 multi-concept (2- and 4-concept), each x skip-retrieval / retrieval x P/R/F1.
-PAPER_TABLES = {"table1_single": ("single",), "table2_multi": ("multi2", "multi4")}
+# Table 2 multi-concept (2- and 4-concept), each x skip-retrieval / retrieval x P/R/F1 (layout.Setting.paper_table).
+TABLE_SETTINGS = {t: tuple(s for s in SETTINGS if SETTINGS[s].paper_table == t) for t in PAPER_TABLES}
 
 
 def to_latex(df: pd.DataFrame, caption: str) -> str:
@@ -121,13 +117,12 @@ def paper_tables(metrics: dict, protocol: str) -> dict[str, dict[str, str]]:
     """{table name: {"md", "csv", "tex"}} for the paper's Tables 1 and 2 from the score stage's metrics
     (`{setting: {dataset: {mode: {model: cell}}}}`) of one protocol."""
     out = {}
-    for name, settings in PAPER_TABLES.items():
+    for name, settings in TABLE_SETTINGS.items():
         subset = column_groups(metrics, settings)
         if not subset:
             continue
         df = metrics_table(subset)
-        title = f"{'Single' if name.startswith('table1') else 'Multi'}-concept personalized captioning, " \
-                f"name P/R/F1 (%), protocol {protocol}"
+        title = f"{PAPER_TABLES[name]} personalized captioning, name P/R/F1 (%), protocol {protocol}"
         out[name] = {"md": f"{title}\n\n{to_markdown(df)}", "csv": df.to_csv(float_format="%.1f"),
                      "tex": to_latex(df, title)}
     return out

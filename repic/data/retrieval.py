@@ -28,13 +28,10 @@ import faiss
 import numpy as np
 from PIL import Image, ImageOps
 
-from repic.io import RepicError, atomic_path, read_json, resolve_image, write_json
+from repic.core.io import RepicError, atomic_path, read_json, resolve_image, write_json
+from repic.core.layout import ID_MAP_FILE, INDEX_FILE, INDEX_META
 
 log = logging.getLogger(__name__)
-
-INDEX_FILE = "index.faiss"
-ID_MAP_FILE = "id_map.json"
-META_FILE = "meta.json"
 
 
 class Embedder(Protocol):
@@ -451,7 +448,7 @@ class YoloWorldDetector:
             raise RepicError(f"yolo_world detector: model_id: {path} does not exist (fetch yolov8x-worldv2.pt "
                              "as a pinned url source)")
         if sha256 is not None:
-            from repic.sources import file_sha256
+            from repic.data.sources import file_sha256
 
             actual = file_sha256(path)
             if actual != sha256:
@@ -548,7 +545,7 @@ def build_index(
             log.warning("%s: database image %s is missing; it is not indexed", database_json, image)
     if not present:
         raise RepicError(f"{database_json}: none of its images exist under {root}")
-    from repic.progress import Progress
+    from repic.core.progress import Progress
 
     chunks = []
     with Progress(len(present), f"embed {Path(database_json).parent.name}", unit="image") as bar:
@@ -575,7 +572,7 @@ def save_index(
     with atomic_path(directory / INDEX_FILE) as tmp:
         faiss.write_index(index, str(tmp))
     write_json(directory / ID_MAP_FILE, id_map)
-    write_json(directory / META_FILE, {**meta, "ntotal": int(index.ntotal), "dim": int(index.d)})
+    write_json(directory / INDEX_META, {**meta, "ntotal": int(index.ntotal), "dim": int(index.d)})
 
 
 def load_index(directory: Path) -> tuple[faiss.Index, list[dict[str, Any]], dict[str, Any]]:
@@ -586,7 +583,7 @@ def load_index(directory: Path) -> tuple[faiss.Index, list[dict[str, Any]], dict
         raise RepicError(f"{path}: file not found")
     index = faiss.read_index(str(path))
     id_map = read_json(directory / ID_MAP_FILE)
-    meta = read_json(directory / META_FILE)
+    meta = read_json(directory / INDEX_META)
     if index.ntotal != len(id_map) or meta.get("ntotal", index.ntotal) != index.ntotal:
         raise RepicError(
             f"{directory}: index holds {index.ntotal} vectors, id_map {len(id_map)} entries, "

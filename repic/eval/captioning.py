@@ -13,10 +13,9 @@ from typing import Any
 
 from PIL import Image
 
-from repic.io import RepicError, resolve_image
-from repic.prompts import CAPTION_QUESTIONS, caption_messages
-
-SETTINGS = ("single", "multi2", "multi4")
+from repic.core.io import RepicError, open_rgb
+from repic.core.layout import BASE, MODELS, RETRIEVAL, SKIP, TRAINED, VALIDATION_REPORT, check_setting, run_name
+from repic.core.prompts import CAPTION_QUESTIONS, caption_messages
 
 
 @dataclass
@@ -30,45 +29,19 @@ class Query:
     retrieval: dict[str, Any] = field(default_factory=dict)
 
 
-def eval_datasets(data: dict[str, Any], setting: str | None = None) -> list[dict[str, Any]]:
-    """The evaluation datasets of params `base.data` (`datasets`: [{name, database, queries: {setting: path}}],
-    in their order), only those with a query map for `setting` when one is given.
-
-    >>> ds = [{"name": "myvlm", "database": "m.json", "queries": {"single": "q.json"}},
-    ...       {"name": "two", "database": "t.json", "queries": {"multi2": "q2.json"}}]
-    >>> [d["name"] for d in eval_datasets({"datasets": ds}, "multi2")]
-    ['two']
-    """
-    datasets = data["datasets"]
-    names = [d["name"] for d in datasets]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise RepicError(f"base.data.datasets: dataset name {dup[0]!r} appears more than once (names must be unique)")
-    return [d for d in datasets if setting is None or setting in d["queries"]]
-
-
 def expand_queries(query_map: dict[str, Any], setting: str, source: str = "queries") -> list[Query]:
     """RePIC query maps -> queries. 4-concept maps hold a list of 4-key subsets per image: one query each."""
-    if setting not in SETTINGS:
-        raise RepicError(f"setting: expected one of {SETTINGS}, got {setting!r}")
+    subsets_per_image = check_setting(setting).subsets_per_image
     queries: list[Query] = []
     for image, keys in query_map.items():
-        subsets = keys if setting == "multi4" else [keys]
+        subsets = keys if subsets_per_image else [keys]
         for subset in subsets:
             if not isinstance(subset, list) or not all(isinstance(k, str) for k in subset):
                 raise RepicError(f"{source}: entry {image!r} must map to a list of keys"
-                                 + (" per subset (list of lists)" if setting == "multi4" else ""))
+                                 + (" per subset (list of lists)" if subsets_per_image else ""))
             question = CAPTION_QUESTIONS[len(queries) % len(CAPTION_QUESTIONS)]
             queries.append(Query(image=image, gt_keys=list(subset), question=question))
     return queries
-
-
-def _open(root: str | os.PathLike, rel: str) -> Image.Image:
-    path = resolve_image(root, rel)
-    try:
-        return Image.open(path).convert("RGB")
-    except OSError as exc:
-        raise RepicError(f"cannot read image {path} ({exc})") from None
 
 
 def build_conversation(query: Query, database: dict[str, Any], root: str | os.PathLike
@@ -81,8 +54,8 @@ def build_conversation(query: Query, database: dict[str, Any], root: str | os.Pa
         if entry is None:
             raise RepicError(f"database: reference key {key!r} of query {query.image!r} is not in concept_dict")
         refs.append({"name": key, "info": entry["info"]})
-        images.append(_open(root, entry["image"]))
-    images.append(_open(root, query.image))
+        images.append(open_rgb(root, entry["image"]))
+    images.append(open_rgb(root, query.image))
     return caption_messages(refs, query.question), images
 
 
@@ -91,10 +64,10 @@ def generate_captions(model: Any, processor: Any, conversations: list[tuple[list
                       hit_limit: list[bool] | None = None) -> list[str]:
     """Greedy captions for many conversations, batched by similar prompt size, left padded; `backend` is
     HF `generate` ("hf") or the static-KV-cache/CUDA-graph decoder ("static", token-identical in fp32).
-    With `desc`, shows progress (`repic.progress`); `hit_limit` receives, per caption, whether it was cut at
+    With `desc`, shows progress (`repic.core.progress`); `hit_limit` receives, per caption, whether it was cut at
     `max_new_tokens`."""
-    from repic.generation import generate
-    from repic.progress import Progress
+    from repic.core.progress import Progress
+    from repic.vlm.generation import generate
 
     texts = [processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
              for msgs, _ in conversations]
@@ -151,8 +124,8 @@ def make_retriever(index_dir: str | os.PathLike, root: str | os.PathLike, params
     of `database` (default: the one the index was built from); detector and embedder run on `device`."""
     from pathlib import Path
 
-    from repic.models import pick_device
-    from repic.retrieval import database_categories, load_index, make_detector, make_embedder, retrieve
+    from repic.data.retrieval import database_categories, load_index, make_detector, make_embedder, retrieve
+    from repic.vlm.models import pick_device
 
     index, id_map, meta = load_index(Path(index_dir))
     device = pick_device(device)
@@ -177,17 +150,17 @@ def run_setting(setting: str, queries_path: str, database_path: str, root: str, 
 
     from peft import PeftModel
 
-    from repic.io import read_json
-    from repic.models import load_model, load_processor
-    from repic.retrieval import retrieval_recall
-    from repic.validate import describe_left_out, filter_valid_queries, left_out_entries
+    from repic.core.io import read_json
+    from repic.data.retrieval import retrieval_recall
+    from repic.data.validate import describe_left_out, filter_valid_queries, left_out_entries
+    from repic.vlm.models import load_model, load_processor
 
     database = read_json(database_path)
     query_map = read_json(queries_path)
     valid = filter_valid_queries(query_map, database, root, setting)
     left_out = left_out_entries(query_map, database, root, setting)
     # fetch_data's validation.json exists for a real source only; the stage's retrieval.json always lists them.
-    report = Path(root) / "validation.json"
+    report = Path(root) / VALIDATION_REPORT
     where = "'left_out' of the stage's retrieval.json" + (f" and in {report}" if report.is_file() else "")
     if not valid:
         raise RepicError(f"{queries_path}: no valid query left, all {len(left_out)} entries left out: "
@@ -199,30 +172,35 @@ def run_setting(setting: str, queries_path: str, database_path: str, root: str, 
     queries = expand_queries(valid, setting, source=queries_path)
     for q in queries:
         q.ref_keys = list(q.gt_keys)
-    from repic.progress import Progress
+    from repic.core.progress import Progress
 
     retriever = make_retriever(index_dir, root, params, k=params["top_k"][setting], database=database_path,
                                device=device)
     with Progress(len({q.image for q in queries}), f"retrieve {setting}", unit="image") as bar:
         def retrieve_one(image: str) -> dict[str, Any]:
-            hit = retriever(_open(root, image))
+            hit = retriever(open_rgb(root, image))
             bar.update()
             return hit
 
         retrieved = attach_retrieval(queries, retrieve_one)
     missing = sorted({h["image"] for q in retrieved for h in q.retrieval["hits"] if h.get("missing")})
-    by_mode = {"skip": queries, "retrieval": retrieved}
+    by_mode = {SKIP: queries, RETRIEVAL: retrieved}
     gen = dict(batch_size=params["batch_size"], max_new_tokens=params["max_new_tokens"], backend=params["backend"])
     processor = load_processor(model_path, max_pixels=params.get("max_pixels"))
     model = load_model(model_path, device=device, dtype=dtype)
-    hit_limit: dict[str, dict[str, int]] = {"base": {}, "trained": {}}
-    rows = {f"base_{m}": r for m, r in caption_all(model, processor, by_mode, database, root, desc=f"{setting} base",
-                                                   hit_limit=hit_limit["base"], **gen).items()}
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter).eval()
-        rows |= {f"trained_{m}": r for m, r in caption_all(model, processor, by_mode, database, root,
-                                                           desc=f"{setting} trained", hit_limit=hit_limit["trained"],
-                                                           **gen).items()}
+    hit_limit: dict[str, dict[str, int]] = {}
+    rows: dict[str, list[list[Any]]] = {}
+    for name in MODELS:  # each model row in turn: the base, then the base with the trained adapter
+        if name == TRAINED:
+            if adapter is None:
+                continue
+            model = PeftModel.from_pretrained(model, adapter).eval()
+        elif name != BASE:
+            raise RepicError(f"model row {name!r}: captioning does not know how to load it")
+        hit_limit[name] = {}
+        rows |= {run_name(name, m): r for m, r in caption_all(model, processor, by_mode, database, root,
+                                                               desc=f"{setting} {name}", hit_limit=hit_limit[name],
+                                                               **gen).items()}
     summary = {
         "setting": setting,
         "k": params["top_k"][setting],
@@ -234,6 +212,7 @@ def run_setting(setting: str, queries_path: str, database_path: str, root: str, 
         "per_query": [{"query_image": q.image, "gt_keys": q.gt_keys, "retrieved": q.ref_keys} for q in retrieved],
         # captions cut at max_new_tokens (no EOS), per run file: RePIC allows 1024 new tokens
         "max_new_tokens": params["max_new_tokens"],
-        "hit_max_new_tokens": {f"{model}_{mode}": n for model, modes in hit_limit.items() for mode, n in modes.items()},
+        "hit_max_new_tokens": {run_name(name, mode): n for name, modes in hit_limit.items()
+                               for mode, n in modes.items()},
     }
     return rows, summary

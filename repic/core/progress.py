@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-log = logging.getLogger("repic.progress")
+log = logging.getLogger("repic.core.progress")
 
 
 def _duration(seconds: float) -> str:

@@ -15,7 +15,7 @@ token in fp32 (tests/test_generation.py); `bench/generation.py` measures agreeme
 
 `rollout_trainer(GRPOTrainer)` routes TRL's default rollouts (no vLLM, no continuous batching, no tools)
 through the static backend: the G samples of a prompt share one prefill. Both the static prefill and the
-trainer's forwards run the vision tower through repic.vision (windows bucketed by length).
+trainer's forwards run the vision tower through repic.vlm.vision (windows bucketed by length).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from repic.io import RepicError
+from repic.core.io import RepicError
 
 BACKENDS = ("hf", "static")
 SYNC_EVERY = 16  # decode steps between two host checks of "every row has stopped"
@@ -171,7 +171,7 @@ def rollout_trainer(trainer_cls: type, backend: str = "static") -> type:
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            from repic.vision import enable_fast_vision, enable_image_feature_cache
+            from repic.vlm.vision import enable_fast_vision, enable_image_feature_cache
 
             # the frozen vision tower runs in every rollout prefill, policy forward and reference forward:
             # bucketed windows, and each distinct image encoded once per step (not once per completion and pass)
@@ -292,7 +292,7 @@ def _static_generate_eval(core: Any, inputs: Mapping[str, torch.Tensor], cfg: An
     t0 = time.perf_counter()
     # --- prefill: the model's own forward, once per distinct prompt
     positions = _prompt_positions(core, inputs)
-    from repic.vision import fast_vision, fast_vision_enabled
+    from repic.vlm.vision import fast_vision, fast_vision_enabled
 
     # windows bucketed by length (one attention call per window length and layer); for captioning on CUDA the
     # blocks around the attention compiled too (BENCHMARKS.md: the tower at 362-372 TFLOP/s on an H200, 181

@@ -3,24 +3,11 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
-from repic.captioning import SETTINGS, eval_datasets
-from repic.io import RepicError, read_json
-from repic.metrics import load_caption_rows, score_captions
-
-MODES = ("skip", "retrieval")
-MODELS = ("base", "trained")
-
-# {setting: [(dataset name, its database or None)]}
-Layout = dict[str, list[tuple[str, dict[str, Any] | None]]]
-
-
-def layout_of(data: dict[str, Any]) -> Layout:
-    """Which caption folders the configured datasets (params `base.data`) produce, with their databases."""
-    layout = {s: [(d["name"], read_json(d["database"])) for d in eval_datasets(data, s)] for s in SETTINGS}
-    return {s: datasets for s, datasets in layout.items() if datasets}
+from repic.core.io import RepicError
+from repic.core.layout import MODELS, MODES, Layout, caption_file, caption_folder
+from repic.eval.metrics import load_caption_rows, score_captions
 
 
 def score_runs(captions_dir: str | os.PathLike, protocol: str, layout: Layout
@@ -33,7 +20,7 @@ def score_runs(captions_dir: str | os.PathLike, protocol: str, layout: Layout
         for dataset, database in datasets:
             for mode in MODES:
                 for model in MODELS:
-                    path = Path(captions_dir) / setting / dataset / f"{model}_{mode}.json"
+                    path = caption_folder(captions_dir, setting, dataset) / caption_file(model, mode)
                     if not path.is_file():
                         raise RepicError(f"{path}: caption file not found (expected one per setting/dataset/mode/"
                                          "model)")

@@ -11,8 +11,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from repic.io import RepicError
-from repic.params import load_params
+from repic.core.io import RepicError
+from repic.core.params import load_params
 
 
 def parser(doc: str | None) -> argparse.ArgumentParser:
