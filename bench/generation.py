@@ -255,7 +255,7 @@ def bench_grpo(model: Any, processor: Any, image_px: int, steps: int, new: int, 
     from peft import LoraConfig, get_peft_model
     from trl import GRPOConfig, GRPOTrainer
 
-    from repic.train.grpo import LANGUAGE_MODEL_LINEAR
+    from repic.core.params import LANGUAGE_MODEL_LINEAR
 
     cuda = torch.cuda.is_available()
     texts, images = prompts(processor, steps, image_px)

@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     embedder = make_embedder(cfg["embedder"], device=pick_device(params["base"]["device"]), **cfg["embedder_kwargs"])
     # (database, index folder name); one --database goes straight into --out
     jobs = ([(args.database, None)] if args.database else
-            [(d["database"], d["name"]) for d in eval_datasets(params["base"]["data"])])
+            [(d["database"], d["name"]) for d in eval_datasets(params["base"]["data"]["datasets"])])
     skipped = {}
     with atomic_dir(args.out) as tmp:  # all datasets or none: no stale index of a dataset since removed
         for database, name in jobs:

@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.queries:
         jobs = [(args.queries, args.database, Path(args.index), Path(args.out))]
     else:
-        datasets = eval_datasets(params["base"]["data"], args.setting)
+        datasets = eval_datasets(params["base"]["data"]["datasets"], args.setting)
         if not datasets:
             raise RepicError(f"base.data.datasets: no dataset has a '{args.setting}' query map")
         jobs = [(d["queries"][args.setting], d["database"], Path(args.index) / d["name"], Path(args.out) / d["name"])

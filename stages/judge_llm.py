@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         backend_id, ask = openai_judge(**cfg["openai"], max_new_tokens=cfg["max_new_tokens"])
     # ---- pairs, verdicts, win rates
-    pairs = build_pairs(args.captions, layout_of(base["data"]), args.root, cfg["max_pairs"])
+    pairs = build_pairs(args.captions, layout_of(base["data"]["datasets"]), args.root, cfg["max_pairs"])
     cache = AnswerCache(out / JUDGE_CACHE)
     # Each answer is appended to cache.jsonl as it comes: a failure or a kill keeps what was paid for.
     records = judge_pairs(pairs, backend_id, ask, cache, max_requests=cfg["max_requests"])

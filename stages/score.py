@@ -30,7 +30,8 @@ from repic.core.layout import (
     layout_of,
     paper_table_file,
 )
-from repic.eval.metrics import load_caption_rows, score_captions
+from repic.data.validate import load_caption_rows
+from repic.eval.metrics import score_captions
 from repic.eval.scoring import score_runs
 from repic.eval.tables import column_groups, metrics_table, paper_tables, to_markdown
 
@@ -60,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # paper), metrics_strict.json the corrected one beside it. The protocol param picks the headline table.md.
     params = params_of(args)
     primary = args.protocol or params["score"]["protocol"]
-    layout = layout_of(params["base"]["data"])  # each dataset's own database (display names for strict)
+    layout = layout_of(params["base"]["data"]["datasets"])  # each dataset's own database (display names for strict)
     out, tables = Path(args.out), Path(args.tables)
     frames = []
     for protocol, name in METRICS_FILES.items():

@@ -15,7 +15,8 @@ import pandas as pd
 from repic.core.cli import params_of, parser, run
 from repic.core.io import read_json, write_json, write_parquet
 from repic.core.layout import SUBSET_HELDOUT, SUBSET_MANIFEST, SUBSET_PARQUET, SUBSET_TRAIN
-from repic.data.subset import stratified_subset, validate_training
+from repic.data.subset import stratified_subset
+from repic.data.validate import validate_training
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -20,8 +20,9 @@ from repic.core.cli import params_of, parser, run
 from repic.core.io import atomic_dir, read_json, write_json, write_text
 from repic.core.layout import TRAIN_ADAPTER, TRAIN_CHECKPOINTS, TRAIN_LOG, TRAIN_SUMMARY
 from repic.core.progress import training_callback
-from repic.data.subset import stratified_subset, validate_training
-from repic.train.grpo import check_training_params, heldout_rewards, summarize_log, train
+from repic.data.subset import stratified_subset
+from repic.data.validate import validate_training
+from repic.train.grpo import heldout_rewards, summarize_log, train
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -33,10 +34,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", required=True,
                    help="output folder: adapter/, log.jsonl, summary.json, checkpoints/ (kept for resuming)")
     args = p.parse_args(argv)
-    params = params_of(args)
+    # Everything that can be checked is checked before any output (or resume checkpoint) is touched: the params,
+    # GRPOConfig and LoraConfig included, then the data.
+    params = params_of(args, libraries=True)
     base = params["base"]
-    # Everything that can be checked is checked before any output (or resume checkpoint) is touched.
-    check_training_params(params["train_grpo_lora"], seed=base["seed"])
     samples = validate_training(read_json(args.train), args.train)
     n_eval = params["train_grpo_lora"]["heldout_eval"]
     heldout = validate_training(read_json(args.heldout), args.heldout) if n_eval and args.heldout else []

@@ -27,8 +27,18 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(out, texts, TINY_MODEL, seed=0)
 
 
+def need_shared(path: Path, what: str = "real RePIC data") -> Path:
+    """`path` under ../shared, or the test skips: a user's clone has no ../shared. CI has it (.ci/run sets `CI`),
+    so there a missing path fails the test instead of skipping it silently."""
+    if not path.exists():
+        reason = f"{what} not available ({path} is absent beside the checkout)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI (env CI is set) must have ../shared", pytrace=False)
+        pytest.skip(reason)
+    return path
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    if not (SHARED / "repic_eval").is_dir():
-        pytest.skip(f"real RePIC data not available ({SHARED}/repic_eval is absent beside the checkout)")
+    need_shared(SHARED / "repic_eval")
     return SHARED

@@ -62,7 +62,7 @@ def test_static_greedy_equals_hf_generate_with_a_lora_adapter(tiny_model_dir):
     """Captions of the trained model: PEFT LoRA layers (two adapters, one active) in the static decode step."""
     from peft import get_peft_model
 
-    from repic.train.grpo import lora_config
+    from repic.core.params import lora_config
 
     processor = load_processor(tiny_model_dir)
     model = get_peft_model(_chaotic(load_model(tiny_model_dir, device="cpu", dtype="float32")),
@@ -156,7 +156,7 @@ def test_grpo_rollouts_through_static_backend(tiny_model_dir, tmp_path):
     from peft import get_peft_model
     from trl import GRPOTrainer
 
-    from repic.train.grpo import grpo_config, lora_config
+    from repic.core.params import grpo_config, lora_config
 
     processor = load_processor(tiny_model_dir)
     model = get_peft_model(load_model(tiny_model_dir, device="cpu").train(), lora_config({"r": 4, "lora_alpha": 8}))

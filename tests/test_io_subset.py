@@ -3,7 +3,8 @@ import json
 import pytest
 
 from repic.core.io import RepicError, atomic_dir, read_json, write_json
-from repic.data.subset import stratified_subset, validate_training
+from repic.data.subset import stratified_subset
+from repic.data.validate import validate_training
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):

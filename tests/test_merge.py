@@ -12,7 +12,7 @@ from repic.train.merge import check, merge_and_verify
 def adapter(tiny_model_dir, tmp_path_factory):
     from peft import LoraConfig, get_peft_model
 
-    from repic.train.grpo import LANGUAGE_MODEL_LINEAR
+    from repic.core.params import LANGUAGE_MODEL_LINEAR
     from repic.vlm.models import load_model
 
     # init_lora_weights=False: a non-zero B, so the adapter really changes the logits.

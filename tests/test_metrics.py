@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from repic.core.io import RepicError
+from repic.data.validate import load_caption_rows
 from repic.eval import metrics
-from repic.eval.metrics import load_caption_rows, score_captions, tokenize_caption
+from repic.eval.metrics import score_captions, tokenize_caption
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REPIC_DATA = SHARED / "repic_eval" / "data"

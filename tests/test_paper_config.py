@@ -4,8 +4,7 @@ import shutil
 
 import yaml
 
-from repic.core.params import apply_overlay, load_params
-from repic.train.grpo import LANGUAGE_MODEL_LINEAR, grpo_config, lora_config
+from repic.core.params import LANGUAGE_MODEL_LINEAR, apply_overlay, grpo_config, load_params, lora_config
 
 from .conftest import REPO
 

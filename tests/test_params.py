@@ -74,7 +74,7 @@ def test_duplicate_dataset_names_are_refused():
 
     one = {"name": "myvlm", "database": "d.json", "queries": {"single": "q.json"}}
     with pytest.raises(RepicError, match="dataset name 'myvlm' appears more than once"):
-        eval_datasets({"datasets": [one, dict(one)]})
+        eval_datasets([one, dict(one)])
 
 
 def test_an_overlay_replaces_the_dataset_list():
@@ -110,7 +110,22 @@ def test_check_catches_what_the_training_stage_would(tmp_path, capsys):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["train_grpo_lora"]["rewards"] = ["bleu"]
     assert main(["check", "--params", str(_write(tmp_path, params))]) == 2
-    assert "unknown reward 'bleu'" in capsys.readouterr().err
+    assert ("train_grpo_lora.rewards.0: 'bleu' is not one of ['object_consistency', 'visual_localization', "
+            "'identity_consistency']") in capsys.readouterr().err
+    with pytest.raises(RepicError, match=r"rewards\.0: 'bleu' is not one of"):  # the schema alone, no TRL import
+        load_params(_write(tmp_path, params))
+
+
+def test_library_sections_are_checked_when_params_load(tmp_path):
+    """`load_params(..., libraries=True)` (the Snakefile, fetch_data, train_grpo_lora) checks GRPOConfig and
+    LoraConfig too; the overlay's name is in the message when an overlay brings the typo."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train_grpo_lora"]["lora"]["rank"] = 8
+    path = _write(tmp_path, params)
+    load_params(path)  # the schema leaves library sections open
+    with pytest.raises(RepicError, match=r"params.yaml: train_grpo_lora.lora.rank: unknown key \(not a field of "
+                                         r"LoraConfig\)"):
+        load_params(path, libraries=True)
 
 
 def test_keys_dvc_run_cache_ignores_are_refused(tmp_path):

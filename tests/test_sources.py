@@ -21,8 +21,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import pytest
 
 from repic.core.io import RepicError
+from repic.core.params import SOURCE_SCHEMA
 from repic.data.sources import (
-    SOURCE_SCHEMA,
     extract_archive,
     fetch_source,
     fetch_sources,

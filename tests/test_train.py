@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from repic.core.io import RepicError
-from repic.train.grpo import LANGUAGE_MODEL_LINEAR, build_examples, grpo_config, lora_config, reward_functions
+from repic.core.params import LANGUAGE_MODEL_LINEAR, grpo_config, lora_config
+from repic.train.grpo import build_examples, reward_functions
 
 
 def test_grpo_and_lora_configs_carry_the_params(tmp_path):

@@ -20,15 +20,16 @@ from repic.data.validate import (
     validate_queries,
 )
 
-REPIC_EVAL = Path(__file__).resolve().parents[1].parent / "shared" / "repic_eval"
+from .conftest import SHARED, need_shared
+
+REPIC_EVAL = SHARED / "repic_eval"
 DB = "data/database_tot/{}/database_mod.json"
 Q = "data/query_tot/{}_query_templates.json"
 
 
 @pytest.fixture(scope="module")
 def real() -> Path:
-    if not (REPIC_EVAL / "data").is_dir():
-        pytest.skip(f"real RePIC data not available ({REPIC_EVAL} is absent beside the checkout)")
+    need_shared(REPIC_EVAL / "data")
     return REPIC_EVAL
 
 

@@ -134,7 +134,7 @@ def test_compiled_blocks_equal_transformers_and_do_not_recompile_per_size():
 def _lora_tiny(tiny_model_dir):
     from peft import get_peft_model
 
-    from repic.train.grpo import lora_config
+    from repic.core.params import lora_config
     from repic.vlm.models import load_model, load_processor
 
     torch.manual_seed(0)
@@ -204,7 +204,7 @@ def test_grpo_step_with_feature_cache_equals_without(tiny_model_dir, tmp_path, m
     from trl import GRPOTrainer
 
     import repic.vlm.vision
-    from repic.train.grpo import grpo_config
+    from repic.core.params import grpo_config
     from repic.vlm.generation import rollout_trainer
 
     examples = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "image"},

@@ -69,5 +69,6 @@ def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None 
     return 0
 
 
-def params_of(args: argparse.Namespace) -> dict[str, Any]:
-    return load_params(args.params)
+def params_of(args: argparse.Namespace, *, libraries: bool = False) -> dict[str, Any]:
+    """The stage's validated params (`--params`); `libraries`: GRPOConfig/LoraConfig sections too (seconds)."""
+    return load_params(args.params, libraries=libraries)

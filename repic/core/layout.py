@@ -58,6 +58,9 @@ PROTOCOL_DEFAULT = "repic"
 
 # RePIC's training JSON routes each sample to a reward by its `accu_reward_method`
 REWARD_METHODS = ("yes_no", "iou", "yes_no_name", "yes_no_name_multi")
+# The rewards params `train_grpo_lora.rewards` may name (repic.train.rewards.REWARD_REGISTRY; a test keeps
+# both equal): OCT (yes_no), VLT (iou), ICT (yes_no_name, yes_no_name_multi)
+REWARDS = ("object_consistency", "visual_localization", "identity_consistency")
 
 # Display names of RePIC's datasets in the tables (any other dataset is shown by its params name)
 DATASET_LABELS = {"myvlm": "MyVLM", "yollava": "Yo'LLaVA", "dreambooth": "DreamBooth"}
@@ -142,6 +145,34 @@ def caption_folder(captions_dir: str | Path, setting: str, dataset: str) -> Path
     return Path(captions_dir) / setting / dataset
 
 
+# The folder each stage is given as --out (score also --tables): it writes the files named above inside it.
+# fetch_data writes the params' `base.data.root` and `base.base_model`.
+STAGE_DIRS: dict[str, str | tuple[str, ...]] = {
+    "subset_2k": SUBSET_DIR, "build_db": DB_DIR, "train_grpo_lora": TRAIN_DIR, "merge_lora": MERGE_DIR,
+    **{f"caption_{s}": f"{CAPTIONS_DIR}/{s}" for s in SETTINGS},
+    "score": (SCORE_DIR, TABLES_DIR), "judge_llm": JUDGE_DIR, "report": REPORT_DIR,
+}
+
+
+def stage_outs(base: dict[str, Any]) -> dict[str, list[str]]:
+    """Every stage's outputs as dvc.yaml must declare them (outs and metrics), given params `base`; the test of
+    the layout (tests/test_layout.py) checks dvc.yaml against this."""
+    def inside(folder: str, *names: str) -> list[str]:
+        return [f"{folder}/{n}" for n in names]
+
+    return {
+        "fetch_data": [base["data"]["root"], base["base_model"]],
+        "subset_2k": [SUBSET_DIR],
+        "build_db": [DB_DIR],
+        "train_grpo_lora": inside(TRAIN_DIR, TRAIN_ADAPTER, TRAIN_LOG, TRAIN_CHECKPOINTS, TRAIN_SUMMARY),
+        "merge_lora": inside(MERGE_DIR, MERGED_MODEL, MERGE_REPORT),
+        **{caption_stage(s): [f"{CAPTIONS_DIR}/{s}"] for s in SETTINGS},
+        "score": [*inside(SCORE_DIR, SCORE_TABLE, SLOTS, *METRICS_FILES.values()), TABLES_DIR],
+        "judge_llm": inside(JUDGE_DIR, VERDICTS, JUDGE_CACHE, WIN_RATES),
+        "report": [REPORT_DIR],
+    }
+
+
 def paper_table_file(table: str, protocol: str, ext: str) -> str:
     """`table1_single_repic.md`, ... inside the tables folder."""
     return f"{table}_{protocol}.{ext}"
@@ -153,16 +184,15 @@ def caption_stage(setting: str) -> str:
 
 
 # ---- params helpers: which datasets a stage covers
-def eval_datasets(data: dict[str, Any], setting: str | None = None) -> list[dict[str, Any]]:
-    """The evaluation datasets of params `base.data` (`datasets`: [{name, database, queries: {setting: path}}],
-    in their order), only those with a query map for `setting` when one is given.
+def eval_datasets(datasets: list[dict[str, Any]], setting: str | None = None) -> list[dict[str, Any]]:
+    """The evaluation datasets of params `base.data.datasets` ([{name, database, queries: {setting: path}}], in
+    their order), only those with a query map for `setting` when one is given.
 
     >>> ds = [{"name": "myvlm", "database": "m.json", "queries": {"single": "q.json"}},
     ...       {"name": "two", "database": "t.json", "queries": {"multi2": "q2.json"}}]
-    >>> [d["name"] for d in eval_datasets({"datasets": ds}, "multi2")]
+    >>> [d["name"] for d in eval_datasets(ds, "multi2")]
     ['two']
     """
-    datasets = data["datasets"]
     names = [d["name"] for d in datasets]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -174,7 +204,8 @@ def eval_datasets(data: dict[str, Any], setting: str | None = None) -> list[dict
 Layout = dict[str, list[tuple[str, dict[str, Any]]]]
 
 
-def layout_of(data: dict[str, Any]) -> Layout:
-    """Which caption folders the configured datasets (params `base.data`) produce, with their databases."""
-    layout = {s: [(d["name"], read_json(d["database"])) for d in eval_datasets(data, s)] for s in SETTINGS}
+def layout_of(datasets: list[dict[str, Any]]) -> Layout:
+    """Which caption folders the configured datasets (params `base.data.datasets`) produce, with their
+    databases."""
+    layout = {s: [(d["name"], read_json(d["database"])) for d in eval_datasets(datasets, s)] for s in SETTINGS}
     return {s: datasets for s, datasets in layout.items() if datasets}

@@ -1,8 +1,10 @@
 """params.yaml: load, overlay and validate against a schema before any work starts.
 
 An unknown or mistyped key is an error that names it, e.g. `params.yaml: train_grpo_lora.lora.rank: unknown key`.
-`lora` and `grpo` hold PEFT's and TRL's own field names; their names and value types are checked against those
-dataclasses by `python -m repic.core.params check` and by the training stage before it touches any output.
+`train_grpo_lora.lora` and `.grpo` hold PEFT's `LoraConfig` and TRL's `GRPOConfig` own field names: this module
+builds those configs (`lora_config`, `grpo_config`) and checks them (field names, value types, the dataclasses' own
+checks) with `load_params(..., libraries=True)`: in `python -m repic.core.params check|apply`, when the Snakefile
+builds the DAG, and when fetch_data (the DAG's first stage) and train_grpo_lora start.
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ from typing import Any
 import yaml
 
 from repic.core.io import RepicError
-from repic.core.layout import PROTOCOLS, SETTINGS
-from repic.data.sources import SOURCE_SCHEMA
+from repic.core.layout import PROTOCOLS, REWARDS, SETTINGS
 
 
 def _obj(props: dict[str, Any], required: bool = True, open_: bool = False) -> dict[str, Any]:
@@ -33,6 +34,46 @@ _STR = {"type": "string"}
 _INT = {"type": "integer", "minimum": 0}
 _POS = {"type": "integer", "minimum": 1}
 _NUM = {"type": "number"}
+
+# ---- fetch_data.sources: the kinds of source (repic.data.sources fetches them) and the schema of one spec
+SOURCE_KINDS = ("hf", "url", "local", "git")
+# JSON schema of one source spec in params (fetch_data.sources.<name>). if/then per kind rather than oneOf, so a
+# validation error names the offending key instead of "not valid under any of the given schemas".
+_HEX64 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+_HEX40 = {"type": "string", "pattern": "^[0-9a-f]{40}$"}
+# A relative path that stays inside its tree: not absolute, no '..' component, not empty.
+_INSIDE = {"type": "string", "pattern": r"^(?!/)(?![A-Za-z]:)(?!.*(^|[/\\])\.\.([/\\]|$)).+$"}
+_NET = {"retries": {"type": "integer", "minimum": 0}, "timeout_s": {"type": "number", "exclusiveMinimum": 0},
+        "backoff_s": {"type": "number", "minimum": 0}}
+_RECORD = {"const": True}
+_KIND_PROPS: dict[str, dict[str, Any]] = {
+    "hf": {"repo_id": _STR, "repo_type": {"enum": ["model", "dataset"]}, "revision": _HEX40, "record": _RECORD,
+           "allow_patterns": {"type": "array", "items": _STR}, "endpoint": _STR, "expect": _STR},
+    "url": {"url": {"type": "string", "pattern": "^https?://"}, "sha256": _HEX64, "record": _RECORD,
+            "filename": _STR, "extract": {"type": "boolean"}, "subdir": _INSIDE, "expect": _STR, **_NET},
+    "local": {"path": _STR, "sha256": _HEX64, "mode": {"enum": ["copy", "symlink"]},
+              "require": {"type": "array", "items": _STR}},
+    "git": {"repo": {"type": "string", "pattern": "^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$"}, "commit": _HEX40,
+            "manifest": _STR, "subdir": _INSIDE, "lfs": {"type": "boolean"}, **_NET},
+}
+_KIND_REQUIRED = {"hf": ["repo_id"], "url": ["url"], "local": ["path", "sha256"],
+                  "git": ["repo", "commit", "manifest"]}
+# The pin of an hf/url source: exactly one of its checksum and `record: true` (record on first download).
+SOURCE_PIN = {"hf": "revision", "url": "sha256"}
+SOURCE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["kind", "dest"],
+    "properties": {"kind": {"enum": list(SOURCE_KINDS)}, "dest": _STR},
+    "allOf": [
+        {"if": {"properties": {"kind": {"const": kind}}, "required": ["kind"]},
+         "then": {"required": _KIND_REQUIRED[kind], "additionalProperties": False,
+                  "properties": {"kind": {"const": kind}, "dest": _STR, **props},
+                  **({"oneOf": [{"required": [SOURCE_PIN[kind]]}, {"required": ["record"]}]}
+                     if kind in SOURCE_PIN else {})}}
+        for kind, props in _KIND_PROPS.items()
+    ],
+}
+
 # An evaluation dataset: its own database (and retrieval index) and the query maps of the settings it has.
 _DATASET = {**_obj({"name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]*$"}, "database": _STR,
                     "queries": {**_obj({s: _STR for s in SETTINGS}, required=False),
@@ -82,7 +123,7 @@ SCHEMA: dict[str, Any] = _obj({
         "launch": _STR,
         "rollout_backend": {"enum": ["hf", "static"]},
         "protocol": {"enum": list(PROTOCOLS)},
-        "rewards": {"type": "array", "items": _STR, "minItems": 1},
+        "rewards": {"type": "array", "items": {"enum": list(REWARDS)}, "minItems": 1},
         "heldout_eval": _INT,
         "resize": _obj({"multi_short_side": _POS, "single_short_side": _POS}),
         "lora": {"type": "object"},
@@ -164,7 +205,9 @@ def validate(params: dict[str, Any], source: str = "params.yaml") -> None:
     raise RepicError(f"{source}: {where}: {err.message}{_yaml_number_hint(err.instance)}")
 
 
-def load_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
+def load_params(path: str | os.PathLike = "params.yaml", *, libraries: bool = False) -> dict[str, Any]:
+    """params.yaml validated against the schema; with `libraries`, also its GRPOConfig/LoraConfig sections
+    (`check_libraries`: imports TRL and PEFT, seconds)."""
     path = Path(path)
     if not path.is_file():
         raise RepicError(f"{path}: file not found")
@@ -175,6 +218,8 @@ def load_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
     if not isinstance(params, dict):
         raise RepicError(f"{path}: expected a mapping of sections")
     validate(params, str(path))
+    if libraries:
+        check_libraries(params, str(path))
     return params
 
 
@@ -224,7 +269,7 @@ def _expected(hint: Any) -> str:
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
-def check_fields(section: str, values: dict[str, Any], dataclass_type: type) -> None:
+def check_fields(section: str, values: dict[str, Any], dataclass_type: type, source: str = "params.yaml") -> None:
     """Keys of a library-config section must be fields of that library's dataclass (GRPOConfig, LoraConfig), and
     values of the field's type: a dataclass does not check types, so `learning_rate: 1e-4` (a string to YAML)
     would only fail inside torch, hours into a run."""
@@ -235,18 +280,56 @@ def check_fields(section: str, values: dict[str, Any], dataclass_type: type) -> 
     hints = typing.get_type_hints(dataclass_type)
     for key, value in values.items():
         if key not in names:
-            raise RepicError(f"params.yaml: {section}.{key}: unknown key (not a field of {dataclass_type.__name__})")
+            raise RepicError(f"{source}: {section}.{key}: unknown key (not a field of {dataclass_type.__name__})")
         if not _matches(value, hints.get(key, Any)):
-            raise RepicError(f"params.yaml: {section}.{key}: {value!r} is not {_expected(hints[key])} "
+            raise RepicError(f"{source}: {section}.{key}: {value!r} is not {_expected(hints[key])} "
                              f"({dataclass_type.__name__}.{key}){_yaml_number_hint(value)}")
 
 
-def check_libraries(params: dict[str, Any]) -> None:
-    """What the stages check at run time beyond the schema: the training section's GRPOConfig / LoraConfig
-    (field names, value types, and the dataclasses' own checks) and reward names. Imports TRL (seconds)."""
-    from repic.train.grpo import check_training_params
+# LoRA's default target: the language model's linear layers only. `gate_proj/up_proj/down_proj` also name the
+# vision tower's MLPs, so a bare list of names would put LoRA on the frozen vision encoder too.
+LANGUAGE_MODEL_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
-    check_training_params(params["train_grpo_lora"], seed=params["base"]["seed"])
+
+def lora_config(lora: dict[str, Any], source: str = "params.yaml") -> Any:
+    """PEFT `LoraConfig` of params `train_grpo_lora.lora` (checked field by field first)."""
+    from peft import LoraConfig
+
+    check_fields("train_grpo_lora.lora", lora, LoraConfig, source)
+    kwargs = dict(lora)
+    kwargs.setdefault("target_modules", LANGUAGE_MODEL_LINEAR)
+    kwargs.setdefault("task_type", "CAUSAL_LM")
+    try:
+        return LoraConfig(**kwargs)
+    except (ValueError, TypeError) as exc:  # LoraConfig.__post_init__'s own checks
+        raise RepicError(f"{source}: train_grpo_lora.lora: {str(exc).splitlines()[0]}") from None
+
+
+def grpo_config(grpo: dict[str, Any], output_dir: str | os.PathLike, use_cpu: bool, source: str = "params.yaml"
+                ) -> Any:
+    """TRL `GRPOConfig` of params `train_grpo_lora.grpo` (checked field by field first)."""
+    from trl import GRPOConfig
+
+    check_fields("train_grpo_lora.grpo", grpo, GRPOConfig, source)
+    kwargs = dict(grpo)
+    kwargs.setdefault("report_to", "none")
+    kwargs.setdefault("save_strategy", "no")
+    try:
+        return GRPOConfig(output_dir=str(output_dir), use_cpu=use_cpu, **kwargs)
+    except (ValueError, TypeError) as exc:  # GRPOConfig/TrainingArguments.__post_init__'s own checks
+        raise RepicError(f"{source}: train_grpo_lora.grpo: {str(exc).splitlines()[0]}") from None
+
+
+def check_libraries(params: dict[str, Any], source: str = "params.yaml") -> None:
+    """Beyond the schema: the training section's LoraConfig and GRPOConfig (field names, value types, and the
+    dataclasses' own checks), built as training builds them. Imports TRL and PEFT (seconds); writes nothing.
+    (GRPOConfig's batch divisibility checks see one process.)"""
+    import tempfile
+
+    section = params["train_grpo_lora"]
+    lora_config(section["lora"], source)
+    with tempfile.TemporaryDirectory() as tmp:  # GRPOConfig wants an output_dir; nothing is written there
+        grpo_config({**section["grpo"], "seed": params["base"]["seed"]}, tmp, use_cpu=True, source=source)
 
 
 def apply_overlay(params_path: str | os.PathLike, overlay_path: str | os.PathLike) -> dict[str, Any]:
@@ -257,7 +340,7 @@ def apply_overlay(params_path: str | os.PathLike, overlay_path: str | os.PathLik
     overlay = yaml.safe_load(Path(overlay_path).read_text(encoding="utf-8")) or {}
     merged = deep_merge(base, overlay)
     validate(merged, f"{params_path} + {overlay_path}")
-    check_libraries(merged)
+    check_libraries(merged, f"{params_path} + {overlay_path}")
     header = f"# {params_path} with {overlay_path} applied (git checkout {params_path} undoes it)\n"
     write_text(params_path, header + yaml.safe_dump(merged, sort_keys=False, width=110))
     return merged
@@ -269,8 +352,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m repic.core.params", description="validate or overlay params.yaml")
     sub = p.add_subparsers(dest="command", required=True)
-    ck = sub.add_parser("check", help="validate params.yaml: the schema, and what the stages check before any work "
-                        "(GRPOConfig/LoraConfig field names and types, reward names)")
+    ck = sub.add_parser("check", help="validate params.yaml: the schema (reward names included) and the "
+                        "GRPOConfig/LoraConfig sections (field names, types, the dataclasses' own checks)")
     ck.add_argument("--params", default="params.yaml")
     ap = sub.add_parser("apply", help="overlay a config (e.g. configs/paper.yaml) onto params.yaml")
     ap.add_argument("overlay")
@@ -278,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.command == "check":
-            check_libraries(load_params(args.params))
+            load_params(args.params, libraries=True)
         else:
             apply_overlay(args.params, args.overlay)
     except RepicError as exc:

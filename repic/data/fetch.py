@@ -70,7 +70,7 @@ def fetch_real(out_data: str | os.PathLike, out_model: str | os.PathLike, params
             build_tiny_model(model_tmp, world_texts(data_tmp), params["tiny_model"], seed=seed)
         datasets = [{"name": d["name"], "database": inside(d["database"], data_tmp),
                      "queries": {s: inside(q, data_tmp) for s, q in d["queries"].items()}}
-                    for d in eval_datasets(data_paths)]
+                    for d in eval_datasets(data_paths["datasets"])]
         report = validate_datasets(data_tmp, datasets, strict=params["strict"])
         report["root"] = str(out_data)
         write_json(data_tmp / VALIDATION_REPORT, report)

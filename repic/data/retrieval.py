@@ -1,6 +1,6 @@
 """Retrieval of a query's concepts from a RePIC database: detector crops -> image embeddings -> exact faiss.
 
-The paper's recipe (DESIGN.md, "Captioning"): YOLO-World crops of the query (classes = database categories,
+The paper's recipe (RePIC's caption scripts): YOLO-World crops of the query (classes = database categories,
 conf 0.1) -> CLIP ViT-L/14-336 image embeddings, L2-normalised -> exact inner-product faiss index over the
 database images -> per-crop top-k, pooled, deduplicated -> top-k concepts (k = 2 for single and 2-concept,
 4 for 4-concept). Embedders and detectors are looked up by name in `EMBEDDERS` / `DETECTORS`:
@@ -271,26 +271,18 @@ def make_embedder(name: str, *, device: str = "cpu", **kw: Any) -> Embedder:
 
 # =============================================================================================== detectors
 def connected_components(mask: np.ndarray) -> np.ndarray:
-    """8-connected component labels of a boolean mask (0 = background), without scipy.
+    """8-connected component labels of a boolean mask (0 = background); each component is labelled by its
+    largest flat pixel index + 1, a label that does not depend on how the components are enumerated (the
+    detector breaks ties between equal-sized regions by it)."""
+    from scipy import ndimage
 
-    Each pixel starts with its own flat index + 1; labels spread to the maximum over the 3x3 neighbourhood,
-    and pointer jumping (adopt the label of the pixel your label names) makes it converge in ~log steps
-    along long components instead of one step per pixel.
-    """
     h, w = mask.shape
-    labels = np.where(mask, np.arange(1, h * w + 1).reshape(h, w), 0)
-    while True:
-        padded = np.pad(labels, 1)
-        spread = labels.copy()
-        for dy in range(3):
-            for dx in range(3):
-                np.maximum(spread, padded[dy : dy + h, dx : dx + w], out=spread)
-        spread = np.where(mask, spread, 0)
-        flat = spread.ravel()
-        jumped = np.where(flat > 0, flat[np.maximum(flat - 1, 0)], 0).reshape(h, w)
-        if np.array_equal(jumped, labels):
-            return labels
-        labels = jumped
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    flat = np.arange(1, h * w + 1).reshape(h, w)
+    if n == 0:
+        return np.zeros_like(flat)
+    top = np.asarray(ndimage.maximum(flat, labels, index=np.arange(1, n + 1)), dtype=flat.dtype).reshape(-1)
+    return np.concatenate([np.zeros(1, dtype=flat.dtype), top])[labels]
 
 
 class ForegroundDetector:
@@ -500,9 +492,9 @@ def make_detector(name: str, *, classes: Sequence[str] = (), device: str = "cpu"
 # =================================================================================================== index
 def database_entries(database_json: Path) -> list[tuple[str, str]]:
     """(image path as stored, concept key) for every database image, in file order, each image once."""
-    db = read_json(database_json)
-    if not isinstance(db, dict) or not isinstance(db.get("concept_dict"), dict):
-        raise RepicError(f"{database_json}: expected an object with 'concept_dict' and 'path_to_concept'")
+    from repic.data.validate import load_database
+
+    db = load_database(database_json)
     entries: dict[str, str] = {}
     for image, key in (db.get("path_to_concept") or {}).items():
         entries.setdefault(image, key)

@@ -62,10 +62,10 @@ from pathlib import Path
 from typing import Any
 
 from repic.core.io import RepicError, atomic_dir, atomic_path
+from repic.core.params import SOURCE_KINDS, SOURCE_PIN
 
 log = logging.getLogger(__name__)
 
-KINDS = ("hf", "url", "local", "git")
 MIRRORS_ENV = "REPIC_URL_MIRRORS"
 RERECORD_ENV = "REPIC_RERECORD"
 GITHUB_ARCHIVE = "https://github.com/{repo}/archive/{commit}.tar.gz"
@@ -79,44 +79,6 @@ _SHA1 = re.compile(r"^[0-9a-f]{40}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _GDRIVE_FILE = re.compile(r"^https?://drive\.google\.com/file/d/([A-Za-z0-9_-]+)")
 _GDRIVE_OPEN = re.compile(r"^https?://drive\.google\.com/(?:open|uc)\?(?:.*&)?id=([A-Za-z0-9_-]+)")
-
-# JSON schema of one source spec in params (fetch_data.sources.<name>). if/then per kind rather than oneOf, so a
-# validation error names the offending key instead of "not valid under any of the given schemas".
-_STR = {"type": "string"}
-_HEX64 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
-_HEX40 = {"type": "string", "pattern": "^[0-9a-f]{40}$"}
-# A relative path that stays inside its tree: not absolute, no '..' component, not empty.
-_INSIDE = {"type": "string", "pattern": r"^(?!/)(?![A-Za-z]:)(?!.*(^|[/\\])\.\.([/\\]|$)).+$"}
-_NET = {"retries": {"type": "integer", "minimum": 0}, "timeout_s": {"type": "number", "exclusiveMinimum": 0},
-        "backoff_s": {"type": "number", "minimum": 0}}
-_RECORD = {"const": True}
-_KIND_PROPS: dict[str, dict[str, Any]] = {
-    "hf": {"repo_id": _STR, "repo_type": {"enum": ["model", "dataset"]}, "revision": _HEX40, "record": _RECORD,
-           "allow_patterns": {"type": "array", "items": _STR}, "endpoint": _STR, "expect": _STR},
-    "url": {"url": {"type": "string", "pattern": "^https?://"}, "sha256": _HEX64, "record": _RECORD,
-            "filename": _STR, "extract": {"type": "boolean"}, "subdir": _INSIDE, "expect": _STR, **_NET},
-    "local": {"path": _STR, "sha256": _HEX64, "mode": {"enum": ["copy", "symlink"]},
-              "require": {"type": "array", "items": _STR}},
-    "git": {"repo": {"type": "string", "pattern": "^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$"}, "commit": _HEX40,
-            "manifest": _STR, "subdir": _INSIDE, "lfs": {"type": "boolean"}, **_NET},
-}
-_KIND_REQUIRED = {"hf": ["repo_id"], "url": ["url"], "local": ["path", "sha256"],
-                  "git": ["repo", "commit", "manifest"]}
-# The pin of an hf/url source: exactly one of its checksum and `record: true` (record on first download).
-_PIN_OF = {"hf": "revision", "url": "sha256"}
-SOURCE_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["kind", "dest"],
-    "properties": {"kind": {"enum": list(KINDS)}, "dest": _STR},
-    "allOf": [
-        {"if": {"properties": {"kind": {"const": kind}}, "required": ["kind"]},
-         "then": {"required": _KIND_REQUIRED[kind], "additionalProperties": False,
-                  "properties": {"kind": {"const": kind}, "dest": _STR, **props},
-                  **({"oneOf": [{"required": [_PIN_OF[kind]]}, {"required": ["record"]}]} if kind in _PIN_OF else {})}}
-        for kind, props in _KIND_PROPS.items()
-    ],
-}
-
 
 # ============================================================================================== public entry
 def fetch_source(spec: Mapping[str, Any], dest: str | os.PathLike, *, name: str | None = None,
@@ -132,13 +94,13 @@ def fetch_source(spec: Mapping[str, Any], dest: str | os.PathLike, *, name: str 
     """
     label = f"source {name!r}" if name else f"source {_describe(spec)}"
     kind = spec.get("kind")
-    if kind not in KINDS:
-        raise RepicError(f"{label}: kind: expected one of {list(KINDS)}, got {kind!r}")
+    if kind not in SOURCE_KINDS:
+        raise RepicError(f"{label}: kind: expected one of {list(SOURCE_KINDS)}, got {kind!r}")
     dest = Path(dest)
     cache = Path(cache_dir) if cache_dir is not None else None
-    if kind in _PIN_OF and spec.get("record"):
-        if spec.get(_PIN_OF[kind]):
-            raise RepicError(f"{label}: give either {_PIN_OF[kind]} (a pin) or record: true, not both")
+    if kind in SOURCE_PIN and spec.get("record"):
+        if spec.get(SOURCE_PIN[kind]):
+            raise RepicError(f"{label}: give either {SOURCE_PIN[kind]} (a pin) or record: true, not both")
         if lock is None or name is None:
             raise RepicError(f"{label}: record: true needs a lock file (fetch_data.lock) to record into")
         return _fetch_recorded(spec, dest, name=name, label=label, cache_dir=cache, progress=progress, lock=lock,
@@ -252,7 +214,7 @@ def _identity(spec: Mapping[str, Any]) -> dict[str, Any]:
 def _fetch_recorded(spec: Mapping[str, Any], dest: Path, *, name: str, label: str, cache_dir: Path | None,
                     progress: bool, lock: SourceLock, rerecord: bool, layout_path: str | None) -> Path:
     """A ``record: true`` source: fetched at its recorded value, or recorded now (first download / --re-record)."""
-    kind, key = spec["kind"], _PIN_OF[spec["kind"]]
+    kind, key = spec["kind"], SOURCE_PIN[spec["kind"]]
     entry, ident = lock.get(name), _identity(spec)
     if entry is not None and not rerecord:
         if {k: entry.get(k) for k in ident} != ident:

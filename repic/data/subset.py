@@ -10,27 +10,6 @@ import random
 from collections import defaultdict
 from typing import Any
 
-from repic.core.io import RepicError
-from repic.core.layout import REWARD_METHODS
-
-REQUIRED = ("image", "problem", "solution", "accu_reward_method")
-
-
-def validate_training(samples: Any, source: str) -> list[dict[str, Any]]:
-    """Check RePIC's training schema; raise naming the sample index and the missing/bad key."""
-    if not isinstance(samples, list):
-        raise RepicError(f"{source}: expected a JSON list of training samples")
-    for i, s in enumerate(samples):
-        if not isinstance(s, dict):
-            raise RepicError(f"{source}: sample {i}: expected an object")
-        for key in REQUIRED:
-            if key not in s:
-                raise RepicError(f"{source}: sample {i}: missing key {key!r}")
-        if s["accu_reward_method"] not in REWARD_METHODS:
-            raise RepicError(f"{source}: sample {i}: accu_reward_method {s['accu_reward_method']!r} "
-                             f"not one of {REWARD_METHODS}")
-    return samples
-
 
 def stratified_subset(samples: list[dict[str, Any]], size: int, seed: int) -> tuple[list[int], dict[str, Any]]:
     """Indices of the subset (source order) and a manifest of the rule, seed and per-stratum counts."""

@@ -1,6 +1,7 @@
-"""Check fetched data in RePIC's formats: a JSON-serialisable report naming every defect, and the valid part.
+"""RePIC's file formats, checked in one place: databases (`database_mod.json`), query maps, the training JSON and
+caption files; for fetched data, a JSON-serialisable report naming every defect, and the valid part.
 
-Real data has defects (see shared/repic_eval/README.md): images a database lists but nobody shipped (Yo'LLaVA),
+Real data has defects (RePIC's released evaluation data): images a database lists but nobody shipped (Yo'LLaVA),
 image files nobody listed (squidgame's sim, sky, sunghoon), query images not downloaded. The pipeline reports them
 and goes on with what is valid (`filter_valid_queries`); ``strict`` turns any error into a failure.
 
@@ -24,9 +25,8 @@ from typing import Any
 from PIL import Image
 
 from repic.core.io import RepicError, read_json, resolve_image
-from repic.core.layout import SETTINGS, check_setting
+from repic.core.layout import REWARD_METHODS, SETTINGS, check_setting
 
-# The settings of repic.eval.captioning and the number of ground-truth keys an entry holds in each.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 CONCEPT_FIELDS = ("name", "image", "info", "category")
 NO_IMAGE, MALFORMED = "reference image missing", "malformed concept"
@@ -127,13 +127,13 @@ def _entry_problems(query_map: Any, database: Mapping[str, Any], root: Path, set
     entries: dict[str, list[tuple[list[str], str]]] = {}
     found: dict[str, Any] = {"missing_images": [], "unknown_keys": set(), "unusable_keys": {}, "malformed": []}
     for image, value in query_map.items():
-        subsets = value if subsets_per_image and isinstance(value, list) else [value]
+        subsets = entry_subsets(value, setting)
         image_missing = not resolve_image(root, image).is_file()
         if image_missing:
             found["missing_images"].append(image)
         rows: list[tuple[list[str], str]] = []
         for keys in subsets:
-            if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or len(keys) != arity:
+            if not is_key_list(keys) or len(keys) != arity:
                 shape = f"a list of {arity}-key lists" if subsets_per_image else f"a list of {arity} key(s)"
                 found["malformed"].append(f"{image}: expected {shape}, got {keys!r}")
                 rows.append(([], f"malformed entry (expected {shape}, got {keys!r})"))
@@ -302,3 +302,66 @@ def _as_stored(path: Path, root: Path) -> str:
         return "./" + Path(_norm(path)).relative_to(_norm(root)).as_posix()
     except ValueError:
         return _norm(path)
+
+
+# ================================================================================================ query maps
+def entry_subsets(value: Any, setting: str) -> list[Any]:
+    """The ground-truth key lists of one query-map entry: RePIC's 4-concept maps hold a list of key subsets per
+    image (`subsets_per_image`), the other settings one list."""
+    return value if SETTINGS[setting].subsets_per_image and isinstance(value, list) else [value]
+
+
+def is_key_list(keys: Any) -> bool:
+    return isinstance(keys, list) and all(isinstance(k, str) for k in keys)
+
+
+# ================================================================================================ training
+TRAINING_FIELDS = ("image", "problem", "solution", "accu_reward_method")
+
+
+def validate_training(samples: Any, source: str) -> list[dict[str, Any]]:
+    """Check RePIC's training schema; raise naming the sample index and the missing/bad key."""
+    if not isinstance(samples, list):
+        raise RepicError(f"{source}: expected a JSON list of training samples")
+    for i, s in enumerate(samples):
+        if not isinstance(s, dict):
+            raise RepicError(f"{source}: sample {i}: expected an object")
+        for key in TRAINING_FIELDS:
+            if key not in s:
+                raise RepicError(f"{source}: sample {i}: missing key {key!r}")
+        if s["accu_reward_method"] not in REWARD_METHODS:
+            raise RepicError(f"{source}: sample {i}: accu_reward_method {s['accu_reward_method']!r} "
+                             f"not one of {REWARD_METHODS}")
+    return samples
+
+
+# ================================================================================================ captions
+def load_caption_rows(path: str | os.PathLike) -> list[list[Any]]:
+    """Read a caption file (ours or RePIC's): a JSON list of `[query_image, [gt keys], caption, question]`.
+
+    The question is optional, as RePIC's own scorers ignore it. A malformed row raises `RepicError` naming
+    the file, the row index and what was expected; so does an empty list.
+    """
+    data = read_json(path)
+    expected = "[query_image: str, [gt keys: str, ...], caption: str, question: str]"
+    if not isinstance(data, list):
+        raise RepicError(f"{path}: expected a JSON list of rows {expected}, got {type(data).__name__}")
+    if not data:
+        # An F1 of 0 over nothing reads like a real score; an empty file is a broken run, not a result.
+        raise RepicError(f"{path}: no caption rows (an empty list), nothing to score")
+    rows = []
+    for i, row in enumerate(data):
+        ok = (
+            isinstance(row, list)
+            and len(row) in (3, 4)
+            and isinstance(row[0], str)
+            and isinstance(row[1], list)
+            and len(row[1]) > 0
+            and all(isinstance(k, str) for k in row[1])
+            and isinstance(row[2], str)
+            and (len(row) == 3 or isinstance(row[3], str))
+        )
+        if not ok:
+            raise RepicError(f"{path}: row {i}: expected {expected}, got {str(row)[:120]}")
+        rows.append(row)
+    return rows

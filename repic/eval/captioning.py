@@ -31,12 +31,13 @@ class Query:
 
 def expand_queries(query_map: dict[str, Any], setting: str, source: str = "queries") -> list[Query]:
     """RePIC query maps -> queries. 4-concept maps hold a list of 4-key subsets per image: one query each."""
+    from repic.data.validate import entry_subsets, is_key_list
+
     subsets_per_image = check_setting(setting).subsets_per_image
     queries: list[Query] = []
     for image, keys in query_map.items():
-        subsets = keys if subsets_per_image else [keys]
-        for subset in subsets:
-            if not isinstance(subset, list) or not all(isinstance(k, str) for k in subset):
+        for subset in entry_subsets(keys, setting):
+            if not is_key_list(subset):
                 raise RepicError(f"{source}: entry {image!r} must map to a list of keys"
                                  + (" per subset (list of lists)" if subsets_per_image else ""))
             question = CAPTION_QUESTIONS[len(queries) % len(CAPTION_QUESTIONS)]
@@ -57,27 +58,6 @@ def build_conversation(query: Query, database: dict[str, Any], root: str | os.Pa
         images.append(open_rgb(root, entry["image"]))
     images.append(open_rgb(root, query.image))
     return caption_messages(refs, query.question), images
-
-
-def generate_captions(model: Any, processor: Any, conversations: list[tuple[list[dict], list[Image.Image]]],
-                      *, batch_size: int, max_new_tokens: int, backend: str = "hf", desc: str | None = None,
-                      hit_limit: list[bool] | None = None) -> list[str]:
-    """Greedy captions for many conversations, batched by similar prompt size, left padded; `backend` is
-    HF `generate` ("hf") or the static-KV-cache/CUDA-graph decoder ("static", token-identical in fp32).
-    With `desc`, shows progress (`repic.core.progress`); `hit_limit` receives, per caption, whether it was cut at
-    `max_new_tokens`."""
-    from repic.core.progress import Progress
-    from repic.vlm.generation import generate
-
-    texts = [processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-             for msgs, _ in conversations]
-    images = [imgs for _, imgs in conversations]
-    if desc is None:
-        return generate(model, processor, texts, images, backend=backend, max_new_tokens=max_new_tokens,
-                        batch_size=batch_size, hit_limit=hit_limit)
-    with Progress(len(texts), desc, unit="caption") as bar:
-        return generate(model, processor, texts, images, backend=backend, max_new_tokens=max_new_tokens,
-                        batch_size=batch_size, hit_limit=hit_limit, on_batch=bar.update)
 
 
 def caption_rows(queries: list[Query], captions: list[str]) -> list[list[Any]]:
@@ -103,6 +83,8 @@ def caption_all(model: Any, processor: Any, queries_by_mode: dict[str, list[Quer
                 desc: str = "caption", hit_limit: dict[str, int] | None = None) -> dict[str, list[list[Any]]]:
     """Caption every mode's queries with one model; returns RePIC caption rows per mode. `hit_limit`, when
     given, receives per mode how many captions stopped at `max_new_tokens` (cut off, no EOS)."""
+    from repic.vlm.generation import generate_captions
+
     rows = {}
     for mode, queries in queries_by_mode.items():
         conversations = [build_conversation(q, database, root) for q in queries]

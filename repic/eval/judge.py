@@ -121,7 +121,7 @@ class AnswerCache:
 
 
 def local_judge(model_path: str, *, device: str, dtype: str, max_new_tokens: int) -> tuple[str, Judge]:
-    from repic.eval.captioning import generate_captions
+    from repic.vlm.generation import generate_captions
     from repic.vlm.models import load_model, load_processor
 
     processor = load_processor(model_path)

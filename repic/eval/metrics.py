@@ -22,11 +22,10 @@ It is reported beside `repic`, never instead of it.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
-from repic.core.io import RepicError, read_json
+from repic.core.io import RepicError
 from repic.core.layout import PROTOCOLS, SETTINGS
 
 PUNCT_STRIP = ".,!?;:()[]{}\"'-"
@@ -211,34 +210,3 @@ def score_captions(
         "n_miss": n_miss,
     }
     return summary, records
-
-
-def load_caption_rows(path: str | os.PathLike) -> list[list[Any]]:
-    """Read a caption file (ours or RePIC's): a JSON list of `[query_image, [gt keys], caption, question]`.
-
-    The question is optional, as RePIC's own scorers ignore it. A malformed row raises `RepicError` naming
-    the file, the row index and what was expected; so does an empty list.
-    """
-    data = read_json(path)
-    expected = "[query_image: str, [gt keys: str, ...], caption: str, question: str]"
-    if not isinstance(data, list):
-        raise RepicError(f"{path}: expected a JSON list of rows {expected}, got {type(data).__name__}")
-    if not data:
-        # An F1 of 0 over nothing reads like a real score; an empty file is a broken run, not a result.
-        raise RepicError(f"{path}: no caption rows (an empty list), nothing to score")
-    rows = []
-    for i, row in enumerate(data):
-        ok = (
-            isinstance(row, list)
-            and len(row) in (3, 4)
-            and isinstance(row[0], str)
-            and isinstance(row[1], list)
-            and len(row[1]) > 0
-            and all(isinstance(k, str) for k in row[1])
-            and isinstance(row[2], str)
-            and (len(row) == 3 or isinstance(row[3], str))
-        )
-        if not ok:
-            raise RepicError(f"{path}: row {i}: expected {expected}, got {str(row)[:120]}")
-        rows.append(row)
-    return rows

@@ -1,21 +1,22 @@
-"""The visual report: a static `index.html` (no server) with per-query captions, names highlighted, metrics,
-and PNG plots of the training reward curves and of P/R/F1 per setting."""
+"""The visual report: a static `index.html` (no server) with per-query captions, each ground-truth name marked
+with the scorer's verdict (the score stage's slots.parquet), metrics, and PNG plots of the training reward curves
+and of P/R/F1 per setting."""
 
 from __future__ import annotations
 
 import html
 import os
-import re
 from pathlib import Path
 from typing import Any
 
-from repic.core.io import atomic_dir, read_json, resolve_image
+from repic.core.io import RepicError, atomic_dir, read_json, resolve_image
 from repic.core.layout import (
     MODELS,
     MODES,
+    PROTOCOL_DEFAULT,
     REPORT_INDEX,
     RETRIEVAL_REPORT,
-    SETTINGS,
+    Layout,
     caption_file,
     caption_folder,
     run_name,
@@ -44,34 +45,35 @@ window.addEventListener('load', () => {
 """
 
 
-def highlight(caption: str, gt_keys: list[str], pool: set[str], case_sensitive: bool) -> str:
-    """HTML of `caption` with pool names marked correct (in this query's ground truth) or wrong (another
-    concept), matching the bracketed (`<anya>`) or bare (`anya`) form as the scorer does."""
-    forms: dict[str, str] = {}
-    for key in pool:
-        bare = key.strip("<>")
-        for form in (key, bare):
-            forms[form if case_sensitive else form.lower()] = key
-    pattern = re.compile("|".join(re.escape(f) for f in sorted(forms, key=len, reverse=True)) or r"(?!x)x",
-                         0 if case_sensitive else re.IGNORECASE)
-    out, last = [], 0
-    for m in pattern.finditer(caption):
-        before = caption[m.start() - 1] if m.start() else " "
-        after = caption[m.end()] if m.end() < len(caption) else " "
-        if before.isalnum() or after.isalnum():  # only whole tokens count, as in the scorer
-            continue
-        key = forms[m.group(0) if case_sensitive else m.group(0).lower()]
-        cls = "correct" if key in gt_keys else "wrong"
-        out += [html.escape(caption[last:m.start()]), f'<span class="{cls}">{html.escape(m.group(0))}</span>']
-        last = m.end()
-    out.append(html.escape(caption[last:]))
-    return "".join(out)
+# A ground-truth name as the scorer judged it (slots.parquet, protocol repic): named (`correct`), not named but
+# another concept named instead (`miss`), or nothing of the pool named (`none`). The report has no matcher of
+# its own: what it marks is what the metrics counted.
+VERDICT_CLASS = {"correct": "correct", "miss": "wrong", "none": "missed"}
+VERDICT_TITLE = {"correct": "named", "miss": "not named; another concept named instead", "none": "not named"}
+LEGEND = ("<h2>Captions</h2><p>After each caption, its ground-truth names with the scorer's verdict (protocol "
+          f"{PROTOCOL_DEFAULT}, results/score/slots.parquet): "
+          + ", ".join(f'<span class="{VERDICT_CLASS[o]}">{o}</span> ({VERDICT_TITLE[o]})' for o in VERDICT_CLASS)
+          + ".</p>")
 
 
-def _mentioned(caption: str, key: str, case_sensitive: bool) -> bool:
-    flags = 0 if case_sensitive else re.IGNORECASE
-    return any(re.search(rf"(?<![\w]){re.escape(form)}(?![\w])", caption, flags)
-               for form in (key, key.strip("<>")))
+def verdict_chips(slots: list[tuple[str, str]]) -> str:
+    """HTML of one caption's ground-truth names, each marked with the scorer's verdict `(key, outcome)`."""
+    return " ".join(f'<span class="{VERDICT_CLASS[o]}" title="{VERDICT_TITLE[o]}">{html.escape(k)}</span>'
+                    for k, o in slots)
+
+
+def read_verdicts(slots_path: str | os.PathLike, protocol: str = PROTOCOL_DEFAULT
+                  ) -> dict[tuple[str, str, str, int], list[tuple[str, str]]]:
+    """The score stage's per-slot verdicts of one protocol: `(setting, dataset, run, row) -> [(key, outcome)]`
+    in slot order (`run` as `base_skip`)."""
+    import pandas as pd
+
+    frame = pd.read_parquet(slots_path)
+    frame = frame[frame["protocol"] == protocol].sort_values(["setting", "dataset", "model", "mode", "row", "slot"])
+    out: dict[tuple[str, str, str, int], list[tuple[str, str]]] = {}
+    for r in frame.itertuples(index=False):
+        out.setdefault((r.setting, r.dataset, run_name(r.model, r.mode), int(r.row)), []).append((r.key, r.outcome))
+    return out
 
 
 def _thumb(src: Path, dest: Path, size: int = 192) -> None:
@@ -137,11 +139,13 @@ def plot_prf(metrics: dict[str, Any], out: Path) -> None:
 
 
 def build_report(out_dir: str | os.PathLike, *, captions_dir: str | os.PathLike, metrics_path: str | os.PathLike,
-                 train_log: str | os.PathLike, layout: dict[str, list[tuple[str, dict[str, Any]]]],
+                 slots_path: str | os.PathLike, train_log: str | os.PathLike, layout: Layout,
                  root: str | os.PathLike, max_queries: int) -> None:
     """Write `out_dir/index.html`, `out_dir/plots/*.png` and `out_dir/img/*` (thumbnails), atomically.
-    `layout` is `{setting: [(dataset, its database)]}` (`repic.core.layout.layout_of`)."""
+    `layout` is `{setting: [(dataset, its database)]}` (`repic.core.layout.layout_of`); each caption's names are
+    marked with the score stage's verdicts (`slots_path`, its slots.parquet)."""
     metrics = read_json(metrics_path)
+    verdicts = read_verdicts(slots_path)
     with atomic_dir(out_dir) as tmp:
         (tmp / "plots").mkdir()
         plot_rewards(Path(train_log), tmp / "plots" / "rewards.png")
@@ -155,9 +159,9 @@ def build_report(out_dir: str | os.PathLike, *, captions_dir: str | os.PathLike,
                 thumbs[rel] = name
             return thumbs[rel]
 
-        body = ["<h1>RePIC results</h1>", "<h2>Metrics (protocol repic)</h2>", _metrics_html(metrics),
+        body = ["<h1>RePIC results</h1>", f"<h2>Metrics (protocol {PROTOCOL_DEFAULT})</h2>", _metrics_html(metrics),
                 '<img src="plots/prf.png" alt="P/R/F1 per setting">', "<h2>Training</h2>",
-                '<img src="plots/rewards.png" alt="GRPO reward curves">']
+                '<img src="plots/rewards.png" alt="GRPO reward curves">', LEGEND]
         for setting, dataset, database in ((s, d, db) for s, datasets in layout.items() for d, db in datasets):
             folder = caption_folder(captions_dir, setting, dataset)
             concepts = database["concept_dict"]
@@ -165,8 +169,6 @@ def build_report(out_dir: str | os.PathLike, *, captions_dir: str | os.PathLike,
             first = next(iter(rows.values()))
             retrieval = read_json(folder / RETRIEVAL_REPORT)
             retrieved = [q["retrieved"] for q in retrieval["per_query"]]
-            pool = {k for row in first for k in row[1]}
-            case_sensitive = SETTINGS[setting].case_sensitive
             body.append(f"<h2>{setting} · {html.escape(dataset)}: {len(first)} queries "
                         f"(retrieval recall@{retrieval['k']} = {retrieval['recall_at_k']:.2f})</h2>")
             for i, row in enumerate(first[:max_queries]):
@@ -177,12 +179,13 @@ def build_report(out_dir: str | os.PathLike, *, captions_dir: str | os.PathLike,
                 got = ", ".join(html.escape(k) for k in retrieved[i]) if i < len(retrieved) else "-"
                 lines = []
                 for run, run_rows in rows.items():
-                    caption = run_rows[i][2]
-                    missed = [k for k in gt if not _mentioned(caption, k, case_sensitive)]
-                    lines.append(
-                        f'<div class="caption"><span class="run">{run}</span> '
-                        f"{highlight(caption, gt, pool, case_sensitive) or '<i>(empty)</i>'} "
-                        + "".join(f'<span class="missed">{html.escape(k)}</span> ' for k in missed) + "</div>")
+                    caption = html.escape(run_rows[i][2]) or "<i>(empty)</i>"
+                    slots = verdicts.get((setting, dataset, run, i))
+                    if slots is None:
+                        raise RepicError(f"{slots_path}: no verdict for {setting}/{dataset} {run} row {i} "
+                                         "(scored from other captions than these?)")
+                    lines.append(f'<div class="caption"><span class="run">{run}</span> {caption} '
+                                 f"· {verdict_chips(slots)}</div>")
                 body.append(
                     f'<div class="query"><div class="imgs"><img src="{thumb(image)}" alt="query"> {refs}</div>'
                     f"<div>ground truth: {html.escape(', '.join(gt))} · retrieved: {got}</div>{''.join(lines)}</div>")

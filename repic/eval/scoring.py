@@ -7,7 +7,8 @@ from typing import Any
 
 from repic.core.io import RepicError
 from repic.core.layout import MODELS, MODES, Layout, caption_file, caption_folder
-from repic.eval.metrics import load_caption_rows, score_captions
+from repic.data.validate import load_caption_rows
+from repic.eval.metrics import score_captions
 
 
 def score_runs(captions_dir: str | os.PathLike, protocol: str, layout: Layout

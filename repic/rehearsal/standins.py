@@ -167,7 +167,7 @@ def lora_adapter(base: Path, out: Path, seed: int) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from repic.train.grpo import LANGUAGE_MODEL_LINEAR
+    from repic.core.params import LANGUAGE_MODEL_LINEAR
 
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(base))

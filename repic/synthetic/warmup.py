@@ -29,9 +29,9 @@ GENERIC = (
 def warmup_names(seed: int, n: int, avoid: set[str]) -> list[str]:
     """Fresh made-up names for the warm-up (none of the world's): a look gets a new name in every example,
     so the only way to name a concept right is to copy the name given in the prompt."""
-    from repic.synthetic.world import _made_up_names
+    from repic.synthetic.world import made_up_names
 
-    names = [f"<{n}>" for n in _made_up_names(random.Random(f"{seed}/warmup-names"), n + len(avoid))]
+    names = [f"<{n}>" for n in made_up_names(random.Random(f"{seed}/warmup-names"), n + len(avoid))]
     return [k for k in names if k not in avoid][:n]
 
 

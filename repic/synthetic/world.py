@@ -119,7 +119,8 @@ class _Placed:
 
 
 # ----------------------------------------------------------------------------------------------- names
-def _made_up_names(rng: random.Random, n: int) -> list[str]:
+def made_up_names(rng: random.Random, n: int) -> list[str]:
+    """`n` distinct pronounceable made-up names of 4-6 letters (concepts, and the warm-up's practice names)."""
     names: list[str] = []
     for _ in range(10000 * max(n, 1)):
         if len(names) == n:
@@ -178,7 +179,7 @@ def make_concepts(seed: int, n_eval: int, n_train: int) -> tuple[list[Concept], 
     """Evaluation and training concepts of the world: names and looks are disjoint between the two sets."""
     rng = random.Random(f"{seed}/concepts")
     total = n_eval + n_train
-    names = _made_up_names(rng, total)
+    names = made_up_names(rng, total)
     looks = _pick_looks(rng, total)
     concepts = [
         Concept(name, *look, category=rng.choice(CATEGORIES)) for name, look in zip(names, looks, strict=True)

@@ -15,12 +15,8 @@ from typing import Any
 from PIL import Image
 
 from repic.core.io import RepicError, resolve_image
-from repic.core.params import check_fields
+from repic.core.params import grpo_config, lora_config
 from repic.core.prompts import training_problem
-
-# Language-model linear layers only: `gate_proj/up_proj/down_proj` also name the vision tower's MLPs,
-# so a bare list of names would put LoRA on the frozen vision encoder too.
-LANGUAGE_MODEL_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 def resize_for_training(image: Image.Image, n_images: int, multi_short_side: int, single_short_side: int
@@ -69,32 +65,6 @@ def build_examples(samples: list[dict[str, Any]], root: str | os.PathLike, *, se
     return examples
 
 
-def lora_config(lora: dict[str, Any]):
-    from peft import LoraConfig
-
-    check_fields("train_grpo_lora.lora", lora, LoraConfig)
-    kwargs = dict(lora)
-    kwargs.setdefault("target_modules", LANGUAGE_MODEL_LINEAR)
-    kwargs.setdefault("task_type", "CAUSAL_LM")
-    try:
-        return LoraConfig(**kwargs)
-    except (ValueError, TypeError) as exc:  # LoraConfig.__post_init__'s own checks
-        raise RepicError(f"params.yaml: train_grpo_lora.lora: {str(exc).splitlines()[0]}") from None
-
-
-def grpo_config(grpo: dict[str, Any], output_dir: str | os.PathLike, use_cpu: bool):
-    from trl import GRPOConfig
-
-    check_fields("train_grpo_lora.grpo", grpo, GRPOConfig)
-    kwargs = dict(grpo)
-    kwargs.setdefault("report_to", "none")
-    kwargs.setdefault("save_strategy", "no")
-    try:
-        return GRPOConfig(output_dir=str(output_dir), use_cpu=use_cpu, **kwargs)
-    except (ValueError, TypeError) as exc:  # GRPOConfig/TrainingArguments.__post_init__'s own checks
-        raise RepicError(f"params.yaml: train_grpo_lora.grpo: {str(exc).splitlines()[0]}") from None
-
-
 def reward_functions(names: list[str], protocol: str) -> list:
     from repic.train.rewards import REWARD_REGISTRY
 
@@ -108,17 +78,6 @@ def reward_functions(names: list[str], protocol: str) -> list:
 # What the training loop reads of the `train_grpo_lora` section: checkpoints are keyed on these (and the data,
 # base model, seed, dtype and number of processes), so editing `heldout_eval` or `launch` keeps them.
 TRAINING_KEYS = ("rollout_backend", "protocol", "rewards", "resize", "lora", "grpo")
-
-
-def check_training_params(params: dict[str, Any], *, seed: int = 0) -> None:
-    """Everything `train` checks before it starts: GRPOConfig/LoraConfig field names and value types, the
-    dataclasses' own checks (`__post_init__`), reward names. Raises RepicError; touches no file."""
-    import tempfile
-
-    lora_config(params["lora"])
-    with tempfile.TemporaryDirectory() as tmp:  # GRPOConfig wants an output_dir; nothing is written there
-        grpo_config({**params["grpo"], "seed": seed}, tmp, use_cpu=True)
-    reward_functions(params["rewards"], params["protocol"])
 
 
 def epoch_seeded(trainer_cls: type) -> type:
@@ -244,7 +203,7 @@ def heldout_rewards(model_path: str | os.PathLike, adapter_dir: str | os.PathLik
     length, generation backend and reward functions. `None` where no sample of that reward type was drawn."""
     from peft import PeftModel
 
-    from repic.eval.captioning import generate_captions
+    from repic.vlm.generation import generate_captions
     from repic.vlm.models import load_model, load_processor
 
     examples = build_examples(samples, root, seed=seed, **params.get("resize", {}))

@@ -39,7 +39,7 @@ def merge_and_verify(base_path: str | os.PathLike, adapter: str | os.PathLike, o
     (raising RepicError after the report is complete when a check fails)."""
     from peft import PeftModel
 
-    from repic.eval.captioning import generate_captions
+    from repic.vlm.generation import generate_captions
     from repic.vlm.models import load_model, load_processor
 
     processor = load_processor(base_path)

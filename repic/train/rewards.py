@@ -4,7 +4,8 @@ Each reward is a pure function `(completions, solution, accu_reward_method, **kw
 It scores only the samples of its own type and returns `None` for the others: TRL's GRPOTrainer turns
 `None` into NaN and logs a nan-mean per reward function, which yields one learning curve per reward type.
 
-Two protocols, chosen through the factories (`make_rewards(protocol)`, `REWARD_REGISTRY`):
+Two protocols, chosen through the factories of `REWARD_REGISTRY` (params `train_grpo_lora.rewards` names them,
+`repic.core.layout.REWARDS`):
 
 - `repic` reproduces the original training code (RePIC `training/src/open-r1-multimodal/src/open_r1/
   grpo_multitask_multi_img_no_format.py`) including its quirks:
@@ -16,7 +17,11 @@ Two protocols, chosen through the factories (`make_rewards(protocol)`, `REWARD_R
 - `strict` fixes those three: whole-word yes/no, standard IoU, and the gt box rescaled to the resized image
   when the sample carries `image_size` and `resized_size` (each `[w, h]`).
 
-ICT (`yes_no_name`, `yes_no_name_multi`) has no listed quirk and is identical under both protocols.
+ICT (`yes_no_name`, `yes_no_name_multi`) has no listed quirk and is identical under both protocols. Its name
+check is RePIC's *substring* test (`name_score`, `names_fraction`: `<bo>` counts in `<bo>'s` and in `<bob>`),
+which differs on purpose from the evaluation scorer's whole-token match (`repic.eval.metrics`, RePIC's eval
+scripts): each side reproduces its own original, so a trained policy is rewarded as RePIC's was and scored as
+RePIC's was.
 """
 
 from __future__ import annotations
@@ -298,9 +303,3 @@ REWARD_REGISTRY: dict[str, Callable[[str], RewardFunc]] = {
     "visual_localization": make_visual_localization,
     "identity_consistency": make_identity_consistency,
 }
-
-
-def make_rewards(protocol: str = "repic") -> dict[str, RewardFunc]:
-    """All three rewards for `protocol`, keyed (and `__name__`d) by their registry names."""
-    _check_protocol(protocol)
-    return {name: factory(protocol) for name, factory in REWARD_REGISTRY.items()}

@@ -572,3 +572,24 @@ def _repeated_groups(inputs: Mapping[str, torch.Tensor], prompt_ids: Sequence[Se
             if not torch.equal(first, select_rows(inputs, [i], config)["pixel_values"]):
                 return False
     return True
+
+
+# Chat conversations -> greedy answers: captioning, the judge, the merge check and training's held-out check.
+def generate_captions(model: Any, processor: Any, conversations: Sequence[tuple[list[dict], list[Any]]],
+                      *, batch_size: int, max_new_tokens: int, backend: str = "hf", desc: str | None = None,
+                      hit_limit: list[bool] | None = None) -> list[str]:
+    """Greedy captions for many conversations, batched by similar prompt size, left padded; `backend` is
+    HF `generate` ("hf") or the static-KV-cache/CUDA-graph decoder ("static", token-identical in fp32).
+    With `desc`, shows progress (`repic.core.progress`); `hit_limit` receives, per caption, whether it was cut at
+    `max_new_tokens`."""
+    from repic.core.progress import Progress
+
+    texts = [processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+             for msgs, _ in conversations]
+    images = [imgs for _, imgs in conversations]
+    if desc is None:
+        return generate(model, processor, texts, images, backend=backend, max_new_tokens=max_new_tokens,
+                        batch_size=batch_size, hit_limit=hit_limit)
+    with Progress(len(texts), desc, unit="caption") as bar:
+        return generate(model, processor, texts, images, backend=backend, max_new_tokens=max_new_tokens,
+                        batch_size=batch_size, hit_limit=hit_limit, on_batch=bar.update)
