@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import REPO, resolve_dvc
+
 # core < vlm < synthetic < data < train < eval: stages -> phases -> shared core
 ORDER = ("core", "vlm", "synthetic", "data", "train", "eval")
 
@@ -97,16 +98,6 @@ def _dvc_stages() -> dict[str, dict]:
     return yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
 
 
-def _resolve(text: str, params: dict) -> str:
-    def value(m: re.Match) -> str:
-        node = params
-        for part in m.group(1).split("."):
-            node = node[part]
-        return str(node)
-
-    return re.sub(r"\$\{([^}]+)\}", value, text)
-
-
 STAGES = _dvc_stages()
 
 
@@ -141,10 +132,10 @@ def test_stage_deps_hold_every_input_path_of_its_command(name):
     """Each path argument of the command is a dep (or inside one, or holding deps) unless it is an out."""
     stage = STAGES[name]
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    cmd = shlex.split(_resolve(stage["cmd"], params))
-    outs = [_resolve(next(iter(o)) if isinstance(o, dict) else o, params)
+    cmd = shlex.split(resolve_dvc(stage["cmd"], params))
+    outs = [resolve_dvc(next(iter(o)) if isinstance(o, dict) else o, params)
             for o in stage.get("outs", []) + stage.get("metrics", [])]
-    deps = [_resolve(d, params) for d in stage["deps"]]
+    deps = [resolve_dvc(d, params) for d in stage["deps"]]
 
     def inside(a: str, b: str) -> bool:
         return a == b or a.startswith(b.rstrip("/") + "/")

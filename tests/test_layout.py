@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import re
 import shlex
 from pathlib import Path
 
@@ -11,17 +10,7 @@ import yaml
 
 from repic.core import layout
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _resolve(text: str, params: dict) -> str:
-    def value(m: re.Match) -> str:
-        node = params
-        for part in m.group(1).split("."):
-            node = node[part]
-        return str(node)
-
-    return re.sub(r"\$\{([^}]+)\}", value, text)
+from .conftest import REPO, resolve_dvc
 
 
 def _dvc() -> tuple[dict, dict]:
@@ -30,7 +19,7 @@ def _dvc() -> tuple[dict, dict]:
 
 
 def _declared_outs(stage: dict, params: dict) -> set[str]:
-    return {_resolve(next(iter(o)) if isinstance(o, dict) else o, params)
+    return {resolve_dvc(next(iter(o)) if isinstance(o, dict) else o, params)
             for o in stage.get("outs", []) + stage.get("metrics", [])}
 
 
@@ -46,7 +35,7 @@ def test_each_stage_writes_inside_the_folder_its_command_is_given():
     """A stage writes `<--out>/<layout file>`: its --out (and score's --tables) is the layout's folder of it."""
     stages, params = _dvc()
     for name, folder in layout.STAGE_DIRS.items():
-        cmd = shlex.split(_resolve(stages[name]["cmd"], params))
+        cmd = shlex.split(resolve_dvc(stages[name]["cmd"], params))
         given = {cmd[i + 1] for i, option in enumerate(cmd[:-1]) if option in ("--out", "--out-data", "--tables")}
         assert given == set(folder if isinstance(folder, tuple) else (folder,)), name
 
@@ -64,7 +53,7 @@ def test_inputs_a_command_reads_are_outputs_the_layout_names():
              "--index": layout.DB_DIR, "--captions": layout.CAPTIONS_DIR}
     seen = set()
     for name, stage in stages.items():
-        cmd = shlex.split(_resolve(stage["cmd"], params))
+        cmd = shlex.split(resolve_dvc(stage["cmd"], params))
         for option, value in zip(cmd, cmd[1:]):
             if option in named:
                 assert value == named[option], f"dvc.yaml: stage {name}: {option} {value}"

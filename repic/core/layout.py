@@ -48,10 +48,19 @@ SKIP, RETRIEVAL = "skip", "retrieval"
 MODES = (SKIP, RETRIEVAL)
 MODE_LABELS = {"skip": "skip-retrieval", "retrieval": "retrieval"}
 
-# The model rows every setting x dataset x mode is captioned with, in table order. `base` is the base model,
-# `trained` the base with train_grpo_lora's adapter; the judge compares `trained` with `base`.
+@dataclass(frozen=True)
+class ModelRow:
+    """A model every setting x dataset x mode is captioned with: one caption file, one row of the tables."""
+
+    name: str
+    with_adapter: bool  # the base checkpoint (caption --model) with train_grpo_lora's LoRA adapter (--adapter)
+
+
+# The model rows, in table order; the judge compares `trained` with `base`.
 BASE, TRAINED = "base", "trained"
-MODELS = (BASE, TRAINED)
+MODEL_ROWS: dict[str, ModelRow] = {r.name: r for r in (ModelRow(BASE, with_adapter=False),
+                                                        ModelRow(TRAINED, with_adapter=True))}
+MODELS = tuple(MODEL_ROWS)
 
 PROTOCOLS = ("repic", "strict")  # RePIC's exact scoring / reward rules, and the corrected ones beside them
 PROTOCOL_DEFAULT = "repic"

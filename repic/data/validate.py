@@ -222,18 +222,7 @@ def validate_dataset(root: str | os.PathLike, database_json: str | os.PathLike |
         if _display(db_path, root) not in databases:
             databases[_display(db_path, root)] = validate_database(db_path, root)
         query_reports[setting] = validate_queries(query_json, load_database(db_path), root, setting)
-    parts = [*databases.values(), *query_reports.values()]
-    report = {
-        "root": str(root),
-        "ok": all(r["ok"] for r in parts),
-        "errors": sum(r["errors"] for r in parts),
-        "warnings": sum(r["warnings"] for r in parts),
-        "databases": databases,
-        "queries": query_reports,
-    }
-    if strict and not report["ok"]:
-        raise RepicError(f"data validation failed (strict: true): {summary(report)}")
-    return report
+    return _combined(root, databases, query_reports, strict=strict)
 
 
 def validate_datasets(root: str | os.PathLike, datasets: list[Mapping[str, Any]], *, strict: bool = False
@@ -243,12 +232,17 @@ def validate_datasets(root: str | os.PathLike, datasets: list[Mapping[str, Any]]
     parts = [(d["name"], validate_dataset(root, d["database"], d["queries"])) for d in datasets]
     databases = {k: v for _, r in parts for k, v in r["databases"].items()}  # a shared database counted once
     queries = {f"{name}/{setting}": q for name, r in parts for setting, q in r["queries"].items()}
+    return _combined(Path(root), databases, queries, strict=strict)
+
+
+def _combined(root: Path, databases: dict[str, Any], queries: dict[str, Any], *, strict: bool) -> dict[str, Any]:
+    """One report of database and query reports: ok when every part is, errors and warnings summed."""
     every = [*databases.values(), *queries.values()]
     report = {
         "root": str(root),
-        "ok": all(r["ok"] for _, r in parts),
-        "errors": sum(x["errors"] for x in every),
-        "warnings": sum(x["warnings"] for x in every),
+        "ok": all(r["ok"] for r in every),
+        "errors": sum(r["errors"] for r in every),
+        "warnings": sum(r["warnings"] for r in every),
         "databases": databases,
         "queries": queries,
     }

@@ -14,7 +14,7 @@ from typing import Any
 from PIL import Image
 
 from repic.core.io import RepicError, open_rgb
-from repic.core.layout import BASE, MODELS, RETRIEVAL, SKIP, TRAINED, VALIDATION_REPORT, check_setting, run_name
+from repic.core.layout import MODEL_ROWS, RETRIEVAL, SKIP, VALIDATION_REPORT, check_setting, run_name
 from repic.core.prompts import CAPTION_QUESTIONS, caption_messages
 
 
@@ -172,13 +172,15 @@ def run_setting(setting: str, queries_path: str, database_path: str, root: str, 
     model = load_model(model_path, device=device, dtype=dtype)
     hit_limit: dict[str, dict[str, int]] = {}
     rows: dict[str, list[list[Any]]] = {}
-    for name in MODELS:  # each model row in turn: the base, then the base with the trained adapter
-        if name == TRAINED:
-            if adapter is None:
+    # Each model row in turn; PEFT wraps the loaded base in place, so the rows of the plain base come first.
+    wrapped = False
+    for row in sorted(MODEL_ROWS.values(), key=lambda r: r.with_adapter):
+        name = row.name
+        if row.with_adapter:
+            if adapter is None:  # no --adapter: base rows only
                 continue
-            model = PeftModel.from_pretrained(model, adapter).eval()
-        elif name != BASE:
-            raise RepicError(f"model row {name!r}: captioning does not know how to load it")
+            if not wrapped:
+                model, wrapped = PeftModel.from_pretrained(model, adapter).eval(), True
         hit_limit[name] = {}
         rows |= {run_name(name, m): r for m, r in caption_all(model, processor, by_mode, database, root,
                                                                desc=f"{setting} {name}", hit_limit=hit_limit[name],
