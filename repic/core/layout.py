@@ -6,7 +6,8 @@ stage writes (the paths `dvc.yaml` passes as `--out`, checked equal to its `outs
 the name of every file inside it, e.g. a caption file `<out>/<dataset>/<model>_<mode>.json`.
 
 Every module and stage takes these names from here. Adding a setting or a model row is a change here plus the
-params (see the README's development notes); everything that loops over settings, modes or models follows.
+params (a setting also gets its caption stage in dvc.yaml; see the README's development notes); everything that
+loops over settings, modes or models follows.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
 # references from the ground truth (skip-retrieval) or from the retrieval database
 SKIP, RETRIEVAL = "skip", "retrieval"
 MODES = (SKIP, RETRIEVAL)
-MODE_LABELS = {"skip": "skip-retrieval", "retrieval": "retrieval"}
+MODE_LABELS = {SKIP: "skip-retrieval", RETRIEVAL: "retrieval"}
+
 
 @dataclass(frozen=True)
 class ModelRow:
