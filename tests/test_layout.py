@@ -64,9 +64,12 @@ def test_inputs_a_command_reads_are_outputs_the_layout_names():
     assert seen == set(named)
 
 
-def test_a_caption_stage_per_setting():
+def test_a_caption_stage_per_setting_and_its_readers_depend_on_each():
     stages, _ = _dvc()
     assert {n for n in stages if n.startswith("caption_")} == {layout.caption_stage(s) for s in layout.SETTINGS}
+    folders = {f"{layout.CAPTIONS_DIR}/{s}" for s in layout.SETTINGS}
+    for reader in ("score", "judge_llm", "report"):  # they read every setting's captions through --captions
+        assert folders <= set(stages[reader]["deps"]), reader
 
 
 def test_synthetic_world_writes_where_params_look(tmp_path):
