@@ -170,6 +170,7 @@ from pathlib import Path
 import torch.distributed as dist
 import trl
 
+from repic.core.params import SCHEMA
 from repic.train.rewards import REWARD_REGISTRY
 from tests.test_train import text_variety
 
@@ -195,6 +196,8 @@ def fixed_rollouts(self, prompt_ids, images, multimodal_fields, num_generations,
 
 trl.GRPOTrainer._generate_single_turn = fixed_rollouts
 REWARD_REGISTRY["text_variety"] = lambda protocol: text_variety
+# the test double's reward joins the vocabulary params are validated against (repic.core.layout.REWARDS)
+SCHEMA["properties"]["train_grpo_lora"]["properties"]["rewards"]["items"]["enum"].append("text_variety")
 OUT.mkdir(parents=True, exist_ok=True)
 sys.argv = ["stages.train_grpo_lora", *sys.argv[1:]]
 runpy.run_module("stages.train_grpo_lora", run_name="__main__")
