@@ -31,8 +31,8 @@ repro: venv
 # the hub client is online here.
 PAPER_OVERLAYS ?=
 paper: venv
-	python -m repic.params apply configs/paper.yaml
-	$(foreach o,$(PAPER_OVERLAYS),python -m repic.params apply $(o) &&) true
+	python -m repic.core.params apply configs/paper.yaml
+	$(foreach o,$(PAPER_OVERLAYS),python -m repic.core.params apply $(o) &&) true
 	HF_HUB_OFFLINE=0 WANDB_MODE=$${WANDB_MODE:-offline} dvc repro
 
 # `make paper` rehearsed offline in a scratch copy (.rehearsal/): loopback hub/GitHub/Drive/OpenAI serving tiny
@@ -59,7 +59,7 @@ bench: venv
 REAL := results/real_eval
 real-eval: venv
 	mkdir -p $(REAL) && cp params.yaml $(REAL)/params.yaml
-	python -m repic.params apply configs/real_eval_local.yaml --params $(REAL)/params.yaml
+	python -m repic.core.params apply configs/real_eval_local.yaml --params $(REAL)/params.yaml
 	python -m stages.fetch_data --params $(REAL)/params.yaml --out-data $(REAL)/data --out-model $(REAL)/model
 	python -m stages.build_db --params $(REAL)/params.yaml --out $(REAL)/db --root $(REAL)/data
 	python -m stages.caption --params $(REAL)/params.yaml --setting multi4 --root $(REAL)/data --index $(REAL)/db \

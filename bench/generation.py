@@ -1,4 +1,4 @@
-"""Generation benchmark on one card: HF `generate` vs the static backend (repic/generation.py).
+"""Generation benchmark on one card: HF `generate` vs the static backend (repic/vlm/generation.py).
 
 Measures, in one run: the card's device-to-device copy bandwidth; for batch 1, 8 and 32 (one 448-px image per
 prompt, greedy, 128 new tokens, no EOS so every row runs the full length) tokens/s end to end and in the decode
@@ -34,7 +34,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from repic.generation import generate_ids, rollout_trainer  # noqa: E402
+from repic.vlm.generation import generate_ids, rollout_trainer  # noqa: E402
 
 TEXTS = ["This is the query image. Describe the toy, the dog and the red ball in the picture."] * 20
 
@@ -56,11 +56,12 @@ SHAPES = {
 
 
 def build(shape: str, device: str, dtype: torch.dtype, image_px: int) -> tuple[Any, Any]:
-    """A Qwen2.5-VL of the given shape with random weights, and a processor built as repic.models builds one."""
+    """A Qwen2.5-VL of the given shape with random weights, and a processor built as repic.vlm.models builds one."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from repic.models import CHAT_TEMPLATE, SPECIAL_TOKENS, ImageQwenVLProcessor, train_tokenizer
+    from repic.synthetic.tiny_model import CHAT_TEMPLATE, SPECIAL_TOKENS, train_tokenizer
+    from repic.vlm.models import ImageQwenVLProcessor
 
     spec = SHAPES[shape]
     tokenizer = train_tokenizer(TEXTS, 400)
@@ -254,7 +255,7 @@ def bench_grpo(model: Any, processor: Any, image_px: int, steps: int, new: int, 
     from peft import LoraConfig, get_peft_model
     from trl import GRPOConfig, GRPOTrainer
 
-    from repic.train import LANGUAGE_MODEL_LINEAR
+    from repic.core.params import LANGUAGE_MODEL_LINEAR
 
     cuda = torch.cuda.is_available()
     texts, images = prompts(processor, steps, image_px)

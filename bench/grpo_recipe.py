@@ -45,7 +45,8 @@ def build(shape: str, workdir: Path):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from repic.models import CHAT_TEMPLATE, ImageQwenVLProcessor, train_tokenizer
+    from repic.synthetic.tiny_model import CHAT_TEMPLATE, train_tokenizer
+    from repic.vlm.models import ImageQwenVLProcessor
 
     tok = train_tokenizer(["The first image shows <zorp>. Is <zorp> in the second image? yes no"] * 50, 600)
     proc = ImageQwenVLProcessor(image_processor=Qwen2VLImageProcessorPil(max_pixels=448 * 448),
@@ -92,8 +93,8 @@ def main() -> None:
     from transformers import TrainerCallback
     from trl import GRPOTrainer
 
-    from repic.generation import rollout_trainer
-    from repic.train import build_examples, grpo_config, lora_config, reward_functions
+    from repic.train.grpo import build_examples, grpo_config, lora_config, reward_functions
+    from repic.vlm.generation import rollout_trainer
 
     paper = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/paper.yaml").read_text())
     recipe = paper["train_grpo_lora"]

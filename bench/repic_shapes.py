@@ -11,24 +11,24 @@ Sections (each saved to --out as it finishes; a section that would start past --
 - `prefill_profile`: kernel profiles of a whole captioning prefill and of the vision tower alone (the language
   model's share by difference), LM prefill TFLOP/s.
 - `vision`: the vision tower alone on one captioning batch (B prompts × (k + 1) images at RePIC's captioning
-  `max_pixels = 1024·28²`): transformers' sdpa tower vs repic.vision (windows bucketed by length), eager and with
+  `max_pixels = 1024·28²`): transformers' sdpa tower vs repic.vlm.vision (windows bucketed by length), eager and with
   compiled blocks; seconds, TFLOP/s (counted FLOPs below), % of the measured and the datasheet peak, and the bf16
   difference to transformers' output.
-- `caption`: query + k reference images (RePIC's captioning conversation, repic.prompts.caption_messages), greedy.
+- `caption`: query + k reference images (RePIC's captioning conversation, repic.core.prompts.caption_messages), greedy.
   Every path stops each row at the same preset length (drawn from 40-150 tokens, seeded) through a logits
   processor (HF paths: a `LogitsProcessor`; static backend: the same rule inside its captured step), so all paths
   generate the same number of tokens. Paths: `hf_b1` (RePIC's loop: `generate` one prompt at a time), `hf`
   (`generate` batched), `hf_static` (`generate(cache_implementation="static")`, transformers' compiled decode) and
-  the static backend + repic.vision (`OURS`: `ours` eager tower and decode step, `ours_c` compiled tower, `ours_cd`
+  the static backend + repic.vlm.vision (`OURS`: `ours` eager tower and decode step, `ours_c` compiled tower, `ours_cd`
   and compiled decode step, `ours_cdm` and matmul attention, `ours_cdmr` and a padded batch prefilled one prompt
   at a time: the default). Captions/s, prefill / decode split,
   vision and LM prefill TFLOP/s.
 - `grpo`: one TRL GRPOTrainer step at RePIC's training-sample shape: the four task types in turn (OCT yes/no with
   2 images, VLT box with 1 image, ICT caption with 2 images, ICT multi caption with 3 images), images resized as
-  repic.train does (short side 512 multi-image, 1024 single) and processed at Qwen2.5-VL's default max_pixels;
+  repic.train.grpo does (short side 512 multi-image, 1024 single) and processed at Qwen2.5-VL's default max_pixels;
   completions end at EOS at preset lengths (yes/no 2-4, box 16-24, caption 60-150 tokens, per row); G=8, LoRA
   r64/α128 on the language model, β 0.04, gradient checkpointing, bf16. TRL's default path vs ours
-  (`rollout_trainer(GRPOTrainer, "static")`, which also installs repic.vision), `ours_cd` with the compiled decode.
+  (`rollout_trainer(GRPOTrainer, "static")`, which also installs repic.vlm.vision), `ours_cd` with the compiled decode.
 
 The model is Qwen2.5-VL-7B's shape with random bf16 weights (bench/generation.py's builder).
 
@@ -61,8 +61,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import generation as genbench  # noqa: E402  (bench/generation.py: builder, timers, environment)
 
-from repic import generation as gen  # noqa: E402
-from repic.vision import fast_vision  # noqa: E402
+from repic.vlm import generation as gen  # noqa: E402
+from repic.vlm.vision import fast_vision  # noqa: E402
 
 DATASHEET_BF16 = 989e12  # H100/H200 SXM dense bf16, vendor datasheet
 CAPTION_PX = 896  # 896² = 1024·28²: RePIC's captioning max_pixels
@@ -212,7 +212,7 @@ def lm_prefill_flops(model: Any, mask: torch.Tensor) -> float:
 
 def caption_batch(processor: Any, n: int, k: int, seed: int) -> tuple[list[str], list[list[Image.Image]], list[int]]:
     """n RePIC captioning prompts with k references each (+ the query image), and each row's preset length."""
-    from repic.prompts import CAPTION_QUESTIONS, caption_messages
+    from repic.core.prompts import CAPTION_QUESTIONS, caption_messages
 
     rng = np.random.RandomState(seed)
     texts, images = [], []
@@ -784,7 +784,7 @@ def bench_grpo(model: Any, processor: Any, steps: int, generations: int, paths: 
     from peft import get_peft_model
     from trl import GRPOTrainer
 
-    from repic.train import build_examples, grpo_config, lora_config, reward_functions
+    from repic.train.grpo import build_examples, grpo_config, lora_config, reward_functions
 
     cuda = torch.cuda.is_available()
     work = Path(tempfile.mkdtemp())
@@ -830,7 +830,7 @@ def bench_grpo(model: Any, processor: Any, steps: int, generations: int, paths: 
         except Exception as exc:  # noqa: BLE001 - reported, the other path still runs
             out[path] = {"error": repr(exc)[:500], "trace": traceback.format_exc()[-2500:]}
         trainer = None
-        from repic.vision import disable_fast_vision, disable_image_feature_cache
+        from repic.vlm.vision import disable_fast_vision, disable_image_feature_cache
 
         disable_fast_vision(peft_model)
         disable_image_feature_cache(peft_model)

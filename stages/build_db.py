@@ -12,11 +12,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from repic.captioning import eval_datasets
-from repic.cli import params_of, parser, run
-from repic.io import atomic_dir, write_json
-from repic.models import pick_device
-from repic.retrieval import build_index, database_entries, make_embedder, missing_database_images, save_index
+from repic.core.cli import params_of, parser, run
+from repic.core.io import atomic_dir, write_json
+from repic.core.layout import DB_MANIFEST, eval_datasets
+from repic.data.retrieval import build_index, database_entries, make_embedder, missing_database_images, save_index
+from repic.vlm.models import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     embedder = make_embedder(cfg["embedder"], device=pick_device(params["base"]["device"]), **cfg["embedder_kwargs"])
     # (database, index folder name); one --database goes straight into --out
     jobs = ([(args.database, None)] if args.database else
-            [(d["database"], d["name"]) for d in eval_datasets(params["base"]["data"])])
+            [(d["database"], d["name"]) for d in eval_datasets(params["base"]["data"]["datasets"])])
     skipped = {}
     with atomic_dir(args.out) as tmp:  # all datasets or none: no stale index of a dataset since removed
         for database, name in jobs:
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "missing_images": missing}
             save_index(tmp / name if name else tmp, index, id_map, meta)
         if not args.database:
-            write_json(tmp / "manifest.json",
+            write_json(tmp / DB_MANIFEST,
                        {"built": [name for _, name in jobs if name not in skipped], "skipped": skipped})
 
 

@@ -17,10 +17,18 @@ from pathlib import Path
 
 import pandas as pd
 
-from repic.captioning import SETTINGS, eval_datasets, run_setting
-from repic.cli import params_of, parser, run
-from repic.io import RepicError, write_json, write_parquet
-from repic.retrieval import META_FILE
+from repic.core.cli import params_of, parser, run
+from repic.core.io import RepicError, write_json, write_parquet
+from repic.core.layout import (
+    CAPTIONS_PARQUET,
+    DB_MANIFEST,
+    INDEX_META,
+    RETRIEVAL_REPORT,
+    SETTINGS,
+    eval_datasets,
+    run_file,
+)
+from repic.eval.captioning import run_setting
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -42,22 +50,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.queries:
         jobs = [(args.queries, args.database, Path(args.index), Path(args.out))]
     else:
-        datasets = eval_datasets(params["base"]["data"], args.setting)
+        datasets = eval_datasets(params["base"]["data"]["datasets"], args.setting)
         if not datasets:
             raise RepicError(f"base.data.datasets: no dataset has a '{args.setting}' query map")
         jobs = [(d["queries"][args.setting], d["database"], Path(args.index) / d["name"], Path(args.out) / d["name"])
                 for d in datasets]
     for queries, database, index, out in jobs:
-        if not (index / META_FILE).is_file():
+        if not (index / INDEX_META).is_file():
             raise RepicError(f"{index}: no retrieval index for this dataset (build_db builds one per dataset; "
-                             f"see {index.parent / 'manifest.json'} for the ones it skipped)")
+                             f"see {index.parent / DB_MANIFEST} for the ones it skipped)")
         rows, retrieval = run_setting(args.setting, queries, database, args.root, str(index), args.model,
                                       args.adapter, params["caption"], device=params["base"]["device"],
                                       dtype=params["base"]["dtype"])
         for name, file_rows in rows.items():
-            write_json(out / f"{name}.json", file_rows)
-        write_json(out / "retrieval.json", retrieval)
-        write_parquet(out / "captions.parquet", pd.DataFrame(
+            write_json(out / run_file(name), file_rows)
+        write_json(out / RETRIEVAL_REPORT, retrieval)
+        write_parquet(out / CAPTIONS_PARQUET, pd.DataFrame(
             [{"run": name, "query_image": r[0], "gt_keys": r[1], "caption": r[2], "question": r[3]}
              for name, file_rows in rows.items() for r in file_rows]))
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from repic.cli import params_of, parser, run
-from repic.fetch import fetch_real, fetch_synthetic
-from repic.sources import rerecord_from_env
+from repic.core.cli import params_of, parser, run
+from repic.data.fetch import fetch_real, fetch_synthetic
+from repic.data.sources import rerecord_from_env
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -22,7 +22,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="record this 'record: true' source again, replacing its value in the lock file "
                         "(repeatable; 'all': every one). Under dvc repro: REPIC_RERECORD=NAME[,NAME]")
     args = p.parse_args(argv)
-    params = params_of(args)
+    # The DAG's first stage checks the whole params file, GRPOConfig/LoraConfig included: under `dvc repro` a typo
+    # in a later stage's section fails here, in seconds, not after the downloads.
+    params = params_of(args, libraries=True)
     cfg, base = params["fetch_data"], params["base"]
     if cfg["source"] == "synthetic":
         summary = fetch_synthetic(args.out_data, args.out_model, cfg, seed=base["seed"])

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from repic.captioning import SETTINGS
-from repic.cli import params_of, parser, run
-from repic.io import write_json, write_parquet
-from repic.judge import AnswerCache, build_pairs, judge_pairs, local_judge, openai_judge, win_rates
-from repic.scoring import layout_of
+from repic.core.cli import params_of, parser, run
+from repic.core.io import write_json, write_parquet
+from repic.core.layout import JUDGE_CACHE, MODES, SETTINGS, VERDICTS, WIN_RATES, layout_of
+from repic.eval.judge import AnswerCache, build_pairs, judge_pairs, local_judge, openai_judge, win_rates
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -31,8 +30,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg, base = params["judge_llm"], params["base"]
     out = Path(args.out)
     if cfg["backend"] == "none":
-        write_json(out / "win_rates.json", {"status": "not run", "reason": "judge_llm.backend is 'none'"})
-        write_parquet(out / "verdicts.parquet", pd.DataFrame(columns=["setting", "dataset", "mode", "query_image"]))
+        write_json(out / WIN_RATES, {"status": "not run", "reason": "judge_llm.backend is 'none'"})
+        write_parquet(out / VERDICTS, pd.DataFrame(columns=["setting", "dataset", "mode", "query_image"]))
         return
     # ---- judge backend
     if cfg["backend"] == "local":
@@ -41,8 +40,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         backend_id, ask = openai_judge(**cfg["openai"], max_new_tokens=cfg["max_new_tokens"])
     # ---- pairs, verdicts, win rates
-    pairs = build_pairs(args.captions, layout_of(base["data"]), args.root, cfg["max_pairs"])
-    cache = AnswerCache(out / "cache.jsonl")
+    pairs = build_pairs(args.captions, layout_of(base["data"]["datasets"]), args.root, cfg["max_pairs"])
+    cache = AnswerCache(out / JUDGE_CACHE)
     # Each answer is appended to cache.jsonl as it comes: a failure or a kill keeps what was paid for.
     records = judge_pairs(pairs, backend_id, ask, cache, max_requests=cfg["max_requests"])
     frame = pd.DataFrame(records)
@@ -51,9 +50,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                "pairs_left_out_by_budget": len(pairs) - len(records),
                "overall": win_rates(records, seed=seed),
                **{f"{s}_{m}": win_rates([r for r in records if r["setting"] == s and r["mode"] == m], seed=seed)
-                  for s in SETTINGS for m in ("skip", "retrieval")}}
-    write_json(out / "win_rates.json", summary)
-    write_parquet(out / "verdicts.parquet", frame)
+                  for s in SETTINGS for m in MODES}}
+    write_json(out / WIN_RATES, summary)
+    write_parquet(out / VERDICTS, frame)
 
 
 if __name__ == "__main__":

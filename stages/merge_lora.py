@@ -12,10 +12,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from repic.captioning import build_conversation, eval_datasets, expand_queries
-from repic.cli import params_of, parser, run
-from repic.io import read_json, write_json
-from repic.merge import check, merge_and_verify
+from repic.core.cli import params_of, parser, run
+from repic.core.io import read_json, write_json
+from repic.core.layout import MERGE_REPORT, MERGED_MODEL, eval_datasets
+from repic.eval.captioning import build_conversation, expand_queries
+from repic.train.merge import check, merge_and_verify
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -27,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     params = params_of(args)
     cfg = params["merge_lora"]
-    dataset = eval_datasets(params["base"]["data"])[0]
+    dataset = eval_datasets(params["base"]["data"]["datasets"])[0]
     setting = "single" if "single" in dataset["queries"] else next(iter(dataset["queries"]))
     database = read_json(dataset["database"])
     source = dataset["queries"][setting]
@@ -36,9 +37,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         q.ref_keys = list(q.gt_keys)
     conversations = [build_conversation(q, database, args.root) for q in queries]
     out = Path(args.out)
-    report = merge_and_verify(args.model, args.adapter, out / "model", conversations,
+    report = merge_and_verify(args.model, args.adapter, out / MERGED_MODEL, conversations,
                               tolerance=cfg["tolerance"], max_new_tokens=cfg["max_new_tokens"])
-    write_json(out / "merge_report.json", report)
+    write_json(out / MERGE_REPORT, report)
     check(report)
 
 

@@ -1,7 +1,7 @@
 r"""Write the static visual report: results/report/index.html + PNG plots (open the file, no server needed).
 
 Example: python -m stages.report --captions results/captions --metrics results/score/metrics.json \
-    --train-log results/train/log.jsonl --root data/world --out results/report
+    --slots results/score/slots.parquet --train-log results/train/log.jsonl --root data/world --out results/report
 (the caption folders and databases of params `base.data.datasets`)
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from repic.cli import params_of, parser, run
-from repic.report import build_report
-from repic.scoring import layout_of
+from repic.core.cli import params_of, parser, run
+from repic.core.layout import layout_of
+from repic.eval.report import build_report
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -20,13 +20,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--captions", required=True,
                    help="caption folder of a pipeline run (<setting>/<dataset>/<model>_<mode>.json)")
     p.add_argument("--metrics", required=True, help="the score stage's metrics.json")
+    p.add_argument("--slots", required=True, help="the score stage's slots.parquet (its per-name verdicts)")
     p.add_argument("--train-log", required=True, help="train_grpo_lora's per-step log.jsonl")
     p.add_argument("--root", required=True, help="data root the query image paths are relative to")
     p.add_argument("--out", required=True, help="output folder: index.html and its PNG plots")
     args = p.parse_args(argv)
     params = params_of(args)
-    build_report(args.out, captions_dir=args.captions, metrics_path=args.metrics, train_log=args.train_log,
-                 layout=layout_of(params["base"]["data"]), root=args.root,
+    build_report(args.out, captions_dir=args.captions, metrics_path=args.metrics, slots_path=args.slots,
+                 train_log=args.train_log, layout=layout_of(params["base"]["data"]["datasets"]), root=args.root,
                  max_queries=params["report"]["max_queries"])
 
 

@@ -18,12 +18,22 @@ from pathlib import Path
 
 import pandas as pd
 
-from repic.captioning import SETTINGS
-from repic.cli import params_of, parser, run
-from repic.io import RepicError, read_json, write_json, write_parquet, write_text
-from repic.metrics import load_caption_rows, score_captions
-from repic.scoring import layout_of, score_runs
-from repic.tables import column_groups, metrics_table, paper_tables, to_markdown
+from repic.core.cli import params_of, parser, run
+from repic.core.io import RepicError, read_json, write_json, write_parquet, write_text
+from repic.core.layout import (
+    METRICS_FILES,
+    PROTOCOL_DEFAULT,
+    PROTOCOLS,
+    SCORE_TABLE,
+    SETTINGS,
+    SLOTS,
+    layout_of,
+    paper_table_file,
+)
+from repic.data.validate import load_caption_rows
+from repic.eval.metrics import score_captions
+from repic.eval.scoring import score_runs
+from repic.eval.tables import column_groups, metrics_table, paper_tables, to_markdown
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -31,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--captions", required=True, help="a caption file, or the folder of a pipeline run")
     p.add_argument("--database", help="one-file mode: database_mod.json (display names for --protocol strict)")
     p.add_argument("--setting", choices=SETTINGS, help="one-file mode: the file's setting")
-    p.add_argument("--protocol", choices=("repic", "strict"), help="default: params.yaml score.protocol")
+    p.add_argument("--protocol", choices=PROTOCOLS, help="default: params.yaml score.protocol")
     p.add_argument("--out", help="pipeline mode: output folder (metrics, per-slot Parquet)")
     p.add_argument("--tables", help="pipeline mode: folder of the paper tables (md, csv, tex)")
     args = p.parse_args(argv)
@@ -41,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if Path(args.captions).is_file():
         if not args.setting:
             raise RepicError("--setting is required when --captions is a file")
-        summary, _ = score_captions(load_caption_rows(args.captions), args.setting, args.protocol or "repic",
+        summary, _ = score_captions(load_caption_rows(args.captions), args.setting, args.protocol or PROTOCOL_DEFAULT,
                                     database)
         print(json.dumps({k: summary[k] for k in ("precision", "recall", "f1", "n_slots")}))
         return
@@ -51,20 +61,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     # paper), metrics_strict.json the corrected one beside it. The protocol param picks the headline table.md.
     params = params_of(args)
     primary = args.protocol or params["score"]["protocol"]
-    layout = layout_of(params["base"]["data"])  # each dataset's own database (display names for strict)
+    layout = layout_of(params["base"]["data"]["datasets"])  # each dataset's own database (display names for strict)
     out, tables = Path(args.out), Path(args.tables)
     frames = []
-    for protocol, name in (("repic", "metrics.json"), ("strict", "metrics_strict.json")):
+    for protocol, name in METRICS_FILES.items():
         metrics, slots = score_runs(args.captions, protocol, layout)
         write_json(out / name, metrics)
         frames.append(pd.DataFrame(slots).assign(protocol=protocol))
         for table, files in paper_tables(metrics, protocol).items():
             for ext, text in files.items():
-                write_text(tables / f"{table}_{protocol}.{ext}", text)
+                write_text(tables / paper_table_file(table, protocol, ext), text)
         if protocol == primary:
-            write_text(out / "table.md", f"Name precision / recall / F1 (%), protocol `{protocol}`\n\n"
+            write_text(out / SCORE_TABLE, f"Name precision / recall / F1 (%), protocol `{protocol}`\n\n"
                        + to_markdown(metrics_table(column_groups(metrics))))
-    write_parquet(out / "slots.parquet", pd.concat(frames, ignore_index=True))
+    write_parquet(out / SLOTS, pd.concat(frames, ignore_index=True))
 
 
 if __name__ == "__main__":

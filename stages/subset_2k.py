@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from repic.cli import params_of, parser, run
-from repic.io import read_json, write_json, write_parquet
-from repic.subset import stratified_subset, validate_training
+from repic.core.cli import params_of, parser, run
+from repic.core.io import read_json, write_json, write_parquet
+from repic.core.layout import SUBSET_HELDOUT, SUBSET_MANIFEST, SUBSET_PARQUET, SUBSET_TRAIN
+from repic.data.subset import stratified_subset
+from repic.data.validate import validate_training
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -28,14 +30,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     chosen, manifest = stratified_subset(samples, params["subset_2k"]["n_samples"], params["base"]["seed"])
     subset = [samples[i] for i in chosen]
     out = Path(args.out)
-    write_json(out / "train_subset.json", subset)
-    write_json(out / "manifest.json", {**manifest, "source": args.train_json, "indices": chosen})
+    write_json(out / SUBSET_TRAIN, subset)
+    write_json(out / SUBSET_MANIFEST, {**manifest, "source": args.train_json, "indices": chosen})
     # the rest of the JSON, never trained on: train_grpo_lora compares base and trained rewards on part of it
     taken = set(chosen)
-    write_json(out / "heldout.json", [s for i, s in enumerate(samples) if i not in taken])
+    write_json(out / SUBSET_HELDOUT, [s for i, s in enumerate(samples) if i not in taken])
     frame = pd.DataFrame({"source_index": chosen, **{k: [json.dumps(s[k]) if not isinstance(s[k], str) else s[k]
                                                         for s in subset] for k in subset[0]}})
-    write_parquet(out / "train_subset.parquet", frame)
+    write_parquet(out / SUBSET_PARQUET, frame)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from repic.cli import params_of, parser, run
-from repic.io import atomic_dir, read_json, write_json, write_text
-from repic.progress import training_callback
-from repic.subset import stratified_subset, validate_training
-from repic.train import check_training_params, heldout_rewards, summarize_log, train
+from repic.core.cli import params_of, parser, run
+from repic.core.io import atomic_dir, read_json, write_json, write_text
+from repic.core.layout import TRAIN_ADAPTER, TRAIN_CHECKPOINTS, TRAIN_LOG, TRAIN_SUMMARY
+from repic.core.progress import training_callback
+from repic.data.subset import stratified_subset
+from repic.data.validate import validate_training
+from repic.train.grpo import heldout_rewards, summarize_log, train
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -32,10 +34,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", required=True,
                    help="output folder: adapter/, log.jsonl, summary.json, checkpoints/ (kept for resuming)")
     args = p.parse_args(argv)
-    params = params_of(args)
+    # Everything that can be checked is checked before any output (or resume checkpoint) is touched: the params,
+    # GRPOConfig and LoraConfig included, then the data.
+    params = params_of(args, libraries=True)
     base = params["base"]
-    # Everything that can be checked is checked before any output (or resume checkpoint) is touched.
-    check_training_params(params["train_grpo_lora"], seed=base["seed"])
     samples = validate_training(read_json(args.train), args.train)
     n_eval = params["train_grpo_lora"]["heldout_eval"]
     heldout = validate_training(read_json(args.heldout), args.heldout) if n_eval and args.heldout else []
@@ -45,22 +47,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     # folder in place of the adapter, whichever finished last.
     main_process = int(os.environ.get("RANK", "0")) == 0
     # ---- train
-    with atomic_dir(out / "adapter") if main_process else tempfile.TemporaryDirectory() as adapter_dir:
+    with atomic_dir(out / TRAIN_ADAPTER) if main_process else tempfile.TemporaryDirectory() as adapter_dir:
         log = train(args.model, samples, args.root, adapter_dir, params["train_grpo_lora"],
-                    checkpoint_dir=out / "checkpoints", seed=base["seed"], device=base["device"],
+                    checkpoint_dir=out / TRAIN_CHECKPOINTS, seed=base["seed"], device=base["device"],
                     dtype=base["dtype"], callbacks=[cb for cb in [training_callback()] if cb is not None])
     if not main_process:
         return
     # ---- save the log
     frame = pd.DataFrame(log)
-    write_text(out / "log.jsonl", frame.to_json(orient="records", lines=True))
+    write_text(out / TRAIN_LOG, frame.to_json(orient="records", lines=True))
     summary = summarize_log(log)
     if heldout:
         chosen, _ = stratified_subset(heldout, n_eval, base["seed"])
-        summary["heldout"] = heldout_rewards(args.model, out / "adapter", [heldout[i] for i in chosen],
+        summary["heldout"] = heldout_rewards(args.model, out / TRAIN_ADAPTER, [heldout[i] for i in chosen],
                                              args.root, params["train_grpo_lora"], seed=base["seed"],
                                              device=base["device"], dtype=base["dtype"])
-    write_json(out / "summary.json", summary)
+    write_json(out / TRAIN_SUMMARY, summary)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
+def resolve_dvc(text: str, params: dict) -> str:
+    """A dvc.yaml string with its `${a.b}` params interpolated as DVC does."""
+    def value(m: re.Match) -> str:
+        node = params
+        for part in m.group(1).split("."):
+            node = node[part]
+        return str(node)
+
+    return re.sub(r"\$\{([^}]+)\}", value, text)
+
+
 TINY_MODEL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, vision_hidden_size=32, vision_depth=2,
                   vision_heads=2, min_pixels=3136, max_pixels=12544)
@@ -20,15 +32,25 @@ TINY_MODEL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hid
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from repic.models import build_tiny_model
+    from repic.synthetic.tiny_model import build_tiny_model
 
     out = tmp_path_factory.mktemp("tiny") / "model"
     texts = ["This is the query image. Name: <zorp>, Info: a red toy. yes no caption"] * 20
     return build_tiny_model(out, texts, TINY_MODEL, seed=0)
 
 
+def need_shared(path: Path, what: str = "real RePIC data") -> Path:
+    """`path` under ../shared, or the test skips: a user's clone has no ../shared. CI has it (.ci/run sets `CI`),
+    so there a missing path fails the test instead of skipping it silently."""
+    if not path.exists():
+        reason = f"{what} not available ({path} is absent beside the checkout)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI (env CI is set) must have ../shared", pytrace=False)
+        pytest.skip(reason)
+    return path
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    if not (SHARED / "repic_eval").is_dir():
-        pytest.skip(f"real RePIC data not available ({SHARED}/repic_eval is absent beside the checkout)")
+    need_shared(SHARED / "repic_eval")
     return SHARED

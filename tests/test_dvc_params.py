@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import yaml
 
-from repic.params import deep_merge
+from repic.core.params import deep_merge
 
 REPO = Path(__file__).resolve().parents[1]
 # The scratch repo holds the params as JSON: the same values under the same declared keys (so the same lock

@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from repic.generation import generate, generate_ids, rollout_trainer, select_rows
-from repic.io import RepicError
-from repic.models import load_model, load_processor
-from repic.prompts import caption_messages
+from repic.core.io import RepicError
+from repic.core.prompts import caption_messages
+from repic.vlm.generation import generate, generate_ids, rollout_trainer, select_rows
+from repic.vlm.models import load_model, load_processor
 
 
 def _prompts(processor, n: int):
@@ -62,7 +62,7 @@ def test_static_greedy_equals_hf_generate_with_a_lora_adapter(tiny_model_dir):
     """Captions of the trained model: PEFT LoRA layers (two adapters, one active) in the static decode step."""
     from peft import get_peft_model
 
-    from repic.train import lora_config
+    from repic.core.params import lora_config
 
     processor = load_processor(tiny_model_dir)
     model = get_peft_model(_chaotic(load_model(tiny_model_dir, device="cpu", dtype="float32")),
@@ -88,7 +88,7 @@ def test_static_greedy_equals_hf_generate_with_a_lora_adapter(tiny_model_dir):
 def _lora_model(tiny_model_dir):
     from peft import get_peft_model
 
-    from repic.train import lora_config
+    from repic.core.params import lora_config
 
     torch.manual_seed(0)  # PEFT draws A from the global generator: the same adapter whatever ran before
     model = get_peft_model(_chaotic(load_model(tiny_model_dir, device="cpu", dtype="float32")),
@@ -106,7 +106,7 @@ def test_functional_decode_step_equals_hf_generate(tiny_model_dir, monkeypatch, 
     """The compiled step's functions (run uncompiled here: `torch.compile` is the identity) and the matmul attention
     give `generate`'s tokens, LoRA adapter included; stats say the step used them. (The matmul attention sums in
     another order than sdpa: equal within 1e-6 below, and on these fixed weights no greedy choice is that close.)"""
-    from repic import generation
+    from repic.vlm import generation
 
     q, k, v = torch.randn(3, 2, 4, 16), torch.randn(3, 2, 40, 16), torch.randn(3, 2, 40, 16)
     mask = torch.rand(3, 1, 1, 40) > 0.3
@@ -132,7 +132,7 @@ def test_functional_decode_step_equals_hf_generate(tiny_model_dir, monkeypatch, 
 def test_prefill_by_rows_equals_the_padded_batch(tiny):
     """A padded batch prefilled one unpadded prompt at a time: the same cache where the rows hold tokens, the same
     last logits (within fp32 rounding: unmasked vs masked attention) and `generate`'s tokens."""
-    from repic.generation import _prefill, _prompt_positions
+    from repic.vlm.generation import _prefill, _prompt_positions
 
     model, processor = tiny
     texts, images = _prompts(processor, 4)
@@ -154,7 +154,7 @@ def test_prefill_by_rows_equals_the_padded_batch(tiny):
 
 
 def test_compile_failure_decodes_eagerly_with_a_warning(tiny, monkeypatch):
-    from repic import generation
+    from repic.vlm import generation
 
     def broken(fn, **kw):
         def run(*args, **kwargs):
@@ -261,7 +261,7 @@ def test_grpo_rollouts_through_static_backend(tiny_model_dir, tmp_path):
     from peft import get_peft_model
     from trl import GRPOTrainer
 
-    from repic.train import grpo_config, lora_config
+    from repic.core.params import grpo_config, lora_config
 
     processor = load_processor(tiny_model_dir)
     model = get_peft_model(load_model(tiny_model_dir, device="cpu").train(), lora_config({"r": 4, "lora_alpha": 8}))

@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from repic.io import RepicError, atomic_dir, read_json, write_json
-from repic.subset import stratified_subset, validate_training
+from repic.core.io import RepicError, atomic_dir, read_json, write_json
+from repic.data.subset import stratified_subset
+from repic.data.validate import validate_training
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
@@ -35,7 +36,7 @@ def test_atomic_writers_respect_the_umask(tmp_path, mask):
     import os
     import stat
 
-    from repic.io import umask, write_parquet, write_text
+    from repic.core.io import umask, write_parquet, write_text
 
     old = os.umask(mask)
     try:
@@ -63,7 +64,7 @@ def test_writers_remove_what_killed_writers_left(tmp_path):
     import subprocess
     import sys
 
-    from repic.io import _HOST
+    from repic.core.io import _HOST
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()

@@ -1,7 +1,7 @@
 import pytest
 from PIL import Image
 
-from repic.judge import AnswerCache, judge_pairs, parse_verdict, win_rates
+from repic.eval.judge import AnswerCache, judge_pairs, parse_verdict, win_rates
 
 
 @pytest.mark.parametrize("answer, verdict", [
@@ -81,7 +81,7 @@ def test_torn_last_line_is_dropped_and_the_file_stays_appendable(tmp_path):
 
 
 def test_corrupt_line_inside_the_cache_is_a_one_line_error(tmp_path):
-    from repic.io import RepicError
+    from repic.core.io import RepicError
 
     path = tmp_path / "cache.jsonl"
     path.write_text('{"hash": "a", "answer": "A"}\nnot json\n{"hash": "b", "answer": "B"}\n')

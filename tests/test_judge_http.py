@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
-from repic.io import RepicError
-from repic.judge import AnswerCache, judge_pairs, openai_judge, win_rates
+from repic.core.io import RepicError
+from repic.eval.judge import AnswerCache, judge_pairs, openai_judge, win_rates
 
 KEY = "sk-test-secret-123"
 

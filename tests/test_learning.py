@@ -1,7 +1,7 @@
-"""Proof of learning: GRPO + LoRA through `repic.train.train` raises RePIC's object-consistency reward.
+"""Proof of learning: GRPO + LoRA through `repic.train.grpo.train` raises RePIC's object-consistency reward.
 
 Design. A tiny Qwen2.5-VL (`build_tiny_model`, one vision block, 56 px solid-colour images = 4 image tokens) gets
-a short supervised warm-up (`repic.warmup.warmup`), then GRPO + LoRA through our own `train()` (TRL
+a short supervised warm-up (`repic.synthetic.warmup.warmup`), then GRPO + LoRA through our own `train()` (TRL
 `GRPOTrainer`, PEFT LoRA on the language model, `object_consistency` from `REWARD_REGISTRY`, `protocol: repic`)
 on the yes/no question "Is this image a single colour?", whose answer is "yes" for every image: a bias the base
 does not have (it answers that question at chance) and RL must discover. Two checks:
@@ -28,7 +28,7 @@ one rewarded question; nothing in the reward asks it to keep the other answers),
 the base only.
 
 Cost and determinism. One torch thread (the matrices are tiny; on a shared 2-core machine two threads contend and
-run several times slower). Everything is seeded (model init, warm-up, LoRA init in `repic.train`, TRL's
+run several times slower). Everything is seeded (model init, warm-up, LoRA init in `repic.train.grpo`, TRL's
 sampling, the evaluation's sampling), so a machine gives the same numbers on every run.
 
 An answer that depends on the image (red -> "yes", blue -> "no") is learnable too, but not reliably at this size
@@ -72,7 +72,7 @@ def _image(rng: random.Random, blue: bool) -> Image.Image:
 
 
 def _messages(question: str) -> list[dict]:
-    from repic.prompts import training_problem
+    from repic.core.prompts import training_problem
 
     text = training_problem(question, "yes_no", random.Random(0))  # OCT's instruction suffix (not random)
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
@@ -80,9 +80,9 @@ def _messages(question: str) -> list[dict]:
 
 def _warmed_base(out_dir):
     """Build the tiny base and warm it up: QUESTION (1 in 4 examples) answered "yes" at YES_RATE, FACTS truthfully."""
-    from repic.models import build_tiny_model
-    from repic.prompts import training_problem
-    from repic.warmup import warmup
+    from repic.core.prompts import training_problem
+    from repic.synthetic.tiny_model import build_tiny_model
+    from repic.synthetic.warmup import warmup
 
     questions = [QUESTION, *(q for q, _ in FACTS)]
     model_dir = build_tiny_model(out_dir, [training_problem(q, "yes_no", random.Random(0)) for q in questions] * 20,
@@ -104,8 +104,8 @@ def _held_out_rewards(model_dir, adapter, images, question: str = QUESTION, solu
     (`samples` per image, temperature 1, as in the rollouts) and of greedy answers."""
     import torch
 
-    from repic.models import load_model, load_processor
-    from repic.rewards import REWARD_REGISTRY
+    from repic.train.rewards import REWARD_REGISTRY
+    from repic.vlm.models import load_model, load_processor
 
     processor = load_processor(model_dir)
     model = load_model(model_dir, device="cpu", adapter=adapter)
@@ -129,7 +129,7 @@ def _held_out_rewards(model_dir, adapter, images, question: str = QUESTION, solu
 def test_grpo_lora_learns_a_bias_the_base_lacks(tmp_path):
     import torch
 
-    from repic.train import heldout_rewards, summarize_log, train
+    from repic.train.grpo import heldout_rewards, summarize_log, train
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -3,17 +3,17 @@
 import pytest
 from PIL import Image
 
-from repic.io import RepicError
-from repic.merge import check, merge_and_verify
-from repic.prompts import caption_messages
+from repic.core.io import RepicError
+from repic.core.prompts import caption_messages
+from repic.train.merge import check, merge_and_verify
 
 
 @pytest.fixture(scope="module")
 def adapter(tiny_model_dir, tmp_path_factory):
     from peft import LoraConfig, get_peft_model
 
-    from repic.models import load_model
-    from repic.train import LANGUAGE_MODEL_LINEAR
+    from repic.core.params import LANGUAGE_MODEL_LINEAR
+    from repic.vlm.models import load_model
 
     # init_lora_weights=False: a non-zero B, so the adapter really changes the logits.
     model = get_peft_model(load_model(tiny_model_dir, device="cpu"),

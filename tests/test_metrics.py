@@ -9,9 +9,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from repic import metrics
-from repic.io import RepicError
-from repic.metrics import load_caption_rows, score_captions, tokenize_caption
+from repic.core.io import RepicError
+from repic.data.validate import load_caption_rows
+from repic.eval import metrics
+from repic.eval.metrics import score_captions, tokenize_caption
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REPIC_DATA = SHARED / "repic_eval" / "data"

@@ -1,9 +1,10 @@
 import torch
 from PIL import Image
 
-from repic.captioning import Query, build_conversation, caption_rows, expand_queries, generate_captions
-from repic.models import ImageQwenVLProcessor, load_model, load_processor
-from repic.prompts import caption_messages
+from repic.core.prompts import caption_messages
+from repic.eval.captioning import Query, build_conversation, caption_rows, expand_queries
+from repic.vlm.generation import generate_captions
+from repic.vlm.models import ImageQwenVLProcessor, load_model, load_processor
 
 
 def test_tiny_model_round_trips_through_from_pretrained(tiny_model_dir):

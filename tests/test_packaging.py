@@ -2,9 +2,10 @@
 
 import re
 
+import pytest
 import yaml
 
-from .conftest import REPO
+from .conftest import REPO, need_shared
 
 
 def _pins(lines):
@@ -36,3 +37,18 @@ def test_every_stage_lists_its_own_module_and_params_section():
             node = params[section]
             for part in rest:
                 node = node[part]
+
+
+def test_tests_needing_shared_skip_in_a_clone_but_fail_in_ci(tmp_path, monkeypatch):
+    """../shared is absent from a user's clone (skip) but CI has it (.ci/run sets CI): a missing path fails there."""
+    from _pytest.outcomes import Failed, Skipped
+
+
+    assert "export CI=1" in (REPO / ".ci" / "run").read_text()
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(Skipped):
+        need_shared(tmp_path / "absent")
+    monkeypatch.setenv("CI", "1")
+    with pytest.raises(Failed, match="CI .* must have ../shared"):
+        need_shared(tmp_path / "absent")
+    assert need_shared(tmp_path) == tmp_path

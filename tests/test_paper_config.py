@@ -4,8 +4,7 @@ import shutil
 
 import yaml
 
-from repic.params import apply_overlay, load_params
-from repic.train import LANGUAGE_MODEL_LINEAR, grpo_config, lora_config
+from repic.core.params import LANGUAGE_MODEL_LINEAR, apply_overlay, grpo_config, load_params, lora_config
 
 from .conftest import REPO
 
@@ -46,7 +45,7 @@ def test_paper_overlay_builds_the_paper_recipe(tmp_path):
 
 
 def test_paper_declares_every_source_pinned_or_recorded():
-    from repic.sources import read_manifest
+    from repic.data.sources import read_manifest
 
     paper = yaml.safe_load((REPO / "configs" / "paper.yaml").read_text())["fetch_data"]
     sources = paper["sources"]

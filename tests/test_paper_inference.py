@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from repic.io import RepicError, write_json
-from repic.progress import Progress
-from repic.retrieval import build_index, database_categories, make_detector, make_embedder, save_index
+from repic.core.io import RepicError, write_json
+from repic.core.progress import Progress
+from repic.data.retrieval import build_index, database_categories, make_detector, make_embedder, save_index
 
 
 def _database(root: Path) -> Path:
@@ -39,8 +39,8 @@ def test_open_vocabulary_detector_needs_classes_one_line_not_a_type_error() -> N
 
 def test_retriever_prompts_the_detector_with_the_database_categories_on_the_pipeline_device(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import repic.retrieval as retrieval
-    from repic.captioning import make_retriever
+    import repic.data.retrieval as retrieval
+    from repic.eval.captioning import make_retriever
     from repic.rehearsal.standins import tiny_owlv2
 
     db = _database(tmp_path)
@@ -66,7 +66,7 @@ def test_retriever_prompts_the_detector_with_the_database_categories_on_the_pipe
 
 
 def test_embedder_runs_on_the_given_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    import repic.retrieval as retrieval
+    import repic.data.retrieval as retrieval
 
     seen = {}
 
@@ -83,8 +83,8 @@ def test_embedder_runs_on_the_given_device(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_processor_max_pixels_and_captions_cut_at_the_limit(tiny_model_dir: Path) -> None:
-    from repic.captioning import Query, caption_all
-    from repic.models import load_model, load_processor
+    from repic.eval.captioning import Query, caption_all
+    from repic.vlm.models import load_model, load_processor
 
     processor = load_processor(tiny_model_dir, max_pixels=1024 * 28 * 28)
     assert processor.image_processor.size["longest_edge"] == 802816
@@ -147,7 +147,7 @@ def test_yolo_world_detector_sets_classes_and_conf(tmp_path: Path, monkeypatch: 
     weights.write_bytes(b"weights")
     with pytest.raises(RepicError, match=r"sha256 mismatch: expected 0{64}, got"):
         make_detector("yolo_world", classes=["cat", "dog"], model_id=str(weights), sha256="0" * 64)
-    from repic.sources import file_sha256
+    from repic.data.sources import file_sha256
 
     det = make_detector("yolo_world", classes=["cat", "dog"], model_id=str(weights), threshold=0.1,
                         sha256=file_sha256(weights), device="cuda:0")
@@ -161,7 +161,7 @@ def test_yolo_world_detector_sets_classes_and_conf(tmp_path: Path, monkeypatch: 
 
 
 def test_training_progress_lines_in_a_log_resume_counts_from_the_checkpoint() -> None:
-    from repic.progress import training_callback
+    from repic.core.progress import training_callback
 
     out = io.StringIO()
     cb = training_callback(out)

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from repic.io import RepicError
-from repic.params import check_fields, deep_merge, load_params
+from repic.core.io import RepicError
+from repic.core.params import check_fields, deep_merge, load_params
 
 from .conftest import REPO
 
@@ -70,11 +70,11 @@ def test_dataset_entries_are_checked(tmp_path):
 
 
 def test_duplicate_dataset_names_are_refused():
-    from repic.captioning import eval_datasets
+    from repic.core.layout import eval_datasets
 
     one = {"name": "myvlm", "database": "d.json", "queries": {"single": "q.json"}}
     with pytest.raises(RepicError, match="dataset name 'myvlm' appears more than once"):
-        eval_datasets({"datasets": [one, dict(one)]})
+        eval_datasets([one, dict(one)])
 
 
 def test_an_overlay_replaces_the_dataset_list():
@@ -87,9 +87,9 @@ def test_an_overlay_replaces_the_dataset_list():
 
 
 def test_check_catches_what_the_training_stage_would(tmp_path, capsys):
-    """`python -m repic.params check` validates GRPOConfig/LoraConfig field names and value types (YAML reads
+    """`python -m repic.core.params check` validates GRPOConfig/LoraConfig field names and value types (YAML reads
     `1e-4` as a string) and the dataclasses' own checks, as the stage does before touching any output."""
-    from repic.params import main
+    from repic.core.params import main
 
     base = yaml.safe_load((REPO / "params.yaml").read_text())
     assert main(["check", "--params", str(_write(tmp_path, base))]) == 0
@@ -110,14 +110,29 @@ def test_check_catches_what_the_training_stage_would(tmp_path, capsys):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["train_grpo_lora"]["rewards"] = ["bleu"]
     assert main(["check", "--params", str(_write(tmp_path, params))]) == 2
-    assert "unknown reward 'bleu'" in capsys.readouterr().err
+    assert ("train_grpo_lora.rewards.0: 'bleu' is not one of ['object_consistency', 'visual_localization', "
+            "'identity_consistency']") in capsys.readouterr().err
+    with pytest.raises(RepicError, match=r"rewards\.0: 'bleu' is not one of"):  # the schema alone, no TRL import
+        load_params(_write(tmp_path, params))
+
+
+def test_library_sections_are_checked_when_params_load(tmp_path):
+    """`load_params(..., libraries=True)` (the Snakefile, fetch_data, train_grpo_lora) checks GRPOConfig and
+    LoraConfig too; the overlay's name is in the message when an overlay brings the typo."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train_grpo_lora"]["lora"]["rank"] = 8
+    path = _write(tmp_path, params)
+    load_params(path)  # the schema leaves library sections open
+    with pytest.raises(RepicError, match=r"params.yaml: train_grpo_lora.lora.rank: unknown key \(not a field of "
+                                         r"LoraConfig\)"):
+        load_params(path, libraries=True)
 
 
 def test_keys_dvc_run_cache_ignores_are_refused(tmp_path):
     """A key named `size`/`nfiles` anywhere (e.g. in a library's kwargs) would be left out of DVC's run-cache key."""
     from dvc_data.hashfile.meta import Meta
 
-    from repic.params import RUN_CACHE_BLIND_KEYS
+    from repic.core.params import RUN_CACHE_BLIND_KEYS
 
     assert set(RUN_CACHE_BLIND_KEYS) == {Meta.PARAM_SIZE, Meta.PARAM_NFILES}
     params = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -25,7 +25,7 @@ def _stage(name: str, *args: str, cwd: Path) -> None:
 
 
 def test_real_4_concept_evaluation_end_to_end(shared_dir, tmp_path):
-    from repic.params import apply_overlay
+    from repic.core.params import apply_overlay
 
     real = tmp_path / "real_eval"
     real.mkdir()

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from repic.io import RepicError
-from repic.params import deep_merge, validate
+from repic.core.io import RepicError
+from repic.core.params import deep_merge, validate
 from repic.rehearsal.__main__ import ALLOWED, OVERLAY, allowed, check_overlay, leaves
 
-from .conftest import REPO, SHARED
+from .conftest import REPO, SHARED, need_shared
 
 
 def _paper_params() -> dict:
@@ -47,8 +47,7 @@ def test_rehearsal_overlay_changes_only_allow_listed_size_and_hardware_keys() ->
 
 @pytest.mark.slow
 def test_paper_rehearsal_runs_every_stage(tmp_path: Path) -> None:
-    if not (SHARED / "repic_eval").is_dir():
-        pytest.skip(f"{SHARED}/repic_eval is absent beside the checkout (CI has it)")
+    need_shared(SHARED / "repic_eval", "RePIC's evaluation files for the stand-ins")
     if shutil.which("make") is None or not (Path(os.sys.executable).parent.parent / ".installed").exists():
         pytest.skip("needs make and the project venv built by `make venv`")
     report_path = tmp_path / "rehearsal.json"
@@ -92,7 +91,7 @@ def test_paper_rehearsal_runs_every_stage(tmp_path: Path) -> None:
     lora = next((repo / "data/repic/released/repic_lora").rglob("adapter_config.json")).parent
     from peft import PeftModel
 
-    from repic.models import load_model
+    from repic.vlm.models import load_model
 
     model = PeftModel.from_pretrained(load_model(repo / "data/models/Qwen2.5-VL-7B-Instruct", device="cpu"), lora)
     assert model.peft_config["default"].r == 8

@@ -1,4 +1,5 @@
-"""The static report: names highlighted like the scorer counts them, and it renders in headless Chromium."""
+"""The static report: each caption's names marked with the scorer's own verdicts, and it renders in headless
+Chromium."""
 
 from __future__ import annotations
 
@@ -7,23 +8,17 @@ import re
 import shutil
 import subprocess
 
+import pandas as pd
 import pytest
 from PIL import Image
 
-from repic.report import build_report, highlight
+from repic.core.io import RepicError
+from repic.eval.report import build_report
+from repic.eval.scoring import score_runs
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-def test_highlight_marks_correct_and_wrong_whole_tokens():
-    out = highlight("<anya> and Bond, not bondage. <Bingo>!", ["<anya>"], {"<anya>", "<bond>", "<bingo>"},
-                    case_sensitive=False)
-    assert '<span class="correct">&lt;anya&gt;</span>' in out
-    assert '<span class="wrong">Bond</span>' in out and "bondage" in out and "wrong\">bondage" not in out
-    assert '<span class="wrong">&lt;Bingo&gt;</span>' in out
-    assert highlight("Anya", ["<anya>"], {"<anya>"}, case_sensitive=True) == "Anya"  # 2-concept is case-sensitive
 
 
 @pytest.fixture
@@ -49,8 +44,9 @@ def report_inputs(tmp_path):
             for run in ("base_skip", "trained_skip", "base_retrieval", "trained_retrieval"):
                 wrong = "<b>" if setting == "single" else ""
                 caption = "A photo." if run.startswith("base") else f"{gt[0]} with <zzz> and {wrong}"
+                # the second row names <a>, not its own <b>: the scorer's "miss"
                 (folder / f"{run}.json").write_text(json.dumps([["./data/q.png", gt, caption, "q?"],
-                                                                ["./data/q.png", ["<b>"] * len(gt), "x", "q?"]]))
+                                                                ["./data/q.png", ["<b>"] * len(gt), "<a>.", "q?"]]))
             (folder / "retrieval.json").write_text(json.dumps(
                 {"k": 2, "recall_at_k": 0.5, "per_query": [{"retrieved": ["<a>", "<c>"]}, {"retrieved": ["<b>"]}]}))
     cell = {"precision": 50.0, "recall": 25.0, "f1": 33.3}
@@ -61,7 +57,11 @@ def report_inputs(tmp_path):
     log.write_text("\n".join(json.dumps({"loss": 0.1 * i, "kl": 0.01 * i, "reward": i / 10,
                                          "rewards/object_consistency/mean": None if i % 2 else i / 10})
                              for i in range(8)))
-    return dict(captions_dir=caps, metrics_path=metrics, train_log=log, layout=layout, root=root)
+    _, slots = score_runs(caps, "repic", layout)
+    slots_path = tmp_path / "slots.parquet"
+    pd.DataFrame(slots).assign(protocol="repic").to_parquet(slots_path)
+    return dict(captions_dir=caps, metrics_path=metrics, slots_path=slots_path, train_log=log, layout=layout,
+                root=root)
 
 
 def test_report_files(tmp_path, report_inputs):
@@ -72,8 +72,11 @@ def test_report_files(tmp_path, report_inputs):
     assert page.count('class="query"') == 8  # 2 queries x (2 single-concept datasets + 2 multi settings)
     assert "<h2>single · dreambooth: 2 queries" in page and "<h2>multi4 · toy: 2 queries" in page
     assert "<td>Single MyVLM</td>" in page and "<td>Single DreamBooth</td>" in page and "<td>2-concept</td>" in page
-    assert '<span class="correct">&lt;a&gt;</span>' in page and '<span class="wrong">&lt;b&gt;</span>' in page
-    assert '<span class="missed">&lt;a&gt;</span>' in page  # base captions miss <a>
+    # the scorer's verdicts: trained names <a> (correct), the second row names <a> for <b> (miss), base nothing
+    assert '<span class="correct" title="named">&lt;a&gt;</span>' in page
+    assert '<span class="wrong" title="not named; another concept named instead">&lt;b&gt;</span>' in page
+    assert '<span class="missed" title="not named">&lt;a&gt;</span>' in page
+    assert "A photo." in page and "&lt;a&gt; with &lt;zzz&gt;" in page  # captions shown as written
     for src in re.findall(r'src="([^"]+)"', page):
         assert (out / src).is_file(), src
 
@@ -93,3 +96,24 @@ def test_report_renders_in_headless_chromium(tmp_path, report_inputs):
                     f"--screenshot={shot}", url], capture_output=True, timeout=120)
     img = Image.open(shot).convert("RGB")
     assert img.size == (1000, 1400) and len(img.getcolors(1 << 20) or []) > 50  # not a blank page
+
+
+def test_report_marks_what_the_scorer_counted_not_a_matcher_of_its_own(tmp_path, report_inputs):
+    """`Here is <a>'s dog`: RePIC's scorer does not find <a> (its token is `<a>'s`), so neither does the report;
+    the verdicts come from slots.parquet, whatever the captions look like."""
+    caps = report_inputs["captions_dir"]
+    folder = caps / "single" / "myvlm"
+    rows = json.loads((folder / "trained_skip.json").read_text())
+    rows[0][2] = "Here is <a>'s dog"
+    (folder / "trained_skip.json").write_text(json.dumps(rows))
+    _, slots = score_runs(caps, "repic", report_inputs["layout"])
+    pd.DataFrame(slots).assign(protocol="repic").to_parquet(report_inputs["slots_path"])
+    out = tmp_path / "report"
+    build_report(out, max_queries=5, **report_inputs)
+    page = (out / "index.html").read_text()
+    line = next(x for x in page.split('<div class="caption">') if "Here is &lt;a&gt;&#x27;s dog" in x)
+    assert '<span class="missed" title="not named">&lt;a&gt;</span>' in line and 'class="correct"' not in line
+    # slots that do not cover the captions shown are an error naming the file, not a silent blank
+    pd.DataFrame(slots).assign(protocol="repic").iloc[:4].to_parquet(report_inputs["slots_path"])
+    with pytest.raises(RepicError, match="slots.parquet: no verdict for"):
+        build_report(tmp_path / "r2", max_queries=5, **report_inputs)

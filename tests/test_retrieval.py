@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from repic.io import RepicError, resolve_image
-from repic.retrieval import (
+from repic.core.io import RepicError, resolve_image
+from repic.data.retrieval import (
     build_index,
     connected_components,
     database_categories,
@@ -26,7 +26,7 @@ from repic.retrieval import (
     retrieve,
     save_index,
 )
-from repic.world import make_world
+from repic.synthetic.world import make_world
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "repic_eval"
 DB = "data/database_tot/database_synthetic/database_mod.json"
@@ -296,7 +296,7 @@ def _truncated_png(path: Path) -> None:
 
 
 def test_build_db_on_a_truncated_image_is_one_line_naming_the_file(tmp_path, capsys):
-    from repic.cli import run
+    from repic.core.cli import run
     from stages.build_db import main
 
     from .conftest import REPO

@@ -22,7 +22,7 @@ def test_score_cli_prints_json_for_one_repic_file(tmp_path, capsys):
 
 
 def test_score_cli_rejects_malformed_row(tmp_path):
-    from repic.io import RepicError
+    from repic.core.io import RepicError
 
     path = tmp_path / "bad.json"
     path.write_text(json.dumps([["./q.png", ["<a>"], "cap", "q"], ["./q.png"]]))
@@ -80,7 +80,7 @@ def test_pipeline_mode_scores_each_dataset_with_its_own_database(tmp_path):
     assert "Single MyVLM skip-retrieval R" in table1[2] and "Single DreamBooth retrieval F1" in table1[2]
     assert table1[5].startswith("| trained | 0.0 | 0.0 | 0.0 | 0.0 | 0.0 | 0.0 | 100.0 | 50.0 | 66.7 |")
     shutil.rmtree(tmp_path / "captions/single/yollava")
-    from repic.io import RepicError
+    from repic.core.io import RepicError
 
     with pytest.raises(RepicError, match="yollava/base_skip.json: caption file not found"):
         main(["--params", str(tmp_path / "params.yaml"), "--captions", str(tmp_path / "captions"),
@@ -88,7 +88,7 @@ def test_pipeline_mode_scores_each_dataset_with_its_own_database(tmp_path):
 
 
 def _run(argv, capsys):
-    from repic.cli import run
+    from repic.core.cli import run
 
     rc = run(main, argv)
     captured = capsys.readouterr()

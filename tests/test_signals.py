@@ -12,7 +12,7 @@ import time
 import pytest
 import yaml
 
-from repic.cli import run
+from repic.core.cli import run
 
 from .conftest import REPO
 from .test_train import _tiny_samples

@@ -170,7 +170,8 @@ from pathlib import Path
 import torch.distributed as dist
 import trl
 
-from repic.rewards import REWARD_REGISTRY
+from repic.core.params import SCHEMA
+from repic.train.rewards import REWARD_REGISTRY
 from tests.test_train import text_variety
 
 CHOICES = ["yes", "no, a red toy", "caption", "yes yes no"]  # distinct characters: the reward differs
@@ -195,6 +196,8 @@ def fixed_rollouts(self, prompt_ids, images, multimodal_fields, num_generations,
 
 trl.GRPOTrainer._generate_single_turn = fixed_rollouts
 REWARD_REGISTRY["text_variety"] = lambda protocol: text_variety
+# the test double's reward joins the vocabulary params are validated against (repic.core.layout.REWARDS)
+SCHEMA["properties"]["train_grpo_lora"]["properties"]["rewards"]["items"]["enum"].append("text_variety")
 OUT.mkdir(parents=True, exist_ok=True)
 sys.argv = ["stages.train_grpo_lora", *sys.argv[1:]]
 runpy.run_module("stages.train_grpo_lora", run_name="__main__")
@@ -222,7 +225,7 @@ def test_a_two_node_job_trains_like_one_process(tiny_model_dir: Path, tmp_path: 
     writes the outputs; the adapter equals a 1-process run's with the same global batch."""
     if len(subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split()) < 2:
         pytest.skip("CI's cluster has one node: .ci/slurm/up.sh starts two (SLURM_CI_NODES)")
-    from repic.io import write_json
+    from repic.core.io import write_json
 
     from .test_train import _adapter_weights, _tiny_samples
 

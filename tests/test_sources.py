@@ -1,4 +1,4 @@
-"""repic.sources against real HTTP servers on loopback: a file server with Range support and failure modes, and a
+"""repic.data.sources against real HTTP servers on loopback: a file server with Range support and failure modes, and a
 fake Hugging Face hub serving the routes snapshot_download uses at a pinned commit. Offline, a few seconds."""
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import pytest
 
-from repic.io import RepicError
-from repic.sources import (
-    SOURCE_SCHEMA,
+from repic.core.io import RepicError
+from repic.core.params import SOURCE_SCHEMA
+from repic.data.sources import (
     extract_archive,
     fetch_source,
     fetch_sources,

@@ -7,8 +7,8 @@ import math
 
 import pandas as pd
 
-from repic import tables
-from repic.tables import metrics_table, to_markdown
+from repic.eval import tables
+from repic.eval.tables import metrics_table, to_markdown
 
 
 def cell(p: float, r: float, f: float) -> dict:
@@ -75,7 +75,7 @@ def test_markdown_of_a_plain_frame_escapes_pipes_and_keeps_ints():
 
 
 def test_paper_tables_in_three_formats():
-    from repic.tables import paper_tables
+    from repic.eval.tables import paper_tables
 
     cell = {"precision": 80.04, "recall": 50.0, "f1": 61.55, "n_slots": 10}
     metrics = {s: {"synthetic": {m: {"base": cell, "trained": cell} for m in ("skip", "retrieval")}}
@@ -90,7 +90,7 @@ def test_paper_tables_in_three_formats():
 
 
 def test_table1_has_one_column_group_per_single_concept_dataset():
-    from repic.tables import column_groups, paper_tables
+    from repic.eval.tables import column_groups, paper_tables
 
     def c(f1: float) -> dict:
         return {"precision": f1, "recall": f1, "f1": f1, "n_slots": 3}

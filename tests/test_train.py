@@ -7,8 +7,9 @@ import json
 import pytest
 from PIL import Image
 
-from repic.io import RepicError
-from repic.train import LANGUAGE_MODEL_LINEAR, build_examples, grpo_config, lora_config, reward_functions
+from repic.core.io import RepicError
+from repic.core.params import LANGUAGE_MODEL_LINEAR, grpo_config, lora_config
+from repic.train.grpo import build_examples, reward_functions
 
 
 def test_grpo_and_lora_configs_carry_the_params(tmp_path):
@@ -32,7 +33,7 @@ def test_grpo_and_lora_configs_carry_the_params(tmp_path):
 def test_lora_targets_language_model_only(tiny_model_dir):
     from peft import get_peft_model
 
-    from repic.models import load_model
+    from repic.vlm.models import load_model
 
     model = get_peft_model(load_model(tiny_model_dir, device="cpu"), lora_config({"r": 4, "lora_alpha": 8}))
     adapted = [n for n, _ in model.named_modules() if n.endswith("lora_A")]
@@ -87,7 +88,7 @@ def _adapter_weights(path):
 
 def text_variety(completions, **kwargs):
     """A reward with spread on a random model's output (the RePIC rewards are all 0 there): distinct chars."""
-    from repic.rewards import completion_text
+    from repic.train.rewards import completion_text
 
     return [len(set(completion_text(c))) / 10 for c in completions]
 
@@ -96,8 +97,8 @@ def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, monkey
     import torch
     from transformers import TrainerCallback
 
-    from repic.rewards import REWARD_REGISTRY
-    from repic.train import train
+    from repic.train.grpo import train
+    from repic.train.rewards import REWARD_REGISTRY
 
     monkeypatch.setitem(REWARD_REGISTRY, "text_variety", lambda protocol: text_variety)
     samples = _tiny_samples(tmp_path)
@@ -135,13 +136,13 @@ def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, monkey
 
 def test_a_run_killed_in_epoch_2_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, monkeypatch, capfd):
     """The paper trains 2 epochs. A run killed inside epoch 2 must resume epoch 2's sample order, not replay
-    epoch 1's (TRL's sampler is seeded once per run; see repic.train.epoch_seeded): same prompts per step, and
+    epoch 1's (TRL's sampler is seeded once per run; see repic.train.grpo.epoch_seeded): same prompts per step, and
     the same final adapter as an uninterrupted run."""
     import torch
     from transformers import TrainerCallback
 
-    from repic.rewards import REWARD_REGISTRY
-    from repic.train import train
+    from repic.train.grpo import train
+    from repic.train.rewards import REWARD_REGISTRY
 
     seen: list[str] = []
 
@@ -178,7 +179,7 @@ def test_a_run_killed_in_epoch_2_resumes_to_the_same_adapter(tiny_model_dir, tmp
 
 
 def test_checkpoints_of_another_config_are_not_resumed(tmp_path):
-    from repic.train import prepare_checkpoints
+    from repic.train.grpo import prepare_checkpoints
 
     ck = tmp_path / "ck"
     assert prepare_checkpoints(ck, {"lr": 1}) is None
@@ -190,7 +191,7 @@ def test_checkpoints_of_another_config_are_not_resumed(tmp_path):
 def test_a_failing_run_keeps_the_checkpoints(tiny_model_dir, tmp_path):
     """Stale checkpoints are dropped only once the trainer is built: a bad value, a missing model or any other
     failure before training starts keeps a long run's checkpoints."""
-    from repic.train import prepare_checkpoints, train
+    from repic.train.grpo import prepare_checkpoints, train
 
     samples = _tiny_samples(tmp_path)
     params = _tiny_params()

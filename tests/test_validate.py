@@ -1,4 +1,4 @@
-"""repic.validate on RePIC's real evaluation data (shared/repic_eval) and on small hand-made defects."""
+"""repic.data.validate on RePIC's real evaluation data (shared/repic_eval) and on small hand-made defects."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from repic.io import RepicError, read_json, write_json
-from repic.validate import (
+from repic.core.io import RepicError, read_json, write_json
+from repic.data.validate import (
     describe_left_out,
     filter_valid_queries,
     left_out_entries,
@@ -20,15 +20,16 @@ from repic.validate import (
     validate_queries,
 )
 
-REPIC_EVAL = Path(__file__).resolve().parents[1].parent / "shared" / "repic_eval"
+from .conftest import SHARED, need_shared
+
+REPIC_EVAL = SHARED / "repic_eval"
 DB = "data/database_tot/{}/database_mod.json"
 Q = "data/query_tot/{}_query_templates.json"
 
 
 @pytest.fixture(scope="module")
 def real() -> Path:
-    if not (REPIC_EVAL / "data").is_dir():
-        pytest.skip(f"real RePIC data not available ({REPIC_EVAL} is absent beside the checkout)")
+    need_shared(REPIC_EVAL / "data")
     return REPIC_EVAL
 
 
@@ -87,7 +88,7 @@ def test_real_dataset_report_goes_on_or_fails_when_strict(real: Path, tmp_path: 
 
 
 def test_real_data_fetched_as_a_symlink_mirror_validates_the_same(real: Path, tmp_path: Path) -> None:
-    from repic.sources import fetch_source, tree_sha256
+    from repic.data.sources import fetch_source, tree_sha256
 
     root = fetch_source({"kind": "local", "path": str(real), "sha256": tree_sha256(real), "mode": "symlink"},
                         tmp_path / "world")
@@ -206,13 +207,13 @@ def test_caption_names_the_left_out_queries_and_lists_them_in_retrieval_json(wor
     retrieval.json (`left_out`), plus fetch_data's validation.json when the data root has one."""
     import logging
 
-    import repic.models
-    from repic import captioning
+    import repic.vlm.models
+    from repic.eval import captioning
 
-    monkeypatch.setattr(captioning, "_open", lambda root, rel: rel)
+    monkeypatch.setattr(captioning, "open_rgb", lambda root, rel: rel)
     monkeypatch.setattr(captioning, "make_retriever", lambda *a, **k: lambda image: {"keys": ["<a>"], "hits": []})
-    monkeypatch.setattr(repic.models, "load_processor", lambda *a, **k: None)
-    monkeypatch.setattr(repic.models, "load_model", lambda *a, **k: None)
+    monkeypatch.setattr(repic.vlm.models, "load_processor", lambda *a, **k: None)
+    monkeypatch.setattr(repic.vlm.models, "load_model", lambda *a, **k: None)
     monkeypatch.setattr(captioning, "caption_all", lambda model, processor, by_mode, *a, **k: {
         mode: [[q.image, q.gt_keys, "caption", q.question] for q in queries] for mode, queries in by_mode.items()})
     params = {"top_k": {"single": 1}, "batch_size": 1, "max_new_tokens": 4, "backend": "hf", "detector": "none",

@@ -1,4 +1,4 @@
-"""The bucketed vision forward (repic/vision.py) equals transformers' Qwen2.5-VL vision tower (fp32, CPU)."""
+"""The bucketed vision forward (repic/vlm/vision.py) equals transformers' Qwen2.5-VL vision tower (fp32, CPU)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from repic.vision import Layout, disable_fast_vision, enable_fast_vision, fast_vision
+from repic.vlm.vision import Layout, disable_fast_vision, enable_fast_vision, fast_vision
 
 # (t, h, w) in patches: several windows per image, edge windows of several sizes, two images of one size (one
 # full-attention bucket of two), a tall thin one, and one smaller than a window.
@@ -95,7 +95,7 @@ def test_a_wrong_window_order_is_caught():
 
 
 def test_whole_model_logits_and_gradients_unchanged(tiny_model_dir):
-    from repic.models import load_model, load_processor
+    from repic.vlm.models import load_model, load_processor
 
     model, processor = load_model(tiny_model_dir, device="cpu", dtype="float32"), load_processor(tiny_model_dir)
     processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": 224 * 336}  # several windows
@@ -134,8 +134,8 @@ def test_compiled_blocks_equal_transformers_and_do_not_recompile_per_size():
 def _lora_tiny(tiny_model_dir):
     from peft import get_peft_model
 
-    from repic.models import load_model, load_processor
-    from repic.train import lora_config
+    from repic.core.params import lora_config
+    from repic.vlm.models import load_model, load_processor
 
     torch.manual_seed(0)
     model = get_peft_model(load_model(tiny_model_dir, device="cpu", dtype="float32").train(),
@@ -146,7 +146,7 @@ def _lora_tiny(tiny_model_dir):
 
 
 def test_image_features_once_per_group_loss_and_gradients_unchanged(tiny_model_dir):
-    from repic.vision import disable_image_feature_cache, enable_image_feature_cache
+    from repic.vlm.vision import disable_image_feature_cache, enable_image_feature_cache
 
     model, processor = _lora_tiny(tiny_model_dir)
     with torch.no_grad():  # B = 0 would hide a wrong feature in the gradient of A
@@ -203,9 +203,9 @@ def test_grpo_step_with_feature_cache_equals_without(tiny_model_dir, tmp_path, m
     from datasets import Dataset
     from trl import GRPOTrainer
 
-    import repic.vision
-    from repic.generation import rollout_trainer
-    from repic.train import grpo_config
+    import repic.vlm.vision
+    from repic.core.params import grpo_config
+    from repic.vlm.generation import rollout_trainer
 
     examples = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
                                                           {"type": "text", "text": f"Is it {c}?"}]}],
@@ -217,7 +217,7 @@ def test_grpo_step_with_feature_cache_equals_without(tiny_model_dir, tmp_path, m
 
     def run(cached: bool, out):
         if not cached:
-            monkeypatch.setattr(repic.vision, "enable_image_feature_cache", lambda model: None)
+            monkeypatch.setattr(repic.vlm.vision, "enable_image_feature_cache", lambda model: None)
         model, processor = _lora_tiny(tiny_model_dir)
         args = grpo_config({"num_generations": 4, "per_device_train_batch_size": 4, "max_completion_length": 6,
                             "max_steps": 1, "logging_steps": 1, "beta": 0.04, "loss_type": "grpo", "seed": 0,

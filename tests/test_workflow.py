@@ -359,6 +359,20 @@ def test_a_config_typo_fails_when_the_workflow_loads() -> None:
     assert "max_gpus" in proc.stdout and "ValidationError" in proc.stdout
 
 
+def test_a_params_typo_fails_when_the_workflow_loads(tmp_path: Path) -> None:
+    """params.yaml is validated while Snakemake builds the DAG, GRPOConfig field names included."""
+    import yaml
+
+    for part in ("workflow", "repic"):
+        shutil.copytree(ROOT / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train_grpo_lora"]["grpo"]["num_generation"] = 4
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = run([*SNAKEMAKE, "-n", "--snakefile", "workflow/Snakefile"], tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "train_grpo_lora.grpo.num_generation: unknown key (not a field of GRPOConfig)" in proc.stdout
+
+
 def test_meta_resources_must_be_counts() -> None:
     with pytest.raises(ValueError, match="meta.resources.gpu"):
         dvc_dag._resources({"resources": {"gpu": "two"}}, "train")

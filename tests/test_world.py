@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from repic.io import RepicError, resolve_image
-from repic.world import METHODS, make_concepts, make_world
+from repic.core.io import RepicError, resolve_image
+from repic.synthetic.world import METHODS, make_concepts, make_world
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "repic_eval"
 SMALL = dict(

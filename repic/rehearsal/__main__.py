@@ -31,8 +31,8 @@ from typing import Any
 
 import yaml
 
-from repic.io import RepicError, write_json
-from repic.params import deep_merge
+from repic.core.io import RepicError, write_json
+from repic.core.params import deep_merge
 
 REPO = Path(__file__).resolve().parents[2]
 OVERLAY = "configs/rehearsal.yaml"

@@ -31,8 +31,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from repic.data.sources import read_manifest
 from repic.rehearsal.servers import DRIVE_HOST, blob_id
-from repic.sources import read_manifest
 
 _DRIVE_ID = ("/file/d/", "id=")
 
@@ -116,7 +116,7 @@ def _expected(checkout: Path, spec: dict[str, Any]) -> list[str]:
 
 # ================================================================================================== models
 def tiny_qwen(out: Path, texts: list[str], tiny: dict[str, Any], seed: int) -> Path:
-    from repic.models import build_tiny_model
+    from repic.synthetic.tiny_model import build_tiny_model
 
     return build_tiny_model(out, texts, tiny, seed=seed)
 
@@ -167,7 +167,7 @@ def lora_adapter(base: Path, out: Path, seed: int) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from repic.train import LANGUAGE_MODEL_LINEAR
+    from repic.core.params import LANGUAGE_MODEL_LINEAR
 
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(base))
@@ -180,8 +180,8 @@ def lora_adapter(base: Path, out: Path, seed: int) -> Path:
 # ================================================================================================= content
 def build(checkout: Path, shared: Path, params: dict[str, Any], work: Path) -> Served:
     """Stand-ins for every source of `params["fetch_data"]["sources"]` (the paper config applied in `checkout`)."""
-    from repic.fetch import world_texts
-    from repic.world import make_world
+    from repic.data.fetch import world_texts
+    from repic.synthetic.world import make_world
 
     sources = params["fetch_data"]["sources"]
     served = Served()

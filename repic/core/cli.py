@@ -1,0 +1,74 @@
+"""Shared plumbing for the `stages/` entry points: argument parsing and one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from repic.core.io import RepicError
+from repic.core.params import load_params
+
+
+def parser(doc: str | None) -> argparse.ArgumentParser:
+    """A stage's parser: `--help` shows the module docstring whole, with its examples as written."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", default="params.yaml", help="params file (validated before any work)")
+    return p
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: unwinds the stage like Ctrl-C, so atomic writers remove their temporary files."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_raise(received: list[int]):
+    """SIGINT/SIGTERM raise Interrupted (SIGTERM's default would end the process with no cleanup) and are
+    recorded: an exception raised inside a `__del__` or a callback is printed and dropped by Python, so the
+    stage could finish and exit 0 after a Ctrl-C; the record makes it exit non-zero anyway."""
+    def handler(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise Interrupted(signum)
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> int:
+    """Run a stage's main; a RepicError becomes one line on stderr and exit status 2, SIGINT/SIGTERM exit status
+    130/143 (128 + the signal), even when Python dropped the interrupt (raised inside a `__del__`)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    received: list[int] = []
+    try:
+        with _signals_raise(received):
+            main(argv)
+    except RepicError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # raised by the handler, or a SIGINT before it was installed
+        received.append(signal.SIGINT)
+    if received:
+        print(f"error: interrupted by {signal.Signals(received[0]).name}", file=sys.stderr)
+        return 128 + received[0]
+    return 0
+
+
+def params_of(args: argparse.Namespace, *, libraries: bool = False) -> dict[str, Any]:
+    """The stage's validated params (`--params`); `libraries`: GRPOConfig/LoraConfig sections too (seconds)."""
+    return load_params(args.params, libraries=libraries)

@@ -1,0 +1,222 @@
+"""The pipeline's vocabulary and on-disk layout, in one place.
+
+Vocabulary: the evaluation settings (with their number of concepts per query), the retrieval modes, the model
+rows every setting is captioned with, the scoring protocols and RePIC's reward methods. Layout: the folder each
+stage writes (the paths `dvc.yaml` passes as `--out`, checked equal to its `outs` by tests/test_layout.py) and
+the name of every file inside it, e.g. a caption file `<out>/<dataset>/<model>_<mode>.json`.
+
+Every module and stage takes these names from here. Adding a setting or a model row is a change here plus the
+params (a setting also gets its caption stage in dvc.yaml; see the README's development notes); everything that
+loops over settings, modes or models follows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from repic.core.io import RepicError, read_json
+
+
+# ---- vocabulary
+@dataclass(frozen=True)
+class Setting:
+    """An evaluation setting: `n_concepts` ground-truth keys per query (and per scored caption row)."""
+
+    name: str
+    n_concepts: int
+    label: str  # column-group header of the paper tables
+    paper_table: str  # which of the paper's tables reports it
+    # RePIC's 4-concept query maps hold a list of key subsets per image (one query each); the others one list
+    subsets_per_image: bool = False
+    # RePIC's scorer lowercases captions and keys, except its 2-concept script (kept as is: protocol `repic`)
+    case_sensitive: bool = False
+
+
+# The paper's results tables (file name stem -> title): Table 1 single-concept, Table 2 multi-concept
+PAPER_TABLES = {"table1_single": "Single-concept", "table2_multi": "Multi-concept"}
+
+SETTINGS: dict[str, Setting] = {s.name: s for s in (
+    Setting("single", 1, "Single", "table1_single"),
+    Setting("multi2", 2, "2-concept", "table2_multi", case_sensitive=True),
+    Setting("multi4", 4, "4-concept", "table2_multi", subsets_per_image=True),
+)}
+
+# references from the ground truth (skip-retrieval) or from the retrieval database
+SKIP, RETRIEVAL = "skip", "retrieval"
+MODES = (SKIP, RETRIEVAL)
+MODE_LABELS = {SKIP: "skip-retrieval", RETRIEVAL: "retrieval"}
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """A model every setting x dataset x mode is captioned with: one caption file, one row of the tables."""
+
+    name: str
+    with_adapter: bool  # the base checkpoint (caption --model) with train_grpo_lora's LoRA adapter (--adapter)
+
+
+# The model rows, in table order; the judge compares `trained` with `base`.
+BASE, TRAINED = "base", "trained"
+MODEL_ROWS: dict[str, ModelRow] = {r.name: r for r in (ModelRow(BASE, with_adapter=False),
+                                                        ModelRow(TRAINED, with_adapter=True))}
+MODELS = tuple(MODEL_ROWS)
+
+PROTOCOLS = ("repic", "strict")  # RePIC's exact scoring / reward rules, and the corrected ones beside them
+PROTOCOL_DEFAULT = "repic"
+
+# RePIC's training JSON routes each sample to a reward by its `accu_reward_method`
+REWARD_METHODS = ("yes_no", "iou", "yes_no_name", "yes_no_name_multi")
+# The rewards params `train_grpo_lora.rewards` may name (repic.train.rewards.REWARD_REGISTRY; a test keeps
+# both equal): OCT (yes_no), VLT (iou), ICT (yes_no_name, yes_no_name_multi)
+REWARDS = ("object_consistency", "visual_localization", "identity_consistency")
+
+# Display names of RePIC's datasets in the tables (any other dataset is shown by its params name)
+DATASET_LABELS = {"myvlm": "MyVLM", "yollava": "Yo'LLaVA", "dreambooth": "DreamBooth"}
+
+
+def check_setting(setting: str) -> Setting:
+    """The named setting, or a RepicError listing the known ones."""
+    if setting not in SETTINGS:
+        raise RepicError(f"setting: expected one of {', '.join(SETTINGS)}, got {setting!r}")
+    return SETTINGS[setting]
+
+
+def run_name(model: str, mode: str) -> str:
+    """One caption run: `base_skip`, `trained_retrieval`, ..."""
+    return f"{model}_{mode}"
+
+
+def runs() -> Iterator[tuple[str, str]]:
+    """(model, mode) of every caption run, mode-major (the report's order: base_skip, trained_skip, ...)."""
+    for mode in MODES:
+        for model in MODELS:
+            yield model, mode
+
+
+# ---- the artifact layout: the folder each stage writes (dvc.yaml's paths) and the files inside it
+# fetch_data writes `base.data.root` and `base.base_model` (params); a real source also:
+VALIDATION_REPORT = "validation.json"
+
+SUBSET_DIR = "data/subset"
+SUBSET_TRAIN = "train_subset.json"
+SUBSET_HELDOUT = "heldout.json"  # the rest of the training JSON, never trained on
+SUBSET_MANIFEST = "manifest.json"
+SUBSET_PARQUET = "train_subset.parquet"
+
+DB_DIR = "data/db"  # one index folder per dataset, and:
+DB_MANIFEST = "manifest.json"  # datasets built and skipped
+INDEX_FILE = "index.faiss"
+ID_MAP_FILE = "id_map.json"
+INDEX_META = "meta.json"
+
+TRAIN_DIR = "results/train"
+TRAIN_ADAPTER = "adapter"
+TRAIN_LOG = "log.jsonl"
+TRAIN_CHECKPOINTS = "checkpoints"
+TRAIN_SUMMARY = "summary.json"
+
+MERGE_DIR = "results/merged"
+MERGED_MODEL = "model"
+MERGE_REPORT = "merge_report.json"
+
+CAPTIONS_DIR = "results/captions"  # <setting>/<dataset>/, each with:
+CAPTIONS_PARQUET = "captions.parquet"
+RETRIEVAL_REPORT = "retrieval.json"
+
+SCORE_DIR = "results/score"
+METRICS_FILES = {"repic": "metrics.json", "strict": "metrics_strict.json"}  # both protocols, always
+SCORE_TABLE = "table.md"
+SLOTS = "slots.parquet"
+TABLES_DIR = "results/tables"
+
+JUDGE_DIR = "results/judge"
+WIN_RATES = "win_rates.json"
+VERDICTS = "verdicts.parquet"
+JUDGE_CACHE = "cache.jsonl"
+
+REPORT_DIR = "results/report"
+REPORT_INDEX = "index.html"
+
+
+def caption_file(model: str, mode: str) -> str:
+    """RePIC's caption file of one run: `<model>_<mode>.json`."""
+    return run_file(run_name(model, mode))
+
+
+def run_file(run: str) -> str:
+    """The caption file of a run named by `run_name`."""
+    return f"{run}.json"
+
+
+def caption_folder(captions_dir: str | Path, setting: str, dataset: str) -> Path:
+    """Where a caption stage writes one dataset of its setting: `<captions>/<setting>/<dataset>/`."""
+    return Path(captions_dir) / setting / dataset
+
+
+# The folder each stage is given as --out (score also --tables): it writes the files named above inside it.
+# fetch_data writes the params' `base.data.root` and `base.base_model`.
+STAGE_DIRS: dict[str, str | tuple[str, ...]] = {
+    "subset_2k": SUBSET_DIR, "build_db": DB_DIR, "train_grpo_lora": TRAIN_DIR, "merge_lora": MERGE_DIR,
+    **{f"caption_{s}": f"{CAPTIONS_DIR}/{s}" for s in SETTINGS},
+    "score": (SCORE_DIR, TABLES_DIR), "judge_llm": JUDGE_DIR, "report": REPORT_DIR,
+}
+
+
+def stage_outs(base: dict[str, Any]) -> dict[str, list[str]]:
+    """Every stage's outputs as dvc.yaml must declare them (outs and metrics), given params `base`; the test of
+    the layout (tests/test_layout.py) checks dvc.yaml against this."""
+    def inside(folder: str, *names: str) -> list[str]:
+        return [f"{folder}/{n}" for n in names]
+
+    return {
+        "fetch_data": [base["data"]["root"], base["base_model"]],
+        "subset_2k": [SUBSET_DIR],
+        "build_db": [DB_DIR],
+        "train_grpo_lora": inside(TRAIN_DIR, TRAIN_ADAPTER, TRAIN_LOG, TRAIN_CHECKPOINTS, TRAIN_SUMMARY),
+        "merge_lora": inside(MERGE_DIR, MERGED_MODEL, MERGE_REPORT),
+        **{caption_stage(s): [f"{CAPTIONS_DIR}/{s}"] for s in SETTINGS},
+        "score": [*inside(SCORE_DIR, SCORE_TABLE, SLOTS, *METRICS_FILES.values()), TABLES_DIR],
+        "judge_llm": inside(JUDGE_DIR, VERDICTS, JUDGE_CACHE, WIN_RATES),
+        "report": [REPORT_DIR],
+    }
+
+
+def paper_table_file(table: str, protocol: str, ext: str) -> str:
+    """`table1_single_repic.md`, ... inside the tables folder."""
+    return f"{table}_{protocol}.{ext}"
+
+
+def caption_stage(setting: str) -> str:
+    """The dvc.yaml stage that captions a setting."""
+    return f"caption_{setting}"
+
+
+# ---- params helpers: which datasets a stage covers
+def eval_datasets(datasets: list[dict[str, Any]], setting: str | None = None) -> list[dict[str, Any]]:
+    """The evaluation datasets of params `base.data.datasets` ([{name, database, queries: {setting: path}}], in
+    their order), only those with a query map for `setting` when one is given.
+
+    >>> ds = [{"name": "myvlm", "database": "m.json", "queries": {"single": "q.json"}},
+    ...       {"name": "two", "database": "t.json", "queries": {"multi2": "q2.json"}}]
+    >>> [d["name"] for d in eval_datasets(ds, "multi2")]
+    ['two']
+    """
+    names = [d["name"] for d in datasets]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise RepicError(f"base.data.datasets: dataset name {dup[0]!r} appears more than once (names must be unique)")
+    return [d for d in datasets if setting is None or setting in d["queries"]]
+
+
+# {setting: [(dataset name, its database_mod.json)]}
+Layout = dict[str, list[tuple[str, dict[str, Any]]]]
+
+
+def layout_of(datasets: list[dict[str, Any]]) -> Layout:
+    """Which caption folders the configured datasets (params `base.data.datasets`) produce, with their
+    databases."""
+    layout = {s: [(d["name"], read_json(d["database"])) for d in eval_datasets(datasets, s)] for s in SETTINGS}
+    return {s: datasets for s, datasets in layout.items() if datasets}

@@ -1,0 +1,374 @@
+"""params.yaml: load, overlay and validate against a schema before any work starts.
+
+An unknown or mistyped key is an error that names it, e.g. `params.yaml: train_grpo_lora.lora.rank: unknown key`.
+`train_grpo_lora.lora` and `.grpo` hold PEFT's `LoraConfig` and TRL's `GRPOConfig` own field names: this module
+builds those configs (`lora_config`, `grpo_config`) and checks them (field names, value types, the dataclasses' own
+checks) with `load_params(..., libraries=True)`: in `python -m repic.core.params check|apply`, when the Snakefile
+builds the DAG, and when fetch_data (the DAG's first stage) and train_grpo_lora start.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from repic.core.io import RepicError
+from repic.core.layout import PROTOCOLS, REWARDS, SETTINGS
+
+
+def _obj(props: dict[str, Any], required: bool = True, open_: bool = False) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "properties": props}
+    if required:
+        schema["required"] = sorted(props)
+    if not open_:
+        schema["additionalProperties"] = False
+    return schema
+
+
+_STR = {"type": "string"}
+_INT = {"type": "integer", "minimum": 0}
+_POS = {"type": "integer", "minimum": 1}
+_NUM = {"type": "number"}
+
+# ---- fetch_data.sources: the kinds of source (repic.data.sources fetches them) and the schema of one spec
+SOURCE_KINDS = ("hf", "url", "local", "git")
+# JSON schema of one source spec in params (fetch_data.sources.<name>). if/then per kind rather than oneOf, so a
+# validation error names the offending key instead of "not valid under any of the given schemas".
+_HEX64 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+_HEX40 = {"type": "string", "pattern": "^[0-9a-f]{40}$"}
+# A relative path that stays inside its tree: not absolute, no '..' component, not empty.
+_INSIDE = {"type": "string", "pattern": r"^(?!/)(?![A-Za-z]:)(?!.*(^|[/\\])\.\.([/\\]|$)).+$"}
+_NET = {"retries": {"type": "integer", "minimum": 0}, "timeout_s": {"type": "number", "exclusiveMinimum": 0},
+        "backoff_s": {"type": "number", "minimum": 0}}
+_RECORD = {"const": True}
+_KIND_PROPS: dict[str, dict[str, Any]] = {
+    "hf": {"repo_id": _STR, "repo_type": {"enum": ["model", "dataset"]}, "revision": _HEX40, "record": _RECORD,
+           "allow_patterns": {"type": "array", "items": _STR}, "endpoint": _STR, "expect": _STR},
+    "url": {"url": {"type": "string", "pattern": "^https?://"}, "sha256": _HEX64, "record": _RECORD,
+            "filename": _STR, "extract": {"type": "boolean"}, "subdir": _INSIDE, "expect": _STR, **_NET},
+    "local": {"path": _STR, "sha256": _HEX64, "mode": {"enum": ["copy", "symlink"]},
+              "require": {"type": "array", "items": _STR}},
+    "git": {"repo": {"type": "string", "pattern": "^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$"}, "commit": _HEX40,
+            "manifest": _STR, "subdir": _INSIDE, "lfs": {"type": "boolean"}, **_NET},
+}
+_KIND_REQUIRED = {"hf": ["repo_id"], "url": ["url"], "local": ["path", "sha256"],
+                  "git": ["repo", "commit", "manifest"]}
+# The pin of an hf/url source: exactly one of its checksum and `record: true` (record on first download).
+SOURCE_PIN = {"hf": "revision", "url": "sha256"}
+SOURCE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["kind", "dest"],
+    "properties": {"kind": {"enum": list(SOURCE_KINDS)}, "dest": _STR},
+    "allOf": [
+        {"if": {"properties": {"kind": {"const": kind}}, "required": ["kind"]},
+         "then": {"required": _KIND_REQUIRED[kind], "additionalProperties": False,
+                  "properties": {"kind": {"const": kind}, "dest": _STR, **props},
+                  **({"oneOf": [{"required": [SOURCE_PIN[kind]]}, {"required": ["record"]}]}
+                     if kind in SOURCE_PIN else {})}}
+        for kind, props in _KIND_PROPS.items()
+    ],
+}
+
+# An evaluation dataset: its own database (and retrieval index) and the query maps of the settings it has.
+_DATASET = {**_obj({"name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]*$"}, "database": _STR,
+                    "queries": {**_obj({s: _STR for s in SETTINGS}, required=False),
+                                "minProperties": 1}})}
+
+SCHEMA: dict[str, Any] = _obj({
+    "base": _obj({
+        "seed": _INT,
+        "device": {"type": "string", "pattern": "^(auto|cpu|cuda(:[0-9]+)?)$"},
+        "dtype": {"enum": ["auto", "float32", "bfloat16", "float16"]},
+        "data": _obj({"root": _STR, "train_json": _STR,
+                      "datasets": {"type": "array", "items": _DATASET, "minItems": 1}}),
+        "base_model": _STR,
+    }),
+    "fetch_data": _obj({
+        "source": {"enum": ["synthetic", "real"]},
+        "strict": {"type": "boolean"},
+        "cache": {"type": ["string", "null"]},
+        "lock": {"type": ["string", "null"]},
+        "sources": {"type": "object", "additionalProperties": SOURCE_SCHEMA},
+        "world": _obj({
+            "n_concepts": {"type": "integer", "minimum": 4}, "n_distractors": _INT, "queries_single": _POS,
+            "queries_multi2": _POS, "queries_multi4": _POS, "train_per_method": _POS,
+            "image_size": {"type": "integer", "minimum": 56},
+        }),
+        "tiny_model": _obj({
+            "vocab_size": {"type": "integer", "minimum": 300}, "hidden_size": _POS, "intermediate_size": _POS,
+            "num_hidden_layers": _POS, "num_attention_heads": _POS, "num_key_value_heads": _POS,
+            "vision_hidden_size": _POS, "vision_depth": _POS, "vision_heads": _POS,
+            "min_pixels": _POS, "max_pixels": _POS,
+        }),
+        "warmup": _obj({
+            "examples": _POS, "names": _POS, "name_rate": {"type": "number", "minimum": 0, "maximum": 1},
+            "steps": _INT, "batch_size": _POS, "learning_rate": _NUM,
+        }),
+    }),
+    "subset_2k": _obj({"n_samples": _POS}),
+    "build_db": _obj({"embedder": {"enum": ["color_layout", "clip"]}, "embedder_kwargs": {"type": "object"}}),
+    "caption": _obj({
+        "backend": {"enum": ["hf", "static"]},
+        "batch_size": _POS, "max_new_tokens": _POS,
+        "detector": {"enum": ["foreground", "owlv2", "yolo_world"]}, "detector_kwargs": {"type": "object"},
+        "max_pixels": {"type": ["integer", "null"], "minimum": 3136},
+        "top_k": _obj({s: _POS for s in SETTINGS}),
+    }),
+    "train_grpo_lora": _obj({
+        "launch": _STR,
+        "rollout_backend": {"enum": ["hf", "static"]},
+        "protocol": {"enum": list(PROTOCOLS)},
+        "rewards": {"type": "array", "items": {"enum": list(REWARDS)}, "minItems": 1},
+        "heldout_eval": _INT,
+        "resize": _obj({"multi_short_side": _POS, "single_short_side": _POS}),
+        "lora": {"type": "object"},
+        "grpo": {"type": "object"},
+    }),
+    "score": _obj({"protocol": {"enum": list(PROTOCOLS)}}),
+    "merge_lora": _obj({"n_inputs": _POS, "max_new_tokens": _POS,
+                        "tolerance": _obj({"float32": {"type": "number", "minimum": 0},
+                                           "bfloat16": {"type": "number", "minimum": 0}})}),
+    "report": _obj({"max_queries": _POS}),
+    "judge_llm": _obj({
+        "backend": {"enum": ["local", "openai", "none"]},
+        "model": _STR, "max_pairs": _POS, "max_requests": _INT, "max_new_tokens": _POS,
+        "openai": _obj({"base_url": _STR, "model": _STR, "api_key_env": _STR, "max_retries": _INT,
+                        "backoff_s": {"type": "number", "minimum": 0}, "timeout_s": {"type": "number", "minimum": 0}}),
+    }),
+})
+
+
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """Overlay `overlay` onto `base` (dicts merge key by key; everything else replaces)."""
+    out = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+# DVC 3.67 leaves every dict key so named, at any depth, out of a stage's run-cache key
+# (dvc.stage.cache._get_cache_hash excludes Meta.PARAM_SIZE and Meta.PARAM_NFILES): a change to such a param
+# would make `dvc repro` restore the previous result. tests/test_dvc_params.py checks every declared param.
+RUN_CACHE_BLIND_KEYS = ("size", "nfiles")
+
+
+def _blind_key(value: Any, path: tuple = ()) -> str | None:
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            if key in RUN_CACHE_BLIND_KEYS:
+                return ".".join(map(str, (*path, key)))
+            if found := _blind_key(sub, (*path, key)):
+                return found
+    elif isinstance(value, list):
+        for i, sub in enumerate(value):
+            if found := _blind_key(sub, (*path, i)):
+                return found
+    return None
+
+
+def _yaml_number_hint(value: Any) -> str:
+    """YAML 1.1 (PyYAML) reads `1e-4` as a string: a float needs a dot."""
+    if isinstance(value, str) and re.fullmatch(r"[-+]?[0-9]+[eE][-+]?[0-9]+", value):
+        return f" (YAML reads {value} as a string, a number needs a dot: write {re.sub('[eE]', '.0e', value)})"
+    return ""
+
+
+def validate(params: dict[str, Any], source: str = "params.yaml") -> None:
+    """Raise RepicError naming the first offending key (dotted path) and what was expected."""
+    import jsonschema
+
+    if blind := _blind_key(params):
+        raise RepicError(f"{source}: {blind}: a key named {blind.split('.')[-1]!r} is ignored by DVC's run cache "
+                         "(a change would restore a stale result); no param may be named "
+                         f"{' or '.join(RUN_CACHE_BLIND_KEYS)}")
+
+    validator = jsonschema.Draft202012Validator(SCHEMA)
+    errors = sorted(validator.iter_errors(params), key=lambda e: list(e.absolute_path))
+    if not errors:
+        return
+    err = errors[0]
+    where = ".".join(str(p) for p in err.absolute_path)
+    if err.validator == "additionalProperties":
+        extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+        key = ".".join([where, extra[0]]) if where else extra[0]
+        raise RepicError(f"{source}: {key}: unknown key (expected one of {sorted(err.schema['properties'])})")
+    if err.validator == "required":
+        raise RepicError(f"{source}: {where or '<top>'}: {err.message}")
+    raise RepicError(f"{source}: {where}: {err.message}{_yaml_number_hint(err.instance)}")
+
+
+def load_params(path: str | os.PathLike = "params.yaml", *, libraries: bool = False) -> dict[str, Any]:
+    """params.yaml validated against the schema; with `libraries`, also its GRPOConfig/LoraConfig sections
+    (`check_libraries`: imports TRL and PEFT, seconds)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RepicError(f"{path}: file not found")
+    try:
+        params = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise RepicError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(params, dict):
+        raise RepicError(f"{path}: expected a mapping of sections")
+    validate(params, str(path))
+    if libraries:
+        check_libraries(params, str(path))
+    return params
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a YAML value fits a dataclass field's type hint. Strict on the scalars YAML gets wrong (`1e-4` is
+    a string to YAML, `yes` a bool), lenient on types params.yaml cannot express (callables, config objects)."""
+    import enum
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is None or hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is typing.Literal:
+        # PEFT writes a family of values as one template, e.g. 'pissa_niter_[number of iters]'
+        return value in args or (isinstance(value, str) and any(isinstance(a, str) and "[" in a for a in args))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return value in {m.value for m in hint}
+    if origin in (list, tuple) or hint in (list, tuple):
+        return isinstance(value, list) and (not args or all(_matches(v, args[0]) for v in value))
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _expected(hint: Any) -> str:
+    import types
+    import typing
+
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_expected(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is typing.Literal:
+        return f"one of {list(typing.get_args(hint))}"
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_fields(section: str, values: dict[str, Any], dataclass_type: type, source: str = "params.yaml") -> None:
+    """Keys of a library-config section must be fields of that library's dataclass (GRPOConfig, LoraConfig), and
+    values of the field's type: a dataclass does not check types, so `learning_rate: 1e-4` (a string to YAML)
+    would only fail inside torch, hours into a run."""
+    import dataclasses
+    import typing
+
+    names = {f.name for f in dataclasses.fields(dataclass_type)}
+    hints = typing.get_type_hints(dataclass_type)
+    for key, value in values.items():
+        if key not in names:
+            raise RepicError(f"{source}: {section}.{key}: unknown key (not a field of {dataclass_type.__name__})")
+        if not _matches(value, hints.get(key, Any)):
+            raise RepicError(f"{source}: {section}.{key}: {value!r} is not {_expected(hints[key])} "
+                             f"({dataclass_type.__name__}.{key}){_yaml_number_hint(value)}")
+
+
+# LoRA's default target: the language model's linear layers only. `gate_proj/up_proj/down_proj` also name the
+# vision tower's MLPs, so a bare list of names would put LoRA on the frozen vision encoder too.
+LANGUAGE_MODEL_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def lora_config(lora: dict[str, Any], source: str = "params.yaml") -> Any:
+    """PEFT `LoraConfig` of params `train_grpo_lora.lora` (checked field by field first)."""
+    from peft import LoraConfig
+
+    check_fields("train_grpo_lora.lora", lora, LoraConfig, source)
+    kwargs = dict(lora)
+    kwargs.setdefault("target_modules", LANGUAGE_MODEL_LINEAR)
+    kwargs.setdefault("task_type", "CAUSAL_LM")
+    try:
+        return LoraConfig(**kwargs)
+    except (ValueError, TypeError) as exc:  # LoraConfig.__post_init__'s own checks
+        raise RepicError(f"{source}: train_grpo_lora.lora: {str(exc).splitlines()[0]}") from None
+
+
+def grpo_config(grpo: dict[str, Any], output_dir: str | os.PathLike, use_cpu: bool, source: str = "params.yaml"
+                ) -> Any:
+    """TRL `GRPOConfig` of params `train_grpo_lora.grpo` (checked field by field first)."""
+    from trl import GRPOConfig
+
+    check_fields("train_grpo_lora.grpo", grpo, GRPOConfig, source)
+    kwargs = dict(grpo)
+    kwargs.setdefault("report_to", "none")
+    kwargs.setdefault("save_strategy", "no")
+    try:
+        return GRPOConfig(output_dir=str(output_dir), use_cpu=use_cpu, **kwargs)
+    except (ValueError, TypeError) as exc:  # GRPOConfig/TrainingArguments.__post_init__'s own checks
+        raise RepicError(f"{source}: train_grpo_lora.grpo: {str(exc).splitlines()[0]}") from None
+
+
+def check_libraries(params: dict[str, Any], source: str = "params.yaml") -> None:
+    """Beyond the schema: the training section's LoraConfig and GRPOConfig (field names, value types, and the
+    dataclasses' own checks), built as training builds them. Imports TRL and PEFT (seconds); writes nothing.
+    (GRPOConfig's batch divisibility checks see one process.)"""
+    import tempfile
+
+    section = params["train_grpo_lora"]
+    lora_config(section["lora"], source)
+    with tempfile.TemporaryDirectory() as tmp:  # GRPOConfig wants an output_dir; nothing is written there
+        grpo_config({**section["grpo"], "seed": params["base"]["seed"]}, tmp, use_cpu=True, source=source)
+
+
+def apply_overlay(params_path: str | os.PathLike, overlay_path: str | os.PathLike) -> dict[str, Any]:
+    """Rewrite `params_path` as itself overlaid with `overlay_path` (validated first, written atomically)."""
+    from repic.core.io import write_text
+
+    base = load_params(params_path)
+    overlay = yaml.safe_load(Path(overlay_path).read_text(encoding="utf-8")) or {}
+    merged = deep_merge(base, overlay)
+    validate(merged, f"{params_path} + {overlay_path}")
+    check_libraries(merged, f"{params_path} + {overlay_path}")
+    header = f"# {params_path} with {overlay_path} applied (git checkout {params_path} undoes it)\n"
+    write_text(params_path, header + yaml.safe_dump(merged, sort_keys=False, width=110))
+    return merged
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m repic.core.params", description="validate or overlay params.yaml")
+    sub = p.add_subparsers(dest="command", required=True)
+    ck = sub.add_parser("check", help="validate params.yaml: the schema (reward names included) and the "
+                        "GRPOConfig/LoraConfig sections (field names, types, the dataclasses' own checks)")
+    ck.add_argument("--params", default="params.yaml")
+    ap = sub.add_parser("apply", help="overlay a config (e.g. configs/paper.yaml) onto params.yaml")
+    ap.add_argument("overlay")
+    ap.add_argument("--params", default="params.yaml")
+    args = p.parse_args(argv)
+    try:
+        if args.command == "check":
+            load_params(args.params, libraries=True)
+        else:
+            apply_overlay(args.params, args.overlay)
+    except RepicError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
