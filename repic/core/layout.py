@@ -11,7 +11,7 @@ params (see the README's development notes); everything that loops over settings
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,10 +48,44 @@ SKIP, RETRIEVAL = "skip", "retrieval"
 MODES = (SKIP, RETRIEVAL)
 MODE_LABELS = {"skip": "skip-retrieval", "retrieval": "retrieval"}
 
-# The model rows every setting x dataset x mode is captioned with, in table order. `base` is the base model,
-# `trained` the base with train_grpo_lora's adapter; the judge compares `trained` with `base`.
-BASE, TRAINED = "base", "trained"
-MODELS = (BASE, TRAINED)
+# The model rows: params `models` (name -> {label, kind, path}), in table order; every setting x dataset x mode is
+# captioned once per row, and scored, judged and reported per row. Adding a row is one params entry.
+MODEL_KINDS = ("model", "adapter")  # `path` is a model folder | a PEFT LoRA adapter on `base.base_model`
+# The row whose weights train_grpo_lora makes: the embedded default names it so, and the judge's default reference.
+TRAINED = "trained"
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """One model row of every table: `name` (caption files, metrics keys, DVC stage `caption_<setting>@<name>`),
+    `label` (tables, report), and its weights: a model folder (`kind: model`) or a LoRA adapter (`kind: adapter`)
+    applied to params `base.base_model`."""
+
+    name: str
+    label: str
+    kind: str
+    path: str
+
+
+def model_rows(params: dict[str, Any]) -> list[ModelRow]:
+    """The model rows of params (`models`), in their order (the tables' order)."""
+    return [ModelRow(name, row["label"], row["kind"], row["path"]) for name, row in params["models"].items()]
+
+
+def model_names(params: dict[str, Any]) -> list[str]:
+    return list(params["models"])
+
+
+def model_labels(params: dict[str, Any]) -> dict[str, str]:
+    return {name: row["label"] for name, row in params["models"].items()}
+
+
+def model_row(params: dict[str, Any], name: str) -> ModelRow:
+    """The row named `name`, or a RepicError listing the rows params has."""
+    if name not in params["models"]:
+        raise RepicError(f"models: no model row named {name!r} (rows: {', '.join(params['models'])})")
+    return next(r for r in model_rows(params) if r.name == name)
+
 
 PROTOCOLS = ("repic", "strict")  # RePIC's exact scoring / reward rules, and the corrected ones beside them
 PROTOCOL_DEFAULT = "repic"
@@ -75,10 +109,11 @@ def run_name(model: str, mode: str) -> str:
     return f"{model}_{mode}"
 
 
-def runs() -> Iterator[tuple[str, str]]:
-    """(model, mode) of every caption run, mode-major (the report's order: base_skip, trained_skip, ...)."""
+def runs(models: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """(model, mode) of every caption run of `models`, mode-major (the report's order: base_skip, trained_skip, ...)."""
+    models = list(models)
     for mode in MODES:
-        for model in MODELS:
+        for model in models:
             yield model, mode
 
 
@@ -108,7 +143,7 @@ MERGE_DIR = "results/merged"
 MERGED_MODEL = "model"
 MERGE_REPORT = "merge_report.json"
 
-CAPTIONS_DIR = "results/captions"  # <setting>/<dataset>/, each with:
+CAPTIONS_DIR = "results/captions"  # <setting>/<model>/ (one DVC stage each) -> <dataset>/, each with:
 CAPTIONS_PARQUET = "captions.parquet"
 RETRIEVAL_REPORT = "retrieval.json"
 
@@ -137,9 +172,14 @@ def run_file(run: str) -> str:
     return f"{run}.json"
 
 
-def caption_folder(captions_dir: str | Path, setting: str, dataset: str) -> Path:
-    """Where a caption stage writes one dataset of its setting: `<captions>/<setting>/<dataset>/`."""
-    return Path(captions_dir) / setting / dataset
+def caption_stage_dir(captions_dir: str | Path, setting: str, model: str) -> Path:
+    """What the caption stage of one setting and model row writes (its DVC out): `<captions>/<setting>/<model>/`."""
+    return Path(captions_dir) / setting / model
+
+
+def caption_folder(captions_dir: str | Path, setting: str, model: str, dataset: str) -> Path:
+    """Where one model row's captions of one dataset of a setting go: `<captions>/<setting>/<model>/<dataset>/`."""
+    return caption_stage_dir(captions_dir, setting, model) / dataset
 
 
 def paper_table_file(table: str, protocol: str, ext: str) -> str:
@@ -147,9 +187,10 @@ def paper_table_file(table: str, protocol: str, ext: str) -> str:
     return f"{table}_{protocol}.{ext}"
 
 
-def caption_stage(setting: str) -> str:
-    """The dvc.yaml stage that captions a setting."""
-    return f"caption_{setting}"
+def caption_stage(setting: str, model: str | None = None) -> str:
+    """The dvc.yaml stage that captions a setting (a `foreach` group), or one model row of it
+    (`caption_single@trained`)."""
+    return f"caption_{setting}" if model is None else f"caption_{setting}@{model}"
 
 
 # ---- params helpers: which datasets a stage covers

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from repic.core.io import RepicError
-from repic.core.layout import PROTOCOLS, SETTINGS
+from repic.core.layout import MERGE_DIR, MODEL_KINDS, PROTOCOLS, SETTINGS, TRAIN_DIR
 from repic.data.sources import SOURCE_SCHEMA
 
 
@@ -37,6 +37,12 @@ _NUM = {"type": "number"}
 _DATASET = {**_obj({"name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]*$"}, "database": _STR,
                     "queries": {**_obj({s: _STR for s in SETTINGS}, required=False),
                                 "minProperties": 1}})}
+
+# A model row (params `models`: name -> row, in table order): its label and its weights, a model folder or a LoRA
+# adapter on base.base_model. The name is a DVC foreach key and a file-name part (`<name>_<mode>.json`).
+_MODEL_NAME = "^[A-Za-z][A-Za-z0-9_-]*$"
+_MODEL_ROW = _obj({"label": {"type": "string", "minLength": 1}, "kind": {"enum": list(MODEL_KINDS)},
+                   "path": {"type": "string", "minLength": 1}})
 
 SCHEMA: dict[str, Any] = _obj({
     "base": _obj({
@@ -88,6 +94,8 @@ SCHEMA: dict[str, Any] = _obj({
         "lora": {"type": "object"},
         "grpo": {"type": "object"},
     }),
+    "models": {"type": "object", "minProperties": 1, "propertyNames": {"pattern": _MODEL_NAME},
+               "additionalProperties": _MODEL_ROW},
     "score": _obj({"protocol": {"enum": list(PROTOCOLS)}}),
     "merge_lora": _obj({"n_inputs": _POS, "max_new_tokens": _POS,
                         "tolerance": _obj({"float32": {"type": "number", "minimum": 0},
@@ -95,19 +103,27 @@ SCHEMA: dict[str, Any] = _obj({
     "report": _obj({"max_queries": _POS}),
     "judge_llm": _obj({
         "backend": {"enum": ["local", "openai", "none"]},
-        "model": _STR, "max_pairs": _POS, "max_requests": _INT, "max_new_tokens": _POS,
+        "model": _STR, "reference": _STR, "max_pairs": _POS, "max_requests": _INT, "max_new_tokens": _POS,
         "openai": _obj({"base_url": _STR, "model": _STR, "api_key_env": _STR, "max_retries": _INT,
                         "backoff_s": {"type": "number", "minimum": 0}, "timeout_s": {"type": "number", "minimum": 0}}),
     }),
 })
 
 
-def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
-    """Overlay `overlay` onto `base` (dicts merge key by key; everything else replaces)."""
+# Sections an overlay replaces whole instead of merging key by key: `models` is a list of rows (kept as a mapping
+# for DVC's `foreach` stage names), so an overlay states every row, in its order.
+REPLACED_SECTIONS = ("models",)
+
+
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any], _top: bool = True) -> dict[str, Any]:
+    """Overlay `overlay` onto `base` (dicts merge key by key, except the top-level `REPLACED_SECTIONS`;
+    everything else replaces)."""
     out = copy.deepcopy(base)
     for key, value in overlay.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
+        if _top and key in REPLACED_SECTIONS:
+            out[key] = copy.deepcopy(value)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value, _top=False)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -152,6 +168,7 @@ def validate(params: dict[str, Any], source: str = "params.yaml") -> None:
     validator = jsonschema.Draft202012Validator(SCHEMA)
     errors = sorted(validator.iter_errors(params), key=lambda e: list(e.absolute_path))
     if not errors:
+        check_models(params, source)
         return
     err = errors[0]
     where = ".".join(str(p) for p in err.absolute_path)
@@ -161,7 +178,36 @@ def validate(params: dict[str, Any], source: str = "params.yaml") -> None:
         raise RepicError(f"{source}: {key}: unknown key (expected one of {sorted(err.schema['properties'])})")
     if err.validator == "required":
         raise RepicError(f"{source}: {where or '<top>'}: {err.message}")
+    if err.validator == "propertyNames":
+        raise RepicError(f"{source}: {where}.{err.instance}: model row names are letters, digits, _ and - "
+                         "(a DVC stage name and a file-name part), starting with a letter")
     raise RepicError(f"{source}: {where}: {err.message}{_yaml_number_hint(err.instance)}")
+
+
+def check_models(params: dict[str, Any], source: str = "params.yaml") -> None:
+    """The model rows beyond the schema: the judge's reference is a row, and every row's weights are produced by
+    the DAG, so that DVC tracks them: fetch_data's outputs (the base model, the data root: released checkpoints
+    are `fetch_data.sources` landing there), or train_grpo_lora's / merge_lora's outputs."""
+    models, base = params["models"], params["base"]
+    reference = params["judge_llm"]["reference"]
+    if reference not in models:
+        raise RepicError(f"{source}: judge_llm.reference: {reference!r} is not a model row "
+                         f"(models: {', '.join(models)})")
+    produced = (base["base_model"], base["data"]["root"], TRAIN_DIR, MERGE_DIR)
+    for name, row in models.items():
+        path = Path(row["path"])
+        if path.is_absolute() or ".." in path.parts or not any(
+                path == Path(p) or Path(p) in path.parents for p in produced):
+            raise RepicError(f"{source}: models.{name}.path: {row['path']!r} is not produced by the DAG (expected "
+                             f"inside one of {', '.join(produced)}: fetch a released checkpoint with a "
+                             "fetch_data.sources entry)")
+        if params["fetch_data"]["source"] == "real" and Path(base["data"]["root"]) in path.parents:
+            # a released checkpoint: some fetch_data source must land it (dest `data/<path in the data root>`)
+            dests = [Path(base["data"]["root"]) / s["dest"].partition("/")[2]
+                     for s in params["fetch_data"]["sources"].values() if s["dest"].partition("/")[0] == "data"]
+            if not any(path == d or d in path.parents for d in dests):
+                raise RepicError(f"{source}: models.{name}.path: {row['path']!r}: no fetch_data.sources entry lands "
+                                 "there (declare the checkpoint as a source with dest data/...)")
 
 
 def load_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
