@@ -63,7 +63,7 @@ real-eval: venv
 	python -m stages.fetch_data --params $(REAL)/params.yaml --out-data $(REAL)/data --out-model $(REAL)/model
 	python -m stages.build_db --params $(REAL)/params.yaml --out $(REAL)/db --root $(REAL)/data
 	python -m stages.caption --params $(REAL)/params.yaml --setting multi4 --root $(REAL)/data --index $(REAL)/db \
-	  --model $(REAL)/model --out $(REAL)/captions/multi4
+	  --row base --model $(REAL)/model --out $(REAL)/captions/multi4
 	@python -c "import json; v = json.load(open('$(REAL)/data/validation.json')); \
 	  print('unlisted images:', [w for d in v['databases'].values() for w in d.get('unlisted_images', [])]); \
 	  print('indexes:', json.load(open('$(REAL)/db/manifest.json'))); \
