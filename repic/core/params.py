@@ -178,7 +178,7 @@ def validate(params: dict[str, Any], source: str = "params.yaml") -> None:
         raise RepicError(f"{source}: {key}: unknown key (expected one of {sorted(err.schema['properties'])})")
     if err.validator == "required":
         raise RepicError(f"{source}: {where or '<top>'}: {err.message}")
-    if err.validator == "propertyNames":
+    if "propertyNames" in err.schema_path:
         raise RepicError(f"{source}: {where}.{err.instance}: model row names are letters, digits, _ and - "
                          "(a DVC stage name and a file-name part), starting with a letter")
     raise RepicError(f"{source}: {where}: {err.message}{_yaml_number_hint(err.instance)}")
@@ -295,16 +295,46 @@ def check_libraries(params: dict[str, Any]) -> None:
     check_training_params(params["train_grpo_lora"], seed=params["base"]["seed"])
 
 
-def apply_overlay(params_path: str | os.PathLike, overlay_path: str | os.PathLike) -> dict[str, Any]:
-    """Rewrite `params_path` as itself overlaid with `overlay_path` (validated first, written atomically)."""
+def trained_rows(params: dict[str, Any]) -> list[str]:
+    """The model rows whose weights our training makes (train_grpo_lora's or merge_lora's outputs)."""
+    def made_in(path: Path, folder: Path) -> bool:
+        return path == folder or folder in path.parents
+
+    return [name for name, row in params["models"].items()
+            if any(made_in(Path(row["path"]), Path(d)) for d in (TRAIN_DIR, MERGE_DIR))]
+
+
+def without_training(params: dict[str, Any], source: str = "params.yaml") -> dict[str, Any]:
+    """`params` with the rows our training makes left out: the released checkpoints' rows alone, whose captions,
+    scores, judge and tables need no train_grpo_lora (their DVC stages are the same ones, so putting the rows back
+    later recomputes only those rows)."""
+    dropped = trained_rows(params)
+    if params["judge_llm"]["reference"] in dropped:
+        raise RepicError(f"{source}: judge_llm.reference: {params['judge_llm']['reference']!r} is made by training; "
+                         "name a released row as the reference to evaluate without training")
+    out = copy.deepcopy(params)
+    out["models"] = {name: row for name, row in params["models"].items() if name not in dropped}
+    if not out["models"]:
+        raise RepicError(f"{source}: models: every row is made by training, none is left to evaluate")
+    validate(out, source)
+    return out
+
+
+def apply_overlay(params_path: str | os.PathLike, overlay_path: str | os.PathLike, *,
+                  released_only: bool = False) -> dict[str, Any]:
+    """Rewrite `params_path` as itself overlaid with `overlay_path` (validated first, written atomically); with
+    `released_only`, without the model rows our training makes (`without_training`)."""
     from repic.core.io import write_text
 
     base = load_params(params_path)
     overlay = yaml.safe_load(Path(overlay_path).read_text(encoding="utf-8")) or {}
     merged = deep_merge(base, overlay)
     validate(merged, f"{params_path} + {overlay_path}")
+    if released_only:
+        merged = without_training(merged, f"{params_path} + {overlay_path}")
     check_libraries(merged)
-    header = f"# {params_path} with {overlay_path} applied (git checkout {params_path} undoes it)\n"
+    left_out = ", rows made by training left out" if released_only else ""
+    header = f"# {params_path} with {overlay_path} applied{left_out} (git checkout {params_path} undoes it)\n"
     write_text(params_path, header + yaml.safe_dump(merged, sort_keys=False, width=110))
     return merged
 
@@ -321,12 +351,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = sub.add_parser("apply", help="overlay a config (e.g. configs/paper.yaml) onto params.yaml")
     ap.add_argument("overlay")
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--released-only", action="store_true",
+                    help="leave out the model rows our training makes (results/train, results/merged): evaluate the "
+                    "released checkpoints without train_grpo_lora")
     args = p.parse_args(argv)
     try:
         if args.command == "check":
             check_libraries(load_params(args.params))
         else:
-            apply_overlay(args.params, args.overlay)
+            apply_overlay(args.params, args.overlay, released_only=args.released_only)
     except RepicError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
