@@ -1,12 +1,13 @@
 """The pipeline's vocabulary and on-disk layout, in one place.
 
 Vocabulary: the evaluation settings (with their number of concepts per query), the retrieval modes, the model
-rows every setting is captioned with, the scoring protocols and RePIC's reward methods. Layout: the folder each
-stage writes (the paths `dvc.yaml` passes as `--out`, checked equal to its `outs` by tests/test_layout.py) and
-the name of every file inside it, e.g. a caption file `<out>/<dataset>/<model>_<mode>.json`.
+rows every setting is captioned with (read from params `models`), the scoring protocols and RePIC's reward
+methods. Layout: the folder each stage writes (the paths `dvc.yaml` passes as `--out`, checked equal to its `outs`
+by tests/test_layout.py) and the name of every file inside it, e.g. a caption file
+`<out>/<dataset>/<model>_<mode>.json`.
 
-Every module and stage takes these names from here. Adding a setting or a model row is a change here plus the
-params (see the README's development notes); everything that loops over settings, modes or models follows.
+Every module and stage takes these names from here. Adding a setting is a change here plus the params; adding a
+model row is one params entry (see the README); everything that loops over settings, modes or models follows.
 """
 
 from __future__ import annotations
@@ -51,8 +52,6 @@ MODE_LABELS = {"skip": "skip-retrieval", "retrieval": "retrieval"}
 # The model rows: params `models` (name -> {label, kind, path}), in table order; every setting x dataset x mode is
 # captioned once per row, and scored, judged and reported per row. Adding a row is one params entry.
 MODEL_KINDS = ("model", "adapter")  # `path` is a model folder | a PEFT LoRA adapter on `base.base_model`
-# The row whose weights train_grpo_lora makes: the embedded default names it so, and the judge's default reference.
-TRAINED = "trained"
 
 
 @dataclass(frozen=True)
@@ -72,19 +71,9 @@ def model_rows(params: dict[str, Any]) -> list[ModelRow]:
     return [ModelRow(name, row["label"], row["kind"], row["path"]) for name, row in params["models"].items()]
 
 
-def model_names(params: dict[str, Any]) -> list[str]:
-    return list(params["models"])
-
-
 def model_labels(params: dict[str, Any]) -> dict[str, str]:
+    """Row name -> label of params `models`, in table order."""
     return {name: row["label"] for name, row in params["models"].items()}
-
-
-def model_row(params: dict[str, Any], name: str) -> ModelRow:
-    """The row named `name`, or a RepicError listing the rows params has."""
-    if name not in params["models"]:
-        raise RepicError(f"models: no model row named {name!r} (rows: {', '.join(params['models'])})")
-    return next(r for r in model_rows(params) if r.name == name)
 
 
 PROTOCOLS = ("repic", "strict")  # RePIC's exact scoring / reward rules, and the corrected ones beside them
