@@ -149,8 +149,10 @@ def test_new_training_recaptions_only_the_trained_row(pipeline):
         params_path.write_text(yaml.safe_dump(params, sort_keys=False))
         log = _sh(["dvc", "repro"], pipeline)
         ran = {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
-        assert ran == {"train_grpo_lora", "merge_lora", *(f"caption_{s}@trained" for s in SETTINGS), "score",
-                       "judge_llm", "report"}, log[-3000:]
+        ours = {"train_grpo_lora", "merge_lora", *(f"caption_{s}@trained" for s in SETTINGS)}
+        # score and judge follow when our captions changed (the tiny model's may come out the same), report always
+        # (it plots the training log); the base row's caption stages never
+        assert ours | {"report"} <= ran <= ours | {"score", "judge_llm", "report"}, log[-3000:]
         assert base_captions and {p: p.stat().st_mtime_ns for p in base_captions} == base_captions
     finally:
         params_path.write_text(original)
