@@ -1,10 +1,12 @@
-r"""Caption one setting's queries (single | multi2 | multi4): {base, trained} x {skip, retrieval}, for every
+r"""Caption one setting's queries (single | multi2 | multi4) with one model row x {skip, retrieval}, for every
 evaluation dataset that has this setting (`base.data.datasets`), with that dataset's database and index.
 
-Writes, per dataset, `<out>/<dataset>/`: RePIC caption files `<model>_<mode>.json`, `captions.parquet` and
+The row's weights: a model folder (--model), or a LoRA adapter (--adapter) applied to --base-model. dvc.yaml runs
+one stage per row of params `models` (caption_<setting>@<row>).
+Writes, per dataset, `<out>/<dataset>/`: RePIC caption files `<row>_<mode>.json`, `captions.parquet` and
 `retrieval.json` (recall@k; `left_out`: the query entries left out as invalid, each with why).
-Example: python -m stages.caption --setting single --root data/world --index data/db --model data/models/base \
-    --adapter results/train/adapter --out results/captions/single
+Example: python -m stages.caption --setting single --root data/world --index data/db \
+    --base-model data/models/base --row trained --adapter results/train/adapter --out results/captions/single/trained
 One query map: add --queries Q.json --database D.json (--index is then that database's index folder, and the
 files go straight into --out).
 """
@@ -37,14 +39,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--root", required=True, help="data root the query and database image paths are relative to")
     p.add_argument("--index", required=True,
                    help="build_db's output folder (one <dataset>/ index each); with --queries: that index folder")
-    p.add_argument("--model", required=True, help="base model: local dir or hub id")
+    p.add_argument("--row", required=True, help="the model row's name (caption files <row>_<mode>.json)")
+    p.add_argument("--base-model", help="the base model folder: what --adapter applies to; its processor is used "
+                   "when --model has none")
+    weights = p.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--model", help="the row's weights: a model folder (from_pretrained)")
+    weights.add_argument("--adapter", help="the row's weights: a PEFT LoRA adapter folder (or a folder holding one, "
+                         "as an unpacked checkpoint zip), applied to --base-model")
     p.add_argument("--out", required=True,
                    help="output folder: <dataset>/ per dataset (caption files, captions.parquet, retrieval.json)")
     p.add_argument("--queries", help="one query map (with --database) instead of the configured datasets")
     p.add_argument("--database", help="the database_mod.json of --queries (concept names, info, images)")
-    p.add_argument("--adapter", help="LoRA adapter of the trained model (without it: base captions only)")
     args = p.parse_args(argv)
     params = params_of(args)
+    if args.adapter and not args.base_model:
+        raise RepicError("--adapter needs --base-model (the model the LoRA adapter applies to)")
     if bool(args.queries) != bool(args.database):
         raise RepicError("--queries and --database go together (one query map and its database)")
     if args.queries:
@@ -59,8 +68,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not (index / INDEX_META).is_file():
             raise RepicError(f"{index}: no retrieval index for this dataset (build_db builds one per dataset; "
                              f"see {index.parent / DB_MANIFEST} for the ones it skipped)")
-        rows, retrieval = run_setting(args.setting, queries, database, args.root, str(index), args.model,
-                                      args.adapter, params["caption"], device=params["base"]["device"],
+        rows, retrieval = run_setting(args.setting, queries, database, args.root, str(index), args.row,
+                                      model=args.model, adapter=args.adapter, base_model=args.base_model,
+                                      params=params["caption"], device=params["base"]["device"],
                                       dtype=params["base"]["dtype"])
         for name, file_rows in rows.items():
             write_json(out / run_file(name), file_rows)

@@ -11,14 +11,14 @@ import sys
 from collections.abc import Sequence
 
 from repic.core.cli import params_of, parser, run
-from repic.core.layout import layout_of
+from repic.core.layout import layout_of, model_labels
 from repic.eval.report import build_report
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = parser(__doc__)
     p.add_argument("--captions", required=True,
-                   help="caption folder of a pipeline run (<setting>/<dataset>/<model>_<mode>.json)")
+                   help="caption folder of a pipeline run (<setting>/<model>/<dataset>/<model>_<mode>.json)")
     p.add_argument("--metrics", required=True, help="the score stage's metrics.json")
     p.add_argument("--slots", required=True, help="the score stage's slots.parquet (its per-name verdicts)")
     p.add_argument("--train-log", required=True, help="train_grpo_lora's per-step log.jsonl")
@@ -28,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     params = params_of(args)
     build_report(args.out, captions_dir=args.captions, metrics_path=args.metrics, slots_path=args.slots,
                  train_log=args.train_log, layout=layout_of(params["base"]["data"]["datasets"]), root=args.root,
-                 max_queries=params["report"]["max_queries"])
+                 max_queries=params["report"]["max_queries"], labels=model_labels(params))
 
 
 if __name__ == "__main__":

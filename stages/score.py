@@ -1,9 +1,10 @@
 """Score caption files with RePIC's name P/R/F1 protocol.
 
-Pipeline mode (the folder of runs, `<setting>/<dataset>/<model>_<mode>.json` for the datasets of params
-`base.data.datasets`): metrics.json (RePIC's protocol, `{setting: {dataset: {mode: {model: P/R/F1}}}}`),
-metrics_strict.json (the corrected one), table.md, per-slot Parquet, and the paper's Tables 1 and 2 in
-markdown, CSV and LaTeX for both protocols.
+Pipeline mode (the folder of runs, `<setting>/<model>/<dataset>/<model>_<mode>.json` for the datasets of params
+`base.data.datasets` and the model rows of params `models`): metrics.json (RePIC's protocol,
+`{setting: {dataset: {mode: {model: P/R/F1}}}}`), metrics_strict.json (the corrected one), table.md, per-slot
+Parquet, and the paper's Tables 1 and 2 in markdown, CSV and LaTeX for both protocols, one row per model row
+(its label, in params order).
     python -m stages.score --captions results/captions --out results/score --tables results/tables
 One file (ours or one written by the original RePIC scripts): prints one JSON object.
     python -m stages.score --captions FILE --setting single|multi2|multi4 --protocol repic|strict [--database D]
@@ -28,6 +29,7 @@ from repic.core.layout import (
     SETTINGS,
     SLOTS,
     layout_of,
+    model_labels,
     paper_table_file,
 )
 from repic.data.validate import load_caption_rows
@@ -63,17 +65,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     primary = args.protocol or params["score"]["protocol"]
     layout = layout_of(params["base"]["data"]["datasets"])  # each dataset's own database (display names for strict)
     out, tables = Path(args.out), Path(args.tables)
+    labels = model_labels(params)
     frames = []
     for protocol, name in METRICS_FILES.items():
-        metrics, slots = score_runs(args.captions, protocol, layout)
+        metrics, slots = score_runs(args.captions, protocol, layout, list(labels))
         write_json(out / name, metrics)
         frames.append(pd.DataFrame(slots).assign(protocol=protocol))
-        for table, files in paper_tables(metrics, protocol).items():
+        for table, files in paper_tables(metrics, protocol, labels).items():
             for ext, text in files.items():
                 write_text(tables / paper_table_file(table, protocol, ext), text)
         if protocol == primary:
             write_text(out / SCORE_TABLE, f"Name precision / recall / F1 (%), protocol `{protocol}`\n\n"
-                       + to_markdown(metrics_table(column_groups(metrics))))
+                       + to_markdown(metrics_table(column_groups(metrics), labels)))
     write_parquet(out / SLOTS, pd.concat(frames, ignore_index=True))
 
 

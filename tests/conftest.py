@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -23,6 +24,36 @@ def resolve_dvc(text: str, params: dict) -> str:
         return str(node)
 
     return re.sub(r"\$\{([^}]+)\}", value, text)
+
+
+def dvc_stages(params: dict, dvc_yaml: Path | None = None) -> dict[str, dict]:
+    """dvc.yaml's stages with each `foreach` group expanded as DVC names them (`caption_single@base`): `${key}` and
+    `${item.x}` substituted; other `${...}` are left for `resolve_dvc`."""
+    stages = yaml.safe_load((dvc_yaml or REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    out: dict[str, dict] = {}
+    for name, stage in stages.items():
+        if "foreach" not in stage:
+            out[name] = stage
+            continue
+        items = stage["foreach"]
+        if isinstance(items, str):  # `${models}`: a params mapping or list
+            node = params
+            for part in items.strip("${}").split("."):
+                node = node[part]
+            items = node
+        pairs = items.items() if isinstance(items, dict) else ((str(i), i) for i in items)
+        for key, item in pairs:
+            def sub(v, key=key, item=item):
+                if isinstance(v, str):
+                    v = v.replace("${key}", str(key))
+                    return re.sub(r"\$\{item\.(\w+)\}", lambda m: str(item[m.group(1)]), v)
+                if isinstance(v, list):
+                    return [sub(x) for x in v]
+                if isinstance(v, dict):
+                    return {sub(k): sub(x) for k, x in v.items()}
+                return v
+            out[f"{name}@{key}"] = sub(stage["do"])
+    return out
 
 
 TINY_MODEL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

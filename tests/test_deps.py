@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import REPO, resolve_dvc
+from .conftest import REPO, dvc_stages, resolve_dvc
 
 # core < vlm < synthetic < data < train < eval: stages -> phases -> shared core
 ORDER = ("core", "vlm", "synthetic", "data", "train", "eval")
@@ -95,7 +95,7 @@ def _covered(key: str, declared: list[str]) -> bool:
 
 
 def _dvc_stages() -> dict[str, dict]:
-    return yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    return dvc_stages(yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8")))
 
 
 STAGES = _dvc_stages()

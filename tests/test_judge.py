@@ -12,11 +12,11 @@ def test_parse_verdict(answer, verdict):
     assert parse_verdict(answer) == verdict
 
 
-def _pair(i, trained, base):
-    return {"setting": "single", "mode": "skip", "query_image": f"q{i}.png", "gt_keys": ["<a>"],
-            "references": [{"name": "<a>", "info": "red"}],
+def _pair(i, reference, model):
+    return {"setting": "single", "dataset": "d", "mode": "skip", "query_image": f"q{i}.png", "gt_keys": ["<a>"],
+            "reference": "trained", "model": "base", "references": [{"name": "<a>", "info": "red"}],
             "images": [Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), (i, 0, 0))],
-            "caption_trained": trained, "caption_base": base}
+            "caption_reference": reference, "caption_model": model}
 
 
 def test_both_orders_ties_and_cache(tmp_path):
@@ -33,13 +33,15 @@ def test_both_orders_ties_and_cache(tmp_path):
     pairs = [_pair(1, "good <a>", "bad"), _pair(2, "bad", "good <a>"), _pair(3, "bad", "bad too")]
     cache = AnswerCache(tmp_path / "cache.jsonl")
     records = judge_pairs(pairs, "fake", judge, cache)
-    assert [r["outcome"] for r in records] == ["trained", "base", "tie"]  # position bias -> tie
+    assert [r["outcome"] for r in records] == ["reference", "model", "tie"]  # position bias -> tie
+    assert {(r["reference"], r["model"]) for r in records} == {("trained", "base")}
     assert len(asked) == 6 and cache.asked == 6
     again = AnswerCache(tmp_path / "cache.jsonl")
     assert judge_pairs(pairs, "fake", judge, again) == records
     assert again.asked == 0 and len(asked) == 6  # a rerun asks nothing
     rates = win_rates(records)
-    assert rates["trained_win_rate"] == pytest.approx(1 / 3) and rates["tie_rate"] == pytest.approx(1 / 3)
+    assert rates["reference_win_rate"] == pytest.approx(1 / 3) and rates["tie_rate"] == pytest.approx(1 / 3)
+    assert rates["model_win_rate"] == pytest.approx(1 / 3)
 
 
 def test_ctrl_c_keeps_the_answers_already_given(tmp_path):

@@ -110,10 +110,10 @@ def test_missing_key_is_a_clear_error(monkeypatch):
 
 
 def _pair(i):
-    return {"setting": "single", "mode": "skip", "query_image": f"q{i}.png", "gt_keys": ["<a>"],
-            "references": [{"name": "<a>", "info": "red"}],
+    return {"setting": "single", "dataset": "d", "mode": "skip", "query_image": f"q{i}.png", "gt_keys": ["<a>"],
+            "reference": "trained", "model": "base", "references": [{"name": "<a>", "info": "red"}],
             "images": [Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), (i, 0, 0))],
-            "caption_trained": f"<a> is here {i}", "caption_base": f"a thing {i}"}
+            "caption_reference": f"<a> is here {i}", "caption_model": f"a thing {i}"}
 
 
 def test_pairs_both_orders_cache_and_budget(server, tmp_path):
@@ -129,14 +129,14 @@ def test_pairs_both_orders_cache_and_budget(server, tmp_path):
     cache = AnswerCache(tmp_path / "cache.jsonl")
     records = judge_pairs(pairs, backend_id, ask, cache, max_requests=6)
     assert len(records) == 3 and len(server.requests) == 6  # the budget stops before pair 3
-    assert [r["outcome"] for r in records] == ["trained"] * 3
+    assert [r["outcome"] for r in records] == ["reference"] * 3
     again = AnswerCache(tmp_path / "cache.jsonl")
     records = judge_pairs(pairs, backend_id, ask, again, max_requests=6)
     assert len(server.requests) == 8 and again.asked == 2  # only pair 3 is new; cached answers bill nothing
-    assert records[3]["outcome"] == "tie" and records[3]["verdict_trained_first"] == "invalid"
+    assert records[3]["outcome"] == "tie" and records[3]["verdict_reference_first"] == "invalid"
     rates = win_rates(records)
-    assert rates["trained_win_rate"] == 0.75 and rates["pairs_with_invalid_answer"] == 1
-    lo, hi = rates["trained_win_rate_ci95"]
+    assert rates["reference_win_rate"] == 0.75 and rates["pairs_with_invalid_answer"] == 1
+    lo, hi = rates["reference_win_rate_ci95"]
     assert 0.0 <= lo <= 0.75 <= hi <= 1.0
 
 

@@ -10,12 +10,12 @@ import yaml
 
 from repic.core import layout
 
-from .conftest import REPO, resolve_dvc
+from .conftest import REPO, dvc_stages, resolve_dvc
 
 
 def _dvc() -> tuple[dict, dict]:
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    return yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"], params
+    return dvc_stages(params), params
 
 
 def _declared_outs(stage: dict, params: dict) -> set[str]:
@@ -25,7 +25,7 @@ def _declared_outs(stage: dict, params: dict) -> set[str]:
 
 def test_dvc_outs_are_the_layouts_outputs_of_each_stage():
     stages, params = _dvc()
-    expected = layout.stage_outs(params["base"])
+    expected = layout.stage_outs(params["base"], params["models"])
     assert set(stages) == set(expected), "dvc.yaml's stages and the layout's differ"
     for name, stage in stages.items():
         assert _declared_outs(stage, params) == set(expected[name]), f"dvc.yaml: stage {name}: outs"
@@ -34,7 +34,7 @@ def test_dvc_outs_are_the_layouts_outputs_of_each_stage():
 def test_each_stage_writes_inside_the_folder_its_command_is_given():
     """A stage writes `<--out>/<layout file>`: its --out (and score's --tables) is the layout's folder of it."""
     stages, params = _dvc()
-    for name, folder in layout.STAGE_DIRS.items():
+    for name, folder in layout.stage_dirs(params["models"]).items():
         cmd = shlex.split(resolve_dvc(stages[name]["cmd"], params))
         given = {cmd[i + 1] for i, option in enumerate(cmd[:-1]) if option in ("--out", "--out-data", "--tables")}
         assert given == set(folder if isinstance(folder, tuple) else (folder,)), name
@@ -65,8 +65,9 @@ def test_inputs_a_command_reads_are_outputs_the_layout_names():
 
 
 def test_a_caption_stage_per_setting_and_its_readers_depend_on_each():
-    stages, _ = _dvc()
-    assert {n for n in stages if n.startswith("caption_")} == {layout.caption_stage(s) for s in layout.SETTINGS}
+    stages, params = _dvc()
+    assert {n for n in stages if n.startswith("caption_")} == {
+        layout.caption_stage(s, m) for s in layout.SETTINGS for m in params["models"]}
     folders = {f"{layout.CAPTIONS_DIR}/{s}" for s in layout.SETTINGS}
     for reader in ("score", "judge_llm", "report"):  # they read every setting's captions through --captions
         assert folders <= set(stages[reader]["deps"]), reader
@@ -89,7 +90,7 @@ def test_synthetic_world_writes_where_params_look(tmp_path):
 
 def test_caption_file_names():
     assert layout.caption_file("trained", "retrieval") == "trained_retrieval.json"
-    assert [layout.run_name(m, d) for m, d in layout.runs()] == [
+    assert [layout.run_name(m, d) for m, d in layout.runs(["base", "trained"])] == [
         "base_skip", "trained_skip", "base_retrieval", "trained_retrieval"]
-    assert layout.caption_folder("results/captions", "multi2", "synthetic") == Path(
-        "results/captions/multi2/synthetic")
+    assert layout.caption_folder("results/captions", "multi2", "trained", "synthetic") == Path(
+        "results/captions/multi2/trained/synthetic")

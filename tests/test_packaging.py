@@ -30,6 +30,7 @@ def test_every_stage_lists_its_own_module_and_params_section():
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for name, stage in dvc["stages"].items():
+        stage = stage.get("do", stage)  # a `foreach` group (one caption stage per model row): its template
         module = re.search(r"-m stages\.(\w+)", stage["cmd"]).group(1)
         assert f"stages/{module}.py" in stage["deps"], name
         for key in stage.get("params", []):

@@ -55,7 +55,7 @@ def test_metrics_cover_every_setting_mode_and_model(pipeline):
                 assert {"precision", "recall", "f1", "n_slots"} <= set(cell)
                 assert 0.0 <= cell["f1"] <= 100.0 and cell["n_slots"] > 0
     table = (pipeline / "results/score/table.md").read_text()
-    assert "| trained |" in table and "4-concept" in table
+    assert "| trained |" in table and "| base |" in table and "4-concept" in table
     strict = json.loads((pipeline / "results/score/metrics_strict.json").read_text())
     assert set(strict) == set(SETTINGS)
     for protocol in ("repic", "strict"):
@@ -84,18 +84,22 @@ def test_every_stage_wrote_its_artifacts(pipeline):
     assert all(0.0 <= v <= 1.0 for who in ("base", "trained") for v in heldout[who].values())
     assert len(json.loads((pipeline / "data/subset/heldout.json").read_text())) == 64 - manifest["size"]
     for s in SETTINGS:
-        rows = json.loads((pipeline / f"results/captions/{s}/synthetic/trained_retrieval.json").read_text())
-        assert all(len(r) == 4 and isinstance(r[2], str) for r in rows)
-        recall = json.loads((pipeline / f"results/captions/{s}/synthetic/retrieval.json").read_text())["recall_at_k"]
-        assert 0.0 <= recall <= 1.0
-        assert len(pd.read_parquet(pipeline / f"results/captions/{s}/synthetic/captions.parquet")) == 4 * len(rows)
+        for model in MODELS:  # one caption stage per model row: results/captions/<setting>/<model>/<dataset>/
+            folder = pipeline / f"results/captions/{s}/{model}/synthetic"
+            rows = json.loads((folder / f"{model}_retrieval.json").read_text())
+            assert all(len(r) == 4 and isinstance(r[2], str) for r in rows)
+            recall = json.loads((folder / "retrieval.json").read_text())["recall_at_k"]
+            assert 0.0 <= recall <= 1.0
+            assert len(pd.read_parquet(folder / "captions.parquet")) == 2 * len(rows)
     merge = json.loads((pipeline / "results/merged/merge_report.json").read_text())
     assert merge["ok"] and merge["captions_identical_fp32"] and (pipeline / "results/merged/model").is_dir()
     page = (pipeline / "results/report/index.html").read_text()
     assert page.count('class="query"') > 0 and (pipeline / "results/report/plots/rewards.png").is_file()
     judge = json.loads((pipeline / "results/judge/win_rates.json").read_text())
-    assert judge["status"] == "ok" and judge["overall"]["n_pairs"] > 0
-    assert len(pd.read_parquet(pipeline / "results/judge/verdicts.parquet")) == judge["overall"]["n_pairs"]
+    assert judge["status"] == "ok" and judge["reference"] == "trained" and list(judge["versus"]) == ["base"]
+    assert judge["versus"]["base"]["overall"]["n_pairs"] > 0
+    assert len(pd.read_parquet(pipeline / "results/judge/verdicts.parquet")) == judge["versus"]["base"]["overall"][
+        "n_pairs"]
 
 
 def test_second_repro_runs_nothing(pipeline):
@@ -113,10 +117,10 @@ def test_param_change_reruns_only_dependants(pipeline):
         params["caption"]["max_new_tokens"] += 1
         params_path.write_text(yaml.safe_dump(params, sort_keys=False))
         # A dry run lists the stages the edit invalidates directly (their dependants follow once their
-        # outputs change): the three caption stages, nothing upstream (no retraining, no refetch).
+        # outputs change): the caption stages of every model row, nothing upstream (no retraining, no refetch).
         dry = _sh(["dvc", "repro", "--dry"], pipeline)
         ran = {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
-        assert ran == {"caption_single", "caption_multi2", "caption_multi4"}
+        assert ran == {f"caption_{s}@{m}" for s in SETTINGS for m in MODELS}
 
         params = yaml.safe_load(original)
         params["score"]["protocol"] = "strict"
@@ -131,6 +135,28 @@ def test_param_change_reruns_only_dependants(pipeline):
         assert (pipeline / "results/score/metrics_strict.json").is_file()
     finally:
         params_path.write_text(original)
+
+
+def test_new_training_recaptions_only_the_trained_row(pipeline):
+    """A training param edit retrains: the rows made from training's output (`trained`) are captioned again, the
+    base row's captions are not (their stages' deps are unchanged), and score/judge/report follow."""
+    params_path = pipeline / "params.yaml"
+    original = params_path.read_text()
+    base_captions = {p: p.stat().st_mtime_ns for p in (pipeline / "results/captions").glob("*/base/*/*.json")}
+    try:
+        params = yaml.safe_load(original)
+        params["train_grpo_lora"]["grpo"]["learning_rate"] *= 2
+        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+        log = _sh(["dvc", "repro"], pipeline)
+        ran = {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
+        ours = {"train_grpo_lora", "merge_lora", *(f"caption_{s}@trained" for s in SETTINGS)}
+        # score and judge follow when our captions changed (the tiny model's may come out the same), report always
+        # (it plots the training log); the base row's caption stages never
+        assert ours | {"report"} <= ran <= ours | {"score", "judge_llm", "report"}, log[-3000:]
+        assert base_captions and {p: p.stat().st_mtime_ns for p in base_captions} == base_captions
+    finally:
+        params_path.write_text(original)
+    _sh(["dvc", "repro"], pipeline)  # back to the committed state (restored from DVC's run cache)
 
 
 def test_dvc_metrics_show_and_diff(pipeline):
@@ -159,8 +185,8 @@ def test_dvc_metrics_show_and_diff(pipeline):
         params_path.write_text(yaml.safe_dump(params, sort_keys=False))
         out(["dvc", "repro", "judge_llm"])
         diff = json.loads(out(["dvc", "metrics", "diff", "--json"]))["results/judge/win_rates.json"]
-        assert diff["overall.n_pairs"]["new"] == 2 * 3 * 2  # max_pairs x settings x modes
-        assert diff["overall.n_pairs"]["old"] > diff["overall.n_pairs"]["new"]
+        assert diff["versus.base.overall.n_pairs"]["new"] == 2 * 3 * 2  # max_pairs x settings x modes
+        assert diff["versus.base.overall.n_pairs"]["old"] > diff["versus.base.overall.n_pairs"]["new"]
     finally:
         params_path.write_text(original)
 

@@ -60,7 +60,7 @@ def test_real_4_concept_evaluation_end_to_end(shared_dir, tmp_path):
                 ["concept_dict"])
     assert {e["key"] for e in json.loads((real / "db/4_concepts/id_map.json").read_text())} <= keys4
     _stage("caption", *p, "--setting", "multi4", "--root", str(real / "data"), "--index", str(real / "db"),
-           "--model", str(real / "model"), "--out", str(real / "captions"), cwd=REPO)
+           "--row", "base", "--model", str(real / "model"), "--out", str(real / "captions"), cwd=REPO)
     for mode in ("skip", "retrieval"):
         rows = json.loads((real / f"captions/4_concepts/base_{mode}.json").read_text())
         assert len(rows) == 105 and all(len(r[1]) == 4 for r in rows)  # RePIC's 105 subsets over 4 photos

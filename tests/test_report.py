@@ -37,31 +37,33 @@ def report_inputs(tmp_path):
     # two single-concept datasets (as the paper's MyVLM / Yo'LLaVA / DreamBooth), one for each multi setting
     layout = {"single": [("myvlm", database), ("dreambooth", database)], "multi2": [("toy", database)],
               "multi4": [("toy", database)]}
+    labels = {"base": "Zero-shot", "repic_lora": "RePIC (released LoRA)", "trained": "Ours"}
     for setting, gt in gts.items():
         for dataset, _ in layout[setting]:
-            folder = caps / setting / dataset
-            folder.mkdir(parents=True)
-            for run in ("base_skip", "trained_skip", "base_retrieval", "trained_retrieval"):
-                wrong = "<b>" if setting == "single" else ""
-                caption = "A photo." if run.startswith("base") else f"{gt[0]} with <zzz> and {wrong}"
-                # the second row names <a>, not its own <b>: the scorer's "miss"
-                (folder / f"{run}.json").write_text(json.dumps([["./data/q.png", gt, caption, "q?"],
-                                                                ["./data/q.png", ["<b>"] * len(gt), "<a>.", "q?"]]))
-            (folder / "retrieval.json").write_text(json.dumps(
-                {"k": 2, "recall_at_k": 0.5, "per_query": [{"retrieved": ["<a>", "<c>"]}, {"retrieved": ["<b>"]}]}))
+            for model in labels:  # each model row's caption stage writes its own folder
+                folder = caps / setting / model / dataset
+                folder.mkdir(parents=True)
+                for mode in ("skip", "retrieval"):
+                    wrong = "<b>" if setting == "single" else ""
+                    caption = "A photo." if model == "base" else f"{gt[0]} with <zzz> and {wrong}"
+                    # the second row names <a>, not its own <b>: the scorer's "miss"
+                    (folder / f"{model}_{mode}.json").write_text(json.dumps(
+                        [["./data/q.png", gt, caption, "q?"], ["./data/q.png", ["<b>"] * len(gt), "<a>.", "q?"]]))
+                (folder / "retrieval.json").write_text(json.dumps(
+                    {"k": 2, "recall_at_k": 0.5, "per_query": [{"retrieved": ["<a>", "<c>"]}, {"retrieved": ["<b>"]}]}))
     cell = {"precision": 50.0, "recall": 25.0, "f1": 33.3}
     metrics = tmp_path / "metrics.json"
-    metrics.write_text(json.dumps({s: {d: {m: {"base": cell, "trained": cell} for m in ("skip", "retrieval")}
+    metrics.write_text(json.dumps({s: {d: {m: {model: cell for model in labels} for m in ("skip", "retrieval")}
                                        for d, _ in layout[s]} for s in gts}))
     log = tmp_path / "log.jsonl"
     log.write_text("\n".join(json.dumps({"loss": 0.1 * i, "kl": 0.01 * i, "reward": i / 10,
                                          "rewards/object_consistency/mean": None if i % 2 else i / 10})
                              for i in range(8)))
-    _, slots = score_runs(caps, "repic", layout)
+    _, slots = score_runs(caps, "repic", layout, list(labels))
     slots_path = tmp_path / "slots.parquet"
     pd.DataFrame(slots).assign(protocol="repic").to_parquet(slots_path)
     return dict(captions_dir=caps, metrics_path=metrics, slots_path=slots_path, train_log=log, layout=layout,
-                root=root)
+                root=root, labels=labels)
 
 
 def test_report_files(tmp_path, report_inputs):
@@ -77,6 +79,13 @@ def test_report_files(tmp_path, report_inputs):
     assert '<span class="wrong" title="not named; another concept named instead">&lt;b&gt;</span>' in page
     assert '<span class="missed" title="not named">&lt;a&gt;</span>' in page
     assert "A photo." in page and "&lt;a&gt; with &lt;zzz&gt;" in page  # captions shown as written
+    # one caption line per model row and mode, by label, in params order; one metrics row per model row
+    assert page.count('<span class="run">') == 8 * 6
+    first = page.split('<div class="query">')[1]
+    assert re.findall(r'<span class="run">([^<]+)</span>', first) == [
+        "Zero-shot · skip", "RePIC (released LoRA) · skip", "Ours · skip",
+        "Zero-shot · retrieval", "RePIC (released LoRA) · retrieval", "Ours · retrieval"]
+    assert page.count("<td>RePIC (released LoRA)</td>") == 8  # 4 column groups x 2 modes
     for src in re.findall(r'src="([^"]+)"', page):
         assert (out / src).is_file(), src
 
@@ -102,11 +111,11 @@ def test_report_marks_what_the_scorer_counted_not_a_matcher_of_its_own(tmp_path,
     """`Here is <a>'s dog`: RePIC's scorer does not find <a> (its token is `<a>'s`), so neither does the report;
     the verdicts come from slots.parquet, whatever the captions look like."""
     caps = report_inputs["captions_dir"]
-    folder = caps / "single" / "myvlm"
+    folder = caps / "single" / "trained" / "myvlm"
     rows = json.loads((folder / "trained_skip.json").read_text())
     rows[0][2] = "Here is <a>'s dog"
     (folder / "trained_skip.json").write_text(json.dumps(rows))
-    _, slots = score_runs(caps, "repic", report_inputs["layout"])
+    _, slots = score_runs(caps, "repic", report_inputs["layout"], list(report_inputs["labels"]))
     pd.DataFrame(slots).assign(protocol="repic").to_parquet(report_inputs["slots_path"])
     out = tmp_path / "report"
     build_report(out, max_queries=5, **report_inputs)

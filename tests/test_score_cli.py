@@ -51,7 +51,7 @@ def test_pipeline_mode_scores_each_dataset_with_its_own_database(tmp_path):
         caps = [f"{key} here." if j < i else f"Kay{i} here." for j in range(2)]
         for model in ("base", "trained"):
             for mode in ("skip", "retrieval"):
-                folder = tmp_path / "captions/single" / name
+                folder = tmp_path / "captions/single" / model / name
                 folder.mkdir(parents=True, exist_ok=True)
                 rows = [[f"./q{j}.png", [key], caps[j] if model == "trained" else "Nothing.", "q"] for j in range(2)]
                 (folder / f"{model}_{mode}.json").write_text(json.dumps(rows))
@@ -61,8 +61,8 @@ def test_pipeline_mode_scores_each_dataset_with_its_own_database(tmp_path):
     datasets.append({"name": "2_concepts", "database": str(db2), "queries": {"multi2": str(tmp_path / "q2.json")}})
     for model in ("base", "trained"):
         for mode in ("skip", "retrieval"):
-            (tmp_path / "captions/multi2/2_concepts").mkdir(parents=True, exist_ok=True)
-            (tmp_path / f"captions/multi2/2_concepts/{model}_{mode}.json").write_text(
+            (tmp_path / f"captions/multi2/{model}/2_concepts").mkdir(parents=True, exist_ok=True)
+            (tmp_path / f"captions/multi2/{model}/2_concepts/{model}_{mode}.json").write_text(
                 json.dumps([["./q.png", ["<a>", "<b>"], "<a> and <b>.", "q"]]))
     params["base"]["data"]["datasets"] = datasets
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -79,10 +79,10 @@ def test_pipeline_mode_scores_each_dataset_with_its_own_database(tmp_path):
     table1 = (tmp_path / "tables/table1_single_repic.md").read_text().splitlines()
     assert "Single MyVLM skip-retrieval R" in table1[2] and "Single DreamBooth retrieval F1" in table1[2]
     assert table1[5].startswith("| trained | 0.0 | 0.0 | 0.0 | 0.0 | 0.0 | 0.0 | 100.0 | 50.0 | 66.7 |")
-    shutil.rmtree(tmp_path / "captions/single/yollava")
+    shutil.rmtree(tmp_path / "captions/single/base/yollava")
     from repic.core.io import RepicError
 
-    with pytest.raises(RepicError, match="yollava/base_skip.json: caption file not found"):
+    with pytest.raises(RepicError, match="base/yollava/base_skip.json: caption file not found"):
         main(["--params", str(tmp_path / "params.yaml"), "--captions", str(tmp_path / "captions"),
               "--out", str(tmp_path / "score"), "--tables", str(tmp_path / "tables")])
 

@@ -47,4 +47,4 @@ def test_help_runs_as_a_module():
     """The docstring's continuation lines (a backslash at a line's end) reach the terminal as written."""
     out = subprocess.run([sys.executable, "-m", "stages.caption", "--help"], cwd=REPO, capture_output=True,
                          text=True, check=True).stdout
-    assert "--model data/models/base \\\n    --adapter results/train/adapter" in out
+    assert "--index data/db \\\n    --base-model data/models/base --row trained --adapter results/train/adapter" in out

@@ -31,7 +31,7 @@ def test_docstring_examples_hold():
 
 
 def test_layout_follows_the_paper_order():
-    df = metrics_table(METRICS)
+    df = metrics_table(METRICS, {"base": "base", "trained": "trained"})
     assert list(df.index) == ["base", "trained"] and df.index.name == "model"
     assert list(df.columns) == [
         ("single", "skip", "P"), ("single", "skip", "R"), ("single", "skip", "F1"),
@@ -51,13 +51,26 @@ def test_values_have_one_decimal_and_missing_cells_are_nan():
 
 def test_unknown_models_and_settings_come_after_the_known_ones():
     df = metrics_table({"single": {"skip": {"new-7b": cell(1, 2, 3), "base": cell(4, 5, 6)}},
-                        "custom": {"skip": {"base": cell(7, 8, 9)}}})
+                        "custom": {"skip": {"base": cell(7, 8, 9)}}}, {"base": "base"})
     assert list(df.index) == ["base", "new-7b"]
     assert [c[0] for c in df.columns[::3]] == ["single", "custom"]
 
 
+def test_rows_follow_the_params_models_order_with_their_labels():
+    """One row per params `models` entry, in its order (the paper's), shown by label; a row without metrics is
+    all NaN rather than missing."""
+    labels = {"base": "Qwen2.5-VL-7B (zero-shot)", "repic_lora": "RePIC (released LoRA)", "trained": "Ours"}
+    df = metrics_table({"single": {"skip": {"trained": cell(1, 2, 3), "base": cell(4, 5, 6)}}}, labels)
+    assert list(df.index) == ["Qwen2.5-VL-7B (zero-shot)", "RePIC (released LoRA)", "Ours"]
+    assert df.loc["Ours", ("single", "skip", "P")] == 1.0
+    assert df.loc["RePIC (released LoRA)"].isna().all()
+    md = tables.paper_tables({"single": {"d": {"skip": {"trained": cell(1, 2, 3)}}}}, "repic", labels)
+    assert [line.split(" | ")[0] for line in md["table1_single"]["md"].splitlines()[4:]] == [
+        "| Qwen2.5-VL-7B (zero-shot)", "| RePIC (released LoRA)", "| Ours"]
+
+
 def test_markdown_is_a_valid_table_with_labelled_columns():
-    text = to_markdown(metrics_table(METRICS))
+    text = to_markdown(metrics_table(METRICS, {"base": "base", "trained": "trained"}))
     lines = text.splitlines()
     assert text.endswith("\n") and len(lines) == 4
     assert lines[0].startswith("| model | Single skip-retrieval P | Single skip-retrieval R |")

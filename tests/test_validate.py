@@ -221,7 +221,7 @@ def test_caption_names_the_left_out_queries_and_lists_them_in_retrieval_json(wor
     db_json = str(world / "data/database_tot/db/database_mod.json")
     with caplog.at_level(logging.WARNING):
         rows, summary = captioning.run_setting("single", str(world / "data/single.json"), db_json, str(world), "idx",
-                                               "model", None, params)
+                                               "base", model="model", params=params)
     assert list(rows) == ["base_skip", "base_retrieval"] and len(rows["base_skip"]) == 1
     (message,) = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
     assert message.startswith(f"{world}/data/single.json: 4 of 5 query images left out (4 invalid entries, all "
@@ -233,8 +233,8 @@ def test_caption_names_the_left_out_queries_and_lists_them_in_retrieval_json(wor
     write_json(world / "validation.json", {"ok": False})
     write_json(world / "none_valid.json", {"./data/q/2.png": ["<zzz>"]})
     with pytest.raises(RepicError) as err:
-        captioning.run_setting("single", str(world / "none_valid.json"), db_json, str(world), "idx", "model", None,
-                               params)
+        captioning.run_setting("single", str(world / "none_valid.json"), db_json, str(world), "idx", "base",
+                               model="model", params=params)
     assert str(err.value) == (f"{world}/none_valid.json: no valid query left, all 1 entries left out: ./data/q/2.png "
                               f"['<zzz>']: keys not in the database: <zzz> (see {world}/validation.json)")
     (world / "validation.json").unlink()

@@ -1,18 +1,19 @@
 """The pipeline's vocabulary and on-disk layout, in one place.
 
 Vocabulary: the evaluation settings (with their number of concepts per query), the retrieval modes, the model
-rows every setting is captioned with, the scoring protocols and RePIC's reward methods. Layout: the folder each
-stage writes (the paths `dvc.yaml` passes as `--out`, checked equal to its `outs` by tests/test_layout.py) and
-the name of every file inside it, e.g. a caption file `<out>/<dataset>/<model>_<mode>.json`.
+rows every setting is captioned with (read from params `models`), the scoring protocols and RePIC's reward
+methods. Layout: the folder each stage writes (the paths `dvc.yaml` passes as `--out`, checked equal to its `outs`
+by tests/test_layout.py) and the name of every file inside it, e.g. a caption file
+`<out>/<dataset>/<model>_<mode>.json`.
 
-Every module and stage takes these names from here. Adding a setting or a model row is a change here plus the
-params (a setting also gets its caption stage in dvc.yaml; see the README's development notes); everything that
-loops over settings, modes or models follows.
+Every module and stage takes these names from here. Adding a setting is a change here plus the params (and its
+caption stage in dvc.yaml); adding a model row is one params entry (see the README's development notes);
+everything that loops over settings, modes or models follows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,20 +50,32 @@ SKIP, RETRIEVAL = "skip", "retrieval"
 MODES = (SKIP, RETRIEVAL)
 MODE_LABELS = {SKIP: "skip-retrieval", RETRIEVAL: "retrieval"}
 
+# The model rows: params `models` (name -> {label, kind, path}), in table order; every setting x dataset x mode is
+# captioned once per row, and scored, judged and reported per row. Adding a row is one params entry.
+MODEL_KINDS = ("model", "adapter")  # `path` is a model folder | a PEFT LoRA adapter on `base.base_model`
+
 
 @dataclass(frozen=True)
 class ModelRow:
-    """A model every setting x dataset x mode is captioned with: one caption file, one row of the tables."""
+    """One model row of every table: `name` (caption files, metrics keys, DVC stage `caption_<setting>@<name>`),
+    `label` (tables, report), and its weights: a model folder (`kind: model`) or a LoRA adapter (`kind: adapter`)
+    applied to params `base.base_model`."""
 
     name: str
-    with_adapter: bool  # the base checkpoint (caption --model) with train_grpo_lora's LoRA adapter (--adapter)
+    label: str
+    kind: str
+    path: str
 
 
-# The model rows, in table order; the judge compares `trained` with `base`.
-BASE, TRAINED = "base", "trained"
-MODEL_ROWS: dict[str, ModelRow] = {r.name: r for r in (ModelRow(BASE, with_adapter=False),
-                                                        ModelRow(TRAINED, with_adapter=True))}
-MODELS = tuple(MODEL_ROWS)
+def model_rows(params: dict[str, Any]) -> list[ModelRow]:
+    """The model rows of params (`models`), in their order (the tables' order)."""
+    return [ModelRow(name, row["label"], row["kind"], row["path"]) for name, row in params["models"].items()]
+
+
+def model_labels(params: dict[str, Any]) -> dict[str, str]:
+    """Row name -> label of params `models`, in table order."""
+    return {name: row["label"] for name, row in params["models"].items()}
+
 
 PROTOCOLS = ("repic", "strict")  # RePIC's exact scoring / reward rules, and the corrected ones beside them
 PROTOCOL_DEFAULT = "repic"
@@ -89,10 +102,11 @@ def run_name(model: str, mode: str) -> str:
     return f"{model}_{mode}"
 
 
-def runs() -> Iterator[tuple[str, str]]:
-    """(model, mode) of every caption run, mode-major (the report's order: base_skip, trained_skip, ...)."""
+def runs(models: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """(model, mode) of every caption run of `models`, mode-major (the report's order: base_skip, trained_skip, ...)."""
+    models = list(models)
     for mode in MODES:
-        for model in MODELS:
+        for model in models:
             yield model, mode
 
 
@@ -122,7 +136,7 @@ MERGE_DIR = "results/merged"
 MERGED_MODEL = "model"
 MERGE_REPORT = "merge_report.json"
 
-CAPTIONS_DIR = "results/captions"  # <setting>/<dataset>/, each with:
+CAPTIONS_DIR = "results/captions"  # <setting>/<model>/ (one DVC stage each) -> <dataset>/, each with:
 CAPTIONS_PARQUET = "captions.parquet"
 RETRIEVAL_REPORT = "retrieval.json"
 
@@ -151,33 +165,41 @@ def run_file(run: str) -> str:
     return f"{run}.json"
 
 
-def caption_folder(captions_dir: str | Path, setting: str, dataset: str) -> Path:
-    """Where a caption stage writes one dataset of its setting: `<captions>/<setting>/<dataset>/`."""
-    return Path(captions_dir) / setting / dataset
+def caption_stage_dir(captions_dir: str | Path, setting: str, model: str) -> Path:
+    """What the caption stage of one setting and model row writes (its DVC out): `<captions>/<setting>/<model>/`."""
+    return Path(captions_dir) / setting / model
+
+
+def caption_folder(captions_dir: str | Path, setting: str, model: str, dataset: str) -> Path:
+    """Where one model row's captions of one dataset of a setting go: `<captions>/<setting>/<model>/<dataset>/`."""
+    return caption_stage_dir(captions_dir, setting, model) / dataset
 
 
 # The folder each stage is given as --out (score also --tables): it writes the files named above inside it.
-# fetch_data writes the params' `base.data.root` and `base.base_model`.
-STAGE_DIRS: dict[str, str | tuple[str, ...]] = {
-    "subset_2k": SUBSET_DIR, "build_db": DB_DIR, "train_grpo_lora": TRAIN_DIR, "merge_lora": MERGE_DIR,
-    **{f"caption_{s}": f"{CAPTIONS_DIR}/{s}" for s in SETTINGS},
-    "score": (SCORE_DIR, TABLES_DIR), "judge_llm": JUDGE_DIR, "report": REPORT_DIR,
-}
+# fetch_data writes the params' `base.data.root` and `base.base_model`. A caption stage is one per model row.
+def stage_dirs(models: Iterable[str]) -> dict[str, str | tuple[str, ...]]:
+    """The --out folder of every stage (caption stages per model row of `models`, params `models`)."""
+    return {
+        "subset_2k": SUBSET_DIR, "build_db": DB_DIR, "train_grpo_lora": TRAIN_DIR, "merge_lora": MERGE_DIR,
+        **{caption_stage(s, m): str(caption_stage_dir(CAPTIONS_DIR, s, m)) for s in SETTINGS for m in models},
+        "score": (SCORE_DIR, TABLES_DIR), "judge_llm": JUDGE_DIR, "report": REPORT_DIR,
+    }
 
 
-def stage_outs(base: dict[str, Any]) -> dict[str, list[str]]:
-    """Every stage's outputs as dvc.yaml must declare them (outs and metrics), given params `base`; the test of
-    the layout (tests/test_layout.py) checks dvc.yaml against this."""
+def stage_outs(base: dict[str, Any], models: Iterable[str]) -> dict[str, list[str]]:
+    """Every stage's outputs as dvc.yaml must declare them (outs and metrics), given params `base` and the model
+    rows `models`; the test of the layout (tests/test_layout.py) checks dvc.yaml against this."""
     def inside(folder: str, *names: str) -> list[str]:
         return [f"{folder}/{n}" for n in names]
 
+    models = list(models)
     return {
         "fetch_data": [base["data"]["root"], base["base_model"]],
         "subset_2k": [SUBSET_DIR],
         "build_db": [DB_DIR],
         "train_grpo_lora": inside(TRAIN_DIR, TRAIN_ADAPTER, TRAIN_LOG, TRAIN_CHECKPOINTS, TRAIN_SUMMARY),
         "merge_lora": inside(MERGE_DIR, MERGED_MODEL, MERGE_REPORT),
-        **{caption_stage(s): [f"{CAPTIONS_DIR}/{s}"] for s in SETTINGS},
+        **{caption_stage(s, m): [str(caption_stage_dir(CAPTIONS_DIR, s, m))] for s in SETTINGS for m in models},
         "score": [*inside(SCORE_DIR, SCORE_TABLE, SLOTS, *METRICS_FILES.values()), TABLES_DIR],
         "judge_llm": inside(JUDGE_DIR, VERDICTS, JUDGE_CACHE, WIN_RATES),
         "report": [REPORT_DIR],
@@ -189,9 +211,10 @@ def paper_table_file(table: str, protocol: str, ext: str) -> str:
     return f"{table}_{protocol}.{ext}"
 
 
-def caption_stage(setting: str) -> str:
-    """The dvc.yaml stage that captions a setting."""
-    return f"caption_{setting}"
+def caption_stage(setting: str, model: str | None = None) -> str:
+    """The dvc.yaml stage that captions a setting (a `foreach` group), or one model row of it
+    (`caption_single@trained`)."""
+    return f"caption_{setting}" if model is None else f"caption_{setting}@{model}"
 
 
 # ---- params helpers: which datasets a stage covers

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from repic.core.io import RepicError
-from repic.core.layout import PROTOCOLS, REWARDS, SETTINGS
+from repic.core.layout import MERGE_DIR, MODEL_KINDS, PROTOCOLS, REWARDS, SETTINGS, TRAIN_DIR
 
 
 def _obj(props: dict[str, Any], required: bool = True, open_: bool = False) -> dict[str, Any]:
@@ -79,6 +79,12 @@ _DATASET = {**_obj({"name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-
                     "queries": {**_obj({s: _STR for s in SETTINGS}, required=False),
                                 "minProperties": 1}})}
 
+# A model row (params `models`: name -> row, in table order): its label and its weights, a model folder or a LoRA
+# adapter on base.base_model. The name is a DVC foreach key and a file-name part (`<name>_<mode>.json`).
+_MODEL_NAME = "^[A-Za-z][A-Za-z0-9_-]*$"
+_MODEL_ROW = _obj({"label": {"type": "string", "minLength": 1}, "kind": {"enum": list(MODEL_KINDS)},
+                   "path": {"type": "string", "minLength": 1}})
+
 SCHEMA: dict[str, Any] = _obj({
     "base": _obj({
         "seed": _INT,
@@ -129,6 +135,8 @@ SCHEMA: dict[str, Any] = _obj({
         "lora": {"type": "object"},
         "grpo": {"type": "object"},
     }),
+    "models": {"type": "object", "minProperties": 1, "propertyNames": {"pattern": _MODEL_NAME},
+               "additionalProperties": _MODEL_ROW},
     "score": _obj({"protocol": {"enum": list(PROTOCOLS)}}),
     "merge_lora": _obj({"n_inputs": _POS, "max_new_tokens": _POS,
                         "tolerance": _obj({"float32": {"type": "number", "minimum": 0},
@@ -136,19 +144,27 @@ SCHEMA: dict[str, Any] = _obj({
     "report": _obj({"max_queries": _POS}),
     "judge_llm": _obj({
         "backend": {"enum": ["local", "openai", "none"]},
-        "model": _STR, "max_pairs": _POS, "max_requests": _INT, "max_new_tokens": _POS,
+        "model": _STR, "reference": _STR, "max_pairs": _POS, "max_requests": _INT, "max_new_tokens": _POS,
         "openai": _obj({"base_url": _STR, "model": _STR, "api_key_env": _STR, "max_retries": _INT,
                         "backoff_s": {"type": "number", "minimum": 0}, "timeout_s": {"type": "number", "minimum": 0}}),
     }),
 })
 
 
-def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
-    """Overlay `overlay` onto `base` (dicts merge key by key; everything else replaces)."""
+# Sections an overlay replaces whole instead of merging key by key: `models` is a list of rows (kept as a mapping
+# for DVC's `foreach` stage names), so an overlay states every row, in its order.
+REPLACED_SECTIONS = ("models",)
+
+
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any], _top: bool = True) -> dict[str, Any]:
+    """Overlay `overlay` onto `base` (dicts merge key by key, except the top-level `REPLACED_SECTIONS`;
+    everything else replaces)."""
     out = copy.deepcopy(base)
     for key, value in overlay.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
+        if _top and key in REPLACED_SECTIONS:
+            out[key] = copy.deepcopy(value)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value, _top=False)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -193,6 +209,7 @@ def validate(params: dict[str, Any], source: str = "params.yaml") -> None:
     validator = jsonschema.Draft202012Validator(SCHEMA)
     errors = sorted(validator.iter_errors(params), key=lambda e: list(e.absolute_path))
     if not errors:
+        check_models(params, source)
         return
     err = errors[0]
     where = ".".join(str(p) for p in err.absolute_path)
@@ -202,7 +219,36 @@ def validate(params: dict[str, Any], source: str = "params.yaml") -> None:
         raise RepicError(f"{source}: {key}: unknown key (expected one of {sorted(err.schema['properties'])})")
     if err.validator == "required":
         raise RepicError(f"{source}: {where or '<top>'}: {err.message}")
+    if "propertyNames" in err.schema_path:
+        raise RepicError(f"{source}: {where}.{err.instance}: model row names are letters, digits, _ and - "
+                         "(a DVC stage name and a file-name part), starting with a letter")
     raise RepicError(f"{source}: {where}: {err.message}{_yaml_number_hint(err.instance)}")
+
+
+def check_models(params: dict[str, Any], source: str = "params.yaml") -> None:
+    """The model rows beyond the schema: the judge's reference is a row, and every row's weights are produced by
+    the DAG, so that DVC tracks them: fetch_data's outputs (the base model, the data root: released checkpoints
+    are `fetch_data.sources` landing there), or train_grpo_lora's / merge_lora's outputs."""
+    models, base = params["models"], params["base"]
+    reference = params["judge_llm"]["reference"]
+    if reference not in models:
+        raise RepicError(f"{source}: judge_llm.reference: {reference!r} is not a model row "
+                         f"(models: {', '.join(models)})")
+    produced = (base["base_model"], base["data"]["root"], TRAIN_DIR, MERGE_DIR)
+    for name, row in models.items():
+        path = Path(row["path"])
+        if path.is_absolute() or ".." in path.parts or not any(
+                path == Path(p) or Path(p) in path.parents for p in produced):
+            raise RepicError(f"{source}: models.{name}.path: {row['path']!r} is not produced by the DAG (expected "
+                             f"inside one of {', '.join(produced)}: fetch a released checkpoint with a "
+                             "fetch_data.sources entry)")
+        if params["fetch_data"]["source"] == "real" and Path(base["data"]["root"]) in path.parents:
+            # a released checkpoint: some fetch_data source must land it (dest `data/<path in the data root>`)
+            dests = [Path(base["data"]["root"]) / s["dest"].partition("/")[2]
+                     for s in params["fetch_data"]["sources"].values() if s["dest"].partition("/")[0] == "data"]
+            if not any(path == d or d in path.parents for d in dests):
+                raise RepicError(f"{source}: models.{name}.path: {row['path']!r}: no fetch_data.sources entry lands "
+                                 "there (declare the checkpoint as a source with dest data/...)")
 
 
 def load_params(path: str | os.PathLike = "params.yaml", *, libraries: bool = False) -> dict[str, Any]:
@@ -332,16 +378,46 @@ def check_libraries(params: dict[str, Any], source: str = "params.yaml") -> None
         grpo_config({**section["grpo"], "seed": params["base"]["seed"]}, tmp, use_cpu=True, source=source)
 
 
-def apply_overlay(params_path: str | os.PathLike, overlay_path: str | os.PathLike) -> dict[str, Any]:
-    """Rewrite `params_path` as itself overlaid with `overlay_path` (validated first, written atomically)."""
+def trained_rows(params: dict[str, Any]) -> list[str]:
+    """The model rows whose weights our training makes (train_grpo_lora's or merge_lora's outputs)."""
+    def made_in(path: Path, folder: Path) -> bool:
+        return path == folder or folder in path.parents
+
+    return [name for name, row in params["models"].items()
+            if any(made_in(Path(row["path"]), Path(d)) for d in (TRAIN_DIR, MERGE_DIR))]
+
+
+def without_training(params: dict[str, Any], source: str = "params.yaml") -> dict[str, Any]:
+    """`params` with the rows our training makes left out: the released checkpoints' rows alone, whose captions,
+    scores, judge and tables need no train_grpo_lora (their DVC stages are the same ones, so putting the rows back
+    later recomputes only those rows)."""
+    dropped = trained_rows(params)
+    if params["judge_llm"]["reference"] in dropped:
+        raise RepicError(f"{source}: judge_llm.reference: {params['judge_llm']['reference']!r} is made by training; "
+                         "name a released row as the reference to evaluate without training")
+    out = copy.deepcopy(params)
+    out["models"] = {name: row for name, row in params["models"].items() if name not in dropped}
+    if not out["models"]:
+        raise RepicError(f"{source}: models: every row is made by training, none is left to evaluate")
+    validate(out, source)
+    return out
+
+
+def apply_overlay(params_path: str | os.PathLike, overlay_path: str | os.PathLike, *,
+                  released_only: bool = False) -> dict[str, Any]:
+    """Rewrite `params_path` as itself overlaid with `overlay_path` (validated first, written atomically); with
+    `released_only`, without the model rows our training makes (`without_training`)."""
     from repic.core.io import write_text
 
     base = load_params(params_path)
     overlay = yaml.safe_load(Path(overlay_path).read_text(encoding="utf-8")) or {}
     merged = deep_merge(base, overlay)
     validate(merged, f"{params_path} + {overlay_path}")
+    if released_only:
+        merged = without_training(merged, f"{params_path} + {overlay_path}")
     check_libraries(merged, f"{params_path} + {overlay_path}")
-    header = f"# {params_path} with {overlay_path} applied (git checkout {params_path} undoes it)\n"
+    left_out = ", rows made by training left out" if released_only else ""
+    header = f"# {params_path} with {overlay_path} applied{left_out} (git checkout {params_path} undoes it)\n"
     write_text(params_path, header + yaml.safe_dump(merged, sort_keys=False, width=110))
     return merged
 
@@ -358,12 +434,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = sub.add_parser("apply", help="overlay a config (e.g. configs/paper.yaml) onto params.yaml")
     ap.add_argument("overlay")
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--released-only", action="store_true",
+                    help="leave out the model rows our training makes (results/train, results/merged): evaluate the "
+                    "released checkpoints without train_grpo_lora")
     args = p.parse_args(argv)
     try:
         if args.command == "check":
             load_params(args.params, libraries=True)
         else:
-            apply_overlay(args.params, args.overlay)
+            apply_overlay(args.params, args.overlay, released_only=args.released_only)
     except RepicError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

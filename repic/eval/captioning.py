@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from repic.core.io import RepicError, open_rgb
-from repic.core.layout import MODEL_ROWS, RETRIEVAL, SKIP, VALIDATION_REPORT, check_setting, run_name
+from repic.core.layout import RETRIEVAL, SKIP, VALIDATION_REPORT, check_setting, run_name
 from repic.core.prompts import CAPTION_QUESTIONS, caption_messages
 
 
@@ -123,19 +124,51 @@ def make_retriever(index_dir: str | os.PathLike, root: str | os.PathLike, params
     return retrieve_keys
 
 
-def run_setting(setting: str, queries_path: str, database_path: str, root: str, index_dir: str,
-                model_path: str, adapter: str | None, params: dict[str, Any], *, device: str = "auto",
-                dtype: str = "auto") -> tuple[dict[str, list[list[Any]]], dict[str, Any]]:
-    """Everything `caption_<setting>` does: valid queries, retrieval, base (and base+adapter) captions."""
-    import logging
-    from pathlib import Path
+def find_adapter(path: str | os.PathLike) -> Path:
+    """The PEFT adapter folder at `path`, or the one folder below it holding `adapter_config.json` (a released
+    checkpoint zip unpacks into a folder of its own); a RepicError when there is none or more than one."""
+    path = Path(path)
+    if (path / "adapter_config.json").is_file():
+        return path
+    found = sorted(p.parent for p in path.rglob("adapter_config.json")) if path.is_dir() else []
+    if len(found) != 1:
+        raise RepicError(f"{path}: expected one PEFT adapter folder (with adapter_config.json) at or below it, "
+                         f"found {len(found)}" + (f": {', '.join(map(str, found))}" if found else ""))
+    return found[0]
 
+
+def load_row_model(*, model: str | None, adapter: str | None, base_model: str | None, device: str, dtype: str,
+                   max_pixels: int | None) -> tuple[Any, Any]:
+    """(model, processor) of one model row: a model folder, or a LoRA adapter applied to `base_model`. The
+    processor is the row's own when its folder has one (a hub release), else the base model's."""
     from peft import PeftModel
+
+    from repic.vlm.models import load_model, load_processor
+
+    if (model is None) == (adapter is None):
+        raise RepicError("a model row is a model folder or a LoRA adapter on the base model, exactly one of them")
+    weights = model if model is not None else base_model
+    if weights is None:
+        raise RepicError("a LoRA adapter row needs the base model it applies to")
+    own = Path(weights) / "preprocessor_config.json"
+    processor = load_processor(weights if own.is_file() or base_model is None else base_model, max_pixels=max_pixels)
+    loaded = load_model(weights, device=device, dtype=dtype)
+    if adapter is not None:
+        loaded = PeftModel.from_pretrained(loaded, str(find_adapter(adapter))).eval()
+    return loaded, processor
+
+
+def run_setting(setting: str, queries_path: str, database_path: str, root: str, index_dir: str, row: str, *,
+                model: str | None = None, adapter: str | None = None, base_model: str | None = None,
+                params: dict[str, Any], device: str = "auto", dtype: str = "auto"
+                ) -> tuple[dict[str, list[list[Any]]], dict[str, Any]]:
+    """Everything `caption_<setting>@<row>` does: valid queries, retrieval, the row's captions in both modes
+    (`<row>_skip`, `<row>_retrieval`). The row's weights: `model` (a folder), or `adapter` on `base_model`."""
+    import logging
 
     from repic.core.io import read_json
     from repic.data.retrieval import retrieval_recall
     from repic.data.validate import describe_left_out, filter_valid_queries, left_out_entries
-    from repic.vlm.models import load_model, load_processor
 
     database = read_json(database_path)
     query_map = read_json(queries_path)
@@ -168,23 +201,11 @@ def run_setting(setting: str, queries_path: str, database_path: str, root: str, 
     missing = sorted({h["image"] for q in retrieved for h in q.retrieval["hits"] if h.get("missing")})
     by_mode = {SKIP: queries, RETRIEVAL: retrieved}
     gen = dict(batch_size=params["batch_size"], max_new_tokens=params["max_new_tokens"], backend=params["backend"])
-    processor = load_processor(model_path, max_pixels=params.get("max_pixels"))
-    model = load_model(model_path, device=device, dtype=dtype)
-    hit_limit: dict[str, dict[str, int]] = {}
-    rows: dict[str, list[list[Any]]] = {}
-    # Each model row in turn; PEFT wraps the loaded base in place, so the rows of the plain base come first.
-    wrapped = False
-    for row in sorted(MODEL_ROWS.values(), key=lambda r: r.with_adapter):
-        name = row.name
-        if row.with_adapter:
-            if adapter is None:  # no --adapter: base rows only
-                continue
-            if not wrapped:
-                model, wrapped = PeftModel.from_pretrained(model, adapter).eval(), True
-        hit_limit[name] = {}
-        rows |= {run_name(name, m): r for m, r in caption_all(model, processor, by_mode, database, root,
-                                                               desc=f"{setting} {name}", hit_limit=hit_limit[name],
-                                                               **gen).items()}
+    net, processor = load_row_model(model=model, adapter=adapter, base_model=base_model, device=device, dtype=dtype,
+                                    max_pixels=params.get("max_pixels"))
+    hit_limit: dict[str, int] = {}
+    rows = {run_name(row, m): r for m, r in caption_all(net, processor, by_mode, database, root,
+                                                         desc=f"{setting} {row}", hit_limit=hit_limit, **gen).items()}
     summary = {
         "setting": setting,
         "k": params["top_k"][setting],
@@ -196,7 +217,6 @@ def run_setting(setting: str, queries_path: str, database_path: str, root: str, 
         "per_query": [{"query_image": q.image, "gt_keys": q.gt_keys, "retrieved": q.ref_keys} for q in retrieved],
         # captions cut at max_new_tokens (no EOS), per run file: RePIC allows 1024 new tokens
         "max_new_tokens": params["max_new_tokens"],
-        "hit_max_new_tokens": {run_name(name, mode): n for name, modes in hit_limit.items()
-                               for mode, n in modes.items()},
+        "hit_max_new_tokens": {run_name(row, mode): n for mode, n in hit_limit.items()},
     }
     return rows, summary

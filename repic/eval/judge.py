@@ -1,5 +1,8 @@
 """Pairwise LLM judge: which of two captions of the same query is better, asked in both orders.
 
+Each model row is compared with one named reference row (params `judge_llm.reference`; RePIC compared every
+baseline with its own model), query by query.
+
 Protocol: the judge sees the reference concepts (image, name, info), the query image and captions A and B,
 and answers 'A', 'B' or 'tie'. Each pair is asked twice with the positions swapped; a method wins a pair only
 if it wins both orders, otherwise the pair is a tie. Answers are cached by a content hash of everything the
@@ -23,7 +26,7 @@ from typing import Any
 from PIL import Image
 
 from repic.core.io import RepicError
-from repic.core.layout import BASE, MODES, TRAINED, Layout, caption_file, caption_folder
+from repic.core.layout import MODES, Layout, caption_file, caption_folder
 
 JUDGE_INSTRUCTION = (
     "You are judging personalized image captions. The reference images above show concepts with their names. "
@@ -214,35 +217,36 @@ def _retry_after(value: str | None) -> float:
 
 def judge_pairs(pairs: list[dict[str, Any]], backend_id: str, ask: Judge, cache: AnswerCache,
                 max_requests: int | None = None) -> list[dict]:
-    """Judge each pair in both orders. A pair: references, images (refs + query), caption_trained,
-    caption_base. Returns per-pair verdict records with outcome trained|base|tie. Cached answers cost nothing;
-    once `max_requests` new requests were made, the remaining pairs are left out (the budget is bounded)."""
+    """Judge each pair in both orders. A pair: references, images (refs + query), the `reference` and `model`
+    row names and their captions `caption_reference`, `caption_model`. Returns per-pair verdict records with
+    outcome reference|model|tie (a row wins only if it wins both orders). Cached answers cost nothing; once
+    `max_requests` new requests were made, the remaining pairs are left out (the budget is bounded)."""
     from repic.core.progress import Progress
 
     records = []
     bar = Progress(len(pairs), "judge", unit="pair")
     for pair in pairs:
+        orders = {"reference_first": (pair["caption_reference"], pair["caption_model"]),
+                  "model_first": (pair["caption_model"], pair["caption_reference"])}
         new = sum(content_hash(backend_id, judge_messages(pair["references"], a, b), pair["images"])
-                  not in cache.answers for a, b in ((pair["caption_trained"], pair["caption_base"]),
-                                                    (pair["caption_base"], pair["caption_trained"])))
+                  not in cache.answers for a, b in orders.values())
         if max_requests is not None and cache.asked + new > max_requests:
             break
         verdicts = []
-        for order in ("trained_first", "base_first"):
-            a, b = ((pair["caption_trained"], pair["caption_base"]) if order == "trained_first"
-                    else (pair["caption_base"], pair["caption_trained"]))
+        for order, (a, b) in orders.items():
             messages = judge_messages(pair["references"], a, b)
             key = content_hash(backend_id, messages, pair["images"])
             answer = cache.get_or_ask(key, lambda m=messages, imgs=pair["images"]: ask(m, imgs))
             verdict = parse_verdict(answer)
-            # Map the positional verdict back to the method.
-            winner = {"A": "trained", "B": "base"} if order == "trained_first" else {"A": "base", "B": "trained"}
+            # Map the positional verdict back to the row.
+            winner = ({"A": "reference", "B": "model"} if order == "reference_first"
+                      else {"A": "model", "B": "reference"})
             verdicts.append(winner.get(verdict, verdict))
         first, second = verdicts
-        outcome = first if first == second and first in ("trained", "base") else "tie"
-        records.append({**{k: pair[k] for k in ("setting", "mode", "query_image")},
-                        "gt_keys": pair["gt_keys"], "verdict_trained_first": first,
-                        "verdict_base_first": second, "outcome": outcome})
+        outcome = first if first == second and first in ("reference", "model") else "tie"
+        records.append({**{k: pair[k] for k in ("setting", "dataset", "mode", "query_image", "reference", "model")},
+                        "gt_keys": pair["gt_keys"], "verdict_reference_first": first,
+                        "verdict_model_first": second, "outcome": outcome})
         bar.update()
     bar.close()
     return records
@@ -263,43 +267,46 @@ def bootstrap_ci(outcomes: list[str], target: str, *, n_boot: int = 2000, seed: 
 
 
 def win_rates(records: list[dict[str, Any]], *, seed: int = 0) -> dict[str, Any]:
-    """Win/tie rates of trained vs base with a 95 % bootstrap interval for the trained win rate."""
+    """Win/tie rates of the reference row vs one model row, with a 95 % bootstrap interval for the reference's
+    win rate (RePIC's figure: its model against each baseline)."""
     n = len(records)
-    count = {o: sum(r["outcome"] == o for r in records) for o in ("trained", "base", "tie")}
-    invalid = sum(r["verdict_trained_first"] == "invalid" or r["verdict_base_first"] == "invalid"
+    count = {o: sum(r["outcome"] == o for r in records) for o in ("reference", "model", "tie")}
+    invalid = sum(r["verdict_reference_first"] == "invalid" or r["verdict_model_first"] == "invalid"
                   for r in records)
     outcomes = [r["outcome"] for r in records]
-    return {"n_pairs": n, "trained_win_rate": count["trained"] / n if n else None,
-            "trained_win_rate_ci95": bootstrap_ci(outcomes, "trained", seed=seed),
-            "base_win_rate": count["base"] / n if n else None, "tie_rate": count["tie"] / n if n else None,
+    return {"n_pairs": n, "reference_win_rate": count["reference"] / n if n else None,
+            "reference_win_rate_ci95": bootstrap_ci(outcomes, "reference", seed=seed),
+            "model_win_rate": count["model"] / n if n else None, "tie_rate": count["tie"] / n if n else None,
             "pairs_with_invalid_answer": invalid}
 
 
-def build_pairs(captions_dir: str | os.PathLike, layout: Layout,
-                root: str | os.PathLike, max_pairs: int) -> list[dict[str, Any]]:
-    """Pair base and trained captions of the same query, per setting, dataset and mode (first `max_pairs` each);
-    `layout` is `{setting: [(dataset, its database)]}` (`repic.core.layout.layout_of`).
+def build_pairs(captions_dir: str | os.PathLike, layout: Layout, root: str | os.PathLike, max_pairs: int,
+                reference: str, models: list[str]) -> list[dict[str, Any]]:
+    """Pair the `reference` row's captions with each other row's of `models` for the same query, per model,
+    setting, dataset and mode (first `max_pairs` each); `layout` is `{setting: [(dataset, its database)]}`
+    (`repic.core.layout.layout_of`).
 
     The judge is shown the ground-truth concepts as references, whichever the captioner was shown.
     """
     from repic.core.io import open_rgb, read_json
 
     pairs = []
-    for setting, datasets in layout.items():
-        for dataset, database in datasets:
-            folder = caption_folder(captions_dir, setting, dataset)
-            for mode in MODES:
-                base = read_json(folder / caption_file(BASE, mode))
-                trained = read_json(folder / caption_file(TRAINED, mode))
-                for b, t in list(zip(base, trained))[:max_pairs]:
-                    if b[0] != t[0] or b[1] != t[1]:
-                        raise RepicError(f"{folder}: base and trained caption files are not aligned "
-                                         f"at query {b[0]!r}")
-                    concepts = [database["concept_dict"][k] for k in b[1]]
-                    pairs.append({
-                        "setting": setting, "dataset": dataset, "mode": mode, "query_image": b[0], "gt_keys": b[1],
-                        "references": [{"name": k, "info": c["info"]} for k, c in zip(b[1], concepts)],
-                        "images": [open_rgb(root, c["image"]) for c in concepts] + [open_rgb(root, b[0])],
-                        "caption_base": b[2], "caption_trained": t[2],
-                    })
+    for model in (m for m in models if m != reference):
+        for setting, datasets in layout.items():
+            for dataset, database in datasets:
+                for mode in MODES:
+                    ref_path = caption_folder(captions_dir, setting, reference, dataset) / caption_file(reference, mode)
+                    path = caption_folder(captions_dir, setting, model, dataset) / caption_file(model, mode)
+                    for r, m in list(zip(read_json(ref_path), read_json(path)))[:max_pairs]:
+                        if r[0] != m[0] or r[1] != m[1]:
+                            raise RepicError(f"{path}: not aligned with {ref_path} at query {r[0]!r} (same queries, "
+                                             "same order expected)")
+                        concepts = [database["concept_dict"][k] for k in r[1]]
+                        pairs.append({
+                            "setting": setting, "dataset": dataset, "mode": mode, "query_image": r[0],
+                            "gt_keys": r[1], "reference": reference, "model": model,
+                            "references": [{"name": k, "info": c["info"]} for k, c in zip(r[1], concepts)],
+                            "images": [open_rgb(root, c["image"]) for c in concepts] + [open_rgb(root, r[0])],
+                            "caption_reference": r[2], "caption_model": m[2],
+                        })
     return pairs

@@ -11,7 +11,6 @@ from typing import Any
 
 from repic.core.io import RepicError, atomic_dir, read_json, resolve_image
 from repic.core.layout import (
-    MODELS,
     MODES,
     PROTOCOL_DEFAULT,
     REPORT_INDEX,
@@ -32,7 +31,7 @@ th{background:#f3f3f3} .query{border:1px solid #ddd;border-radius:6px;padding:1e
 .ref{display:inline-block;text-align:center;font-size:12px;margin-right:8px}
 .correct{background:#c8f7c5;font-weight:600} .wrong{background:#ffc9c9;font-weight:600}
 img{max-width:100%} .missed{color:#999;text-decoration:line-through} .caption{margin:.3em 0}
-.run{font-weight:600;width:9em;display:inline-block}
+.run{font-weight:600;min-width:9em;display:inline-block;margin-right:.5em}
 """
 
 # Marks the page as rendered once every image decoded; the Chromium test reads these attributes.
@@ -114,7 +113,7 @@ def plot_rewards(log_path: Path, out: Path) -> None:
     plt.close(fig)
 
 
-def plot_prf(metrics: dict[str, Any], out: Path) -> None:
+def plot_prf(metrics: dict[str, Any], out: Path, labels: dict[str, str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,11 +122,11 @@ def plot_prf(metrics: dict[str, Any], out: Path) -> None:
     flat = column_groups(metrics)
     groups = [(g, m) for g in flat for m in MODES if m in flat[g]]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5), sharey=True)
-    width = 0.8 / len(MODELS)
+    width = 0.8 / len(labels)
     for ax, key in zip(axes, ("precision", "recall", "f1")):
-        for j, model in enumerate(MODELS):
+        for j, (model, label) in enumerate(labels.items()):
             vals = [flat[g][m].get(model, {}).get(key, 0.0) for g, m in groups]
-            ax.bar([i + (j - (len(MODELS) - 1) / 2) * width for i in range(len(groups))], vals, width, label=model)
+            ax.bar([i + (j - (len(labels) - 1) / 2) * width for i in range(len(groups))], vals, width, label=label)
         ax.set_xticks(range(len(groups)), [f"{group_label(g)}\n{m}" for g, m in groups], fontsize=8)
         ax.set_title(key)
         ax.set_ylim(0, 100)
@@ -140,16 +139,17 @@ def plot_prf(metrics: dict[str, Any], out: Path) -> None:
 
 def build_report(out_dir: str | os.PathLike, *, captions_dir: str | os.PathLike, metrics_path: str | os.PathLike,
                  slots_path: str | os.PathLike, train_log: str | os.PathLike, layout: Layout,
-                 root: str | os.PathLike, max_queries: int) -> None:
+                 root: str | os.PathLike, max_queries: int, labels: dict[str, str]) -> None:
     """Write `out_dir/index.html`, `out_dir/plots/*.png` and `out_dir/img/*` (thumbnails), atomically.
-    `layout` is `{setting: [(dataset, its database)]}` (`repic.core.layout.layout_of`); each caption's names are
-    marked with the score stage's verdicts (`slots_path`, its slots.parquet)."""
+    `layout` is `{setting: [(dataset, its database)]}` (`repic.core.layout.layout_of`); `labels` the model rows
+    (params `models`, name -> label, in table order): one caption line, metrics row and bar per row. Each
+    caption's names are marked with the score stage's verdicts (`slots_path`, its slots.parquet)."""
     metrics = read_json(metrics_path)
     verdicts = read_verdicts(slots_path)
     with atomic_dir(out_dir) as tmp:
         (tmp / "plots").mkdir()
         plot_rewards(Path(train_log), tmp / "plots" / "rewards.png")
-        plot_prf(metrics, tmp / "plots" / "prf.png")
+        plot_prf(metrics, tmp / "plots" / "prf.png", labels)
         thumbs: dict[str, str] = {}
 
         def thumb(rel: str) -> str:
@@ -159,15 +159,18 @@ def build_report(out_dir: str | os.PathLike, *, captions_dir: str | os.PathLike,
                 thumbs[rel] = name
             return thumbs[rel]
 
-        body = ["<h1>RePIC results</h1>", f"<h2>Metrics (protocol {PROTOCOL_DEFAULT})</h2>", _metrics_html(metrics),
+        body = ["<h1>RePIC results</h1>", f"<h2>Metrics (protocol {PROTOCOL_DEFAULT})</h2>",
+                _metrics_html(metrics, labels),
                 '<img src="plots/prf.png" alt="P/R/F1 per setting">', "<h2>Training</h2>",
                 '<img src="plots/rewards.png" alt="GRPO reward curves">', LEGEND]
         for setting, dataset, database in ((s, d, db) for s, datasets in layout.items() for d, db in datasets):
-            folder = caption_folder(captions_dir, setting, dataset)
             concepts = database["concept_dict"]
-            rows = {run_name(model, mode): read_json(folder / caption_file(model, mode)) for model, mode in runs()}
+            rows = {run_name(model, mode): read_json(caption_folder(captions_dir, setting, model, dataset)
+                                                     / caption_file(model, mode)) for model, mode in runs(labels)}
+            run_labels = {run_name(model, mode): f"{labels[model]} · {mode}" for model, mode in runs(labels)}
             first = next(iter(rows.values()))
-            retrieval = read_json(folder / RETRIEVAL_REPORT)
+            # every row's caption stage retrieves with the same index, detector and embedder: the first row's
+            retrieval = read_json(caption_folder(captions_dir, setting, next(iter(labels)), dataset) / RETRIEVAL_REPORT)
             retrieved = [q["retrieved"] for q in retrieval["per_query"]]
             body.append(f"<h2>{setting} · {html.escape(dataset)}: {len(first)} queries "
                         f"(retrieval recall@{retrieval['k']} = {retrieval['recall_at_k']:.2f})</h2>")
@@ -184,8 +187,8 @@ def build_report(out_dir: str | os.PathLike, *, captions_dir: str | os.PathLike,
                     if slots is None:
                         raise RepicError(f"{slots_path}: no verdict for {setting}/{dataset} {run} row {i} "
                                          "(scored from other captions than these?)")
-                    lines.append(f'<div class="caption"><span class="run">{run}</span> {caption} '
-                                 f"· {verdict_chips(slots)}</div>")
+                    lines.append(f'<div class="caption"><span class="run">{html.escape(run_labels[run])}</span> '
+                                 f"{caption} · {verdict_chips(slots)}</div>")
                 body.append(
                     f'<div class="query"><div class="imgs"><img src="{thumb(image)}" alt="query"> {refs}</div>'
                     f"<div>ground truth: {html.escape(', '.join(gt))} · retrieved: {got}</div>{''.join(lines)}</div>")
@@ -195,11 +198,12 @@ def build_report(out_dir: str | os.PathLike, *, captions_dir: str | os.PathLike,
         (tmp / REPORT_INDEX).write_text(page, encoding="utf-8")
 
 
-def _metrics_html(metrics: dict[str, Any]) -> str:
+def _metrics_html(metrics: dict[str, Any], labels: dict[str, str]) -> str:
     rows = ["<table><tr><th>setting</th><th>mode</th><th>model</th><th>P</th><th>R</th><th>F1</th></tr>"]
     for group, modes in column_groups(metrics).items():
         for m in MODES:
             for model, cell in modes.get(m, {}).items():
-                rows.append(f"<tr><td>{html.escape(group_label(group))}</td><td>{m}</td><td>{model}</td>"
+                rows.append(f"<tr><td>{html.escape(group_label(group))}</td><td>{m}</td>"
+                            f"<td>{html.escape(labels.get(model, model))}</td>"
                             + "".join(f"<td>{cell[k]:.1f}</td>" for k in ("precision", "recall", "f1")) + "</tr>")
     return "".join(rows) + "</table>"

@@ -1,13 +1,14 @@
-"""Paper-style results tables: rows = model, column groups = setting x mode x P/R/F1, one decimal."""
+"""Paper-style results tables: rows = model rows (params `models`, in order, by label), column groups = setting x
+mode x P/R/F1, one decimal."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import pandas as pd
 
-from repic.core.layout import DATASET_LABELS, MODE_LABELS, MODELS, MODES, PAPER_TABLES, SETTINGS
+from repic.core.layout import DATASET_LABELS, MODE_LABELS, MODES, PAPER_TABLES, SETTINGS
 
 METRICS = (("precision", "P"), ("recall", "R"), ("f1", "F1"))
 
@@ -45,17 +46,21 @@ def _ordered(found: Iterable[str], preferred: tuple[str, ...]) -> list[str]:
     return [x for x in preferred if x in found] + [x for x in found if x not in preferred]
 
 
-def metrics_table(metrics: dict) -> pd.DataFrame:
+def metrics_table(metrics: dict, labels: Mapping[str, str] | None = None) -> pd.DataFrame:
     """Build the table from `{group: {mode: {model: {"precision", "recall", "f1", ...}}}}` (percent), groups
     being settings or `setting/dataset` (see `column_groups`).
 
-    Columns are a MultiIndex (setting, mode, metric) with metric in P/R/F1; a cell the input lacks is NaN.
+    Rows: the model rows of `labels` (params `models`, name -> label) in its order, each shown by its label, then
+    any other model found; without `labels`, the models found, by name, in first-seen order. Columns are a
+    MultiIndex (setting, mode, metric) with metric in P/R/F1; a cell the input lacks is NaN.
 
     >>> t = metrics_table({"single": {"skip": {"base": {"precision": 81.27, "recall": 50.0, "f1": 61.9}}}})
     >>> float(t.loc["base", ("single", "skip", "P")])
     81.3
     """
-    models = _ordered((m for s in metrics.values() for md in s.values() for m in md), MODELS)
+    labels = dict(labels or {})
+    found = [m for s in metrics.values() for md in s.values() for m in md]
+    models = list(labels) + [m for m in dict.fromkeys(found) if m not in labels]
     columns, data = [], []
     found = list(metrics)
     rank = {s: i for i, s in enumerate(SETTINGS)}
@@ -67,7 +72,7 @@ def metrics_table(metrics: dict) -> pd.DataFrame:
                 data.append([metrics[setting][mode].get(model, {}).get(key, math.nan) for model in models])
     frame = pd.DataFrame(
         dict(zip(columns, data, strict=True)),
-        index=pd.Index(models, name="model"),
+        index=pd.Index([labels.get(m, m) for m in models], name="model"),
     )
     frame.columns = pd.MultiIndex.from_tuples(columns, names=["setting", "mode", "metric"])
     return frame.astype(float).round(1)
@@ -113,15 +118,15 @@ def to_latex(df: pd.DataFrame, caption: str) -> str:
                          caption=caption, position="t")
 
 
-def paper_tables(metrics: dict, protocol: str) -> dict[str, dict[str, str]]:
+def paper_tables(metrics: dict, protocol: str, labels: Mapping[str, str] | None = None) -> dict[str, dict[str, str]]:
     """{table name: {"md", "csv", "tex"}} for the paper's Tables 1 and 2 from the score stage's metrics
-    (`{setting: {dataset: {mode: {model: cell}}}}`) of one protocol."""
+    (`{setting: {dataset: {mode: {model: cell}}}}`) of one protocol; rows: the model rows of `labels`."""
     out = {}
     for name, settings in TABLE_SETTINGS.items():
         subset = column_groups(metrics, settings)
         if not subset:
             continue
-        df = metrics_table(subset)
+        df = metrics_table(subset, labels)
         title = f"{PAPER_TABLES[name]} personalized captioning, name P/R/F1 (%), protocol {protocol}"
         out[name] = {"md": f"{title}\n\n{to_markdown(df)}", "csv": df.to_csv(float_format="%.1f"),
                      "tex": to_latex(df, title)}

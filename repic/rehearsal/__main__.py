@@ -12,8 +12,10 @@ What differs from `make paper` on a machine with network and GPUs, and nothing e
    files missing from ../shared/repic_eval) are rewritten in the scratch copy, and the lock file starts empty;
    the report counts the entries rewritten and the real files checked against their pinned blob ids.
 
-Every stage then runs its real code path through `dvc repro`. The report (JSON) gives the wall time of each stage,
-the requests the servers answered, what fetch_data recorded, and a second fetch_data run against the new lock.
+Every stage then runs its real code path through `dvc repro`, in the order a researcher takes: `make
+paper-released` (the released checkpoints' rows alone, no training), then `make paper` (training, and our row).
+The report (JSON) gives the wall time of each stage and the stages each step ran, the requests the servers
+answered, what fetch_data recorded, and a second fetch_data run against the new lock.
 """
 
 from __future__ import annotations
@@ -122,33 +124,37 @@ def run(work: Path, report_path: Path | None, *, shared: Path) -> dict[str, Any]
     env.setdefault("OMP_NUM_THREADS", "1")
     venv = Path(sys.executable).parent.parent
     stages: dict[str, float] = {}
+    steps: dict[str, list[str]] = {}
     log_lines: list[str] = []
     try:
-        # exactly `make paper`, plus the overlay; -o: the venv is in place, never rebuilt from here
-        cmd = ["make", "--no-print-directory", "paper", f"VENV={venv}", f"PAPER_OVERLAYS={OVERLAY}",
-               "-o", f"{venv}/.installed"]
         t_run = time.monotonic()
-        current, started = None, t_run
-        proc = subprocess.Popen(cmd, cwd=checkout, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log_lines.append(line)
-            sys.stdout.write(line)
-            m = re.match(r"Running stage '([^']+)'", line.strip())
-            if m:
-                now = time.monotonic()
-                if current:
-                    stages[current] = round(now - started, 1)
-                current, started = m.group(1), now
-        rc = proc.wait()
-        if current:
-            stages[current] = round(time.monotonic() - started, 1)
+        # exactly `make paper-released` then `make paper`, plus the overlay; -o: the venv is in place, never rebuilt
+        for target in ("paper-released", "paper"):
+            cmd = ["make", "--no-print-directory", target, f"VENV={venv}", f"PAPER_OVERLAYS={OVERLAY}",
+                   "-o", f"{venv}/.installed"]
+            current, started = None, time.monotonic()
+            steps[target] = []
+            proc = subprocess.Popen(cmd, cwd=checkout, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, bufsize=1)
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log_lines.append(line)
+                sys.stdout.write(line)
+                m = re.match(r"Running stage '([^']+)'", line.strip())
+                if m:
+                    now = time.monotonic()
+                    if current:
+                        stages[current] = round(now - started, 1)
+                    current, started = m.group(1), now
+                    steps[target].append(current)
+            rc = proc.wait()
+            if current:
+                stages[current] = round(time.monotonic() - started, 1)
+            (work / "paper.log").write_text("".join(log_lines), encoding="utf-8")
+            if rc != 0:
+                raise RepicError(f"rehearsal: `make {target}` failed (exit {rc}); log: {work / 'paper.log'}; "
+                                 f"last lines: {''.join(log_lines[-5:]).strip()[-600:]}")
         run_s = time.monotonic() - t_run
-        (work / "paper.log").write_text("".join(log_lines), encoding="utf-8")
-        if rc != 0:
-            raise RepicError(f"rehearsal: `make paper` failed (exit {rc}); log: {work / 'paper.log'}; "
-                             f"last lines: {''.join(log_lines[-5:]).strip()[-600:]}")
         # a later fetch must match what the first one recorded (and say nothing about recording)
         t_refetch = time.monotonic()
         refetch = subprocess.run([sys.executable, "-m", "stages.fetch_data", "--out-data", str(work / "refetch"),
@@ -168,6 +174,7 @@ def run(work: Path, report_path: Path | None, *, shared: Path) -> dict[str, Any]
         "seconds": {"total": round(time.monotonic() - t0, 1), "standins": round(build_s, 1),
                     "make_paper": round(run_s, 1), "second_fetch": round(refetch_s, 1)},
         "stages": stages,
+        "steps": steps,  # the stages `make paper-released`, then `make paper`, ran
         "recorded": json.loads((checkout / lock).read_text())["sources"] if lock else {},
         "second_fetch_recorded_nothing": "recorded" not in refetch.stdout,
         "requests": {"hub": len(hub.requests), "files": len(files.requests), "judge": chat.answers,
