@@ -214,3 +214,14 @@ def test_identity_consistency_multi(answer, names, expected):
     for funcs in (REPIC, STRICT):
         out = funcs["identity_consistency"]([answer], [names], ["yes_no_name_multi"])
         assert out == [pytest.approx(expected)]
+
+
+def test_single_name_solution_as_training_stores_it():
+    """`repic.train.build_examples` stores every solution as JSON text: a single name arrives as '"<bo>"'."""
+    import json
+
+    from repic.rewards import make_identity_consistency
+
+    long = "In this photo " + "a dog sits on the grass " * 4
+    ict = make_identity_consistency()
+    assert ict([long + "<bo>", long], [json.dumps("<bo>"), json.dumps("<bo>")], ["yes_no_name"] * 2) == [1.0, 0.0]

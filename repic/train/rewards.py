@@ -80,8 +80,9 @@ def completion_text(completion: Any) -> str:
 
 
 def _decode_list(value: Any) -> Any:
-    """Lists may travel as JSON strings (an Arrow column cannot mix str and list); decode those."""
-    if isinstance(value, str) and value.lstrip().startswith("["):
+    """Lists may travel as JSON strings (an Arrow column cannot mix str and list); decode those, and a name that
+    travels as JSON text (`'"<bo>"'`, as `repic.train.build_examples` stores every solution) too."""
+    if isinstance(value, str) and value.lstrip().startswith(("[", '"')):
         try:
             return json.loads(value)
         except json.JSONDecodeError:
@@ -194,7 +195,7 @@ def name_score(text: str, solution: Any) -> float:
     Under 100 characters the answer scores 0. The closing-form check stops the policy from being paid for
     wrapping text in pseudo-tags (`<bo>...</bo>`). Matching is case-sensitive, as in the original.
     """
-    sol = str(solution)
+    sol = str(_decode_list(solution))
     if len(text) < MIN_CONTENT_LEN:
         return 0.0
     found = sol in text
