@@ -220,7 +220,7 @@ def test_single_name_solution_as_training_stores_it():
     """`repic.train.build_examples` stores every solution as JSON text: a single name arrives as '"<bo>"'."""
     import json
 
-    from repic.rewards import make_identity_consistency
+    from repic.train.rewards import make_identity_consistency
 
     long = "In this photo " + "a dog sits on the grass " * 4
     ict = make_identity_consistency()

@@ -208,3 +208,26 @@ def test_a_failing_run_keeps_the_checkpoints(tiny_model_dir, tmp_path):
         train(tiny_model_dir, [{**samples[0], "image": "./data/nope.png"}], tmp_path, tmp_path / "out", params,
               checkpoint_dir=ck, seed=0, device="cpu")
     assert (ck / "checkpoint-2").is_dir()
+
+
+def test_checkpoints_are_keyed_on_content_not_paths(tmp_path):
+    """A rebuilt base model at the same path (fetch_data changed, training params not) must not resume the old
+    run's checkpoints: the fingerprint digests the model's and the images' bytes."""
+    import os
+
+    from repic.train.grpo import content_digest
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"\x00" * 64)
+    image = tmp_path / "a.png"
+    image.write_bytes(b"png")
+    before = content_digest([model, image])
+    os.utime(model / "model.safetensors", (0, 0))  # a checkout touches files: same bytes, same digest
+    assert content_digest([model, image]) == before
+    (model / "model.safetensors").write_bytes(b"\x00" * 63 + b"\x01")
+    assert content_digest([model, image]) != before
+    (model / "model.safetensors").write_bytes(b"\x00" * 64)
+    image.write_bytes(b"PNG")
+    assert content_digest([model, image]) != before

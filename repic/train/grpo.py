@@ -117,6 +117,22 @@ def epoch_seeded(trainer_cls: type) -> type:
     return EpochSeededTrainer
 
 
+def content_digest(paths: list[str | os.PathLike]) -> str:
+    """sha256 over the bytes of `paths` (folders walked, files in sorted order, each with its relative name):
+    what the checkpoints were trained from, by content, so that a rebuilt base model or redrawn images at the same
+    paths make them stale. Reads every byte once (a 7B checkpoint: seconds on a local disk)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in map(Path, paths):
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            digest.update(str(f.relative_to(path) if path.is_dir() else f.name).encode() + b"\0")
+            with f.open("rb") as fh:
+                digest.update(hashlib.file_digest(fh, "sha256").digest())
+    return digest.hexdigest()
+
+
 def prepare_checkpoints(checkpoint_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> str | None:
     """The checkpoint to resume from, if any. Checkpoints of another configuration (params, data, base model)
     are stale: they are removed rather than resumed."""
@@ -177,9 +193,13 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
     )
     # Only now, with everything built, may stale checkpoints go: a config error above keeps them. One process
     # decides (several removing the same folder would race), the others then read what it left.
-    fingerprint = {"params": {k: params.get(k) for k in TRAINING_KEYS}, "seed": seed, "model": str(model_path),
-                   "samples": samples, "dtype": dtype, "world_size": args.world_size}
     if trainer.accelerator.is_main_process:
+        # by content, not by path: the same paths with a rebuilt model or redrawn images must not resume
+        images = sorted({str(resolve_image(root, rel)) for sample in samples
+                         for rel in (sample["image"] if isinstance(sample["image"], list) else [sample["image"]])})
+        fingerprint = {"params": {k: params.get(k) for k in TRAINING_KEYS}, "seed": seed, "samples": samples,
+                       "dtype": dtype, "world_size": args.world_size,
+                       "model": content_digest([model_path]), "images": content_digest(images)}
         prepare_checkpoints(checkpoint_dir, fingerprint)
     trainer.accelerator.wait_for_everyone()
     from transformers.trainer_utils import get_last_checkpoint
