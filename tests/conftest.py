@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -26,34 +25,18 @@ def resolve_dvc(text: str, params: dict) -> str:
     return re.sub(r"\$\{([^}]+)\}", value, text)
 
 
-def dvc_stages(params: dict, dvc_yaml: Path | None = None) -> dict[str, dict]:
-    """dvc.yaml's stages with each `foreach` group expanded as DVC names them (`caption_single@base`): `${key}` and
-    `${item.x}` substituted; other `${...}` are left for `resolve_dvc`."""
-    stages = yaml.safe_load((dvc_yaml or REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
-    out: dict[str, dict] = {}
-    for name, stage in stages.items():
-        if "foreach" not in stage:
-            out[name] = stage
-            continue
-        items = stage["foreach"]
-        if isinstance(items, str):  # `${models}`: a params mapping or list
-            node = params
-            for part in items.strip("${}").split("."):
-                node = node[part]
-            items = node
-        pairs = items.items() if isinstance(items, dict) else ((str(i), i) for i in items)
-        for key, item in pairs:
-            def sub(v, key=key, item=item):
-                if isinstance(v, str):
-                    v = v.replace("${key}", str(key))
-                    return re.sub(r"\$\{item\.(\w+)\}", lambda m: str(item[m.group(1)]), v)
-                if isinstance(v, list):
-                    return [sub(x) for x in v]
-                if isinstance(v, dict):
-                    return {sub(k): sub(x) for k, x in v.items()}
-                return v
-            out[f"{name}@{key}"] = sub(stage["do"])
-    return out
+def dvc_stages() -> dict[str, dict]:
+    """dvc.yaml's stages as DVC itself resolves them (`foreach` groups expanded and named `caption_single@base`,
+    `${...}` interpolated): `{name: {cmd, deps, params, outs}}`, deps and outs as written paths, params as keys."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    with Repo(str(REPO)) as repo:
+        return {s.name: {"cmd": s.cmd,
+                         "deps": [d.def_path for d in s.deps if not isinstance(d, ParamsDependency)],
+                         "params": [k for d in s.deps if isinstance(d, ParamsDependency) for k in d.params],
+                         "outs": [o.def_path for o in s.outs]}
+                for s in repo.index.stages if getattr(s, "cmd", None)}
 
 
 TINY_MODEL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -95,7 +95,7 @@ def _covered(key: str, declared: list[str]) -> bool:
 
 
 def _dvc_stages() -> dict[str, dict]:
-    return dvc_stages(yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8")))
+    return dvc_stages()
 
 
 STAGES = _dvc_stages()

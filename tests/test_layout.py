@@ -15,7 +15,7 @@ from .conftest import REPO, dvc_stages, resolve_dvc
 
 def _dvc() -> tuple[dict, dict]:
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    return dvc_stages(params), params
+    return dvc_stages(), params
 
 
 def _declared_outs(stage: dict, params: dict) -> set[str]:
