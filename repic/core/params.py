@@ -21,8 +21,10 @@ from repic.core.io import RepicError
 from repic.core.layout import MERGE_DIR, MODEL_KINDS, PROTOCOLS, REWARDS, SETTINGS, TRAIN_DIR
 
 
-def _obj(props: dict[str, Any], required: bool = True, open_: bool = False) -> dict[str, Any]:
-    schema: dict[str, Any] = {"type": "object", "properties": props}
+def _obj(props: dict[str, Any], required: bool = True, open_: bool = False,
+         optional: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An object schema: `props` required (unless `required` is false), `optional` allowed, nothing else."""
+    schema: dict[str, Any] = {"type": "object", "properties": {**props, **(optional or {})}}
     if required:
         schema["required"] = sorted(props)
     if not open_:
@@ -34,6 +36,7 @@ _STR = {"type": "string"}
 _INT = {"type": "integer", "minimum": 0}
 _POS = {"type": "integer", "minimum": 1}
 _NUM = {"type": "number"}
+_RATE = {"type": "number", "minimum": 0, "maximum": 1}
 
 # ---- fetch_data.sources: the kinds of source (repic.data.sources fetches them) and the schema of one spec
 SOURCE_KINDS = ("hf", "url", "local", "git")
@@ -110,10 +113,13 @@ SCHEMA: dict[str, Any] = _obj({
             "num_hidden_layers": _POS, "num_attention_heads": _POS, "num_key_value_heads": _POS,
             "vision_hidden_size": _POS, "vision_depth": _POS, "vision_heads": _POS,
             "min_pixels": _POS, "max_pixels": _POS,
-        }),
+        }, optional={"embedding_std": {"type": "number", "exclusiveMinimum": 0},
+                     "rope_theta": {"type": "number", "exclusiveMinimum": 0},
+                     "name_share": {"type": "number", "minimum": 0}}),
         "warmup": _obj({
-            "examples": _POS, "names": _POS, "name_rate": {"type": "number", "minimum": 0, "maximum": 1},
-            "steps": _INT, "batch_size": _POS, "learning_rate": _NUM,
+            "examples": _POS, "names": _POS, "name_rate": _RATE, "name_rate_asked": _RATE,
+            "drills": _POS, "judge": _POS, "drill_steps": _INT, "warmup_steps": _INT, "steps": _INT, "batch_size": _POS,
+            "learning_rate": _NUM,
         }),
     }),
     "subset_2k": _obj({"n_samples": _POS}),

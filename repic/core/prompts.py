@@ -26,6 +26,12 @@ CAPTION_QUESTIONS = (
     "Can you caption this image, naming the people and things you know?",
 )
 
+JUDGE_INSTRUCTION = (
+    "You are judging personalized image captions. The reference images above show concepts with their names. "
+    "A good caption names the concepts that appear in the query image, correctly, and describes the image "
+    "faithfully. Which caption is better? Answer with exactly one of: A, B, tie."
+)
+
 
 def training_problem(problem: str, accu_reward_method: str, rng: random.Random) -> str:
     """Append RePIC's task instruction to a training problem (ICT's instruction is drawn by the seeded `rng`)."""
@@ -41,6 +47,11 @@ def training_problem(problem: str, accu_reward_method: str, rng: random.Random) 
                      f"got {accu_reward_method!r}")
 
 
+def reference_line(i: int, reference: dict[str, Any]) -> str:
+    """The text that follows reference image `i` (from 1): 'i. Name: <name>, Info: <info>' and a newline."""
+    return f"{i}. Name: {reference['name']}, Info: {reference['info']}\n"
+
+
 def caption_messages(references: list[dict[str, Any]], question: str) -> list[dict[str, Any]]:
     """The captioning conversation: each reference image then 'i. Name: .., Info: ..', then the query image.
 
@@ -51,10 +62,21 @@ def caption_messages(references: list[dict[str, Any]], question: str) -> list[di
     content: list[dict[str, Any]] = []
     for i, ref in enumerate(references, start=1):
         content.append({"type": "image"})
-        content.append({"type": "text", "text": f"{i}. Name: {ref['name']}, Info: {ref['info']}\n"})
+        content.append({"type": "text", "text": reference_line(i, ref)})
     content.append({"type": "image"})
     content.append({"type": "text", "text": f"This is the query image. {question}"})
     return [
         {"role": "system", "content": [{"type": "text", "text": CAPTION_SYSTEM_PROMPT}]},
         {"role": "user", "content": content},
     ]
+
+
+def judge_messages(references: list[dict[str, Any]], caption_a: str, caption_b: str) -> list[dict[str, Any]]:
+    """The judge's conversation (repic.eval.judge): the references as in captioning, the query image, captions A
+    and B, and the instruction."""
+    content: list[dict[str, Any]] = []
+    for i, ref in enumerate(references, start=1):
+        content += [{"type": "image"}, {"type": "text", "text": reference_line(i, ref)}]
+    content += [{"type": "image"}, {"type": "text", "text": "This is the query image.\n"
+                                    f"Caption A: {caption_a}\nCaption B: {caption_b}\n{JUDGE_INSTRUCTION}"}]
+    return [{"role": "user", "content": content}]

@@ -10,12 +10,20 @@ from pathlib import Path
 from typing import Any
 
 from repic.core.io import RepicError, atomic_dir, write_json
-from repic.core.prompts import CAPTION_QUESTIONS, CAPTION_SYSTEM_PROMPT, ICT_SUFFIXES, OCT_SUFFIX, VLT_SUFFIX
+from repic.core.prompts import (
+    CAPTION_QUESTIONS,
+    CAPTION_SYSTEM_PROMPT,
+    ICT_SUFFIXES,
+    JUDGE_INSTRUCTION,
+    OCT_SUFFIX,
+    VLT_SUFFIX,
+)
 
 
 def world_texts(root: Path) -> Iterator[str]:
     """Every string the pipeline will show the tiny model: tokenizer training corpus."""
-    yield from (CAPTION_SYSTEM_PROMPT, OCT_SUFFIX, VLT_SUFFIX, *CAPTION_QUESTIONS, *(s for _, s in ICT_SUFFIXES))
+    yield from (CAPTION_SYSTEM_PROMPT, OCT_SUFFIX, VLT_SUFFIX, JUDGE_INSTRUCTION, *CAPTION_QUESTIONS,
+                *(s for _, s in ICT_SUFFIXES))
     yield "This is the query image. Name: Info: system user assistant You are a helpful assistant."
     for path in sorted(root.rglob("*.json")):
         yield json.dumps(json.loads(path.read_text(encoding="utf-8")), ensure_ascii=False)
@@ -25,21 +33,37 @@ def fetch_synthetic(out_data: str | os.PathLike, out_model: str | os.PathLike, p
                     seed: int) -> dict[str, Any]:
     """Seeded concept world + tiny Qwen2.5-VL (tokenizer trained on the world's and the warm-up's text,
     then the supervised warm-up of repic.synthetic.warmup)."""
-    from repic.synthetic.tiny_model import build_tiny_model
-    from repic.synthetic.warmup import warmup, warmup_examples
+    from repic.core.progress import Progress
+    from repic.synthetic.tiny_model import build_tiny_model, check_single_tokens
+    from repic.synthetic.warmup import naming_drills, warmup, warmup_examples, warmup_names
     from repic.synthetic.world import make_world
 
     world, wcfg = params["world"], params["warmup"]
-    examples = warmup_examples(seed=seed, n_concepts=world["n_concepts"], n_train_concepts=None,
-                               n_distractors=world["n_distractors"], image_size=world["image_size"],
-                               n_examples=wcfg["examples"], n_names=wcfg["names"], name_rate=wcfg["name_rate"])
+    common = dict(seed=seed, n_concepts=world["n_concepts"], n_train_concepts=None)
+    examples = warmup_examples(**common, n_distractors=world["n_distractors"], image_size=world["image_size"],
+                               n_examples=wcfg["examples"], n_names=wcfg["names"], name_rate=wcfg["name_rate"],
+                               name_rate_asked=wcfg["name_rate_asked"])
+    judge = warmup_examples(**common, n_distractors=world["n_distractors"], image_size=world["image_size"],
+                            n_examples=wcfg["judge"], n_names=wcfg["names"], name_rate=wcfg["name_rate"],
+                            name_rate_asked=wcfg["name_rate_asked"], kinds=("judge",), tag="judge")
+    drills = naming_drills(**common, n=wcfg["drills"], n_names=wcfg["names"], n_distractors=world["n_distractors"],
+                           image_size=world["image_size"])
     with atomic_dir(out_data) as data_tmp:
         summary = make_world(data_tmp, seed=seed, **world)
-        texts = [*world_texts(data_tmp), *(json.dumps(e["messages"]) + e["target"] for e in examples)]
+        world_keys = [*summary["concepts"], *summary["train_concepts"]]
+        names = warmup_names(seed, wcfg["names"], avoid=set(world_keys))
+        # Every name repeated, so that BPE gives each one a token of its own: naming is then copying one token.
+        texts = [*world_texts(data_tmp), *(json.dumps(e["messages"]) + e["target"] for e in examples),
+                 *(json.dumps(e["messages"]) + e["target"] for e in drills[:500]),
+                 " ".join([*world_keys, *names] * 30)]
         with atomic_dir(out_model) as model_tmp:
-            build_tiny_model(model_tmp, texts, params["tiny_model"], seed=seed)
-            losses = warmup(model_tmp, examples, steps=wcfg["steps"], batch_size=wcfg["batch_size"],
-                            learning_rate=wcfg["learning_rate"], seed=seed)
+            build_tiny_model(model_tmp, texts, params["tiny_model"], seed=seed, names=[*world_keys, *names])
+            check_single_tokens(model_tmp, [*world_keys, *names])
+            with Progress(wcfg["drill_steps"] + wcfg["steps"], "warm-up", unit="step") as bar:
+                losses = warmup(model_tmp, examples, steps=wcfg["steps"], batch_size=wcfg["batch_size"],
+                                learning_rate=wcfg["learning_rate"], seed=seed, drills=drills, judge=judge,
+                                drill_steps=wcfg["drill_steps"], warmup_steps=wcfg["warmup_steps"],
+                                freeze_embeddings=True, callback=lambda *_: bar.update())
     return {**summary, "warmup_loss": [losses[0], losses[-1]] if losses else None}
 
 

@@ -27,23 +27,9 @@ from PIL import Image
 
 from repic.core.io import RepicError
 from repic.core.layout import MODES, Layout, caption_file, caption_folder
-
-JUDGE_INSTRUCTION = (
-    "You are judging personalized image captions. The reference images above show concepts with their names. "
-    "A good caption names the concepts that appear in the query image, correctly, and describes the image "
-    "faithfully. Which caption is better? Answer with exactly one of: A, B, tie."
-)
+from repic.core.prompts import judge_messages
 
 Judge = Callable[[list[dict[str, Any]], list[Image.Image]], str]
-
-
-def judge_messages(references: list[dict[str, Any]], caption_a: str, caption_b: str) -> list[dict[str, Any]]:
-    content: list[dict[str, Any]] = []
-    for i, ref in enumerate(references, start=1):
-        content += [{"type": "image"}, {"type": "text", "text": f"{i}. Name: {ref['name']}, Info: {ref['info']}\n"}]
-    content += [{"type": "image"}, {"type": "text", "text": "This is the query image.\n"
-                                    f"Caption A: {caption_a}\nCaption B: {caption_b}\n{JUDGE_INSTRUCTION}"}]
-    return [{"role": "user", "content": content}]
 
 
 def parse_verdict(answer: str) -> str:

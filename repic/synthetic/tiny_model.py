@@ -57,11 +57,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     )
 
 
-def build_tiny_model(out_dir: str | os.PathLike, texts: Iterable[str], cfg: dict[str, Any], seed: int) -> Path:
+def build_tiny_model(out_dir: str | os.PathLike, texts: Iterable[str], cfg: dict[str, Any], seed: int,
+                     names: Iterable[str] = ()) -> Path:
     """Build a tiny Qwen2.5-VL from a config + offline tokenizer and `save_pretrained` it (model + processor).
 
     `cfg` keys: vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
-    num_key_value_heads, vision_hidden_size, vision_depth, vision_heads, min_pixels, max_pixels.
+    num_key_value_heads, vision_hidden_size, vision_depth, vision_heads, min_pixels, max_pixels; optional
+    embedding_std (token embedding init) and rope_theta (default Qwen2.5-VL's 1e6).
     """
     out_dir = Path(out_dir)
     tokenizer = train_tokenizer(texts, cfg["vocab_size"])
@@ -78,7 +80,8 @@ def build_tiny_model(out_dir: str | os.PathLike, texts: Iterable[str], cfg: dict
         vocab_size=len(tokenizer), hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
         num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
         num_key_value_heads=cfg["num_key_value_heads"], max_position_embeddings=8192,
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": mrope},
+        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.get("rope_theta", 1_000_000.0)),
+                         "mrope_section": mrope},
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
     )
     vision_config = dict(
@@ -95,9 +98,34 @@ def build_tiny_model(out_dir: str | os.PathLike, texts: Iterable[str], cfg: dict
     )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
+    weight = model.get_input_embeddings().weight
+    if cfg.get("embedding_std"):  # larger than the default 0.02: fixed embeddings (repic.synthetic.warmup)
+        torch.nn.init.normal_(weight, std=cfg["embedding_std"])
+    name_ids = sorted({i for n in names for i in tokenizer(n.strip("<>"))["input_ids"]})
+    if name_ids:
+        # Names share one direction of their embeddings (as a pretrained model's embeddings mark proper names),
+        # each keeping a random part of its own: a head can find "the name" in a prompt, and the copy of it is
+        # told apart from every other name by the random part. Norms stay those of the other tokens.
+        with torch.no_grad():
+            common = torch.randn(weight.shape[1], generator=torch.Generator().manual_seed(seed)) * weight.std()
+            share = float(cfg.get("name_share", 1.0))
+            weight[name_ids] = (weight[name_ids] + share * common) / (1 + share**2) ** 0.5
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+def check_single_tokens(model_dir: str | os.PathLike, keys: Iterable[str]) -> None:
+    """Raise unless the name inside each concept key (`<pilok>` -> `pilok`) is one token of the saved tokenizer."""
+    from repic.core.io import RepicError
+    from repic.vlm.models import load_processor
+
+    tokenizer = load_processor(model_dir).tokenizer
+    split = {key: pieces for key in keys if len(pieces := tokenizer.tokenize(key.strip("<>"))) != 1}
+    if split:
+        key, pieces = next(iter(split.items()))
+        raise RepicError(f"fetch_data.tiny_model.vocab_size: {len(tokenizer)} tokens are too few: {len(split)} concept "
+                         f"names are not one token each (e.g. {key} -> {pieces}); raise vocab_size")

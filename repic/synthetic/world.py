@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw
 
 from repic.core.io import RepicError, atomic_path, write_json
 from repic.core.layout import REWARD_METHODS
+from repic.core.prompts import CAPTION_QUESTIONS, reference_line
 
 # Saturated or dark colours only: all of them must stand clearly apart from the light neutral background,
 # otherwise the foreground detector would split an object where its pattern touches the background.
@@ -80,7 +81,8 @@ _CLUSTERS = ("bl", "br", "dr", "fl", "gl", "gr", "kl", "kr", "pl", "pr", "sk", "
 _VOWELS = "aeiou"
 # Words our prompts and infos use: a name equal to one of them would be "found" in any caption.
 _RESERVED = (
-    set(PALETTE) | set(DISTRACTOR_PALETTE) | set(SHAPES) | set(PATTERNS) | {"shaped", "image", "first"}
+    set(PALETTE) | set(DISTRACTOR_PALETTE) | set(SHAPES) | set(PATTERNS) | {w for c in CATEGORIES for w in c.split()}
+    | {"shaped", "image", "first", "query", "name", "info", "other", "objects", "corner", "light", "together"}
 )
 
 
@@ -429,6 +431,15 @@ def _write_queries(
     return templates, boxes
 
 
+def captioning_problem(concepts: Sequence[Concept], question: str, keys: Sequence[str] | None = None) -> str:
+    """The text of a captioning prompt in one block (a training sample's images all come first): one
+    reference line per concept (under `keys`, default its own), then the query line and `question`."""
+    keys = [c.key for c in concepts] if keys is None else keys
+    refs = "".join(reference_line(i, {"name": k, "info": c.info})
+                   for i, (k, c) in enumerate(zip(keys, concepts, strict=True), start=1))
+    return f"{refs}This is the query image. {question}"
+
+
 def _training_samples(
     writer: _ImageWriter,
     concepts: list[Concept],
@@ -478,13 +489,14 @@ def _training_samples(
                 "accu_reward_method": "iou",
             }
         )
+    # Identity consistency is trained on the personalized-captioning task itself, as RePIC does: the reference
+    # lines and questions of the captioning prompt (repic.core.prompts), the images first, training concepts only.
     for i, c in enumerate(_cycle(rng, concepts, per_method)):
         scene_path, _ = scene([c, *others(c, rng.randint(0, 1))], f"name_{i:03d}_scene")
         samples.append(
             {
                 "image": [ref(c, f"name_{i:03d}_ref"), scene_path],
-                "problem": f"The first image shows {c.key}. "
-                f"Describe the second image in detail, referring to {c.key} by name.",
+                "problem": captioning_problem([c], rng.choice(CAPTION_QUESTIONS)),
                 "solution": c.key,
                 "accu_reward_method": "yes_no_name",
             }
@@ -494,8 +506,7 @@ def _training_samples(
         samples.append(
             {
                 "image": [ref(a, f"multi_{i:03d}_ref1"), ref(b, f"multi_{i:03d}_ref2"), scene_path],
-                "problem": f"The first image shows {a.key} and the second image shows {b.key}. "
-                "Describe the third image in detail, referring to each of them by name.",
+                "problem": captioning_problem([a, b], rng.choice(CAPTION_QUESTIONS)),
                 "solution": [a.key, b.key],
                 "accu_reward_method": "yes_no_name_multi",
             }
