@@ -246,8 +246,8 @@ def warmup(model_dir: str | os.PathLike, examples: list[dict[str, Any]], *, step
     `drill_steps` steps take a batch of `drills` (`naming_drills`) alone, the next `steps` a batch of `examples`
     and, in turn, one of drills (so copying names is kept while the captions are learnt) or one of `judge`
     examples (the judge's task, which needs the copy learnt first). The learning rate rises linearly
-    over `warmup_steps`, stays through the drills, then falls linearly to 0.
-    `callback(step, model, processor, losses)` is called after every step."""
+    over `warmup_steps`, stays through the drills, then falls linearly to 0. The examples' images are released
+    (set to `[]`) once tokenised. `callback(step, model, processor, losses)` is called after every step."""
     from repic.vlm.models import load_model, load_processor
 
     torch.manual_seed(seed)
@@ -275,11 +275,15 @@ def warmup(model_dir: str | os.PathLike, examples: list[dict[str, Any]], *, step
     n_judge_batches = -(-len(judge) // drill_batch_size)
     cache: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
 
-    def batch(kind: str, i: int) -> dict[str, torch.Tensor]:  # tokenised on first use, then kept
+    def batch(kind: str, i: int) -> dict[str, torch.Tensor]:
+        """Tokenised on first use, then kept; the examples' images are released then (they are in the batch)."""
         if (kind, i) not in cache:
             items, size = {"examples": (examples, batch_size), "drills": (drills, drill_batch_size),
                            "judge": (judge, drill_batch_size)}[kind]
-            cache[kind, i] = _batch(processor, items[i * size:(i + 1) * size])
+            chunk = items[i * size:(i + 1) * size]
+            cache[kind, i] = _batch(processor, chunk)
+            for e in chunk:
+                e["images"] = None if e["images"] is None else []
         return cache[kind, i]
 
     rng = random.Random(seed)
