@@ -40,25 +40,22 @@ def fetch_synthetic(out_data: str | os.PathLike, out_model: str | os.PathLike, p
 
     world, wcfg = params["world"], params["warmup"]
     common = dict(seed=seed, n_concepts=world["n_concepts"], n_train_concepts=None)
-    examples = warmup_examples(**common, n_distractors=world["n_distractors"], image_size=world["image_size"],
-                               n_examples=wcfg["examples"], n_names=wcfg["names"], name_rate=wcfg["name_rate"],
-                               name_rate_asked=wcfg["name_rate_asked"])
-    judge = warmup_examples(**common, n_distractors=world["n_distractors"], image_size=world["image_size"],
-                            n_examples=wcfg["judge"], n_names=wcfg["names"], name_rate=wcfg["name_rate"],
-                            name_rate_asked=wcfg["name_rate_asked"], kinds=("judge",), tag="judge")
+    rates = dict(n_distractors=world["n_distractors"], image_size=world["image_size"], n_names=wcfg["names"],
+                 name_rate=wcfg["name_rate"], name_rate_asked=wcfg["name_rate_asked"])
+    examples = warmup_examples(**common, **rates, n_examples=wcfg["examples"])
+    judge = warmup_examples(**common, **rates, n_examples=wcfg["judge"], kinds=("judge",), tag="judge")
     drills = naming_drills(**common, n=wcfg["drills"], n_names=wcfg["names"], n_distractors=world["n_distractors"],
                            image_size=world["image_size"])
     with atomic_dir(out_data) as data_tmp:
         summary = make_world(data_tmp, seed=seed, **world)
         world_keys = [*summary["concepts"], *summary["train_concepts"]]
-        names = warmup_names(seed, wcfg["names"], avoid=set(world_keys))
+        names = [*world_keys, *warmup_names(seed, wcfg["names"], avoid=set(world_keys))]
         # Every name repeated, so that BPE gives each one a token of its own: naming is then copying one token.
         texts = [*world_texts(data_tmp), *(json.dumps(e["messages"]) + e["target"] for e in examples),
-                 *(json.dumps(e["messages"]) + e["target"] for e in drills[:500]),
-                 " ".join([*world_keys, *names] * 30)]
+                 *(json.dumps(e["messages"]) + e["target"] for e in drills[:500]), " ".join(names * 30)]
         with atomic_dir(out_model) as model_tmp:
-            build_tiny_model(model_tmp, texts, params["tiny_model"], seed=seed, names=[*world_keys, *names])
-            check_single_tokens(model_tmp, [*world_keys, *names])
+            build_tiny_model(model_tmp, texts, params["tiny_model"], seed=seed, names=names)
+            check_single_tokens(model_tmp, names)
             with Progress(wcfg["drill_steps"] + wcfg["steps"], "warm-up", unit="step") as bar:
                 losses = warmup(model_tmp, examples, steps=wcfg["steps"], batch_size=wcfg["batch_size"],
                                 learning_rate=wcfg["learning_rate"], seed=seed, drills=drills, judge=judge,

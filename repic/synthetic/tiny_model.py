@@ -63,7 +63,8 @@ def build_tiny_model(out_dir: str | os.PathLike, texts: Iterable[str], cfg: dict
 
     `cfg` keys: vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
     num_key_value_heads, vision_hidden_size, vision_depth, vision_heads, min_pixels, max_pixels; optional
-    embedding_std (token embedding init) and rope_theta (default Qwen2.5-VL's 1e6).
+    embedding_std (token embedding init), rope_theta (default Qwen2.5-VL's 1e6) and name_share (default 1: the
+    weight of the direction that the embeddings of the tokens of `names`, concept keys like `<pilok>`, share).
     """
     out_dir = Path(out_dir)
     tokenizer = train_tokenizer(texts, cfg["vocab_size"])
