@@ -177,3 +177,33 @@ def test_compiled_layers_same_losses_and_gradients(tiny_model_dir, tmp_path):
     got = _step(trainer)
     assert counter.frame_count > 0  # compiled code ran
     _assert_same(got, want, atol=1e-5)
+
+
+def test_preprocess_once_gives_the_processors_patches(tiny_model_dir, tmp_path):
+    """Each distinct image (by content) preprocessed once, in threads: the same pixel values and grids as the
+    processor's own; its saved config is unchanged."""
+    from repic.train.speed import memoize_image_processor
+    from repic.vlm.models import load_processor
+
+    rng = np.random.RandomState(1)
+    sizes = ((224, 336), (112, 112), (140, 84), (224, 336))  # the last: the first's size, other pixels
+    pixels = [rng.randint(0, 256, (h, w, 3), dtype=np.uint8) for w, h in sizes]
+    first = [Image.fromarray(p) for p in pixels]
+    again = [Image.fromarray(p.copy()) for p in pixels[:2]]  # the same content, other objects (a dataset re-read)
+    texts = ["<|vision_start|><|image_pad|><|vision_end|>a"] * 5
+    calls = [[[first[0]], [first[1]], [again[0]], [first[2]], [again[1]]], [[again[1]], [first[3]], [first[0]]]]
+    plain, memoized = load_processor(tiny_model_dir), load_processor(tiny_model_dir)
+    memo = memoize_image_processor(memoized.image_processor, workers=2)
+    for images in calls:
+        want = plain(text=texts[:len(images)], images=images, return_tensors="pt", padding=True)
+        got = memoized(text=texts[:len(images)], images=images, return_tensors="pt", padding=True)
+        assert got.keys() == want.keys()
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+    assert (memo.requested, memo.processed) == (8, 4)
+    plain.save_pretrained(tmp_path / "plain")
+    memoized.save_pretrained(tmp_path / "memo")
+    names = sorted(p.name for p in (tmp_path / "plain").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "memo").iterdir()) and "processor_config.json" in names
+    for name in names:
+        assert (tmp_path / "memo" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name

@@ -19,6 +19,11 @@ trainer class (TRL's, or `repic.vlm.generation.rollout_trainer`'s) with these le
   LoRA's dropout modules stay eager (`torch.compiler.disable`), so they draw the same masks from the same generator
   as the eager layer; gradient checkpointing wraps the compiled layer as it wraps the eager one.
 - `compile_vision`: the frozen vision tower's blocks compiled (repic.vlm.vision), as captioning does on CUDA.
+- `preprocess_once`: the processor's image preprocessing (resize, rescale, normalize, patches: on the CPU, ~0.2-0.5 s
+  for an image with a 1024-px short side) done once per distinct image. TRL preprocesses a batch's images twice a
+  step (for the rollouts and for the forwards), and each of the G copies of a prompt's images again; here an image
+  already processed (same pixels, same options) reuses its patches, and the distinct new images of a call are
+  processed in parallel threads. The patches are the same arrays the processor would compute.
 
 Gradient checkpointing itself is TRL's option (`GRPOConfig.gradient_checkpointing`): off, the backward does not
 recompute each layer's forward, at the price of the activations' memory.
@@ -27,6 +32,7 @@ recompute each layer's forward, at the price of the activations' memory.
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -38,17 +44,19 @@ _UNSUPPORTED = ("pixel_attention_mask", "spatial_shapes", "num_tiles", "image_si
 
 
 def fast_trainer(trainer_cls: type, *, padding_free: bool = False, compile_layers: bool = False,
-                 compile_vision: bool = False) -> type:
+                 compile_vision: bool = False, preprocess_once: bool = False) -> type:
     """`trainer_cls` (a TRL GRPOTrainer class) with the levers asked for (module docstring); itself if none."""
-    if not (padding_free or compile_layers or compile_vision):
+    if not (padding_free or compile_layers or compile_vision or preprocess_once):
         return trainer_cls
 
     class FastGRPOTrainer(trainer_cls):
         speed_options = {"padding_free": padding_free, "compile_layers": compile_layers,
-                         "compile_vision": compile_vision}
+                         "compile_vision": compile_vision, "preprocess_once": preprocess_once}
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
+            if preprocess_once and getattr(self.processing_class, "image_processor", None) is not None:
+                memoize_image_processor(self.processing_class.image_processor)
             if compile_vision:
                 from repic.vlm.vision import enable_fast_vision
 
@@ -164,3 +172,98 @@ def compile_language_layers(model: Any, backend: Any = "inductor") -> int:
             module.forward = torch.compiler.disable(module.forward)
             module._repic_eager = True
     return done
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _PatchMemo:
+    """Patches and grid of recently processed images, by content and options (least recently used dropped)."""
+
+    def __init__(self, capacity: int, workers: int) -> None:
+        from collections import OrderedDict
+
+        self.capacity, self.workers = capacity, workers
+        self.entries: OrderedDict = OrderedDict()
+        self.processed = 0  # images actually processed (for tests and benchmarks)
+        self.requested = 0
+
+    def get(self, key: tuple) -> Any:
+        value = self.entries.get(key)
+        if value is not None:
+            self.entries.move_to_end(key)
+        return value
+
+    def put(self, key: tuple, value: Any) -> None:
+        self.entries[key] = value
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+
+
+# memo of each memoized image processor; kept off the instance, whose __dict__ is its saved config (`to_dict`)
+_MEMOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _memo_preprocess(self: Any, images: list, *args: Any, **kwargs: Any) -> Any:
+    """The image processor's `_preprocess` (a loop of independent per-image steps), each distinct image once."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    from transformers.image_processing_utils import BatchFeature
+
+    memo: _PatchMemo = _MEMOS[self]
+    original = super(type(self), self)._preprocess
+    if args or any(not isinstance(im, np.ndarray) for im in images):
+        return original(images, *args, **kwargs)
+    options = repr(sorted((k, v) for k, v in kwargs.items() if k != "return_tensors"))
+    keys = [(im.shape, str(im.dtype), hashlib.blake2b(np.ascontiguousarray(im).data, digest_size=16).digest(),
+             options) for im in images]
+    memo.requested += len(images)
+    found = {key: memo.get(key) for key in keys}
+    todo = {}  # key -> the first image with it, among those not processed before
+    for key, im in zip(keys, images):
+        if found[key] is None and key not in todo:
+            todo[key] = im
+
+    def one(im: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        out = original([im], **{**kwargs, "return_tensors": None})
+        return np.asarray(out["pixel_values"]), [int(x) for x in np.asarray(out["image_grid_thw"])[0]]
+
+    if todo:
+        workers = min(memo.workers, len(todo))
+        if workers > 1:  # PIL's resize and numpy's arithmetic release the GIL
+            with ThreadPoolExecutor(workers) as pool:
+                done = list(pool.map(one, todo.values()))
+        else:
+            done = [one(im) for im in todo.values()]
+        memo.processed += len(todo)
+        for key, value in zip(todo, done):
+            found[key] = value
+            memo.put(key, value)
+    parts = [found[key] for key in keys]
+    return BatchFeature(data={"pixel_values": np.concatenate([p for p, _ in parts], axis=0),
+                              "image_grid_thw": np.array([g for _, g in parts], dtype=np.int64)},
+                        tensor_type=kwargs.get("return_tensors"))
+
+
+_MEMO_CLASSES: dict[type, type] = {}
+
+
+def memoize_image_processor(image_processor: Any, capacity: int = 32, workers: int | None = None) -> _PatchMemo:
+    """`image_processor` (this instance; a transformers image processor whose `_preprocess` loops over images
+    independently, as Qwen2-VL's does) processing each distinct image once and the new ones of a call in
+    `workers` threads; keeps the patches of the last `capacity` images. Its saved config (`to_dict`) is unchanged.
+    Returns the memo (its counters)."""
+    import os
+
+    if image_processor in _MEMOS:
+        return _MEMOS[image_processor]
+    cls = type(image_processor)
+    if cls not in _MEMO_CLASSES:
+        # the class's own name: `to_dict` saves it as the processor's type
+        _MEMO_CLASSES[cls] = type(cls.__name__, (cls,), {"_preprocess": _memo_preprocess,
+                                                         "__qualname__": f"Memo{cls.__qualname__}"})
+    image_processor.__class__ = _MEMO_CLASSES[cls]
+    _MEMOS[image_processor] = _PatchMemo(capacity, workers or min(8, os.cpu_count() or 1))
+    return _MEMOS[image_processor]
