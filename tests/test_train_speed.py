@@ -177,6 +177,15 @@ def test_compiled_layers_same_losses_and_gradients(tiny_model_dir, tmp_path):
     got = _step(trainer)
     assert counter.frame_count > 0  # compiled code ran
     _assert_same(got, want, atol=1e-5)
+    # forwards with a KV cache (rollout prefills, `generate`) stay eager: nothing more compiles
+    from repic.vlm.generation import generate_ids
+
+    frames = counter.frame_count
+    inputs = trainer.processing_class(text=["<|vision_start|><|image_pad|><|vision_end|>Is it?"],
+                                      images=[Image.new("RGB", (56, 56), "red")], return_tensors="pt")
+    generate_ids(trainer.model, inputs, backend="static", max_new_tokens=3, do_sample=False)
+    generate_ids(trainer.model, inputs, backend="hf", max_new_tokens=3, do_sample=False)
+    assert counter.frame_count == frames
 
 
 def test_preprocess_once_gives_the_processors_patches(tiny_model_dir, tmp_path):

@@ -1,7 +1,8 @@
 """Faster training forwards for TRL's `GRPOTrainer`, each one exact: what is trained does not change.
 
-`fast_trainer(trainer_cls, padding_free=..., compile_layers=..., compile_vision=...)` returns a subclass of the
-trainer class (TRL's, or `repic.vlm.generation.rollout_trainer`'s) with these levers, each off unless asked for:
+`fast_trainer(trainer_cls, padding_free=..., compile_layers=..., compile_vision=..., preprocess_once=...)` returns
+a subclass of the trainer class (TRL's, or `repic.vlm.generation.rollout_trainer`'s) with these levers, each off
+unless asked for (bench/perf.py measures them; none is on in the pipeline yet):
 
 - `padding_free`: the policy and reference forwards (`_get_per_token_logps_and_entropies`) run each sequence of a
   batch alone, without its padding columns (a prompt's left padding, a completion's right padding), so the language
@@ -15,7 +16,8 @@ trainer class (TRL's, or `repic.vlm.generation.rollout_trainer`'s) with these le
   gradients equal the padded batch's (tests/test_train_speed.py).
 - `compile_layers`: each decoder layer of the language model runs as `torch.compile(dynamic=True)` code (one graph
   for all layers and sequence lengths), which fuses the eager elementwise chains around the matrix products
-  (RMSNorm and rotary in fp32, LoRA's casts and scaling, SiLU, residual adds) in the forward and the backward.
+  (RMSNorm and rotary in fp32, LoRA's casts and scaling, SiLU, residual adds) in the forward and the backward; only
+  in forwards without a KV cache (TRL's reference and policy forwards), not in rollouts.
   LoRA's dropout modules stay eager (`torch.compiler.disable`), so they draw the same masks from the same generator
   as the eager layer; gradient checkpointing wraps the compiled layer as it wraps the eager one.
 - `compile_vision`: the frozen vision tower's blocks compiled (repic.vlm.vision), as captioning does on CUDA.
@@ -104,7 +106,7 @@ def _by_rows(batched: Any, model: Any, input_ids: torch.Tensor, attention_mask: 
         keep = max(completion, 1)  # an all-masked completion still scores one (masked) column, as a batch does
         hi = prompt_width + keep
         row = {k: fields[k][b:b + 1, lo:hi] for k in _ROW_FIELDS if fields.get(k) is not None}
-        if len(image_start) > 1:
+        if len(image_start) > 1 and image_start[b + 1] > image_start[b]:  # (a text-only row: no image fields)
             i0, i1 = image_start[b], image_start[b + 1]
             row.update(pixel_values=pixel_values[pixel_start[i0]:pixel_start[i1]], image_grid_thw=grid[i0:i1],
                        num_images=[i1 - i0])
@@ -162,7 +164,8 @@ def compile_language_layers(model: Any, backend: Any = "inductor") -> int:
             # a subclass whose forward is the compiled raw forward: GradientCheckpointingLayer.__init_subclass__
             # wraps it in the same checkpointing logic as the eager class's
             _COMPILED_CLASSES[key] = type(f"Compiled{cls.__name__}", (cls,), {
-                "forward": torch.compile(raw, dynamic=True, backend=backend), "_repic_compiled": True})
+                "forward": _training_forward(raw, torch.compile(raw, dynamic=True, backend=backend)),
+                "_repic_compiled": True})
         layer.__class__ = _COMPILED_CLASSES[key]
         done += 1
     for module in lm.modules():
@@ -172,6 +175,33 @@ def compile_language_layers(model: Any, backend: Any = "inductor") -> int:
             module.forward = torch.compiler.disable(module.forward)
             module._repic_eager = True
     return done
+
+
+def _training_forward(raw: Any, compiled: Any) -> Any:
+    """The compiled forward for forwards without a KV cache (TRL's log-prob forwards); the eager one with a cache
+    (rollout prefills, `generate`), whose per-layer cache writes would compile once per layer."""
+    import functools
+
+    @functools.wraps(raw)
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
+            return compiled(self, *args, **kwargs)
+        return raw(self, *args, **kwargs)
+
+    return forward
+
+
+def uncompile_language_layers(model: Any) -> None:
+    """Undo `compile_language_layers` (the eager layer classes and dropout forwards back)."""
+    from repic.vlm.generation import _core
+
+    lm = _core(model).model.language_model
+    for layer in lm.layers:
+        if getattr(type(layer), "_repic_compiled", False):
+            layer.__class__ = type(layer).__mro__[1]
+    for module in lm.modules():
+        if getattr(module, "_repic_eager", False):
+            del module.forward, module._repic_eager
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -267,3 +297,9 @@ def memoize_image_processor(image_processor: Any, capacity: int = 32, workers: i
     image_processor.__class__ = _MEMO_CLASSES[cls]
     _MEMOS[image_processor] = _PatchMemo(capacity, workers or min(8, os.cpu_count() or 1))
     return _MEMOS[image_processor]
+
+
+def unmemoize_image_processor(image_processor: Any) -> None:
+    """Undo `memoize_image_processor`."""
+    if _MEMOS.pop(image_processor, None) is not None:
+        image_processor.__class__ = type(image_processor).__mro__[1]
