@@ -21,8 +21,8 @@ Sections (each saved to --out as it finishes; a section that would start past --
   (`generate` batched), `hf_static` (`generate(cache_implementation="static")`, transformers' compiled decode) and
   the static backend + repic.vlm.vision (`OURS`: `ours` eager tower and decode step, `ours_c` compiled tower, `ours_cd`
   and compiled decode step, `ours_cdm` and matmul attention, `ours_cdmr` and a padded batch prefilled one prompt
-  at a time: the default). Captions/s, prefill / decode split,
-  vision and LM prefill TFLOP/s.
+  at a time: the default; `ours_cdmrv` and the batch's images encoded in one tower call first). Captions/s,
+  prefill / decode split, vision and LM prefill TFLOP/s.
 - `grpo`: one TRL GRPOTrainer step at RePIC's training-sample shape: the four task types in turn (OCT yes/no with
   2 images, VLT box with 1 image, ICT caption with 2 images, ICT multi caption with 3 images), images resized as
   repic.train.grpo does (short side 512 multi-image, 1024 single) and processed at Qwen2.5-VL's default max_pixels;
@@ -348,10 +348,11 @@ def profile_vision(model: Any, visual: Any, pixels: torch.Tensor, grid: torch.Te
     return rows
 
 
-# our paths: (vision blocks compiled, decode step compiled, decode attention, padded batch prefilled by rows)
-OURS = {"ours": (False, False, "sdpa", False), "ours_c": (True, False, "sdpa", False),
-        "ours_cd": (True, True, "sdpa", False), "ours_cdm": (True, True, "matmul", False),
-        "ours_cdmr": (True, True, "matmul", True)}
+# our paths: (vision blocks compiled, decode step compiled, decode attention, padded batch prefilled by rows,
+# those rows' images encoded in one tower call for the batch)
+OURS = {"ours": (False, False, "sdpa", False, False), "ours_c": (True, False, "sdpa", False, False),
+        "ours_cd": (True, True, "sdpa", False, False), "ours_cdm": (True, True, "matmul", False, False),
+        "ours_cdmr": (True, True, "matmul", True, False), "ours_cdmrv": (True, True, "matmul", True, True)}
 
 
 def caption_path(model: Any, inputs: Any, lengths: list[int], path: str, max_new: int, decoders: dict
@@ -361,13 +362,13 @@ def caption_path(model: Any, inputs: Any, lengths: list[int], path: str, max_new
     Lengths.current = lengths
     split: dict[str, Any] = {}
     if path in OURS:
-        vision_c, decode_c, attention, by_rows = OURS[path]
+        vision_c, decode_c, attention, by_rows, vision_once = OURS[path]
         stats: dict[str, Any] = {}
         with fast_vision(model, compile=vision_c):
             ids, t = timed(lambda: gen.generate_ids(model, inputs, backend="static", max_new_tokens=max_new,
                                                     do_sample=False, stats=stats, _decoders=decoders,
                                                     decode_compile=decode_c, decode_attention=attention,
-                                                    prefill_rows=by_rows))
+                                                    prefill_rows=by_rows, prefill_vision_once=vision_once))
         split = {"prefill_s": stats["prefill_s"], "decode_s": stats["decode_s"], "capture_s": stats["capture_s"],
                  "decode_steps": stats["decode_steps"], "graph": stats["graph"], "compiled": stats["compiled"],
                  "compile_error": stats["compile_error"]}
@@ -697,6 +698,7 @@ def bench_caption(model: Any, processor: Any, k: int, batch: int, paths: list[st
                            "image_tokens_per_row": int((inputs["input_ids"] == model.config.image_token_id
                                                         ).sum(1).float().mean()),
                            "lengths": lengths, "tokens": sum(lengths),
+                           "prompt_tokens": inputs["attention_mask"].sum(1).tolist(),
                            "lm_prefill_tflop": lm_prefill_flops(model, inputs["attention_mask"]) / 1e12,
                            "vision_tflop": vision_flops(inputs["image_grid_thw"].cpu(),
                                                         model.model.visual.config) / 1e12}

@@ -129,9 +129,11 @@ def test_functional_decode_step_equals_hf_generate(tiny_model_dir, monkeypatch, 
     assert generate_ids(model, inputs, backend="static", decode_compile=False, decode_attention=attention, **kw) == hf
 
 
-def test_prefill_by_rows_equals_the_padded_batch(tiny):
-    """A padded batch prefilled one unpadded prompt at a time: the same cache where the rows hold tokens, the same
-    last logits (within fp32 rounding: unmasked vs masked attention) and `generate`'s tokens."""
+@pytest.mark.parametrize("mode", ["rows", "rows_vision_once"])
+def test_prefill_by_rows_equals_the_padded_batch(tiny, mode):
+    """A padded batch prefilled one unpadded prompt at a time (its images encoded per prompt, or the whole batch's
+    in one tower call first): the same cache where the rows hold tokens, the same last logits (within fp32
+    rounding: unmasked vs masked attention) and `generate`'s tokens."""
     from repic.vlm.generation import _prefill, _prompt_positions
 
     model, processor = tiny
@@ -139,17 +141,27 @@ def test_prefill_by_rows_equals_the_padded_batch(tiny):
     inputs = _batch(processor, texts, images)
     mask = inputs["attention_mask"].bool()
     assert not mask.all()  # the batch is padded, so the per-row path runs
-    with torch.inference_mode():
-        positions = _prompt_positions(model, inputs)
-        batched, logits = _prefill(model, inputs, positions, by_rows=False)
-        rows, row_logits = _prefill(model, inputs, positions, by_rows=True)
+    tower_calls = []  # images per vision-tower call
+    hook = model.model.visual.register_forward_pre_hook(lambda m, a, k: tower_calls.append(len(k["grid_thw"])),
+                                                        with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            positions = _prompt_positions(model, inputs)
+            batched, logits = _prefill(model, inputs, positions, "batch")
+            assert tower_calls == [len(inputs["image_grid_thw"])]
+            rows, row_logits = _prefill(model, inputs, positions, mode)
+    finally:
+        hook.remove()
+    per_prompt = [int(n) for n in ((inputs["input_ids"] == model.config.vision_start_token_id) & mask).sum(1)]
+    assert tower_calls[1:] == ([sum(per_prompt)] if mode == "rows_vision_once" else per_prompt)
     assert torch.allclose(row_logits, logits, atol=1e-4, rtol=1e-4)
     for a, b in zip(batched.layers, rows.layers):
         keep = mask[:, None, :, None].expand_as(a.keys)
         assert torch.allclose(b.keys[keep], a.keys[keep], atol=1e-5) and not b.keys[~keep].any()
         assert torch.allclose(b.values[keep], a.values[keep], atol=1e-5)
     kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
-    assert generate_ids(model, inputs, backend="static", prefill_rows=True, **kw) == \
+    assert generate_ids(model, inputs, backend="static", prefill_rows=True,
+                        prefill_vision_once=mode == "rows_vision_once", **kw) == \
         generate_ids(model, inputs, backend="hf", **kw)
 
 

@@ -221,7 +221,7 @@ def test_grpo_step_with_feature_cache_equals_without(tiny_model_dir, tmp_path, m
         model, processor = _lora_tiny(tiny_model_dir)
         args = grpo_config({"num_generations": 4, "per_device_train_batch_size": 4, "max_completion_length": 6,
                             "max_steps": 1, "logging_steps": 1, "beta": 0.04, "loss_type": "grpo", "seed": 0,
-                            "learning_rate": 1e-2}, out, use_cpu=True)
+                            "learning_rate": 1e-2, "bf16": False}, out, use_cpu=True)
         trainer = rollout_trainer(GRPOTrainer)(model=model, reward_funcs=[reward], args=args,
                                                train_dataset=Dataset.from_list(examples), processing_class=processor)
         trainer.train()

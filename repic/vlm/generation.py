@@ -108,7 +108,8 @@ def check_backend(backend: str) -> str:
 def generate_ids(model: Any, inputs: Mapping[str, torch.Tensor], *, backend: str, max_new_tokens: int,
                  repeats: int = 1, stats: dict[str, float] | None = None, _decoders: dict | None = None,
                  decode_compile: bool | None = None, decode_attention: str | None = None,
-                 prefill_rows: bool | None = None, **generation_kwargs: Any) -> list[list[int]]:
+                 prefill_rows: bool | None = None, prefill_vision_once: bool = False,
+                 **generation_kwargs: Any) -> list[list[int]]:
     """New token ids for each prompt row of `inputs` (a left-padded processor batch on the model's device).
 
     Row `i * repeats + j` of the result is sample `j` of prompt `i`; each row ends at its first EOS (kept).
@@ -118,6 +119,8 @@ def generate_ids(model: Any, inputs: Mapping[str, torch.Tensor], *, backend: str
     `compiled`: whether it ran inductor's kernels). `decode_compile`, `decode_attention`: the static decode step's
     options (module docstring); None takes `_decode_options`' defaults. `prefill_rows`: prefill a padded batch one
     prompt at a time, unpadded (`_prefill`); None: on CUDA (as measured for captioning), off elsewhere.
+    `prefill_vision_once`: with `prefill_rows`, the images of the whole batch go through the vision tower in one call
+    and each prompt's forward takes its features (transformers' `mm_encoder_outputs`) instead of encoding its own.
     """
     check_backend(backend)
     cfg = _generation_config(model, max_new_tokens, generation_kwargs)
@@ -133,8 +136,9 @@ def generate_ids(model: Any, inputs: Mapping[str, torch.Tensor], *, backend: str
         device = inputs["input_ids"].device
         options = _decode_options(device, decode_compile, decode_attention)
         by_rows = device.type == "cuda" if prefill_rows is None else prefill_rows
+        prefill = ("rows_vision_once" if prefill_vision_once else "rows") if by_rows else "batch"
         rows = _static_generate(model, inputs, cfg, eos, repeats, stats,
-                                _decoders if _decoders is not None else {}, options, by_rows).tolist()
+                                _decoders if _decoders is not None else {}, options, prefill).tolist()
     return [_cut_at_eos(r, eos) for r in rows]
 
 
@@ -185,6 +189,10 @@ def rollout_trainer(trainer_cls: type, backend: str = "static") -> type:
         rollout_backend = backend
         # the eager decode step, as the GRPO step was measured (BENCHMARKS.md, issue 12)
         decode_compile = False
+        # the rollout prefill: a padded batch of distinct prompts at once (as measured), or one prompt at a time
+        # with the batch's images encoded once (`generate_ids`' prefill_rows / prefill_vision_once)
+        prefill_rows = False
+        prefill_vision_once = False
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -219,7 +227,8 @@ def rollout_trainer(trainer_cls: type, backend: str = "static") -> type:
                     repetition_penalty=self.repetition_penalty, eos_token_id=list(self.eos_token_ids),
                     pad_token_id=self._tokenizer.pad_token_id,
                     suppress_tokens=[config.image_token_id] if self._is_vlm else None,
-                    decode_compile=self.decode_compile, prefill_rows=False,
+                    decode_compile=self.decode_compile, prefill_rows=self.prefill_rows,
+                    prefill_vision_once=self.prefill_vision_once,
                 )
             return completion_ids, None
 
@@ -289,12 +298,12 @@ def _decode_options(device: torch.device, compile: bool | None, attention: str |
 
 def _static_generate(model: Any, inputs: Mapping[str, torch.Tensor], cfg: Any, eos: list[int], repeats: int,
                      stats: dict[str, float] | None, decoders: dict, options: tuple[bool, str] = (False, "sdpa"),
-                     prefill_rows: bool = False) -> torch.Tensor:
+                     prefill: str = "batch") -> torch.Tensor:
     core = _core(model)
     modes = {m: m.training for m in core.modules()}
     core.eval()
     try:
-        return _static_generate_eval(core, inputs, cfg, eos, repeats, stats, decoders, options, prefill_rows)
+        return _static_generate_eval(core, inputs, cfg, eos, repeats, stats, decoders, options, prefill)
     finally:
         for m, training in modes.items():
             m.training = training
@@ -316,26 +325,42 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _prefill(core: Any, inputs: Mapping[str, torch.Tensor], positions: torch.Tensor, by_rows: bool
+def _prefill(core: Any, inputs: Mapping[str, torch.Tensor], positions: torch.Tensor, mode: str = "batch"
              ) -> tuple[Any, torch.Tensor]:
     """The prompt's KV cache (`.layers[i].keys/.values`, [B, kv heads, width, d], left padded) and last logits.
 
-    `by_rows` and a padded batch: one forward per prompt without its padding, so the language model's attention
+    `mode` "rows" and a padded batch: one forward per prompt without its padding, so the language model's attention
     is causal with no mask (flash); in a padded batch sdpa gets a padding mask and a slower masked kernel
     (BENCHMARKS.md: 16 % more captions/s at 4 references, B = 32, on an H200; 1.5 % fewer at 1 reference). The
-    pad slots stay zero; the decode mask never attends them."""
+    pad slots stay zero; the decode mask never attends them. "rows_vision_once": the same, with every image of the
+    batch encoded in one tower call first (each prompt's forward takes its images' features), as the batched
+    prefill encodes them; "batch": one forward of the padded batch."""
     mask = inputs["attention_mask"]
-    if not by_rows or len(mask) == 1 or bool(mask.all()):
+    if mode == "batch" or len(mask) == 1 or bool(mask.all()):
         out = core(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
         return out.cache, out.logits[:, -1]
+    features, first_image = None, None
+    if mode == "rows_vision_once" and inputs.get("image_grid_thw") is not None:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        features = core.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+        first_image = _first_images(inputs, core.config)
     n, width = mask.shape
     keys: list[torch.Tensor] = []
     values: list[torch.Tensor] = []
     logits = []
     for b in range(n):
-        row = select_rows(inputs, [b], core.config)  # without its all-padding columns
+        if features is None:
+            row = select_rows(inputs, [b], core.config)  # without its all-padding columns
+            encoded = {}
+        else:
+            row = select_rows({k: v for k, v in inputs.items() if k not in ("pixel_values", "image_grid_thw")}, [b],
+                              core.config)
+            row["image_grid_thw"] = inputs["image_grid_thw"][first_image[b]:first_image[b + 1]]
+            encoded = {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(
+                pooler_output=features[first_image[b]:first_image[b + 1]])}}
         start = width - row["input_ids"].shape[1]
-        out = core(**row, position_ids=positions[:, b:b + 1, start:], use_cache=True, logits_to_keep=1)
+        out = core(**row, position_ids=positions[:, b:b + 1, start:], use_cache=True, logits_to_keep=1, **encoded)
         for i, layer in enumerate(out.cache.layers):
             if b == 0:
                 keys.append(layer.keys.new_zeros(n, layer.keys.shape[1], width, layer.keys.shape[3]))
@@ -348,9 +373,19 @@ def _prefill(core: Any, inputs: Mapping[str, torch.Tensor], positions: torch.Ten
     return cache, torch.stack(logits)
 
 
+def _first_images(inputs: Mapping[str, torch.Tensor], config: Any) -> list[int]:
+    """Index of each prompt's first image in the batch's images (and one past the last), as `select_rows` matches
+    images to prompts: in order, by the `<|vision_start|>` tokens each prompt holds."""
+    counts = ((inputs["input_ids"] == config.vision_start_token_id) & inputs["attention_mask"].bool()).sum(1).tolist()
+    first = [0]
+    for c in counts:
+        first.append(first[-1] + c)
+    return first
+
+
 def _static_generate_eval(core: Any, inputs: Mapping[str, torch.Tensor], cfg: Any, eos: list[int], repeats: int,
                           stats: dict[str, float] | None, decoders: dict, options: tuple[bool, str],
-                          prefill_rows: bool = False) -> torch.Tensor:
+                          prefill: str = "batch") -> torch.Tensor:
     device = inputs["input_ids"].device
     max_new = int(cfg.max_new_tokens)
     _sync(device)
@@ -364,7 +399,7 @@ def _static_generate_eval(core: Any, inputs: Mapping[str, torch.Tensor], cfg: An
     # eager). A tower set up by the GRPO trainer keeps its own setting (eager: a few images per step).
     compile_vision = None if fast_vision_enabled(core) else device.type == "cuda"
     with fast_vision(core, compile=compile_vision):
-        cache, logits = _prefill(core, inputs, positions, prefill_rows)
+        cache, logits = _prefill(core, inputs, positions, prefill)
     _sync(device)
     n_prompts, prompt_len = inputs["input_ids"].shape
     batch = n_prompts * repeats

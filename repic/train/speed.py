@@ -1,0 +1,305 @@
+"""Faster training forwards for TRL's `GRPOTrainer`, each one exact: what is trained does not change.
+
+`fast_trainer(trainer_cls, padding_free=..., compile_layers=..., compile_vision=..., preprocess_once=...)` returns
+a subclass of the trainer class (TRL's, or `repic.vlm.generation.rollout_trainer`'s) with these levers, each off
+unless asked for (bench/perf.py measures them; none is on in the pipeline yet):
+
+- `padding_free`: the policy and reference forwards (`_get_per_token_logps_and_entropies`) run each sequence of a
+  batch alone, without its padding columns (a prompt's left padding, a completion's right padding), so the language
+  model does no work on padding and its attention is causal with no mask (PyTorch sdpa's flash kernel, where a
+  padded batch gets a masked kernel). When the image feature cache is on (`enable_image_feature_cache`, which the
+  static-rollout trainer installs), the images of the whole batch are encoded first in one tower call and each
+  sequence's forward reuses them. The per-token log-probabilities and entropies come back in TRL's layout
+  ([batch, completion columns], zero where masked), so TRL's loss is computed as before. LoRA dropout draws its
+  masks per sequence ([1, length, features] instead of [batch, width, features]): other draws of the same
+  Bernoulli(1 - p) per element, as any change of micro-batch size gives; with dropout 0 the losses and LoRA
+  gradients equal the padded batch's (tests/test_train_speed.py).
+- `compile_layers`: each decoder layer of the language model runs as `torch.compile(dynamic=True)` code (one graph
+  for all layers and sequence lengths), which fuses the eager elementwise chains around the matrix products
+  (RMSNorm and rotary in fp32, LoRA's casts and scaling, SiLU, residual adds) in the forward and the backward; only
+  in forwards without a KV cache (TRL's reference and policy forwards), not in rollouts.
+  LoRA's dropout modules stay eager (`torch.compiler.disable`), so they draw the same masks from the same generator
+  as the eager layer; gradient checkpointing wraps the compiled layer as it wraps the eager one.
+- `compile_vision`: the frozen vision tower's blocks compiled (repic.vlm.vision), as captioning does on CUDA.
+- `preprocess_once`: the processor's image preprocessing (resize, rescale, normalize, patches: on the CPU, ~0.2-0.5 s
+  for an image with a 1024-px short side) done once per distinct image. TRL preprocesses a batch's images twice a
+  step (for the rollouts and for the forwards), and each of the G copies of a prompt's images again; here an image
+  already processed (same pixels, same options) reuses its patches, and the distinct new images of a call are
+  processed in parallel threads. The patches are the same arrays the processor would compute.
+
+Gradient checkpointing itself is TRL's option (`GRPOConfig.gradient_checkpointing`): off, the backward does not
+recompute each layer's forward, at the price of the activations' memory.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+# per-sample fields of `_get_per_token_logps_and_entropies` this path slices (others: TRL's own batched path)
+_ROW_FIELDS = ("mm_token_type_ids", "token_type_ids")
+_UNSUPPORTED = ("pixel_attention_mask", "spatial_shapes", "num_tiles", "image_sizes", "image_position_ids")
+
+
+def fast_trainer(trainer_cls: type, *, padding_free: bool = False, compile_layers: bool = False,
+                 compile_vision: bool = False, preprocess_once: bool = False) -> type:
+    """`trainer_cls` (a TRL GRPOTrainer class) with the levers asked for (module docstring); itself if none."""
+    if not (padding_free or compile_layers or compile_vision or preprocess_once):
+        return trainer_cls
+
+    class FastGRPOTrainer(trainer_cls):
+        speed_options = {"padding_free": padding_free, "compile_layers": compile_layers,
+                         "compile_vision": compile_vision, "preprocess_once": preprocess_once}
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if preprocess_once and getattr(self.processing_class, "image_processor", None) is not None:
+                memoize_image_processor(self.processing_class.image_processor)
+            if compile_vision:
+                from repic.vlm.vision import enable_fast_vision
+
+                enable_fast_vision(self.model, compile=True)
+            if compile_layers:
+                compile_language_layers(self.model)
+
+        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                               batch_size=None, compute_entropy=False, compute_aux_loss=False,
+                                               **fields):
+            batched = super()._get_per_token_logps_and_entropies
+            if not padding_free or compute_aux_loss or any(fields.get(k) is not None for k in _UNSUPPORTED):
+                return batched(model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                               compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **fields)
+            return _by_rows(batched, model, input_ids, attention_mask, logits_to_keep, compute_entropy, fields,
+                            self.accelerator.autocast)
+
+    FastGRPOTrainer.__name__ = f"Fast{trainer_cls.__name__}"
+    return FastGRPOTrainer
+
+
+def _by_rows(batched: Any, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int,
+             compute_entropy: bool, fields: dict[str, Any], autocast: Any
+             ) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+    """TRL's per-token log-probs (and entropies) of [prompt (left padded) | completion (right padded)] rows, one
+    row a forward, each without its padding columns."""
+    n, width = input_ids.shape
+    prompt_width = width - logits_to_keep
+    mask = attention_mask.bool()
+    first = mask.int().argmax(1)  # first real column: the prompt is left padded
+    # (first column, completion length) of every row, in one host sync
+    bounds = torch.stack([first, mask[:, prompt_width:].sum(1)], 1).tolist()
+    pixel_values, grid = fields.get("pixel_values"), fields.get("image_grid_thw")
+    num_images = fields.get("num_images")
+    image_start, pixel_start = [0], [0]
+    if grid is not None and pixel_values is not None and num_images is not None:
+        for count in num_images:
+            image_start.append(image_start[-1] + count)
+        for patches in grid.prod(-1).tolist():
+            pixel_start.append(pixel_start[-1] + patches)
+        with autocast():  # as TRL's forward runs the tower
+            _encode_once(model, pixel_values, grid)
+    logps, entropies = [], []
+    for b, (lo, completion) in enumerate(bounds):
+        keep = max(completion, 1)  # an all-masked completion still scores one (masked) column, as a batch does
+        hi = prompt_width + keep
+        row = {k: fields[k][b:b + 1, lo:hi] for k in _ROW_FIELDS if fields.get(k) is not None}
+        if len(image_start) > 1 and image_start[b + 1] > image_start[b]:  # (a text-only row: no image fields)
+            i0, i1 = image_start[b], image_start[b + 1]
+            row.update(pixel_values=pixel_values[pixel_start[i0]:pixel_start[i1]], image_grid_thw=grid[i0:i1],
+                       num_images=[i1 - i0])
+        lp, ent, _ = batched(model, input_ids[b:b + 1, lo:hi], attention_mask[b:b + 1, lo:hi], keep, batch_size=1,
+                             compute_entropy=compute_entropy, **row)
+        logps.append(F.pad(lp, (0, logits_to_keep - keep)))
+        if compute_entropy:
+            entropies.append(F.pad(ent, (0, logits_to_keep - keep)))
+    return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
+
+
+def _encode_once(model: Any, pixel_values: torch.Tensor, grid: torch.Tensor) -> None:
+    """Every image of the batch through the tower in one call, into the image feature cache (if installed), so the
+    per-row forwards find them there."""
+    from repic.vlm.vision import _language_and_vision
+
+    inner = _language_and_vision(model)
+    cache = getattr(inner, "_repic_feature_cache", None)
+    if cache is None or torch.is_inference_mode_enabled():
+        return
+    cache.capacity = max(cache.capacity, len(grid))
+    with torch.no_grad():
+        inner.get_image_features(pixel_values, grid)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+_COMPILED_CLASSES: dict[tuple[type, Any], type] = {}
+
+
+def compile_language_layers(model: Any, backend: Any = "inductor") -> int:
+    """Each decoder layer of `model`'s language model (under PEFT / accelerate wrappers) as compiled code, LoRA
+    dropout left eager; returns the number of layers compiled. A layer class without transformers' checkpointing
+    wrapper (`GradientCheckpointingLayer`) is left as it is, with a warning. `backend`: torch.compile's (tests: a
+    counting one)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from repic.vlm.generation import _core
+
+    lm = _core(model).model.language_model
+    done = 0
+    for layer in lm.layers:
+        cls = type(layer)
+        if getattr(cls, "_repic_compiled", False):
+            done += 1
+            continue
+        raw = getattr(cls.forward, "__wrapped__", None)  # the forward under transformers' checkpointing wrapper
+        if not issubclass(cls, GradientCheckpointingLayer) or raw is None:
+            warnings.warn(f"compile_layers: {cls.__name__} left eager (not a GradientCheckpointingLayer)",
+                          stacklevel=2)
+            continue
+        key = (cls, backend)
+        if key not in _COMPILED_CLASSES:
+            # a subclass whose forward is the compiled raw forward: GradientCheckpointingLayer.__init_subclass__
+            # wraps it in the same checkpointing logic as the eager class's
+            _COMPILED_CLASSES[key] = type(f"Compiled{cls.__name__}", (cls,), {
+                "forward": _training_forward(raw, torch.compile(raw, dynamic=True, backend=backend)),
+                "_repic_compiled": True})
+        layer.__class__ = _COMPILED_CLASSES[key]
+        done += 1
+    for module in lm.modules():
+        if isinstance(module, torch.nn.Dropout) and not getattr(module, "_repic_eager", False):
+            # eager: the masks come from the global generator in the eager layer's order (inductor would draw its
+            # own); the compiled code breaks its graph around each dropout
+            module.forward = torch.compiler.disable(module.forward)
+            module._repic_eager = True
+    return done
+
+
+def _training_forward(raw: Any, compiled: Any) -> Any:
+    """The compiled forward for forwards without a KV cache (TRL's log-prob forwards); the eager one with a cache
+    (rollout prefills, `generate`), whose per-layer cache writes would compile once per layer."""
+    import functools
+
+    @functools.wraps(raw)
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
+            return compiled(self, *args, **kwargs)
+        return raw(self, *args, **kwargs)
+
+    return forward
+
+
+def uncompile_language_layers(model: Any) -> None:
+    """Undo `compile_language_layers` (the eager layer classes and dropout forwards back)."""
+    from repic.vlm.generation import _core
+
+    lm = _core(model).model.language_model
+    for layer in lm.layers:
+        if getattr(type(layer), "_repic_compiled", False):
+            layer.__class__ = type(layer).__mro__[1]
+    for module in lm.modules():
+        if getattr(module, "_repic_eager", False):
+            del module.forward, module._repic_eager
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _PatchMemo:
+    """Patches and grid of recently processed images, by content and options (least recently used dropped)."""
+
+    def __init__(self, capacity: int, workers: int) -> None:
+        from collections import OrderedDict
+
+        self.capacity, self.workers = capacity, workers
+        self.entries: OrderedDict = OrderedDict()
+        self.processed = 0  # images actually processed (for tests and benchmarks)
+        self.requested = 0
+
+    def get(self, key: tuple) -> Any:
+        value = self.entries.get(key)
+        if value is not None:
+            self.entries.move_to_end(key)
+        return value
+
+    def put(self, key: tuple, value: Any) -> None:
+        self.entries[key] = value
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+
+
+# memo of each memoized image processor; kept off the instance, whose __dict__ is its saved config (`to_dict`)
+_MEMOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _memo_preprocess(self: Any, images: list, *args: Any, **kwargs: Any) -> Any:
+    """The image processor's `_preprocess` (a loop of independent per-image steps), each distinct image once."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    from transformers.image_processing_utils import BatchFeature
+
+    memo: _PatchMemo = _MEMOS[self]
+    original = super(type(self), self)._preprocess
+    if args or any(not isinstance(im, np.ndarray) for im in images):
+        return original(images, *args, **kwargs)
+    options = repr(sorted((k, v) for k, v in kwargs.items() if k != "return_tensors"))
+    keys = [(im.shape, str(im.dtype), hashlib.blake2b(np.ascontiguousarray(im).data, digest_size=16).digest(),
+             options) for im in images]
+    memo.requested += len(images)
+    found = {key: memo.get(key) for key in keys}
+    todo = {}  # key -> the first image with it, among those not processed before
+    for key, im in zip(keys, images):
+        if found[key] is None and key not in todo:
+            todo[key] = im
+
+    def one(im: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        out = original([im], **{**kwargs, "return_tensors": None})
+        return np.asarray(out["pixel_values"]), [int(x) for x in np.asarray(out["image_grid_thw"])[0]]
+
+    if todo:
+        workers = min(memo.workers, len(todo))
+        if workers > 1:  # PIL's resize and numpy's arithmetic release the GIL
+            with ThreadPoolExecutor(workers) as pool:
+                done = list(pool.map(one, todo.values()))
+        else:
+            done = [one(im) for im in todo.values()]
+        memo.processed += len(todo)
+        for key, value in zip(todo, done):
+            found[key] = value
+            memo.put(key, value)
+    parts = [found[key] for key in keys]
+    return BatchFeature(data={"pixel_values": np.concatenate([p for p, _ in parts], axis=0),
+                              "image_grid_thw": np.array([g for _, g in parts], dtype=np.int64)},
+                        tensor_type=kwargs.get("return_tensors"))
+
+
+_MEMO_CLASSES: dict[type, type] = {}
+
+
+def memoize_image_processor(image_processor: Any, capacity: int = 32, workers: int | None = None) -> _PatchMemo:
+    """`image_processor` (this instance; a transformers image processor whose `_preprocess` loops over images
+    independently, as Qwen2-VL's does) processing each distinct image once and the new ones of a call in
+    `workers` threads; keeps the patches of the last `capacity` images. Its saved config (`to_dict`) is unchanged.
+    Returns the memo (its counters)."""
+    import os
+
+    if image_processor in _MEMOS:
+        return _MEMOS[image_processor]
+    cls = type(image_processor)
+    if cls not in _MEMO_CLASSES:
+        # the class's own name: `to_dict` saves it as the processor's type
+        _MEMO_CLASSES[cls] = type(cls.__name__, (cls,), {"_preprocess": _memo_preprocess,
+                                                         "__qualname__": f"Memo{cls.__qualname__}"})
+    image_processor.__class__ = _MEMO_CLASSES[cls]
+    _MEMOS[image_processor] = _PatchMemo(capacity, workers or min(8, os.cpu_count() or 1))
+    return _MEMOS[image_processor]
+
+
+def unmemoize_image_processor(image_processor: Any) -> None:
+    """Undo `memoize_image_processor`."""
+    if _MEMOS.pop(image_processor, None) is not None:
+        image_processor.__class__ = type(image_processor).__mro__[1]

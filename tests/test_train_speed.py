@@ -1,0 +1,218 @@
+"""The training levers of repic.train.speed give the losses and LoRA gradients of TRL's own path (fp32, CPU).
+
+Each test builds the same LoRA model twice, computes the reference log-probs (adapter disabled, as TRL does) and
+the GRPO loss + backward of one batch through TRL's `_compute_loss` with and without the lever, and compares.
+The batch is padded both ways: three different prompts (1-2 images of different sizes, so left padding) with
+completions of 5, 2 and 4 tokens (right padding).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from repic.train.speed import compile_language_layers, fast_trainer
+
+
+def _model(model_dir, dropout: float):
+    from peft import get_peft_model
+
+    from repic.core.params import lora_config
+    from repic.vlm.models import load_model, load_processor
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(model_dir, device="cpu", dtype="float32").train(),
+                           lora_config({"r": 4, "lora_alpha": 8, "lora_dropout": dropout}))
+    with torch.no_grad():  # B = 0 would leave the gradient of A zero and hide a wrong forward
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    processor = load_processor(model_dir)
+    processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": 224 * 336}
+    return model, processor
+
+
+def _trainer(model_dir, tmp_path, *, dropout=0.0, checkpointing=False, **levers):
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    from repic.core.params import grpo_config
+    from repic.vlm.generation import rollout_trainer
+
+    model, processor = _model(model_dir, dropout)
+    args = grpo_config({"num_generations": 3, "per_device_train_batch_size": 3, "max_completion_length": 6,
+                        "max_steps": 1, "beta": 0.04, "loss_type": "grpo", "seed": 0, "bf16": False,
+                        "gradient_checkpointing": checkpointing}, tmp_path / str(len(list(tmp_path.iterdir()))),
+                       use_cpu=True)
+    example = {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is it?"}]}],
+               "images": [Image.new("RGB", (56, 56), "red")]}
+    trainer = fast_trainer(rollout_trainer(GRPOTrainer), **levers)(
+        model=model, reward_funcs=[lambda completions, **kw: [0.0] * len(completions)], args=args,
+        train_dataset=Dataset.from_list([example]), processing_class=processor)
+    # what Trainer.train sets up before compute_loss (checkpointing: as TRL re-enables it after each reference pass)
+    trainer.current_gradient_accumulation_steps = 1
+    if checkpointing:
+        trainer.model.gradient_checkpointing_enable(trainer.args.gradient_checkpointing_kwargs)
+    return trainer
+
+
+def _batch(processor):
+    rng = np.random.RandomState(0)
+
+    def noise(w, h):
+        return Image.fromarray(rng.randint(0, 256, (h, w, 3), dtype=np.uint8))
+
+    questions = [(2, "Is it the same toy?"), (1, "Where is it? Give its box, in detail please."), (2, "Name it.")]
+    texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}] * n
+                                             + [{"type": "text", "text": q}]}], add_generation_prompt=True,
+                                           tokenize=False) for n, q in questions]
+    images = [[noise(224, 336), noise(112, 112)], [noise(168, 112)], [noise(140, 84), noise(84, 140)]]
+    prompt = processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left")
+    lengths = [5, 2, 4]
+    completion_mask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).long()
+    completion = torch.randint(5, 200, completion_mask.shape, generator=torch.Generator().manual_seed(3))
+    completion = completion.masked_fill(completion_mask == 0, processor.tokenizer.pad_token_id)
+    return {"prompt_ids": prompt["input_ids"], "prompt_mask": prompt["attention_mask"],
+            "completion_ids": completion, "completion_mask": completion_mask,
+            "advantages": torch.tensor([1.0, -0.5, 0.3]), "num_items_in_batch": completion_mask.sum(),
+            "pixel_values": prompt["pixel_values"], "image_grid_thw": prompt["image_grid_thw"],
+            "mm_token_type_ids": torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(completion)], 1),
+            "num_images": [2, 1, 2]}
+
+
+def _step(trainer):
+    """Reference log-probs (adapter disabled, no grad, as TRL's rollout step computes them), then the loss and the
+    LoRA gradients of `_compute_loss`."""
+    from trl.trainer.utils import use_adapter
+
+    inputs = _batch(trainer.processing_class)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    fields = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "num_images", "mm_token_type_ids")}
+    with torch.no_grad(), use_adapter(trainer.model, None):
+        ref, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, ids.shape[1] - len(
+            inputs["prompt_ids"][0]), batch_size=3, **fields)
+    inputs["ref_per_token_logps"] = ref
+    trainer.model.zero_grad()
+    torch.manual_seed(5)  # LoRA dropout's masks
+    loss = trainer._compute_loss(trainer.model, inputs)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    return ref, loss.detach(), grads
+
+
+def _assert_same(got, want, atol=1e-6):
+    ref, loss, grads = got
+    ref_want, loss_want, grads_want = want
+    assert torch.allclose(ref, ref_want, atol=atol, rtol=1e-6)
+    assert loss.item() == pytest.approx(loss_want.item(), rel=1e-6, abs=1e-7)
+    assert grads.keys() == grads_want.keys() and len(grads) > 0
+    scale = max(float(g.abs().max()) for g in grads_want.values())
+    assert scale > 0
+    for name, g in grads.items():
+        assert torch.allclose(g, grads_want[name], atol=atol * scale, rtol=1e-5), name
+
+
+def test_padding_free_same_losses_and_gradients(tiny_model_dir, tmp_path):
+    """Each sequence alone, unpadded, its images from one tower call for the batch: TRL's log-probs, loss and
+    LoRA gradients (LoRA dropout 0: per-sequence dropout would draw other masks)."""
+    want = _step(_trainer(tiny_model_dir, tmp_path))
+    trainer = _trainer(tiny_model_dir, tmp_path, padding_free=True)
+    widths = []  # the language model's inputs: one unpadded row per call
+    lm = trainer.model.get_base_model().model.language_model
+    hook = lm.register_forward_pre_hook(lambda m, a, k: widths.append(tuple(k["inputs_embeds"].shape[:2])),
+                                        with_kwargs=True)
+    try:
+        got = _step(trainer)
+    finally:
+        hook.remove()
+    _assert_same(got, want)
+    inputs = _batch(trainer.processing_class)
+    real = (inputs["prompt_mask"].sum(1) + inputs["completion_mask"].sum(1)).tolist()
+    assert widths == [(1, n) for n in real] * 2  # reference forward, then the policy's
+    cache = trainer.image_feature_cache
+    assert cache.tower_images == 5  # each image encoded once, in the reference pass's one tower call
+
+
+def test_padding_free_applies_lora_dropout_per_sequence(tiny_model_dir, tmp_path):
+    trainer = _trainer(tiny_model_dir, tmp_path, dropout=0.5, padding_free=True)
+    seen = []
+    module = trainer.model.get_base_model().model.language_model.layers[0].mlp.down_proj.lora_dropout["default"]
+    hook = module.register_forward_hook(lambda m, a, out: seen.append(
+        (tuple(out.shape[:2]), bool((out == 0).any() and not (a[0] == 0).any()))))
+    try:
+        _step(trainer)
+    finally:
+        hook.remove()
+    assert len(seen) == 3 and all(shape[0] == 1 and dropped for shape, dropped in seen)
+
+
+def test_without_gradient_checkpointing_same_losses_and_gradients(tiny_model_dir, tmp_path):
+    """TRL's `gradient_checkpointing: false`: no recompute in the backward, the same loss and gradients (LoRA
+    dropout on: checkpointing replays the masks)."""
+    results = []
+    for checkpointing in (True, False):
+        trainer = _trainer(tiny_model_dir, tmp_path, dropout=0.05, checkpointing=checkpointing)
+        mlp = trainer.model.get_base_model().model.language_model.layers[0].mlp
+        calls = []  # (a recompute runs the forward without its module hooks: count the forward itself)
+        mlp.forward = lambda x, mlp=mlp, calls=calls: calls.append(1) or type(mlp).forward(mlp, x)
+        results.append(_step(trainer))
+        # reference + policy forward, and the backward's recompute of the layer when checkpointing
+        assert len(calls) == (3 if checkpointing else 2)
+    _assert_same(results[1], results[0], atol=1e-7)
+
+
+@pytest.mark.slow
+def test_compiled_layers_same_losses_and_gradients(tiny_model_dir, tmp_path):
+    """Decoder layers compiled (inductor's C++ backend here), under gradient checkpointing, LoRA dropout on: the
+    eager path's loss and gradients; LoRA dropout stays eager, so its masks are the same."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    want = _step(_trainer(tiny_model_dir, tmp_path, dropout=0.05, checkpointing=True))
+    trainer = _trainer(tiny_model_dir, tmp_path, dropout=0.05, checkpointing=True)
+    counter = CompileCounterWithBackend("inductor")
+    assert compile_language_layers(trainer.model, backend=counter) == 2
+    got = _step(trainer)
+    assert counter.frame_count > 0  # compiled code ran
+    _assert_same(got, want, atol=1e-5)
+    # forwards with a KV cache (rollout prefills, `generate`) stay eager: nothing more compiles
+    from repic.vlm.generation import generate_ids
+
+    frames = counter.frame_count
+    inputs = trainer.processing_class(text=["<|vision_start|><|image_pad|><|vision_end|>Is it?"],
+                                      images=[Image.new("RGB", (56, 56), "red")], return_tensors="pt")
+    generate_ids(trainer.model, inputs, backend="static", max_new_tokens=3, do_sample=False)
+    generate_ids(trainer.model, inputs, backend="hf", max_new_tokens=3, do_sample=False)
+    assert counter.frame_count == frames
+
+
+def test_preprocess_once_gives_the_processors_patches(tiny_model_dir, tmp_path):
+    """Each distinct image (by content) preprocessed once, in threads: the same pixel values and grids as the
+    processor's own; its saved config is unchanged."""
+    from repic.train.speed import memoize_image_processor
+    from repic.vlm.models import load_processor
+
+    rng = np.random.RandomState(1)
+    sizes = ((224, 336), (112, 112), (140, 84), (224, 336))  # the last: the first's size, other pixels
+    pixels = [rng.randint(0, 256, (h, w, 3), dtype=np.uint8) for w, h in sizes]
+    first = [Image.fromarray(p) for p in pixels]
+    again = [Image.fromarray(p.copy()) for p in pixels[:2]]  # the same content, other objects (a dataset re-read)
+    texts = ["<|vision_start|><|image_pad|><|vision_end|>a"] * 5
+    calls = [[[first[0]], [first[1]], [again[0]], [first[2]], [again[1]]], [[again[1]], [first[3]], [first[0]]]]
+    plain, memoized = load_processor(tiny_model_dir), load_processor(tiny_model_dir)
+    memo = memoize_image_processor(memoized.image_processor, workers=2)
+    for images in calls:
+        want = plain(text=texts[:len(images)], images=images, return_tensors="pt", padding=True)
+        got = memoized(text=texts[:len(images)], images=images, return_tensors="pt", padding=True)
+        assert got.keys() == want.keys()
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+    assert (memo.requested, memo.processed) == (8, 4)
+    plain.save_pretrained(tmp_path / "plain")
+    memoized.save_pretrained(tmp_path / "memo")
+    names = sorted(p.name for p in (tmp_path / "plain").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "memo").iterdir()) and "processor_config.json" in names
+    for name in names:
+        assert (tmp_path / "memo" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name
