@@ -16,8 +16,13 @@ from repic.core.params import load_params
 
 
 def parser(doc: str | None) -> argparse.ArgumentParser:
-    """A stage's parser: `--help` shows the module docstring whole, with its examples as written."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """A stage's parser: `--help` shows the module docstring whole, with its examples as written, and the usage
+    line names the command as it is run (`python -m stages.caption`, not `caption.py`)."""
+    caller = sys._getframe(1).f_globals
+    spec = caller.get("__spec__")
+    module = spec.name if spec is not None else caller.get("__name__", "")
+    prog = f"python -m {module}" if module and module != "__main__" else None
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default="params.yaml", help="params file (validated before any work)")
     return p
 
