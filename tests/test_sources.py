@@ -591,6 +591,13 @@ def test_record_on_first_download_then_match_or_stop(files: FileServer, tmp_path
     assert json.loads(lock.read_text())["sources"]["train_json"]["sha256"] == sha(b"[2]")
     with pytest.raises(RepicError, match="needs fetch_data.lock"):
         fetch_sources(sources, {**outs, "data": tmp_path / "d5"}, progress=False)
+    # a lock entry that lost its value (edited by hand, a merge): one line naming the file and the key
+    broken = json.loads(lock.read_text())
+    del broken["sources"]["train_json"]["sha256"]
+    lock.write_text(json.dumps(broken))
+    with pytest.raises(RepicError, match=rf"^{re.escape(str(lock))}: sources\.train_json\.sha256: expected 64 hex "
+                       r"digits \(the recorded value\), got None; .* --re-record train_json$"):
+        fetch_sources(sources, {**outs, "data": tmp_path / "d6"}, lock=lock, progress=False)
     with pytest.raises(RepicError, match=r"--re-record: no source named 'nope'"):
         fetch_sources(sources, outs, lock=lock, rerecord=["nope"], progress=False)
 

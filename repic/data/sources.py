@@ -221,7 +221,12 @@ def _fetch_recorded(spec: Mapping[str, Any], dest: Path, *, name: str, label: st
             raise RepicError(f"{label}: {lock.path} recorded {key} for {entry.get('repo_id') or entry.get('url')!r}, "
                              f"the source now names {ident.get('repo_id') or ident.get('url')!r}: re-record it "
                              f"deliberately with --re-record {name}")
-        pinned = {**spec, key: entry[key]}
+        value = entry.get(key)
+        if not isinstance(value, str) or not (_SHA1 if kind == "hf" else _SHA256).match(value):
+            shape = "a 40-hex commit sha" if kind == "hf" else "64 hex digits"
+            raise RepicError(f"{lock.path}: sources.{name}.{key}: expected {shape} (the recorded value), got "
+                             f"{value!r}; restore the file from git, or record again with --re-record {name}")
+        pinned = {**spec, key: value}
         pinned.pop("record")
         try:
             if kind == "hf":
