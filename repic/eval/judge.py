@@ -120,7 +120,16 @@ def local_judge(model_path: str, *, device: str, dtype: str, max_new_tokens: int
         return generate_captions(model, processor, [(messages, images)], batch_size=1,
                                  max_new_tokens=max_new_tokens)[0]
 
-    return f"local:{Path(model_path).resolve() if Path(model_path).exists() else model_path}", ask
+    return local_backend_id(model_path), ask
+
+
+def local_backend_id(model_path: str) -> str:
+    """The local judge's part of the cache key: its weights' content (the tree hash of the model folder), not
+    where they lie, so a moved or re-cloned project finds its answers; a hub id (no folder) stays as given."""
+    from repic.data.sources import tree_sha256
+
+    path = Path(model_path)
+    return f"local:sha256:{tree_sha256(path)}" if path.is_dir() else f"local:{model_path}"
 
 
 def _data_url(img: Image.Image) -> str:
