@@ -47,6 +47,7 @@ class FileServer:
     content_type: dict[str, str] = field(default_factory=dict)
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     drive: set[str] = field(default_factory=set)                # Drive file ids behind a confirmation page
+    no_length: set[str] = field(default_factory=set)            # paths sent with no Content-Length (ends at close)
     url: str = ""
 
     def ranges(self, path: str) -> list[str | None]:
@@ -98,7 +99,8 @@ def _file_handler(state: FileServer) -> type[BaseHTTPRequestHandler]:
             else:
                 self.send_response(200)
             body = data[start:]
-            self.send_header("Content-Length", str(len(body)))
+            if path not in state.no_length:
+                self.send_header("Content-Length", str(len(body)))
             self.send_header("Content-Type", state.content_type.get(path, "application/octet-stream"))
             self.send_header("Accept-Ranges", "bytes")
             self.end_headers()
@@ -706,3 +708,24 @@ def test_expect_list_locates_the_zip_folder_and_checks_every_file(files: FileSer
                                dest="data/data/query-image-2-concepts")}
     with pytest.raises(RepicError, match=r"1 of the 2 files listed in .* are missing from .*A_and_B_2.jpg"):
         fetch_sources(sources, {"data": tmp_path / "root2"}, progress=False)
+
+
+def test_record_refuses_a_body_of_unknown_length(files: FileServer, tmp_path: Path) -> None:
+    """No Content-Length: the body ends when the connection closes, as a cut one does. A first download recorded
+    from such a server could be half a file, pinned for good: refused, nothing placed, nothing recorded. A
+    pinned source from the same server is fine (its sha256 decides)."""
+    files.files["/model.bin"] = PAYLOAD
+    files.no_length.add("/model.bin")
+    files.drop_after["/model.bin"] = 300_000
+    lock = tmp_path / "paper.lock.json"
+    sources = {"weights": {"kind": "url", "url": files.url + "/model.bin", "record": True, "dest": "data/model.bin",
+                           "backoff_s": 0}}
+    with pytest.raises(RepicError, match=r"^source 'weights': .*/model\.bin sent no Content-Length and no chunked "
+                       r"body, .* nothing recorded"):
+        fetch_sources(sources, {"data": tmp_path / "d"}, lock=lock, progress=False)
+    assert not lock.exists() and not (tmp_path / "d" / "model.bin").exists()
+    files.drop_after.clear()
+    pinned = {**sources["weights"], "sha256": sha(PAYLOAD)}
+    pinned.pop("record")
+    fetch_sources({"weights": pinned}, {"data": tmp_path / "d"}, progress=False)
+    assert (tmp_path / "d" / "model.bin").read_bytes() == PAYLOAD

@@ -442,7 +442,7 @@ def fetch_url(spec: Mapping[str, Any], dest: Path, *, label: str, cache_dir: Pat
     else:
         target = dest.parent / f".{dest.name}.download" if record else dest
     try:
-        digest = download(direct, target, sha256, label=label, **opts)
+        digest = download(direct, target, sha256, label=label, whole=record, **opts)
         if cache_dir is not None and sha256 is None:
             final = cache_dir / "url" / digest / filename
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -465,11 +465,13 @@ def fetch_url(spec: Mapping[str, Any], dest: Path, *, label: str, cache_dir: Pat
 
 
 def download(url: str, target: Path, sha256: str | None, *, label: str, retries: int = 3, timeout_s: float = 60.0,
-             backoff_s: float = 2.0, progress: bool = True) -> str:
+             backoff_s: float = 2.0, progress: bool = True, whole: bool = False) -> str:
     """Download `url` to `target`: resumable through ``<target>.part``, renamed onto `target` only after its
     sha256 matches (any complete download when `sha256` is None: recording). An existing `target` with the right
     hash is kept as it is (no request). Returns the file's sha256. Requests go through `mirror_url`; a Google
-    Drive confirmation page is answered with its form."""
+    Drive confirmation page is answered with its form. `whole` (recording: no hash to check the file against):
+    a body whose end cannot be checked (no Content-Length, not chunked: it ends when the connection closes,
+    which a cut connection does too) is refused."""
     if sha256 is not None and target.is_file() and file_sha256(target) == sha256:
         return sha256
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -479,7 +481,8 @@ def download(url: str, target: Path, sha256: str | None, *, label: str, retries:
         resumed = part.is_file() and part.stat().st_size > 0
         for attempt in range(retries + 1):
             try:
-                url = _transfer_following_forms(url, part, label=label, timeout_s=timeout_s, progress=progress)
+                url = _transfer_following_forms(url, part, label=label, timeout_s=timeout_s, progress=progress,
+                                                whole=whole)
                 break
             except _Interrupted as exc:
                 size = part.stat().st_size if part.exists() else 0
@@ -509,11 +512,12 @@ def download(url: str, target: Path, sha256: str | None, *, label: str, retries:
         raise RepicError(f"{label}: sha256 mismatch for {url}: expected {sha256}, got {digest}{hint}")
 
 
-def _transfer_following_forms(url: str, part: Path, *, label: str, timeout_s: float, progress: bool) -> str:
+def _transfer_following_forms(url: str, part: Path, *, label: str, timeout_s: float, progress: bool,
+                              whole: bool = False) -> str:
     """`_transfer`, answering Google Drive's confirmation page with its form; returns the URL that gave the file."""
     for _ in range(3):
         try:
-            _transfer(url, part, label=label, timeout_s=timeout_s, progress=progress)
+            _transfer(url, part, label=label, timeout_s=timeout_s, progress=progress, whole=whole)
             return url
         except _DriveForm as form:
             log.info("%s: Google Drive asks to confirm a large download; following its form", label)
@@ -558,9 +562,10 @@ def drive_form_url(page: str, base: str) -> str | None:
     return action + ("&" if "?" in action else "?") + urllib.parse.urlencode(parser.fields)
 
 
-def _transfer(url: str, part: Path, *, label: str, timeout_s: float, progress: bool) -> None:
+def _transfer(url: str, part: Path, *, label: str, timeout_s: float, progress: bool, whole: bool = False) -> None:
     """One request: append to `part` from its current size (HTTP Range) or rewrite it when the server ignores
-    the range. Raises _Interrupted when fewer bytes arrive than announced or the connection fails."""
+    the range. Raises _Interrupted when fewer bytes arrive than announced or the connection fails; with `whole`,
+    a RepicError when the server announces no length (see `download`)."""
     from tqdm import tqdm
 
     offset = part.stat().st_size if part.is_file() else 0
@@ -595,6 +600,10 @@ def _transfer(url: str, part: Path, *, label: str, timeout_s: float, progress: b
                 raise _DriveForm(form)
             raise RepicError(f"{label}: Google Drive answered {url} with an HTML page instead of the file "
                              "(quota exceeded, not shared publicly, or a changed link)")
+        if whole and total is None and not getattr(response, "chunked", False):
+            raise RepicError(f"{label}: {url} sent no Content-Length and no chunked body, so a download cut short "
+                             "cannot be told from a whole one: nothing recorded (pin the file's sha256 in the source "
+                             "instead of record: true)")
         received = 0
         with open(part, mode) as fh, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
                                           desc=label, disable=not progress, leave=False) as bar:
