@@ -729,3 +729,57 @@ def test_record_refuses_a_body_of_unknown_length(files: FileServer, tmp_path: Pa
     pinned.pop("record")
     fetch_sources({"weights": pinned}, {"data": tmp_path / "d"}, progress=False)
     assert (tmp_path / "d" / "model.bin").read_bytes() == PAYLOAD
+
+
+def _paper_fetch_params(sources: dict[str, Any], tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The paper config's fetch_data section and data paths (configs/paper.yaml over params.yaml), its sources
+    replaced by `sources`: every default of the paper run, the download cache's included."""
+    import yaml
+
+    from repic.core.params import deep_merge
+
+    from .conftest import REPO
+
+    params = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()),
+                        yaml.safe_load((REPO / "configs/paper.yaml").read_text()))
+    # no evaluation dataset: validation has nothing to read (the sources here are model files)
+    return ({**params["fetch_data"], "sources": sources, "lock": str(tmp_path / "paper.lock.json")},
+            {**params["base"]["data"], "datasets": []})
+
+
+def test_paper_config_resumes_a_cut_download_in_the_next_run(files: FileServer, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs of fetch_data with the paper config's defaults: the first fails (the server cuts the body, the
+    retries are spent) after another source was fetched whole; the second resumes the cut file from where it
+    stopped (HTTP Range) and asks nothing for the finished source. Without a cache the partial file lived in
+    the stage's temporary output folder and went with it."""
+    from repic.data.fetch import fetch_real
+
+    monkeypatch.chdir(tmp_path)
+    files.files["/a_done.bin"] = PAYLOAD[::-1]
+    files.files["/b_cut.bin"] = PAYLOAD
+    files.drop_after["/b_cut.bin"] = 300_000
+    sources = {"a_done": {**url_spec(files, "/a_done.bin", retries=0), "dest": "model/a.bin"},
+               "b_cut": {**url_spec(files, "/b_cut.bin", retries=0), "dest": "model/b.bin"}}
+    cfg, data = _paper_fetch_params(sources, tmp_path)
+    assert cfg["cache"] == ".cache/repic"
+    with pytest.raises(RepicError, match=r"300000 bytes kept in \.cache/repic/url/.*/b_cut\.bin\.part: run again"):
+        fetch_real("data/repic", "data/models/base", cfg, data, seed=0)
+    assert not Path("data/models/base").exists()
+    fetch_real("data/repic", "data/models/base", cfg, data, seed=0)
+    assert Path("data/models/base/b.bin").read_bytes() == PAYLOAD
+    assert Path("data/models/base/a.bin").read_bytes() == PAYLOAD[::-1]
+    assert files.ranges("/b_cut.bin") == [None, "bytes=300000-"] and files.ranges("/a_done.bin") == [None]
+
+
+def test_without_a_cache_the_interruption_message_does_not_promise_a_resume(files: FileServer,
+                                                                           tmp_path: Path) -> None:
+    from repic.data.fetch import fetch_real
+
+    files.files["/b_cut.bin"] = PAYLOAD
+    files.drop_after["/b_cut.bin"] = 300_000
+    cfg, data = _paper_fetch_params({"b": {**url_spec(files, "/b_cut.bin", retries=0), "dest": "model/b.bin"}},
+                                    tmp_path)
+    with pytest.raises(RepicError, match=r"300000 bytes received, lost with the stage's temporary output: set "
+                       r"fetch_data\.cache"):
+        fetch_real(tmp_path / "d", tmp_path / "m", {**cfg, "cache": None}, data, seed=0)

@@ -487,8 +487,13 @@ def download(url: str, target: Path, sha256: str | None, *, label: str, retries:
             except _Interrupted as exc:
                 size = part.stat().st_size if part.exists() else 0
                 if attempt == retries:
-                    raise RepicError(f"{label}: download of {url} interrupted ({exc}); {size} bytes kept in "
-                                     f"{part}: run again to resume") from None
+                    if any(re.fullmatch(r"\..+\.tmp", p.name) for p in part.parents):
+                        # inside a stage's temporary output folder, which goes when the stage fails
+                        where = (f"{size} bytes received, lost with the stage's temporary output: set "
+                                 "fetch_data.cache (e.g. .cache/repic) to resume across runs")
+                    else:
+                        where = f"{size} bytes kept in {part}: run again to resume"
+                    raise RepicError(f"{label}: download of {url} interrupted ({exc}); {where}") from None
                 log.warning("%s: %s; retrying from byte %d", label, exc, size)
                 time.sleep(backoff_s * 2**attempt)
         digest = file_sha256(part)
