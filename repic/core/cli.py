@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
+import os
 import signal
 import sys
 import threading
@@ -13,6 +15,9 @@ from typing import Any
 
 from repic.core.io import RepicError
 from repic.core.params import load_params
+
+# A full disk or a spent quota: the user's to fix, a one-line error rather than a traceback.
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def parser(doc: str | None) -> argparse.ArgumentParser:
@@ -65,6 +70,14 @@ def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None 
             main(argv)
     except RepicError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        # The stage's outputs are written all or nothing (repic.core.io): what was there before is intact.
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"error: {os.strerror(exc.errno)} ({errno.errorcode[exc.errno]}){where}: free space (df -h) and run "
+              "again; no output was half-written", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # raised by the handler, or a SIGINT before it was installed
         received.append(signal.SIGINT)

@@ -612,13 +612,16 @@ def _transfer(url: str, part: Path, *, label: str, timeout_s: float, progress: b
         received = 0
         with open(part, mode) as fh, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
                                           desc=label, disable=not progress, leave=False) as bar:
-            try:
-                while block := response.read(CHUNK):
-                    fh.write(block)
-                    received += len(block)
-                    bar.update(len(block))
-            except (OSError, http.client.HTTPException) as exc:
-                raise _Interrupted(f"{type(exc).__name__}: {exc}") from None
+            while True:
+                try:
+                    block = response.read(CHUNK)
+                except (OSError, http.client.HTTPException) as exc:
+                    raise _Interrupted(f"{type(exc).__name__}: {exc}") from None
+                if not block:
+                    break
+                fh.write(block)  # a full disk here is not the network's fault: not retried, one line (cli.run)
+                received += len(block)
+                bar.update(len(block))
     # http.client returns short reads at a premature EOF instead of raising: compare with what was announced.
     if total is not None and offset + received < total:
         raise _Interrupted(f"connection closed after {offset + received} of {total} bytes")
