@@ -31,7 +31,8 @@ from repic.core.layout import (
     eval_datasets,
     run_file,
 )
-from repic.eval.captioning import run_setting
+from repic.eval.captioning import find_adapter, run_setting
+from repic.vlm.models import check_adapter
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -57,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise RepicError("--adapter needs --base-model (the model the LoRA adapter applies to)")
     if bool(args.queries) != bool(args.database):
         raise RepicError("--queries and --database go together (one query map and its database)")
+    if args.adapter:  # an adapter made for another base fails here, in one line, not after the retrieval pass
+        check_adapter(find_adapter(args.adapter), args.base_model)
     if args.queries:
         jobs = [(args.queries, args.database, Path(args.index), Path())]
     else:
