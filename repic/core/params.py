@@ -119,7 +119,7 @@ SCHEMA: dict[str, Any] = _obj({
         "warmup": _obj({
             "examples": _POS, "names": _POS, "name_rate": _RATE, "name_rate_asked": _RATE,
             "drills": _POS, "judge": _POS, "drill_steps": _INT, "warmup_steps": _INT, "steps": _INT, "batch_size": _POS,
-            "learning_rate": _NUM,
+            "learning_rate": _NUM, "threads": _POS,
         }),
     }),
     "subset_2k": _obj({"n_samples": _POS}),
