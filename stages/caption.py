@@ -13,6 +13,7 @@ files go straight into --out).
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from repic.core.cli import params_of, parser, run
-from repic.core.io import RepicError, write_json, write_parquet
+from repic.core.io import RepicError, staged_outputs, write_json, write_parquet
 from repic.core.layout import (
     CAPTIONS_PARQUET,
     DB_MANIFEST,
@@ -30,7 +31,8 @@ from repic.core.layout import (
     eval_datasets,
     run_file,
 )
-from repic.eval.captioning import run_setting
+from repic.eval.captioning import find_adapter, run_setting
+from repic.vlm.models import check_adapter
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -56,28 +58,39 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise RepicError("--adapter needs --base-model (the model the LoRA adapter applies to)")
     if bool(args.queries) != bool(args.database):
         raise RepicError("--queries and --database go together (one query map and its database)")
+    if args.adapter:  # an adapter made for another base fails here, in one line, not after the retrieval pass
+        check_adapter(find_adapter(args.adapter), args.base_model)
     if args.queries:
-        jobs = [(args.queries, args.database, Path(args.index), Path(args.out))]
+        jobs = [(args.queries, args.database, Path(args.index), Path())]
     else:
         datasets = eval_datasets(params["base"]["data"]["datasets"], args.setting)
         if not datasets:
             raise RepicError(f"base.data.datasets: no dataset has a '{args.setting}' query map")
-        jobs = [(d["queries"][args.setting], d["database"], Path(args.index) / d["name"], Path(args.out) / d["name"])
+        jobs = [(d["queries"][args.setting], d["database"], Path(args.index) / d["name"], Path(d["name"]))
                 for d in datasets]
-    for queries, database, index, out in jobs:
+    for _, _, index, _ in jobs:
         if not (index / INDEX_META).is_file():
             raise RepicError(f"{index}: no retrieval index for this dataset (build_db builds one per dataset; "
                              f"see {index.parent / DB_MANIFEST} for the ones it skipped)")
-        rows, retrieval = run_setting(args.setting, queries, database, args.root, str(index), args.row,
-                                      model=args.model, adapter=args.adapter, base_model=args.base_model,
-                                      params=params["caption"], device=params["base"]["device"],
-                                      dtype=params["base"]["dtype"])
-        for name, file_rows in rows.items():
-            write_json(out / run_file(name), file_rows)
-        write_json(out / RETRIEVAL_REPORT, retrieval)
-        write_parquet(out / CAPTIONS_PARQUET, pd.DataFrame(
-            [{"run": name, "query_image": r[0], "gt_keys": r[1], "caption": r[2], "question": r[3]}
-             for name, file_rows in rows.items() for r in file_rows]))
+    # All or nothing: every file of every dataset lands in --out together, when the last one is written.
+    with staged_outputs(args.out) as stage:
+        for queries, database, index, rel in jobs:
+            caption_dataset(args, params, queries, database, index, stage / rel)
+
+
+def caption_dataset(args: argparse.Namespace, params: dict, queries: str, database: str, index: Path,
+                    out: Path) -> None:
+    """One query map's caption files, retrieval report and Parquet table, written into `out`."""
+    rows, retrieval = run_setting(args.setting, queries, database, args.root, str(index), args.row,
+                                  model=args.model, adapter=args.adapter, base_model=args.base_model,
+                                  params=params["caption"], device=params["base"]["device"],
+                                  dtype=params["base"]["dtype"])
+    for name, file_rows in rows.items():
+        write_json(out / run_file(name), file_rows)
+    write_json(out / RETRIEVAL_REPORT, retrieval)
+    write_parquet(out / CAPTIONS_PARQUET, pd.DataFrame(
+        [{"run": name, "query_image": r[0], "gt_keys": r[1], "caption": r[2], "question": r[3]}
+         for name, file_rows in rows.items() for r in file_rows]))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from repic.core.cli import params_of, parser, run
-from repic.core.io import write_json, write_parquet
+from repic.core.io import staged_outputs, write_json, write_parquet
 from repic.core.layout import JUDGE_CACHE, MODES, SETTINGS, VERDICTS, WIN_RATES, layout_of, model_labels
 from repic.eval.judge import AnswerCache, build_pairs, judge_pairs, local_judge, openai_judge, win_rates
 
@@ -31,9 +31,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg, base = params["judge_llm"], params["base"]
     out = Path(args.out)
     if cfg["backend"] == "none":
-        write_json(out / WIN_RATES, {"status": "not run", "reason": "judge_llm.backend is 'none'"})
-        write_parquet(out / VERDICTS, pd.DataFrame(columns=["setting", "dataset", "mode", "query_image", "reference",
-                                                            "model"]))
+        with staged_outputs(out) as stage:
+            write_json(stage / WIN_RATES, {"status": "not run", "reason": "judge_llm.backend is 'none'"})
+            write_parquet(stage / VERDICTS, pd.DataFrame(columns=["setting", "dataset", "mode", "query_image",
+                                                                  "reference", "model"]))
         return
     # ---- judge backend
     if cfg["backend"] == "local":
@@ -62,8 +63,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                "reference": reference, "reference_label": labels[reference],
                # one entry per model row, in params order: the reference's win rate against it, both orders asked
                "versus": {m: rates(m) for m in labels if m != reference}}
-    write_json(out / WIN_RATES, summary)
-    write_parquet(out / VERDICTS, frame)
+    with staged_outputs(out) as stage:  # both or neither (cache.jsonl, appended as answers come, stays)
+        write_json(stage / WIN_RATES, summary)
+        write_parquet(stage / VERDICTS, frame)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not args.setting:
             raise RepicError("--setting is required when --captions is a file")
         summary, _ = score_captions(load_caption_rows(args.captions), args.setting, args.protocol or PROTOCOL_DEFAULT,
-                                    database)
+                                    database, source=args.captions)
         print(json.dumps({k: summary[k] for k in ("precision", "recall", "f1", "n_slots")}))
         return
     if not args.out or not args.tables:

@@ -89,3 +89,26 @@ def test_corrupt_line_inside_the_cache_is_a_one_line_error(tmp_path):
     path.write_text('{"hash": "a", "answer": "A"}\nnot json\n{"hash": "b", "answer": "B"}\n')
     with pytest.raises(RepicError, match=r"cache.jsonl: line 2: expected a JSON object"):
         AnswerCache(path)
+
+
+def test_local_judge_cache_key_is_the_models_content_not_its_path(tmp_path, monkeypatch):
+    """A moved project (or a second clone) finds the answers it paid for; other weights are asked again."""
+    import shutil
+
+    import repic.vlm.models as models
+    from repic.eval.judge import local_judge
+
+    monkeypatch.setattr(models, "load_processor", lambda path: None)
+    monkeypatch.setattr(models, "load_model", lambda path, **kw: None)
+    first = tmp_path / "a" / "judge"
+    first.mkdir(parents=True)
+    (first / "config.json").write_text("{}")
+    (first / "model.safetensors").write_bytes(b"weights")
+    moved = tmp_path / "b" / "judge"
+    shutil.copytree(first, moved)
+    kw = dict(device="cpu", dtype="float32", max_new_tokens=4)
+    key = local_judge(str(first), **kw)[0]
+    assert str(tmp_path) not in key
+    assert local_judge(str(moved), **kw)[0] == key
+    (moved / "model.safetensors").write_bytes(b"other weights")
+    assert local_judge(str(moved), **kw)[0] != key

@@ -186,3 +186,33 @@ def test_refused_connection_is_retried_then_one_error(monkeypatch):
                           max_retries=2)
     with pytest.raises(RepicError, match=r"/v1/chat/completions: connection failed \(ConnectError: .*\) after 3 "):
         ask(_messages(), [Image.new("RGB", (4, 4))])
+
+
+def test_content_parts_reply_is_read_and_a_malformed_one_never_cached(server, tmp_path):
+    """Some OpenAI-compatible servers send `content` as a list of parts: read (text parts joined). A `content`
+    that is neither (a number, a list of non-text parts) is retried, then one line, and cache.jsonl stays valid:
+    the next run neither fails on it nor reuses it."""
+    parts = {"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": {
+        "role": "assistant", "content": [{"type": "text", "text": "B"}, {"type": "text", "text": " (clearer)"}]}}]}
+    server.script = [(200, parts)]
+    _, ask = _judge(server)
+    assert ask(_messages(), [Image.new("RGB", (4, 4))]) == "B (clearer)"
+
+    bad = {"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": {"content": 42}}]}
+    server.default = (200, bad)
+    backend_id, ask = _judge(server, max_retries=1)
+    cache = tmp_path / "cache.jsonl"
+    with pytest.raises(RepicError, match=r"malformed chat-completions reply \(message content '42': expected a "
+                       r"string or a list of text parts\) after 2 attempts$"):
+        judge_pairs([_pair(0)], backend_id, ask, AnswerCache(cache))
+    assert not cache.exists() or cache.read_text() == ""
+    server.default = (200, None)
+    records = judge_pairs([_pair(0)], backend_id, ask, AnswerCache(cache))
+    assert len(records) == 1 and len(AnswerCache(cache).answers) == 2
+
+
+def test_an_answer_that_is_not_text_is_never_cached(tmp_path):
+    cache = AnswerCache(tmp_path / "cache.jsonl")
+    with pytest.raises(RepicError, match=r"cache\.jsonl: the judge's answer is a int, expected text"):
+        cache.get_or_ask("k", lambda: 42)
+    assert not (tmp_path / "cache.jsonl").exists() and AnswerCache(tmp_path / "cache.jsonl").answers == {}

@@ -47,3 +47,38 @@ def test_merge_above_tolerance_fails_and_leaves_nothing(tiny_model_dir, adapter,
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(RepicError, match="bfloat16"):
         check(report)
+
+
+def test_adapter_checked_against_the_base_before_any_work(tiny_model_dir, adapter, tmp_path, monkeypatch):
+    """An adapter made for another base (other shapes) or targeting layers the base lacks: one line naming both
+    folders, from the files' headers, before the caption stage's retrieval pass (which is never reached)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import stages.caption as caption
+    from repic.vlm.models import check_adapter
+
+    check_adapter(adapter, tiny_model_dir)  # a fitting adapter passes
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    name = sorted(k for k in tensors if k.endswith("q_proj.lora_A.weight"))[0]
+    wrong = tmp_path / "wrong_shape"
+    shutil.copytree(adapter, wrong)
+    r, width = tensors[name].shape
+    save_file({**tensors, name: tensors[name].new_zeros(r, width * 2)}, wrong / "adapter_model.safetensors")
+    with pytest.raises(RepicError, match=rf"^{wrong}: this LoRA adapter does not fit the base model "
+                       rf"{tiny_model_dir} \(1 of {len(tensors)} matrices; made for .*\), e\.g\. .*q_proj\.lora_A "
+                       rf"\[{r}, {width * 2}\] needs in_features {width * 2}, the base's weight is \[\d+, {width}\]$"):
+        check_adapter(wrong, tiny_model_dir)
+    missing = tmp_path / "missing_layer"
+    shutil.copytree(adapter, missing)
+    renamed = {k.replace("layers.0.self_attn.q_proj", "layers.0.self_attn.nope_proj"): v for k, v in tensors.items()}
+    save_file(renamed, missing / "adapter_model.safetensors")
+    with pytest.raises(RepicError, match=r"\(2 of .* matrices; .*nope_proj: no such linear layer in the base$"):
+        check_adapter(missing, tiny_model_dir)
+
+    monkeypatch.setattr(caption, "run_setting", lambda *a, **k: pytest.fail("reached the retrieval pass"))
+    with pytest.raises(RepicError, match="this LoRA adapter does not fit the base model"):
+        caption.main(["--setting", "single", "--root", str(tmp_path), "--index", str(tmp_path), "--row", "x",
+                      "--base-model", str(tiny_model_dir), "--adapter", str(wrong), "--out", str(tmp_path / "o"),
+                      "--queries", "q.json", "--database", "d.json"])

@@ -139,3 +139,23 @@ def test_keys_dvc_run_cache_ignores_are_refused(tmp_path):
     params["caption"]["detector_kwargs"] = {"size": 768}
     with pytest.raises(RepicError, match=r"caption\.detector_kwargs\.size: a key named 'size' is ignored by DVC"):
         load_params(_write(tmp_path, params))
+
+
+@pytest.mark.parametrize("text, expected", [
+    (None, "overlay file not found"),
+    ("fetch_data: [unclosed\n", "invalid YAML"),
+    ("- base\n- fetch_data\n", "expected a mapping of params sections (base:, fetch_data:, ...), got a list"),
+])
+def test_bad_overlay_is_one_line_naming_the_file(tmp_path, capsys, text, expected):
+    from repic.core.params import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    overlay = tmp_path / "overlay.yaml"
+    if text is not None:
+        overlay.write_text(text)
+    before = params.read_text()
+    assert main(["apply", str(overlay), "--params", str(params)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {overlay}: {expected}") and err.count("\n") == 1
+    assert params.read_text() == before

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -79,8 +80,17 @@ def test_pipeline_mode_scores_each_dataset_with_its_own_database(tmp_path):
     table1 = (tmp_path / "tables/table1_single_repic.md").read_text().splitlines()
     assert "Single MyVLM skip-retrieval R" in table1[2] and "Single DreamBooth retrieval F1" in table1[2]
     assert table1[5].startswith("| trained | 0.0 | 0.0 | 0.0 | 0.0 | 0.0 | 0.0 | 100.0 | 50.0 | 66.7 |")
-    shutil.rmtree(tmp_path / "captions/single/base/yollava")
     from repic.core.io import RepicError
+
+    # a file of another setting's arity (2 keys in a single-concept file): the error names the file
+    bad = tmp_path / "captions/single/trained/yollava/trained_retrieval.json"
+    good = bad.read_text()
+    bad.write_text(json.dumps([["./q0.png", ["<k1>", "<k0>"], "x", "q"]]))
+    with pytest.raises(RepicError, match=f"^{re.escape(str(bad))}: caption row 0: setting single expects 1 gt key"):
+        main(["--params", str(tmp_path / "params.yaml"), "--captions", str(tmp_path / "captions"),
+              "--out", str(tmp_path / "score"), "--tables", str(tmp_path / "tables")])
+    bad.write_text(good)
+    shutil.rmtree(tmp_path / "captions/single/base/yollava")
 
     with pytest.raises(RepicError, match="base/yollava/base_skip.json: caption file not found"):
         main(["--params", str(tmp_path / "params.yaml"), "--captions", str(tmp_path / "captions"),

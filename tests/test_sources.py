@@ -47,6 +47,7 @@ class FileServer:
     content_type: dict[str, str] = field(default_factory=dict)
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     drive: set[str] = field(default_factory=set)                # Drive file ids behind a confirmation page
+    no_length: set[str] = field(default_factory=set)            # paths sent with no Content-Length (ends at close)
     url: str = ""
 
     def ranges(self, path: str) -> list[str | None]:
@@ -98,7 +99,8 @@ def _file_handler(state: FileServer) -> type[BaseHTTPRequestHandler]:
             else:
                 self.send_response(200)
             body = data[start:]
-            self.send_header("Content-Length", str(len(body)))
+            if path not in state.no_length:
+                self.send_header("Content-Length", str(len(body)))
             self.send_header("Content-Type", state.content_type.get(path, "application/octet-stream"))
             self.send_header("Accept-Ranges", "bytes")
             self.end_headers()
@@ -591,6 +593,13 @@ def test_record_on_first_download_then_match_or_stop(files: FileServer, tmp_path
     assert json.loads(lock.read_text())["sources"]["train_json"]["sha256"] == sha(b"[2]")
     with pytest.raises(RepicError, match="needs fetch_data.lock"):
         fetch_sources(sources, {**outs, "data": tmp_path / "d5"}, progress=False)
+    # a lock entry that lost its value (edited by hand, a merge): one line naming the file and the key
+    broken = json.loads(lock.read_text())
+    del broken["sources"]["train_json"]["sha256"]
+    lock.write_text(json.dumps(broken))
+    with pytest.raises(RepicError, match=rf"^{re.escape(str(lock))}: sources\.train_json\.sha256: expected 64 hex "
+                       r"digits \(the recorded value\), got None; .* --re-record train_json$"):
+        fetch_sources(sources, {**outs, "data": tmp_path / "d6"}, lock=lock, progress=False)
     with pytest.raises(RepicError, match=r"--re-record: no source named 'nope'"):
         fetch_sources(sources, outs, lock=lock, rerecord=["nope"], progress=False)
 
@@ -699,3 +708,78 @@ def test_expect_list_locates_the_zip_folder_and_checks_every_file(files: FileSer
                                dest="data/data/query-image-2-concepts")}
     with pytest.raises(RepicError, match=r"1 of the 2 files listed in .* are missing from .*A_and_B_2.jpg"):
         fetch_sources(sources, {"data": tmp_path / "root2"}, progress=False)
+
+
+def test_record_refuses_a_body_of_unknown_length(files: FileServer, tmp_path: Path) -> None:
+    """No Content-Length: the body ends when the connection closes, as a cut one does. A first download recorded
+    from such a server could be half a file, pinned for good: refused, nothing placed, nothing recorded. A
+    pinned source from the same server is fine (its sha256 decides)."""
+    files.files["/model.bin"] = PAYLOAD
+    files.no_length.add("/model.bin")
+    files.drop_after["/model.bin"] = 300_000
+    lock = tmp_path / "paper.lock.json"
+    sources = {"weights": {"kind": "url", "url": files.url + "/model.bin", "record": True, "dest": "data/model.bin",
+                           "backoff_s": 0}}
+    with pytest.raises(RepicError, match=r"^source 'weights': .*/model\.bin sent no Content-Length and no chunked "
+                       r"body, .* nothing recorded"):
+        fetch_sources(sources, {"data": tmp_path / "d"}, lock=lock, progress=False)
+    assert not lock.exists() and not (tmp_path / "d" / "model.bin").exists()
+    files.drop_after.clear()
+    pinned = {**sources["weights"], "sha256": sha(PAYLOAD)}
+    pinned.pop("record")
+    fetch_sources({"weights": pinned}, {"data": tmp_path / "d"}, progress=False)
+    assert (tmp_path / "d" / "model.bin").read_bytes() == PAYLOAD
+
+
+def _paper_fetch_params(sources: dict[str, Any], tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The paper config's fetch_data section and data paths (configs/paper.yaml over params.yaml), its sources
+    replaced by `sources`: every default of the paper run, the download cache's included."""
+    import yaml
+
+    from repic.core.params import deep_merge
+
+    from .conftest import REPO
+
+    params = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()),
+                        yaml.safe_load((REPO / "configs/paper.yaml").read_text()))
+    # no evaluation dataset: validation has nothing to read (the sources here are model files)
+    return ({**params["fetch_data"], "sources": sources, "lock": str(tmp_path / "paper.lock.json")},
+            {**params["base"]["data"], "datasets": []})
+
+
+def test_paper_config_resumes_a_cut_download_in_the_next_run(files: FileServer, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs of fetch_data with the paper config's defaults: the first fails (the server cuts the body, the
+    retries are spent) after another source was fetched whole; the second resumes the cut file from where it
+    stopped (HTTP Range) and asks nothing for the finished source. Without a cache the partial file lived in
+    the stage's temporary output folder and went with it."""
+    from repic.data.fetch import fetch_real
+
+    monkeypatch.chdir(tmp_path)
+    files.files["/a_done.bin"] = PAYLOAD[::-1]
+    files.files["/b_cut.bin"] = PAYLOAD
+    files.drop_after["/b_cut.bin"] = 300_000
+    sources = {"a_done": {**url_spec(files, "/a_done.bin", retries=0), "dest": "model/a.bin"},
+               "b_cut": {**url_spec(files, "/b_cut.bin", retries=0), "dest": "model/b.bin"}}
+    cfg, data = _paper_fetch_params(sources, tmp_path)
+    assert cfg["cache"] == ".cache/repic"
+    with pytest.raises(RepicError, match=r"300000 bytes kept in \.cache/repic/url/.*/b_cut\.bin\.part: run again"):
+        fetch_real("data/repic", "data/models/base", cfg, data, seed=0)
+    assert not Path("data/models/base").exists()
+    fetch_real("data/repic", "data/models/base", cfg, data, seed=0)
+    assert Path("data/models/base/b.bin").read_bytes() == PAYLOAD
+    assert Path("data/models/base/a.bin").read_bytes() == PAYLOAD[::-1]
+    assert files.ranges("/b_cut.bin") == [None, "bytes=300000-"] and files.ranges("/a_done.bin") == [None]
+
+
+def test_without_a_cache_the_interruption_message_does_not_promise_a_resume(files: FileServer,
+                                                                           tmp_path: Path) -> None:
+    from repic.data.fetch import fetch_real
+
+    files.files["/b_cut.bin"] = PAYLOAD
+    files.drop_after["/b_cut.bin"] = 300_000
+    cfg, data = _paper_fetch_params({"b": {**url_spec(files, "/b_cut.bin", retries=0), "dest": "model/b.bin"}},
+                                    tmp_path)
+    with pytest.raises(RepicError, match=r"300000 bytes received, lost with the stage's temporary output: set "
+                       r"fetch_data\.cache"):
+        fetch_real(tmp_path / "d", tmp_path / "m", {**cfg, "cache": None}, data, seed=0)

@@ -48,3 +48,14 @@ def test_help_runs_as_a_module():
     out = subprocess.run([sys.executable, "-m", "stages.caption", "--help"], cwd=REPO, capture_output=True,
                          text=True, check=True).stdout
     assert "--index data/db \\\n    --base-model data/models/base --row trained --adapter results/train/adapter" in out
+
+
+@pytest.mark.parametrize("stage", ["caption", "score"])
+def test_usage_names_the_module_command(stage):
+    """`--help`'s usage line is the command to type (`python -m stages.X`), run as a module or imported."""
+    out = subprocess.run([sys.executable, "-m", f"stages.{stage}", "--help"], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.startswith(f"usage: python -m stages.{stage} [-h]")
+    module = importlib.import_module(f"stages.{stage}")
+    with pytest.raises(SystemExit):
+        module.main(["--help"])

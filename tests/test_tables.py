@@ -125,3 +125,17 @@ def test_table1_has_one_column_group_per_single_concept_dataset():
     assert t1["md"].splitlines()[4].startswith("| base | 0.2 | 0.2 | 0.2 | 0.2 | 0.2 | 0.2 | 1.2 |")
     assert "Single Yo'LLaVA" in t1["tex"] and "2_concepts" not in t1["csv"]
     assert "2-concept skip-retrieval P" in paper_tables(metrics, "repic")["table2_multi"]["md"]
+
+
+def test_latex_tables_escape_the_caption_and_labels():
+    """A bare % in LaTeX comments out the rest of the line (here the caption's closing brace); `_`, `&`, `#` in a
+    model's label would break the tabular: all are printed literally."""
+    from repic.eval.tables import paper_tables
+
+    cell = {"precision": 80.04, "recall": 50.0, "f1": 61.55, "n_slots": 10}
+    metrics = {"single": {"synthetic": {m: {"base": cell} for m in ("skip", "retrieval")}}}
+    tex = paper_tables(metrics, "repic", {"base": "Qwen_7B 50% & #1"})["table1_single"]["tex"]
+    assert "\\caption{Single-concept personalized captioning, name P/R/F1 (\\%), protocol repic}\n" in tex
+    assert "\nQwen\\_7B 50\\% \\& \\#1 & 80.0 & 50.0 & 61.6 & 80.0" in tex
+    for line in tex.splitlines():  # no unescaped %, which would comment out the rest of the line
+        assert "%" not in line.replace("\\%", "")

@@ -95,3 +95,27 @@ def test_a_vocab_too_small_for_one_token_names_is_a_clear_error(tmp_path):
     out = build_tiny_model(tmp_path / "m", [" ".join(names)], {**TINY_MODEL, "vocab_size": 300}, seed=0)
     with pytest.raises(RepicError, match=r"fetch_data\.tiny_model\.vocab_size: .* raise vocab_size"):
         check_single_tokens(out, names)
+
+
+def test_warmup_bytes_do_not_depend_on_the_machines_thread_count(tiny_model_dir, tmp_path):
+    """The thread count splits matrix products and reductions differently (float sums in another order: 1 and 4
+    threads gave different bytes on a 2-core x86 machine); `threads` fixes it for the warm-up whatever torch's
+    setting is, and gives that setting back."""
+    import hashlib
+    import shutil
+
+    def warmed(torch_threads: int) -> str:
+        model = tmp_path / f"t{torch_threads}"
+        shutil.copytree(tiny_model_dir, model)
+        examples = W.warmup_examples(**WORLD, n_distractors=2, image_size=64, n_names=20, name_rate=0.3,
+                                     name_rate_asked=0.9, n_examples=16)
+        before = torch.get_num_threads()
+        torch.set_num_threads(torch_threads)
+        try:
+            W.warmup(model, examples, steps=6, batch_size=4, learning_rate=1e-3, seed=0, threads=1)
+            assert torch.get_num_threads() == torch_threads
+        finally:
+            torch.set_num_threads(before)
+        return hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest()
+
+    assert warmed(4) == warmed(1)

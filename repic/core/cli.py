@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
+import os
 import signal
 import sys
 import threading
@@ -14,10 +16,18 @@ from typing import Any
 from repic.core.io import RepicError
 from repic.core.params import load_params
 
+# A full disk or a spent quota: the user's to fix, a one-line error rather than a traceback.
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
 
 def parser(doc: str | None) -> argparse.ArgumentParser:
-    """A stage's parser: `--help` shows the module docstring whole, with its examples as written."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """A stage's parser: `--help` shows the module docstring whole, with its examples as written, and the usage
+    line names the command as it is run (`python -m stages.caption`, not `caption.py`)."""
+    caller = sys._getframe(1).f_globals
+    spec = caller.get("__spec__")
+    module = spec.name if spec is not None else caller.get("__name__", "")
+    prog = f"python -m {module}" if module and module != "__main__" else None
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default="params.yaml", help="params file (validated before any work)")
     return p
 
@@ -60,6 +70,14 @@ def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None 
             main(argv)
     except RepicError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        # The stage's outputs are written all or nothing (repic.core.io): what was there before is intact.
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"error: {os.strerror(exc.errno)} ({errno.errorcode[exc.errno]}){where}: free space (df -h) and run "
+              "again; no output was half-written", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # raised by the handler, or a SIGINT before it was installed
         received.append(signal.SIGINT)

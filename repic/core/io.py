@@ -150,13 +150,40 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~umask())
     try:
         yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=".old", dir=path.parent))
-            os.replace(path, old / "x")
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        _swap_in(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_in(src: Path, path: Path) -> None:
+    """Rename `src` onto `path`; an existing folder at `path` is moved aside first, then removed."""
+    if path.is_dir() and not path.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=".old", dir=path.parent))
+        os.replace(path, old / "x")
+        os.replace(src, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(src, path)
+
+
+@contextlib.contextmanager
+def staged_outputs(folder: str | os.PathLike) -> Iterator[Path]:
+    """A stage's outputs, all or nothing: yield a fresh temporary folder beside `folder` to write them into;
+    only when the block succeeds does each entry written there replace its namesake in `folder` (created if
+    need be), by renames, which need no disk space. Entries of `folder` not written (a persisted answer cache)
+    stay. A failure (a full disk, an error, Ctrl-C) leaves `folder` as it was: never half the files of a run."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_tmp(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(folder), suffix=".tmp", dir=folder.parent))
+    os.chmod(tmp, 0o777 & ~umask())
+    try:
+        yield tmp
+        folder.mkdir(exist_ok=True)
+        for entry in sorted(tmp.iterdir()):
+            _swap_in(entry, folder / entry.name)
+        tmp.rmdir()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -119,7 +119,7 @@ SCHEMA: dict[str, Any] = _obj({
         "warmup": _obj({
             "examples": _POS, "names": _POS, "name_rate": _RATE, "name_rate_asked": _RATE,
             "drills": _POS, "judge": _POS, "drill_steps": _INT, "warmup_steps": _INT, "steps": _INT, "batch_size": _POS,
-            "learning_rate": _NUM,
+            "learning_rate": _NUM, "threads": _POS,
         }),
     }),
     "subset_2k": _obj({"n_samples": _POS}),
@@ -409,6 +409,27 @@ def without_training(params: dict[str, Any], source: str = "params.yaml") -> dic
     return out
 
 
+def read_overlay(path: str | os.PathLike) -> dict[str, Any]:
+    """An overlay file's sections (a YAML mapping; empty: none); missing, unreadable or not a mapping: one line
+    naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RepicError(f"{path}: overlay file not found (expected a YAML mapping of params sections, e.g. "
+                         "configs/paper.yaml)")
+    try:
+        overlay = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise RepicError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise RepicError(f"{path}: not UTF-8 text (expected a YAML mapping of params sections)") from None
+    if overlay is None:
+        return {}
+    if not isinstance(overlay, dict):
+        raise RepicError(f"{path}: expected a mapping of params sections (base:, fetch_data:, ...), "
+                         f"got a {type(overlay).__name__}")
+    return overlay
+
+
 def apply_overlay(params_path: str | os.PathLike, overlay_path: str | os.PathLike, *,
                   released_only: bool = False) -> dict[str, Any]:
     """Rewrite `params_path` as itself overlaid with `overlay_path` (validated first, written atomically); with
@@ -416,7 +437,7 @@ def apply_overlay(params_path: str | os.PathLike, overlay_path: str | os.PathLik
     from repic.core.io import write_text
 
     base = load_params(params_path)
-    overlay = yaml.safe_load(Path(overlay_path).read_text(encoding="utf-8")) or {}
+    overlay = read_overlay(overlay_path)
     merged = deep_merge(base, overlay)
     validate(merged, f"{params_path} + {overlay_path}")
     if released_only:

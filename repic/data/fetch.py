@@ -60,7 +60,7 @@ def fetch_synthetic(out_data: str | os.PathLike, out_model: str | os.PathLike, p
                 losses = warmup(model_tmp, examples, steps=wcfg["steps"], batch_size=wcfg["batch_size"],
                                 learning_rate=wcfg["learning_rate"], seed=seed, drills=drills, judge=judge,
                                 drill_steps=wcfg["drill_steps"], warmup_steps=wcfg["warmup_steps"],
-                                freeze_embeddings=True, callback=lambda *_: bar.update())
+                                freeze_embeddings=True, threads=wcfg["threads"], callback=lambda *_: bar.update())
     return {**summary, "warmup_loss": [losses[0], losses[-1]] if losses else None}
 
 

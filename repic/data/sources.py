@@ -221,7 +221,12 @@ def _fetch_recorded(spec: Mapping[str, Any], dest: Path, *, name: str, label: st
             raise RepicError(f"{label}: {lock.path} recorded {key} for {entry.get('repo_id') or entry.get('url')!r}, "
                              f"the source now names {ident.get('repo_id') or ident.get('url')!r}: re-record it "
                              f"deliberately with --re-record {name}")
-        pinned = {**spec, key: entry[key]}
+        value = entry.get(key)
+        if not isinstance(value, str) or not (_SHA1 if kind == "hf" else _SHA256).match(value):
+            shape = "a 40-hex commit sha" if kind == "hf" else "64 hex digits"
+            raise RepicError(f"{lock.path}: sources.{name}.{key}: expected {shape} (the recorded value), got "
+                             f"{value!r}; restore the file from git, or record again with --re-record {name}")
+        pinned = {**spec, key: value}
         pinned.pop("record")
         try:
             if kind == "hf":
@@ -437,7 +442,7 @@ def fetch_url(spec: Mapping[str, Any], dest: Path, *, label: str, cache_dir: Pat
     else:
         target = dest.parent / f".{dest.name}.download" if record else dest
     try:
-        digest = download(direct, target, sha256, label=label, **opts)
+        digest = download(direct, target, sha256, label=label, whole=record, **opts)
         if cache_dir is not None and sha256 is None:
             final = cache_dir / "url" / digest / filename
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -460,11 +465,13 @@ def fetch_url(spec: Mapping[str, Any], dest: Path, *, label: str, cache_dir: Pat
 
 
 def download(url: str, target: Path, sha256: str | None, *, label: str, retries: int = 3, timeout_s: float = 60.0,
-             backoff_s: float = 2.0, progress: bool = True) -> str:
+             backoff_s: float = 2.0, progress: bool = True, whole: bool = False) -> str:
     """Download `url` to `target`: resumable through ``<target>.part``, renamed onto `target` only after its
     sha256 matches (any complete download when `sha256` is None: recording). An existing `target` with the right
     hash is kept as it is (no request). Returns the file's sha256. Requests go through `mirror_url`; a Google
-    Drive confirmation page is answered with its form."""
+    Drive confirmation page is answered with its form. `whole` (recording: no hash to check the file against):
+    a body whose end cannot be checked (no Content-Length, not chunked: it ends when the connection closes,
+    which a cut connection does too) is refused."""
     if sha256 is not None and target.is_file() and file_sha256(target) == sha256:
         return sha256
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -474,13 +481,19 @@ def download(url: str, target: Path, sha256: str | None, *, label: str, retries:
         resumed = part.is_file() and part.stat().st_size > 0
         for attempt in range(retries + 1):
             try:
-                url = _transfer_following_forms(url, part, label=label, timeout_s=timeout_s, progress=progress)
+                url = _transfer_following_forms(url, part, label=label, timeout_s=timeout_s, progress=progress,
+                                                whole=whole)
                 break
             except _Interrupted as exc:
                 size = part.stat().st_size if part.exists() else 0
                 if attempt == retries:
-                    raise RepicError(f"{label}: download of {url} interrupted ({exc}); {size} bytes kept in "
-                                     f"{part}: run again to resume") from None
+                    if any(re.fullmatch(r"\..+\.tmp", p.name) for p in part.parents):
+                        # inside a stage's temporary output folder, which goes when the stage fails
+                        where = (f"{size} bytes received, lost with the stage's temporary output: set "
+                                 "fetch_data.cache (e.g. .cache/repic) to resume across runs")
+                    else:
+                        where = f"{size} bytes kept in {part}: run again to resume"
+                    raise RepicError(f"{label}: download of {url} interrupted ({exc}); {where}") from None
                 log.warning("%s: %s; retrying from byte %d", label, exc, size)
                 time.sleep(backoff_s * 2**attempt)
         digest = file_sha256(part)
@@ -504,11 +517,12 @@ def download(url: str, target: Path, sha256: str | None, *, label: str, retries:
         raise RepicError(f"{label}: sha256 mismatch for {url}: expected {sha256}, got {digest}{hint}")
 
 
-def _transfer_following_forms(url: str, part: Path, *, label: str, timeout_s: float, progress: bool) -> str:
+def _transfer_following_forms(url: str, part: Path, *, label: str, timeout_s: float, progress: bool,
+                              whole: bool = False) -> str:
     """`_transfer`, answering Google Drive's confirmation page with its form; returns the URL that gave the file."""
     for _ in range(3):
         try:
-            _transfer(url, part, label=label, timeout_s=timeout_s, progress=progress)
+            _transfer(url, part, label=label, timeout_s=timeout_s, progress=progress, whole=whole)
             return url
         except _DriveForm as form:
             log.info("%s: Google Drive asks to confirm a large download; following its form", label)
@@ -553,9 +567,10 @@ def drive_form_url(page: str, base: str) -> str | None:
     return action + ("&" if "?" in action else "?") + urllib.parse.urlencode(parser.fields)
 
 
-def _transfer(url: str, part: Path, *, label: str, timeout_s: float, progress: bool) -> None:
+def _transfer(url: str, part: Path, *, label: str, timeout_s: float, progress: bool, whole: bool = False) -> None:
     """One request: append to `part` from its current size (HTTP Range) or rewrite it when the server ignores
-    the range. Raises _Interrupted when fewer bytes arrive than announced or the connection fails."""
+    the range. Raises _Interrupted when fewer bytes arrive than announced or the connection fails; with `whole`,
+    a RepicError when the server announces no length (see `download`)."""
     from tqdm import tqdm
 
     offset = part.stat().st_size if part.is_file() else 0
@@ -590,16 +605,23 @@ def _transfer(url: str, part: Path, *, label: str, timeout_s: float, progress: b
                 raise _DriveForm(form)
             raise RepicError(f"{label}: Google Drive answered {url} with an HTML page instead of the file "
                              "(quota exceeded, not shared publicly, or a changed link)")
+        if whole and total is None and not getattr(response, "chunked", False):
+            raise RepicError(f"{label}: {url} sent no Content-Length and no chunked body, so a download cut short "
+                             "cannot be told from a whole one: nothing recorded (pin the file's sha256 in the source "
+                             "instead of record: true)")
         received = 0
         with open(part, mode) as fh, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
                                           desc=label, disable=not progress, leave=False) as bar:
-            try:
-                while block := response.read(CHUNK):
-                    fh.write(block)
-                    received += len(block)
-                    bar.update(len(block))
-            except (OSError, http.client.HTTPException) as exc:
-                raise _Interrupted(f"{type(exc).__name__}: {exc}") from None
+            while True:
+                try:
+                    block = response.read(CHUNK)
+                except (OSError, http.client.HTTPException) as exc:
+                    raise _Interrupted(f"{type(exc).__name__}: {exc}") from None
+                if not block:
+                    break
+                fh.write(block)  # a full disk here is not the network's fault: not retried, one line (cli.run)
+                received += len(block)
+                bar.update(len(block))
     # http.client returns short reads at a premature EOF instead of raising: compare with what was announced.
     if total is not None and offset + received < total:
         raise _Interrupted(f"connection closed after {offset + received} of {total} bytes")

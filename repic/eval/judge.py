@@ -103,6 +103,9 @@ class AnswerCache:
     def get_or_ask(self, key: str, ask: Callable[[], str]) -> str:
         if key not in self.answers:
             answer = ask()
+            if not isinstance(answer, str):  # a cache line every later run would refuse: never written
+                raise RepicError(f"{self.path}: the judge's answer is a {type(answer).__name__}, expected text "
+                                 f"({str(answer)[:80]!r}); nothing cached")
             self._append((json.dumps({"hash": key, "answer": answer}) + "\n").encode())
             self.answers[key] = answer
             self.asked += 1
@@ -120,7 +123,16 @@ def local_judge(model_path: str, *, device: str, dtype: str, max_new_tokens: int
         return generate_captions(model, processor, [(messages, images)], batch_size=1,
                                  max_new_tokens=max_new_tokens)[0]
 
-    return f"local:{Path(model_path).resolve() if Path(model_path).exists() else model_path}", ask
+    return local_backend_id(model_path), ask
+
+
+def local_backend_id(model_path: str) -> str:
+    """The local judge's part of the cache key: its weights' content (the tree hash of the model folder), not
+    where they lie, so a moved or re-cloned project finds its answers; a hub id (no folder) stays as given."""
+    from repic.data.sources import tree_sha256
+
+    path = Path(model_path)
+    return f"local:sha256:{tree_sha256(path)}" if path.is_dir() else f"local:{model_path}"
 
 
 def _data_url(img: Image.Image) -> str:
@@ -174,9 +186,14 @@ def openai_judge(base_url: str, model: str, api_key_env: str, *, max_new_tokens:
         if resp.status_code >= 400:
             raise RepicError(f"judge {url}: HTTP {resp.status_code} {resp.reason_phrase}")
         try:
-            return resp.json()["choices"][0]["message"]["content"] or ""
+            content = resp.json()["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
             raise _Transient("malformed chat-completions reply") from None
+        text = reply_text(content)
+        if text is None:
+            raise _Transient(f"malformed chat-completions reply (message content {str(content)[:80]!r}: expected "
+                             "a string or a list of text parts)")
+        return text
 
     def ask(messages: list[dict[str, Any]], images: list[Image.Image]) -> str:
         it = iter(images)
@@ -192,6 +209,21 @@ def openai_judge(base_url: str, model: str, api_key_env: str, *, max_new_tokens:
             raise RepicError(f"judge {url}: {exc.problem} after {max_retries + 1} attempts") from None
 
     return f"openai:{base_url}:{model}", ask
+
+
+def reply_text(content: Any) -> str | None:
+    """The text of a chat-completions message `content`: a string, null (no text: ""), or the list of content
+    parts some OpenAI-compatible servers send (`[{"type": "text", "text": ...}, ...]`, text parts joined);
+    None for anything else (malformed: never an answer, never cached)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        texts = [p.get("text") for p in content if p.get("type") in ("text", "output_text")]
+        if texts and all(isinstance(t, str) for t in texts):
+            return "".join(texts)
+    return None
 
 
 def _retry_after(value: str | None) -> float:

@@ -22,6 +22,7 @@ It is reported beside `repic`, never instead of it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -144,6 +145,7 @@ def score_captions(
     setting: str,
     protocol: str = "repic",
     database: dict | None = None,
+    source: str | os.PathLike | None = None,
 ) -> tuple[dict, list[dict]]:
     """Score caption rows `[query_image, [gt keys], caption, question]` by name precision / recall / F1.
 
@@ -165,8 +167,9 @@ def score_captions(
     n_keys = SETTINGS[setting].n_concepts
     for i, row in enumerate(rows):
         if len(row[1]) != n_keys:
+            where = f"{source}: " if source is not None else ""
             raise RepicError(
-                f"caption row {i}: setting {setting} expects {n_keys} gt key(s), got {len(row[1])}"
+                f"{where}caption row {i}: setting {setting} expects {n_keys} gt key(s), got {len(row[1])}"
             )
 
     # Only 2-concept scoring is case-sensitive in the original (its script never lowercases).

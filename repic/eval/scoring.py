@@ -27,7 +27,8 @@ def score_runs(captions_dir: str | os.PathLike, protocol: str, layout: Layout, m
                     if not path.is_file():
                         raise RepicError(f"{path}: caption file not found (expected one per setting/model row/dataset/"
                                          "mode: is the row's caption stage run?)")
-                    summary, records = score_captions(load_caption_rows(path), setting, protocol, database)
+                    summary, records = score_captions(load_caption_rows(path), setting, protocol, database,
+                                                      source=path)
                     metrics.setdefault(setting, {}).setdefault(dataset, {}).setdefault(mode, {})[model] = summary
                     slots += [{"setting": setting, "dataset": dataset, "mode": mode, "model": model, **r}
                               for r in records]

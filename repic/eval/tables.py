@@ -109,13 +109,27 @@ def to_markdown(df: pd.DataFrame) -> str:
 TABLE_SETTINGS = {t: tuple(s for s in SETTINGS if SETTINGS[s].paper_table == t) for t in PAPER_TABLES}
 
 
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "%": r"\%", "&": r"\&", "#": r"\#", "_": r"\_", "$": r"\$",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def latex_escape(text: str) -> str:
+    r"""`text` as LaTeX prints it literally (a bare `%` would comment out the rest of the line, braces included).
+
+    >>> print(latex_escape("P/R/F1 (%), 50_50 & #1"))
+    P/R/F1 (\%), 50\_50 \& \#1
+    """
+    return "".join(_LATEX_SPECIAL.get(c, c) for c in text)
+
+
 def to_latex(df: pd.DataFrame, caption: str) -> str:
-    """A booktabs LaTeX table with multicolumn headers (setting, mode, metric)."""
+    """A booktabs LaTeX table with multicolumn headers (setting, mode, metric); the caption, the row labels and
+    the headers escaped (a `%` or `_` in a model's label is printed, not interpreted)."""
     flat = df.copy()
     flat.columns = pd.MultiIndex.from_tuples(
         [(group_label(s), MODE_LABELS.get(m, m), k) for s, m, k in df.columns])
     return flat.to_latex(float_format="%.1f", na_rep="-", multicolumn=True, multicolumn_format="c",
-                         caption=caption, position="t")
+                         caption=latex_escape(caption), position="t", escape=True)
 
 
 def paper_tables(metrics: dict, protocol: str, labels: Mapping[str, str] | None = None) -> dict[str, dict[str, str]]:

@@ -241,13 +241,35 @@ def naming_drills(*, seed: int, n: int, n_concepts: int, n_train_concepts: int |
 def warmup(model_dir: str | os.PathLike, examples: list[dict[str, Any]], *, steps: int, batch_size: int,
            learning_rate: float, seed: int, drills: list[dict[str, Any]] | None = None,
            judge: list[dict[str, Any]] | None = None, drill_batch_size: int = 16, drill_steps: int = 0,
-           warmup_steps: int = 0, freeze_embeddings: bool = False, callback: Any = None) -> list[float]:
+           warmup_steps: int = 0, freeze_embeddings: bool = False, threads: int | None = None,
+           callback: Any = None) -> list[float]:
     """Fine-tune of the saved tiny model in place (`save_pretrained` again); returns the loss curve. The first
     `drill_steps` steps take a batch of `drills` (`naming_drills`) alone, the next `steps` a batch of `examples`
     and, in turn, one of drills (so copying names is kept while the captions are learnt) or one of `judge`
     examples (the judge's task, which needs the copy learnt first). The learning rate rises linearly
     over `warmup_steps`, stays through the drills, then falls linearly to 0. The examples' images are released
-    (set to `[]`) once tokenised. `callback(step, model, processor, losses)` is called after every step."""
+    (set to `[]`) once tokenised. `callback(step, model, processor, losses)` is called after every step.
+
+    `threads` (params `fetch_data.warmup.threads`): torch's intra-op thread count for the warm-up, restored after.
+    How a matrix product or a reduction is split between threads changes the order of float additions, so the
+    same seed on 1 and 4 threads gives different bytes; a fixed count makes them independent of the machine's
+    cores (not of its CPU's kernels: BLAS picks AVX2 or AVX-512 code by CPU, which round differently)."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _warmup(model_dir, examples, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+                       seed=seed, drills=drills, judge=judge, drill_batch_size=drill_batch_size,
+                       drill_steps=drill_steps, warmup_steps=warmup_steps, freeze_embeddings=freeze_embeddings,
+                       callback=callback)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _warmup(model_dir: str | os.PathLike, examples: list[dict[str, Any]], *, steps: int, batch_size: int,
+            learning_rate: float, seed: int, drills: list[dict[str, Any]] | None, judge: list[dict[str, Any]] | None,
+            drill_batch_size: int, drill_steps: int, warmup_steps: int, freeze_embeddings: bool,
+            callback: Any) -> list[float]:
     from repic.vlm.models import load_model, load_processor
 
     torch.manual_seed(seed)

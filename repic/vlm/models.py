@@ -88,3 +88,70 @@ def load_model(path: str | os.PathLike, *, device: str = "auto", dtype: str = "a
 
         model = PeftModel.from_pretrained(model, str(adapter))
     return model.to(device).eval()
+
+
+# =============================================================================================== adapters
+def safetensors_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
+    """Tensor name -> shape from a .safetensors file's header alone (8-byte length + JSON): no weight is read."""
+    import json
+    import struct
+
+    try:
+        with open(path, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+    except (OSError, struct.error, ValueError) as exc:
+        raise RepicError(f"{path}: not a readable safetensors file ({type(exc).__name__})") from None
+    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+
+
+def _module_key(name: str) -> str:
+    """A linear layer's name, independent of the checkpoint format: transformers moved Qwen2.5-VL's language
+    model under `model.language_model.` and its vision tower under `model.visual.` (PEFT's saved names add
+    `base_model.model.`); the key keeps the tower and the path from its `layers`/`blocks`/`merger` on."""
+    parts = name.split(".")
+    tower = "visual" if "visual" in parts else "text"
+    start = next((i for i, p in enumerate(parts) if p in ("layers", "blocks", "merger")), len(parts) - 1)
+    return tower + ":" + ".".join(parts[start:])
+
+
+def check_adapter(adapter: str | os.PathLike, base_model: str | os.PathLike) -> None:
+    """A LoRA adapter checked against the base model it is applied to, from file headers only (seconds at 7B),
+    before any work: every target module must exist in the base and every LoRA matrix fit its weight
+    (lora_A: [r, in_features], lora_B: [out_features, r]). A mismatch is one line naming both folders, instead of
+    PEFT's traceback of hundreds of size mismatches after the retrieval pass. A base without local safetensors
+    (a hub id) or an adapter without adapter_model.safetensors is not checked here (PEFT checks it on load)."""
+    import json
+    from pathlib import Path
+
+    adapter, base = Path(adapter), Path(base_model)
+    weights = adapter / "adapter_model.safetensors"
+    base_files = sorted(base.glob("*.safetensors")) if base.is_dir() else []
+    if not weights.is_file() or not base_files:
+        return
+    try:
+        made_for = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get(
+            "base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        raise RepicError(f"{adapter / 'adapter_config.json'}: expected PEFT's adapter config (a JSON object)") from None
+    base_shapes: dict[str, list[int]] = {}
+    for f in base_files:
+        base_shapes.update({_module_key(k.removesuffix(".weight")): s for k, s in safetensors_shapes(f).items()
+                            if k.endswith(".weight") and len(s) == 2})
+    problems, n = [], 0
+    for name, shape in sorted(safetensors_shapes(weights).items()):
+        for part, dim in ((".lora_A.weight", 1), (".lora_B.weight", 0)):
+            if not name.endswith(part):
+                continue
+            n += 1
+            module = name.removesuffix(part).removeprefix("base_model.model.")
+            target = base_shapes.get(_module_key(module))
+            if target is None:
+                problems.append(f"{module}: no such linear layer in the base")
+            elif shape[dim] != target[dim]:  # base weight: [out_features, in_features]
+                what = "in_features" if dim == 1 else "out_features"
+                problems.append(f"{module}{part.removesuffix('.weight')} {shape} needs {what} {shape[dim]}, the "
+                                f"base's weight is {target}")
+    if problems:
+        raise RepicError(f"{adapter}: this LoRA adapter does not fit the base model {base} ({len(problems)} of {n} "
+                         f"matrices; made for {made_for!r} per its adapter_config.json), e.g. {problems[0]}")
