@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,55 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+# --------------------------------------------------------------------------- the time budget
+# A test not marked `slow` (or `slurm`) that takes longer than this (setup, with the fixtures it is first to
+# need, plus call) fails: the fast part (`pytest -m "not slow and not slurm"`) stays fast, and a slow test says
+# so by its marker. REPIC_TEST_LIMIT_S overrides it (a loaded machine; 0 turns the check off).
+LIMIT_S = float(os.environ.get("REPIC_TEST_LIMIT_S", "30"))
+_PHASE = pytest.StashKey[dict]()
+_SESSION: dict[str, float] = {}
+
+
+def _exempt(item: pytest.Item) -> bool:
+    return any(item.get_closest_marker(m) for m in ("slow", "slurm"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    phases = item.stash.setdefault(_PHASE, {})
+    phases[call.when] = report.duration
+    if call.when != "call" or not LIMIT_S or _exempt(item) or not report.passed:
+        return
+    took = phases.get("setup", 0.0) + report.duration
+    if took > LIMIT_S:
+        report.outcome = "failed"
+        report.longrepr = (f"{item.nodeid} took {took:.1f} s (setup {phases.get('setup', 0.0):.1f} s + call "
+                           f"{report.duration:.1f} s), over the {LIMIT_S:g} s limit for a test not marked `slow`: "
+                           "make it faster or mark it slow (REPIC_TEST_LIMIT_S overrides the limit)")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _SESSION["start"] = time.monotonic()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """The total time of the tests, split into the fast part and the `slow`/`slurm` tests (with --durations)."""
+    if not config.getoption("durations", None):
+        return
+    parts = {"fast": 0.0, "slow": 0.0, "slurm": 0.0}
+    for reports in terminalreporter.stats.values():
+        for rep in reports:
+            if not isinstance(rep, pytest.TestReport):
+                continue
+            kind = "slurm" if "slurm" in rep.keywords else "slow" if "slow" in rep.keywords else "fast"
+            parts[kind] += rep.duration
+    wall = time.monotonic() - _SESSION.get("start", time.monotonic())
+    terminalreporter.write_sep("=", "total test time")
+    terminalreporter.write_line(f"tests {sum(parts.values()):.0f} s (fast part {parts['fast']:.0f} s, slow "
+                                f"{parts['slow']:.0f} s, slurm {parts['slurm']:.0f} s); session wall {wall:.0f} s")
 
 def resolve_dvc(text: str, params: dict) -> str:
     """A dvc.yaml string with its `${a.b}` params interpolated as DVC does."""
