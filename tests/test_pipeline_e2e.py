@@ -106,7 +106,7 @@ def test_every_stage_wrote_its_artifacts(pipeline):
 def test_trained_beats_base_on_unseen_concepts(pipeline):
     """Issue 14's margins on the embedded default, on evaluation concepts never trained on (their names and looks
     are not in the warm-up or the training JSON): caption F1 on single-concept skip-retrieval up >= 20 points
-    and name recall up on 2 and 4 concepts; held-out object-consistency and localization rewards not down and
+    and name recall up on 2 and 4 concepts; held-out object-consistency reward not down (localization: see below) and
     identity consistency up; the training reward up from the first to the last quarter of steps; the local
     judge preferring trained captions in more than half of the pairs; the report marking trained names correct."""
     metrics = json.loads((pipeline / "results/score/metrics.json").read_text())
@@ -118,8 +118,10 @@ def test_trained_beats_base_on_unseen_concepts(pipeline):
         assert cell["trained"]["recall"] > cell["base"]["recall"], (setting, cell)
     summary = json.loads((pipeline / "results/train/summary.json").read_text())
     heldout = summary["heldout"]
-    for reward in ("object_consistency", "visual_localization"):
-        assert heldout["trained"][reward] >= heldout["base"][reward], heldout
+    assert heldout["trained"]["object_consistency"] >= heldout["base"]["object_consistency"], heldout
+    # Localization is not asserted: the warm-up teaches the tiny base the box format with boxes drawn at random
+    # (repic.synthetic.warmup), so both rows score 0 and `trained >= base` held as 0.0 >= 0.0, unable to fail.
+    # The reward itself is tested on known boxes (tests/test_rewards.py) and reported in [0, 1] above.
     assert heldout["trained"]["identity_consistency"] > heldout["base"]["identity_consistency"], heldout
     assert summary["last"]["reward"] > summary["first"]["reward"], summary
     judge = json.loads((pipeline / "results/judge/win_rates.json").read_text())["versus"]["base"]["overall"]
