@@ -205,7 +205,10 @@ runpy.run_module("stages.train_grpo_lora", run_name="__main__")
 
 
 def tiny_training_params(per_device: int) -> str:
-    """The repository's params.yaml with a 3-step tiny GRPO run on the CPU, `per_device` completions a process."""
+    """The repository's params.yaml with a 3-step tiny GRPO run on the CPU, `per_device` completions a process.
+    Plain SGD: the adapters then differ by lr x the gradients' difference, so comparing them within a tolerance
+    compares the all-reduced gradients with one process's (and their scale, which Adam would hide). Adam moves a
+    weight by about lr x sign(gradient): float noise between the two reductions flips it where a gradient is ~0."""
     import yaml
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -214,8 +217,8 @@ def tiny_training_params(per_device: int) -> str:
         rollout_backend="hf", rewards=["text_variety"], heldout_eval=0,
         lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
         grpo={"num_generations": 2, "per_device_train_batch_size": per_device, "max_completion_length": 4,
-              "learning_rate": 1e-2, "beta": 0.04, "loss_type": "grpo", "logging_steps": 1, "bf16": False,
-              "gradient_checkpointing": False, "max_steps": 3, "save_strategy": "no"})
+              "learning_rate": 1e-2, "optim": "sgd", "beta": 0.04, "loss_type": "grpo", "logging_steps": 1,
+              "bf16": False, "gradient_checkpointing": False, "max_steps": 3, "save_strategy": "no"})
     return yaml.safe_dump(params)
 
 
@@ -265,7 +268,7 @@ stages:
     two, one = _adapter_weights(repo / "out/two_nodes/adapter"), _adapter_weights(repo / "out/one_process/adapter")
     assert two.keys() == one.keys()
     trained = [k for k in one if "lora_B" in k]
-    assert trained and all(one[k].abs().max() > 1e-3 for k in trained)  # 3 steps at lr 1e-2 moved every B
+    assert trained and all(one[k].abs().max() > 0 for k in trained)  # 3 steps moved every B (it starts at 0)
     worst = max(float((two[k] - one[k]).abs().max() / one[k].abs().max()) for k in one)
     assert worst < 1e-4, worst
     rewards = [[r["reward"] for r in map(json.loads, (repo / f"out/{d}/log.jsonl").read_text().splitlines())]
