@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -46,6 +49,90 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     _SESSION["start"] = time.monotonic()
+
+
+# --------------------------------------------------------------------------- the embedded DAG's background lane
+# The embedded DAG under `dvc repro` (test_pipeline_e2e's fixture) takes minutes of mostly one-core work: it runs
+# in the background, beside the other slow tests, instead of alone. Order: the fast part first (so its 30 s limit
+# is measured without it), then the slow and SLURM tests, the lane starting with the first of them, then
+# test_pipeline_e2e, whose fixture waits for the lane (or, with the e2e tests alone, starts it then).
+E2E = "tests/test_pipeline_e2e.py"
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    def group(item: pytest.Item) -> int:
+        return 2 if item.nodeid.startswith(E2E) else 1 if _exempt(item) else 0
+    items.sort(key=group)  # stable: each group keeps pytest's order
+    _SESSION["e2e"] = any(group(i) == 2 for i in items)
+
+
+class EmbeddedDag:
+    """`dvc repro` of the embedded DAG in a scratch git checkout of the working tree (its tracked and untracked,
+    not ignored files; this checkout's pipeline outputs stay behind), as a user runs it. Its log, wall seconds and
+    CPU seconds (the process tree's, from wait4) land beside it: repro.log, repro.seconds, repro.cpu_seconds."""
+
+    def __init__(self, work: Path, command: tuple[str, ...] = ("dvc", "repro")):
+        self.work = work
+        files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.split("\0")
+        for rel in filter(None, files):
+            if (REPO / rel).is_file() and not rel.startswith(("results/", "data/")):
+                (work / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(REPO / rel, work / rel)
+        subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+        self.log = open(work / "repro.log", "w")  # noqa: SIM115 - closed in wait()
+        self.start = time.monotonic()
+        self.proc = subprocess.Popen(command, cwd=work, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)  # its own process group: stopped whole if unused
+        self.returncode: int | None = None
+
+    def stop(self) -> None:
+        """The session ended before a test waited for the run (-x, a deselection): stop it and its stages."""
+        if self.returncode is None:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait()
+            self.returncode = self.proc.returncode
+            self.log.close()
+
+    def wait(self, timeout: float = 1800) -> Path:
+        if self.returncode is None:
+            deadline = time.monotonic() + timeout
+            while (done := os.wait4(self.proc.pid, os.WNOHANG))[0] == 0:
+                if time.monotonic() > deadline:
+                    self.proc.kill()
+                    pytest.fail(f"dvc repro of the embedded DAG ran over {timeout:.0f} s")
+                time.sleep(0.5)
+            _, status, usage = done
+            self.proc.returncode = self.returncode = os.waitstatus_to_exitcode(status)
+            self.log.close()
+            (self.work / "repro.seconds").write_text(f"{time.monotonic() - self.start:.1f}")
+            (self.work / "repro.cpu_seconds").write_text(f"{usage.ru_utime + usage.ru_stime:.1f}")
+        if self.returncode != 0:
+            pytest.fail(f"dvc repro failed ({self.returncode}):\n{(self.work / 'repro.log').read_text()[-6000:]}")
+        return self.work
+
+
+def _embedded_dag(config: pytest.Config) -> EmbeddedDag:
+    if "dag" not in _SESSION:
+        _SESSION["dag"] = EmbeddedDag(config._tmp_path_factory.mktemp("e2e") / "repo")
+    return _SESSION["dag"]
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if _SESSION.get("e2e") and _exempt(item) and "dag" not in _SESSION:
+        _embedded_dag(item.config)  # the first slow test: the lane starts
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if "dag" in _SESSION:
+        _SESSION["dag"].stop()
+
+
+@pytest.fixture(scope="session")
+def embedded_dag(request: pytest.FixtureRequest) -> Path:
+    """The scratch checkout with the embedded DAG reproduced once (the background lane's run)."""
+    return _embedded_dag(request.config).wait()
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
