@@ -79,7 +79,7 @@ real-eval: venv
 	  print('recall@k:', json.load(open('$(REAL)/captions/multi4/4_concepts/retrieval.json'))['recall_at_k'])"
 
 test: venv
-	pytest -q
+	pytest -q --durations=25
 
 # `snakemake --profile slurm|local` by name from the repository root (links into ~/.config/snakemake/).
 profiles:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,139 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+# --------------------------------------------------------------------------- the time budget
+# A test not marked `slow` (or `slurm`) that takes longer than this (setup, with the fixtures it is first to
+# need, plus call) fails: the fast part (`pytest -m "not slow and not slurm"`) stays fast, and a slow test says
+# so by its marker. REPIC_TEST_LIMIT_S overrides it (a loaded machine; 0 turns the check off).
+LIMIT_S = float(os.environ.get("REPIC_TEST_LIMIT_S", "30"))
+_PHASE = pytest.StashKey[dict]()
+_SESSION: dict[str, float] = {}
+
+
+def _exempt(item: pytest.Item) -> bool:
+    return any(item.get_closest_marker(m) for m in ("slow", "slurm"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    phases = item.stash.setdefault(_PHASE, {})
+    phases[call.when] = report.duration
+    if call.when != "call" or not LIMIT_S or _exempt(item) or not report.passed:
+        return
+    took = phases.get("setup", 0.0) + report.duration
+    if took > LIMIT_S:
+        report.outcome = "failed"
+        report.longrepr = (f"{item.nodeid} took {took:.1f} s (setup {phases.get('setup', 0.0):.1f} s + call "
+                           f"{report.duration:.1f} s), over the {LIMIT_S:g} s limit for a test not marked `slow`: "
+                           "make it faster or mark it slow (REPIC_TEST_LIMIT_S overrides the limit)")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _SESSION["start"] = time.monotonic()
+
+
+# --------------------------------------------------------------------------- the embedded DAG's background lane
+# The embedded DAG under `dvc repro` (test_pipeline_e2e's fixture) takes minutes of mostly one-core work: it runs
+# in the background, beside the other slow tests, instead of alone. Order: the fast part first (so its 30 s limit
+# is measured without it), then the slow and SLURM tests, the lane starting with the first of them, then
+# test_pipeline_e2e, whose fixture waits for the lane (or, with the e2e tests alone, starts it then).
+E2E = "tests/test_pipeline_e2e.py"
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    def group(item: pytest.Item) -> int:
+        return 2 if item.nodeid.startswith(E2E) else 1 if _exempt(item) else 0
+    items.sort(key=group)  # stable: each group keeps pytest's order
+    _SESSION["e2e"] = any(group(i) == 2 for i in items)
+
+
+class EmbeddedDag:
+    """`dvc repro` of the embedded DAG in a scratch git checkout of the working tree (its tracked and untracked,
+    not ignored files; this checkout's pipeline outputs stay behind), as a user runs it. Its log, wall seconds and
+    CPU seconds (the process tree's, from wait4) land beside it: repro.log, repro.seconds, repro.cpu_seconds."""
+
+    def __init__(self, work: Path, command: tuple[str, ...] = ("dvc", "repro")):
+        self.work = work
+        files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.split("\0")
+        for rel in filter(None, files):
+            if (REPO / rel).is_file() and not rel.startswith(("results/", "data/")):
+                (work / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(REPO / rel, work / rel)
+        subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+        self.log = open(work / "repro.log", "w")  # noqa: SIM115 - closed in wait()
+        self.start = time.monotonic()
+        self.proc = subprocess.Popen(command, cwd=work, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)  # its own process group: stopped whole if unused
+        self.returncode: int | None = None
+
+    def stop(self) -> None:
+        """The session ended before a test waited for the run (-x, a deselection): stop it and its stages."""
+        if self.returncode is None:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait()
+            self.returncode = self.proc.returncode
+            self.log.close()
+
+    def wait(self, timeout: float = 1800) -> Path:
+        if self.returncode is None:
+            deadline = time.monotonic() + timeout
+            while (done := os.wait4(self.proc.pid, os.WNOHANG))[0] == 0:
+                if time.monotonic() > deadline:
+                    self.proc.kill()
+                    pytest.fail(f"dvc repro of the embedded DAG ran over {timeout:.0f} s")
+                time.sleep(0.5)
+            _, status, usage = done
+            self.proc.returncode = self.returncode = os.waitstatus_to_exitcode(status)
+            self.log.close()
+            (self.work / "repro.seconds").write_text(f"{time.monotonic() - self.start:.1f}")
+            (self.work / "repro.cpu_seconds").write_text(f"{usage.ru_utime + usage.ru_stime:.1f}")
+        if self.returncode != 0:
+            pytest.fail(f"dvc repro failed ({self.returncode}):\n{(self.work / 'repro.log').read_text()[-6000:]}")
+        return self.work
+
+
+def _embedded_dag(config: pytest.Config) -> EmbeddedDag:
+    if "dag" not in _SESSION:
+        _SESSION["dag"] = EmbeddedDag(config._tmp_path_factory.mktemp("e2e") / "repo")
+    return _SESSION["dag"]
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if _SESSION.get("e2e") and _exempt(item) and "dag" not in _SESSION:
+        _embedded_dag(item.config)  # the first slow test: the lane starts
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if "dag" in _SESSION:
+        _SESSION["dag"].stop()
+
+
+@pytest.fixture(scope="session")
+def embedded_dag(request: pytest.FixtureRequest) -> Path:
+    """The scratch checkout with the embedded DAG reproduced once (the background lane's run)."""
+    return _embedded_dag(request.config).wait()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """The total time of the tests, split into the fast part and the `slow`/`slurm` tests (with --durations)."""
+    if not config.getoption("durations", None):
+        return
+    parts = {"fast": 0.0, "slow": 0.0, "slurm": 0.0}
+    for reports in terminalreporter.stats.values():
+        for rep in reports:
+            if not isinstance(rep, pytest.TestReport):
+                continue
+            kind = "slurm" if "slurm" in rep.keywords else "slow" if "slow" in rep.keywords else "fast"
+            parts[kind] += rep.duration
+    wall = time.monotonic() - _SESSION.get("start", time.monotonic())
+    terminalreporter.write_sep("=", "total test time")
+    terminalreporter.write_line(f"tests {sum(parts.values()):.0f} s (fast part {parts['fast']:.0f} s, slow "
+                                f"{parts['slow']:.0f} s, slurm {parts['slurm']:.0f} s); session wall {wall:.0f} s")
 
 def resolve_dvc(text: str, params: dict) -> str:
     """A dvc.yaml string with its `${a.b}` params interpolated as DVC does."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import doctest
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -14,7 +13,8 @@ from repic.data.validate import load_caption_rows
 from repic.eval import metrics
 from repic.eval.metrics import score_captions, tokenize_caption
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+from .conftest import SHARED, need_shared
+
 REPIC_DATA = SHARED / "repic_eval" / "data"
 
 
@@ -213,8 +213,8 @@ def test_load_caption_rows_rejects_a_non_list_file(tmp_path):
 # ---------------------------------------------------------------- real RePIC keys
 
 
-@pytest.mark.skipif(not REPIC_DATA.is_dir(), reason=f"RePIC evaluation data not found at {REPIC_DATA}")
 def test_real_4_concept_keys_with_synthetic_captions():
+    need_shared(REPIC_DATA)
     queries = json.loads((REPIC_DATA / "query_tot" / "4_concept_query_templates.json").read_text())
     database_path = REPIC_DATA / "database_tot" / "database_4_concepts" / "database_mod.json"
     database = json.loads(database_path.read_text())

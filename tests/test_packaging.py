@@ -33,10 +33,12 @@ def test_every_stage_lists_its_own_module_and_params_section():
         stage = stage.get("do", stage)  # a `foreach` group (one caption stage per model row): its template
         module = re.search(r"-m stages\.(\w+)", stage["cmd"]).group(1)
         assert f"stages/{module}.py" in stage["deps"], name
-        for key in stage.get("params", []):
-            section, *rest = key.split(".")
-            node = params[section]
-            for part in rest:
+        # its own params section, named after its module (`caption` for the caption_<setting> stages), whole
+        assert module in params and module in stage.get("params", []), (name, module, stage.get("params"))
+        for key in stage["params"]:  # and every key it declares is in params.yaml
+            node = params
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, f"{name}: params key {key} not in params.yaml"
                 node = node[part]
 
 

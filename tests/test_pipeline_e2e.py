@@ -1,11 +1,16 @@
-"""End-to-end: the embedded DAG in a scratch clone of the working tree, with `dvc repro` as a user runs it."""
+"""End-to-end: the embedded DAG in a scratch clone of the working tree, with `dvc repro` as a user runs it.
+
+Properties of DVC's wiring that need no real stage are tested once elsewhere, through DVC on the real dvc.yaml
+with stand-in commands (seconds, not a retraining): a new training recaptions only our model row
+(test_model_rows.py), a failing stage keeps its `cache: false` metrics and `dvc checkout` restores the rest
+(test_dvc_params.py::test_a_failing_stage_loses_no_output, every stage's outs), every declared param reruns its
+stage (test_dvc_params.py). Here: what only the real stages show."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -13,8 +18,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from .conftest import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -29,22 +32,10 @@ def _sh(args: list[str], cwd: Path, timeout: int = 1200) -> str:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A scratch git checkout of the working tree with the embedded DAG reproduced once."""
-    work = tmp_path_factory.mktemp("e2e") / "repo"
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for rel in filter(None, files):
-        # pipeline outputs of this checkout (metrics, the judge's cache) stay behind: the copy starts clean
-        if (REPO / rel).is_file() and not rel.startswith(("results/", "data/")):
-            (work / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, work / rel)
-    _sh(["git", "init", "-q"], work)
-    start = time.monotonic()
-    log = _sh(["dvc", "repro"], work)
-    (work / "repro.log").write_text(log)
-    (work / "repro.seconds").write_text(f"{time.monotonic() - start:.1f}")
-    return work
+def pipeline(embedded_dag: Path) -> Path:
+    """A scratch git checkout of the working tree with the embedded DAG reproduced once by `dvc repro`: the run
+    conftest.py starts in the background with the first slow test (or now, with these tests alone)."""
+    return embedded_dag
 
 
 def test_metrics_cover_every_setting_mode_and_model(pipeline):
@@ -64,8 +55,8 @@ def test_metrics_cover_every_setting_mode_and_model(pipeline):
             for ext in ("md", "csv", "tex"):
                 assert (pipeline / f"results/tables/{table_name}_{protocol}.{ext}").stat().st_size > 0
     # The <= 10 min target is measured by `make repro` on an idle 2-core machine (README); this bound only
-    # guards against gross regressions on a CI machine that may be loaded.
-    assert float((pipeline / "repro.seconds").read_text()) < 900
+    # guards against gross regressions, in CPU seconds: the run shares the machine with other tests (conftest).
+    assert float((pipeline / "repro.cpu_seconds").read_text()) < 900
 
 
 def test_every_stage_wrote_its_artifacts(pipeline):
@@ -106,7 +97,7 @@ def test_every_stage_wrote_its_artifacts(pipeline):
 def test_trained_beats_base_on_unseen_concepts(pipeline):
     """Issue 14's margins on the embedded default, on evaluation concepts never trained on (their names and looks
     are not in the warm-up or the training JSON): caption F1 on single-concept skip-retrieval up >= 20 points
-    and name recall up on 2 and 4 concepts; held-out object-consistency and localization rewards not down and
+    and name recall up on 2 and 4 concepts; held-out object-consistency reward not down (localization: see below) and
     identity consistency up; the training reward up from the first to the last quarter of steps; the local
     judge preferring trained captions in more than half of the pairs; the report marking trained names correct."""
     metrics = json.loads((pipeline / "results/score/metrics.json").read_text())
@@ -118,8 +109,10 @@ def test_trained_beats_base_on_unseen_concepts(pipeline):
         assert cell["trained"]["recall"] > cell["base"]["recall"], (setting, cell)
     summary = json.loads((pipeline / "results/train/summary.json").read_text())
     heldout = summary["heldout"]
-    for reward in ("object_consistency", "visual_localization"):
-        assert heldout["trained"][reward] >= heldout["base"][reward], heldout
+    assert heldout["trained"]["object_consistency"] >= heldout["base"]["object_consistency"], heldout
+    # Localization is not asserted: the warm-up teaches the tiny base the box format with boxes drawn at random
+    # (repic.synthetic.warmup), so both rows score 0 and `trained >= base` held as 0.0 >= 0.0, unable to fail.
+    # The reward itself is tested on known boxes (tests/test_rewards.py) and reported in [0, 1] above.
     assert heldout["trained"]["identity_consistency"] > heldout["base"]["identity_consistency"], heldout
     assert summary["last"]["reward"] > summary["first"]["reward"], summary
     judge = json.loads((pipeline / "results/judge/win_rates.json").read_text())["versus"]["base"]["overall"]
@@ -166,28 +159,6 @@ def test_param_change_reruns_only_dependants(pipeline):
         params_path.write_text(original)
 
 
-def test_new_training_recaptions_only_the_trained_row(pipeline):
-    """A training param edit retrains: the rows made from training's output (`trained`) are captioned again, the
-    base row's captions are not (their stages' deps are unchanged), and score/judge/report follow."""
-    params_path = pipeline / "params.yaml"
-    original = params_path.read_text()
-    base_captions = {p: p.stat().st_mtime_ns for p in (pipeline / "results/captions").glob("*/base/*/*.json")}
-    try:
-        params = yaml.safe_load(original)
-        params["train_grpo_lora"]["grpo"]["learning_rate"] *= 2
-        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-        log = _sh(["dvc", "repro"], pipeline)
-        ran = {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
-        ours = {"train_grpo_lora", "merge_lora", *(f"caption_{s}@trained" for s in SETTINGS)}
-        # score and judge follow when our captions changed (the tiny model's may come out the same), report always
-        # (it plots the training log); the base row's caption stages never
-        assert ours | {"report"} <= ran <= ours | {"score", "judge_llm", "report"}, log[-3000:]
-        assert base_captions and {p: p.stat().st_mtime_ns for p in base_captions} == base_captions
-    finally:
-        params_path.write_text(original)
-    _sh(["dvc", "repro"], pipeline)  # back to the committed state (restored from DVC's run cache)
-
-
 def test_dvc_metrics_show_and_diff(pipeline):
     """The registered metrics work with DVC's own commands: `show` lists them, `diff` against the last commit
     reports a changed value after a param edit and a rerun."""
@@ -218,27 +189,3 @@ def test_dvc_metrics_show_and_diff(pipeline):
         assert diff["versus.base.overall.n_pairs"]["old"] > diff["versus.base.overall.n_pairs"]["new"]
     finally:
         params_path.write_text(original)
-
-
-def test_a_failing_stage_keeps_its_metrics_and_dvc_checkout_restores_the_rest(pipeline):
-    """`dvc repro` deletes a stage's outs before its command runs: a stage failing on a bad param must leave the
-    `cache: false` metrics (persist: true) as they were, and `dvc checkout` must bring back its cached outs."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
-    metrics = {p: (pipeline / p).read_text() for p in ("results/score/metrics.json",
-                                                       "results/score/metrics_strict.json")}
-    table = (pipeline / "results/score/table.md").read_text()
-    params_path = pipeline / "params.yaml"
-    original = params_path.read_text()
-    try:
-        params = yaml.safe_load(original)
-        params["score"]["protocol"] = "bogus"
-        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-        proc = subprocess.run(["dvc", "repro", "score"], cwd=pipeline, env=env, capture_output=True, text=True,
-                              timeout=600)
-        assert proc.returncode != 0 and "score.protocol: 'bogus' is not one of" in proc.stdout + proc.stderr
-        assert not (pipeline / "results/score/table.md").exists()  # DVC removed the cached outs first
-        assert {p: (pipeline / p).read_text() for p in metrics} == metrics
-    finally:
-        params_path.write_text(original)
-    _sh(["dvc", "checkout", "score"], pipeline)
-    assert (pipeline / "results/score/table.md").read_text() == table

@@ -28,7 +28,9 @@ from repic.data.retrieval import (
 )
 from repic.synthetic.world import make_world
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "repic_eval"
+from .conftest import SHARED, need_shared
+
+REAL = SHARED / "repic_eval"
 DB = "data/database_tot/database_synthetic/database_mod.json"
 
 
@@ -186,8 +188,8 @@ def test_missing_database_image_is_reported_not_raised(tmp_path, world):
     assert len(rebuilt_map) == len(id_map) - 1 and key not in {e["key"] for e in rebuilt_map}
 
 
-@pytest.mark.skipif(not REAL.is_dir(), reason=f"real RePIC data not found at {REAL}")
 def test_index_over_real_two_concept_database(tmp_path):
+    need_shared(REAL)
     database = REAL / "data/database_tot/database_2_concepts/database_mod.json"
     embedder = make_embedder("color_layout")
     index, id_map = build_index(database, REAL, embedder)

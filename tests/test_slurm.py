@@ -124,9 +124,17 @@ def test_an_oversized_gpu_request_fails_at_submission_and_keeps_outputs(toy_on_s
     dvc_clean(repo)
 
 
+# The base's supervised warm-up in fetch_data (450 + 700 steps, ~5 of the DAG's ~6.5 min on 2 cores) cut to a few
+# steps in the SLURM run: what this run proves is orchestration (every stage of dvc.yaml a SLURM job, through the
+# users' profile, DVC clean after), not the model's quality, which test_pipeline_e2e asserts on the full warm-up
+# under `dvc repro`. Only these size keys change; every stage still runs its real command on real outputs.
+SHORT_WARMUP = {"drill_steps": 6, "steps": 6, "warmup_steps": 2}
+
+
 @pytest.mark.slow
 def test_the_embedded_pipeline_runs_on_slurm(tmp_path: Path) -> None:
-    """The real dvc.yaml, in a scratch copy of the working tree, stage by stage as SLURM jobs."""
+    """The real dvc.yaml, in a scratch copy of the working tree, stage by stage as SLURM jobs (warm-up short)."""
+    import yaml
     from dvc.repo import Repo
 
     work = tmp_path / "repo"
@@ -142,6 +150,10 @@ def test_the_embedded_pipeline_runs_on_slurm(tmp_path: Path) -> None:
         if (ROOT / rel).is_file() and not rel.startswith(("results/", "data/")):
             (work / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, work / rel)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    assert set(SHORT_WARMUP) <= set(params["fetch_data"]["warmup"])
+    params["fetch_data"]["warmup"].update(SHORT_WARMUP)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], work)
     env = profiles_env(tmp_path)
 
@@ -205,7 +217,10 @@ runpy.run_module("stages.train_grpo_lora", run_name="__main__")
 
 
 def tiny_training_params(per_device: int) -> str:
-    """The repository's params.yaml with a 3-step tiny GRPO run on the CPU, `per_device` completions a process."""
+    """The repository's params.yaml with a 3-step tiny GRPO run on the CPU, `per_device` completions a process.
+    Plain SGD: the adapters then differ by lr x the gradients' difference, so comparing them within a tolerance
+    compares the all-reduced gradients with one process's (and their scale, which Adam would hide). Adam moves a
+    weight by about lr x sign(gradient): float noise between the two reductions flips it where a gradient is ~0."""
     import yaml
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -214,8 +229,8 @@ def tiny_training_params(per_device: int) -> str:
         rollout_backend="hf", rewards=["text_variety"], heldout_eval=0,
         lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
         grpo={"num_generations": 2, "per_device_train_batch_size": per_device, "max_completion_length": 4,
-              "learning_rate": 1e-2, "beta": 0.04, "loss_type": "grpo", "logging_steps": 1, "bf16": False,
-              "gradient_checkpointing": False, "max_steps": 3, "save_strategy": "no"})
+              "learning_rate": 1e-2, "optim": "sgd", "beta": 0.04, "loss_type": "grpo", "logging_steps": 1,
+              "bf16": False, "gradient_checkpointing": False, "max_steps": 3, "save_strategy": "no"})
     return yaml.safe_dump(params)
 
 
@@ -265,7 +280,7 @@ stages:
     two, one = _adapter_weights(repo / "out/two_nodes/adapter"), _adapter_weights(repo / "out/one_process/adapter")
     assert two.keys() == one.keys()
     trained = [k for k in one if "lora_B" in k]
-    assert trained and all(one[k].abs().max() > 1e-3 for k in trained)  # 3 steps at lr 1e-2 moved every B
+    assert trained and all(one[k].abs().max() > 0 for k in trained)  # 3 steps moved every B (it starts at 0)
     worst = max(float((two[k] - one[k]).abs().max() / one[k].abs().max()) for k in one)
     assert worst < 1e-4, worst
     rewards = [[r["reward"] for r in map(json.loads, (repo / f"out/{d}/log.jsonl").read_text().splitlines())]

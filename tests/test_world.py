@@ -11,7 +11,9 @@ from PIL import Image
 from repic.core.io import RepicError, resolve_image
 from repic.synthetic.world import METHODS, make_concepts, make_world
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "repic_eval"
+from .conftest import SHARED, need_shared
+
+REAL = SHARED / "repic_eval"
 SMALL = dict(
     n_concepts=8,
     n_distractors=2,
@@ -52,8 +54,8 @@ def test_database_matches_repic_format(world):
     assert len(db["path_to_concept"]) == len(db["concept_dict"])
 
 
-@pytest.mark.skipif(not REAL.is_dir(), reason=f"real RePIC data not found at {REAL}")
 def test_same_shape_as_real_files(world):
+    need_shared(REAL)
     root, summary = world
     real_db = json.loads((REAL / "data/database_tot/database_2_concepts/database_mod.json").read_text())
     ours = load(root, summary["database"])

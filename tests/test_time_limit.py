@@ -1,0 +1,50 @@
+"""The suite's time budget (tests/conftest.py): a test not marked `slow` or `slurm` that takes longer than
+REPIC_TEST_LIMIT_S seconds fails, naming itself and its time; marked ones pass; --durations prints the total."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import REPO
+
+TESTS = """
+import time
+import pytest
+
+@pytest.fixture
+def slow_fixture():
+    time.sleep(0.8)
+
+def test_fast():
+    pass
+
+def test_over(slow_fixture):  # setup counts: 0.8 s + 0.8 s > 1 s
+    time.sleep(0.8)
+
+@pytest.mark.slow
+def test_marked_slow():
+    time.sleep(1.2)
+
+@pytest.mark.slurm
+def test_marked_slurm():
+    time.sleep(1.2)
+"""
+
+
+def test_an_unmarked_test_over_the_limit_fails(tmp_path: Path) -> None:
+    (tmp_path / "conftest.py").write_text((REPO / "tests/conftest.py").read_text())
+    (tmp_path / "test_budget.py").write_text(TESTS)
+    env = {**os.environ, "REPIC_TEST_LIMIT_S": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=3",
+                           "-W", "ignore::pytest.PytestUnknownMarkWarning", str(tmp_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    out = proc.stdout
+    assert proc.returncode == 1, out
+    assert "1 failed, 3 passed" in out, out
+    assert "FAILED test_budget.py::test_over" in out, out
+    assert "over the 1 s limit for a test not marked `slow`" in out, out
+    assert "test_budget.py::test_over took 1." in out, out
+    assert "total test time" in out and "slow 1 s, slurm 1 s" in out, out
