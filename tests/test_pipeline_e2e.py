@@ -18,7 +18,7 @@ from .conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-SETTINGS, MODES, MODELS = ("single", "multi2", "multi4"), ("skip", "retrieval"), ("base", "trained")
+SETTINGS, MODES, MODELS = ("single", "multi2", "multi4"), ("skip", "retrieval"), ("base", "trained", "merged")
 
 
 def _sh(args: list[str], cwd: Path, timeout: int = 1200) -> str:
@@ -56,7 +56,7 @@ def test_metrics_cover_every_setting_mode_and_model(pipeline):
                 assert {"precision", "recall", "f1", "n_slots"} <= set(cell)
                 assert 0.0 <= cell["f1"] <= 100.0 and cell["n_slots"] > 0
     table = (pipeline / "results/score/table.md").read_text()
-    assert "| trained |" in table and "| base |" in table and "4-concept" in table
+    assert "| trained |" in table and "| base |" in table and "| merged |" in table and "4-concept" in table
     strict = json.loads((pipeline / "results/score/metrics_strict.json").read_text())
     assert set(strict) == set(SETTINGS)
     for protocol in ("repic", "strict"):
@@ -178,7 +178,7 @@ def test_new_training_recaptions_only_the_trained_row(pipeline):
         params_path.write_text(yaml.safe_dump(params, sort_keys=False))
         log = _sh(["dvc", "repro"], pipeline)
         ran = {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
-        ours = {"train_grpo_lora", "merge_lora", *(f"caption_{s}@trained" for s in SETTINGS)}
+        ours = {"train_grpo_lora", "merge_lora", *(f"caption_{s}@{m}" for s in SETTINGS for m in ("trained", "merged"))}
         # score and judge follow when our captions changed (the tiny model's may come out the same), report always
         # (it plots the training log); the base row's caption stages never
         assert ours | {"report"} <= ran <= ours | {"score", "judge_llm", "report"}, log[-3000:]
