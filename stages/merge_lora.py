@@ -14,9 +14,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from repic.core.cli import params_of, parser, run
+from repic.core.cli import parser, run
 from repic.core.io import read_json, write_json
 from repic.core.layout import MERGE_REPORT, MERGED_MODEL, eval_datasets
+from repic.core.params import params_of
 from repic.eval.captioning import build_conversation, expand_queries
 from repic.train.merge import check, merge_and_verify
 
