@@ -101,3 +101,19 @@ def test_a_wrong_merge_fails_on_logits(tiny_model_dir, adapter, tmp_path, monkey
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(RepicError, match="float32"):
         check(report)
+
+
+def test_repics_merge_is_bf16_on_cuda_with_merge_and_unload():
+    """What `bfloat16_repic` reproduces (README, Fidelity to RePIC): RePIC's lora_merge.ipynb loads the base in
+    bf16 on CUDA, applies the adapter with PeftModel and merges with merge_and_unload, with no check after."""
+    import json
+
+    from .conftest import SHARED, need_shared
+
+    notebook = need_shared(SHARED / "repic_training/lora_merge.ipynb", "RePIC's training code")
+    code = "\n".join("".join(c["source"]) for c in json.loads(notebook.read_text())["cells"]
+                     if c["cell_type"] == "code")
+    assert "torch_dtype=torch.bfloat16" in code and "device_map='cuda'" in code
+    assert "PeftModel.from_pretrained(base_model, lora_model_id)" in code
+    assert "model = model.merge_and_unload()" in code and "model.save_pretrained(output_path)" in code
+    assert "logits" not in code and "generate" not in code

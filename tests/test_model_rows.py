@@ -215,11 +215,18 @@ def test_training_again_recomputes_only_our_rows_and_released_rows_need_no_train
 
 def test_embedded_default_rows_the_same_way(tmp_path):
     """The embedded default (base, trained, merged): new training output reruns caption_<setting>@trained and
-    @merged (the merge of the new adapter), not @base."""
+    @merged (the merge of the new adapter), not @base. An edit to a module that cannot change an output
+    (NOT_STAGE_DEPS: a help string, a progress line) reruns nothing; an edit to a reward reruns training."""
+    from repic.core.layout import NOT_STAGE_DEPS
+
     params = copy.deepcopy(_default())
     work = _stand_in_pipeline(tmp_path, params)
     assert _repro(work) >= {caption_stage(s, m) for s in SETTINGS for m in ("base", "trained", "merged")}
-    train_code = work / "stages/train_grpo_lora.py"
+    for module in NOT_STAGE_DEPS:
+        (work / module).parent.mkdir(parents=True, exist_ok=True)
+        (work / module).write_text((REPO / module).read_text().replace("help=", "help='edited ' + ") + "# edited\n")
+    assert _repro(work) == set()
+    train_code = work / "repic/train/rewards.py"
     train_code.write_text(train_code.read_text() + "# changed\n")
     assert {s for s in _repro(work) if s.startswith("caption_")} == {
         caption_stage(s, m) for s in SETTINGS for m in ("trained", "merged")}
