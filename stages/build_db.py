@@ -12,9 +12,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from repic.core.cli import params_of, parser, run
+from repic.core.cli import parser, run
 from repic.core.io import atomic_dir, write_json
 from repic.core.layout import DB_MANIFEST, eval_datasets
+from repic.core.params import params_of
 from repic.data.retrieval import build_index, database_entries, make_embedder, missing_database_images, save_index
 from repic.vlm.models import pick_device
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from repic.core.cli import params_of, parser, run
+from repic.core.cli import parser, run
 from repic.core.io import RepicError, staged_outputs, write_json, write_parquet
 from repic.core.layout import (
     CAPTIONS_PARQUET,
@@ -31,6 +31,7 @@ from repic.core.layout import (
     eval_datasets,
     run_file,
 )
+from repic.core.params import params_of
 from repic.eval.captioning import find_adapter, run_setting
 from repic.vlm.models import check_adapter
 

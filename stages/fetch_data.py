@@ -8,7 +8,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from repic.core.cli import params_of, parser, run
+from repic.core.cli import parser, run
+from repic.core.params import params_of
 from repic.data.fetch import fetch_real, fetch_synthetic
 from repic.data.sources import rerecord_from_env
 

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from repic.core.cli import params_of, parser, run
+from repic.core.cli import parser, run
 from repic.core.io import staged_outputs, write_json, write_parquet
 from repic.core.layout import JUDGE_CACHE, MODES, SETTINGS, VERDICTS, WIN_RATES, layout_of, model_labels
+from repic.core.params import params_of
 from repic.eval.judge import AnswerCache, build_pairs, judge_pairs, local_judge, openai_judge, win_rates
 
 

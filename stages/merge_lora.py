@@ -1,4 +1,6 @@
-r"""Merge the LoRA adapter into the base, verify it (logits fp32/bf16, identical captions), write the report.
+r"""Merge the LoRA adapter into the base, verify the reloaded checkpoint against base+adapter (logits in fp32 and
+bf16, greedy captions; RePIC's bf16 merge reported beside ours), write the report; fail, leaving no model, if it
+differs (repic/train/merge.py).
 
 Example: python -m stages.merge_lora --model data/models/base --adapter results/train/adapter \
     --root data/world --out results/merged
@@ -12,9 +14,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from repic.core.cli import params_of, parser, run
+from repic.core.cli import parser, run
 from repic.core.io import read_json, write_json
 from repic.core.layout import MERGE_REPORT, MERGED_MODEL, eval_datasets
+from repic.core.params import params_of
 from repic.eval.captioning import build_conversation, expand_queries
 from repic.train.merge import check, merge_and_verify
 
@@ -38,7 +41,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     conversations = [build_conversation(q, database, args.root) for q in queries]
     out = Path(args.out)
     report = merge_and_verify(args.model, args.adapter, out / MERGED_MODEL, conversations,
-                              tolerance=cfg["tolerance"], max_new_tokens=cfg["max_new_tokens"])
+                              tolerance=cfg["tolerance"], max_new_tokens=cfg["max_new_tokens"],
+                              device=params["base"]["device"])
     write_json(out / MERGE_REPORT, report)
     check(report)
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from repic.core.cli import params_of, parser, run
+from repic.core.cli import parser, run
 from repic.core.layout import layout_of, model_labels
+from repic.core.params import params_of
 from repic.eval.report import build_report
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from repic.core.cli import params_of, parser, run
+from repic.core.cli import parser, run
 from repic.core.io import RepicError, read_json, write_json, write_parquet, write_text
 from repic.core.layout import (
     METRICS_FILES,
@@ -32,6 +32,7 @@ from repic.core.layout import (
     model_labels,
     paper_table_file,
 )
+from repic.core.params import params_of
 from repic.data.validate import load_caption_rows
 from repic.eval.metrics import score_captions
 from repic.eval.scoring import score_runs

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from repic.core.cli import params_of, parser, run
+from repic.core.cli import parser, run
 from repic.core.io import read_json, write_json, write_parquet
 from repic.core.layout import SUBSET_HELDOUT, SUBSET_MANIFEST, SUBSET_PARQUET, SUBSET_TRAIN
+from repic.core.params import params_of
 from repic.data.subset import stratified_subset
 from repic.data.validate import validate_training
 

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from repic.core.cli import params_of, parser, run
+from repic.core.cli import parser, run
 from repic.core.io import atomic_dir, read_json, write_json, write_text
 from repic.core.layout import TRAIN_ADAPTER, TRAIN_CHECKPOINTS, TRAIN_LOG, TRAIN_SUMMARY
+from repic.core.params import params_of
 from repic.core.progress import training_callback
 from repic.data.subset import stratified_subset
 from repic.data.validate import validate_training

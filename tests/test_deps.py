@@ -2,8 +2,10 @@
 
 For every stage, the closure of `repic.*` modules imported (at any depth, function-level imports included)
 from its `stages/<x>.py`, and the params keys that file reads, must be declared in dvc.yaml; so must every input
-path its command passes. The library's packages import one way: a module imports only its own package and the
-packages before it in `ORDER`.
+path its command passes. The one exception is `repic.core.layout.NOT_STAGE_DEPS`, modules that cannot change an
+output (argument parsing, progress display): they are not deps (what they import still is), and they are held to
+it here: each imports only what `NO_OUTPUT_IMPORTS` allows. The library's packages import one way: a module
+imports only its own package and the packages before it in `ORDER`.
 """
 
 from __future__ import annotations
@@ -16,10 +18,22 @@ from pathlib import Path
 import pytest
 import yaml
 
+from repic.core.layout import NOT_STAGE_DEPS
+
 from .conftest import REPO, dvc_stages, resolve_dvc
 
 # core < vlm < synthetic < data < train < eval: stages -> phases -> shared core
 ORDER = ("core", "vlm", "synthetic", "data", "train", "eval")
+
+# What a module of NOT_STAGE_DEPS may import (module -> names imported from it; None: the module itself or any
+# name in it): argument parsing, signals, threads (to find the main thread), logging, clocks, typing, the tqdm
+# bar, the Trainer callback base class (progress.py's callback: see its test), and RepicError (raised, it makes
+# the stage fail: no output). Nothing that computes, reads or writes a stage's data.
+NO_OUTPUT_IMPORTS: dict[str, frozenset[str] | None] = {
+    "__future__": None, "argparse": None, "contextlib": None, "logging": None, "signal": None, "sys": None,
+    "threading": None, "time": None, "typing": None, "collections.abc": None, "tqdm": frozenset({"tqdm"}),
+    "transformers": frozenset({"TrainerCallback"}), "repic.core.io": frozenset({"RepicError"}),
+}
 
 
 def _imported_modules(path: Path) -> set[str]:
@@ -32,6 +46,17 @@ def _imported_modules(path: Path) -> set[str]:
         elif isinstance(node, ast.Import):
             names.update(a.name for a in node.names if a.name.split(".")[0] == "repic")
     return names
+
+
+def _all_imports(path: Path) -> set[tuple[str, str | None]]:
+    """(module, name) of every import in a file, anywhere in it (name None: `import module`)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            found.update(("." * node.level + (node.module or ""), a.name) for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update((a.name, None) for a in node.names)
+    return found
 
 
 def _module_file(name: str) -> Path | None:
@@ -110,9 +135,12 @@ def _entry(stage: dict) -> Path:
 def test_stage_deps_hold_every_module_it_imports(name):
     stage = STAGES[name]
     entry = _entry(stage)
-    needed = {str(entry.relative_to(REPO))} | module_closure(entry)
+    needed = ({str(entry.relative_to(REPO))} | module_closure(entry)) - set(NOT_STAGE_DEPS)
     missing = sorted(needed - set(stage["deps"]))
     assert not missing, f"dvc.yaml: stage {name}: deps miss {missing}"
+    excluded = sorted(set(stage["deps"]) & set(NOT_STAGE_DEPS))
+    assert not excluded, (f"dvc.yaml: stage {name}: deps list {excluded}, which cannot change an output "
+                          "(repic/core/layout.py NOT_STAGE_DEPS): an edit to it would rerun the stage for nothing")
     extra = sorted(d for d in stage["deps"] if d.startswith(("repic/", "stages/")) and d not in needed)
     assert not extra, f"dvc.yaml: stage {name}: deps list modules it does not import: {extra}"
 
@@ -176,3 +204,57 @@ def test_package_inits_hold_no_code():
     for init in sorted((REPO / "repic").rglob("__init__.py")):
         body = ast.parse(init.read_text(encoding="utf-8")).body
         assert all(isinstance(n, ast.Expr | ast.Assign) and isinstance(n.value, ast.Constant) for n in body), init
+
+
+@pytest.mark.parametrize("module", sorted(NOT_STAGE_DEPS))
+def test_modules_left_out_of_deps_import_nothing_that_can_change_an_output(module):
+    path = REPO / module
+    assert path.is_file() and len(NOT_STAGE_DEPS[module]) > 40, f"{module}: no such module, or no reason given"
+    for imported, name in sorted(_all_imports(path), key=str):
+        allowed = NO_OUTPUT_IMPORTS.get(imported, frozenset())
+        assert allowed is None or name in allowed, (
+            f"{module} is left out of stage deps (repic/core/layout.py NOT_STAGE_DEPS) but imports "
+            f"{imported}{'.' + name if name else ''}: it could change an output; make it a dep or move the code")
+
+
+def test_the_import_check_catches_an_output_relevant_import(tmp_path, monkeypatch):
+    """The check above fails on a left-out module that imports, say, a reward or a file writer."""
+    import tests.test_deps as this
+
+    (tmp_path / "repic/core").mkdir(parents=True)
+    (tmp_path / "repic/core/progress.py").write_text(
+        "import sys\nfrom repic.core.io import RepicError, write_json\ndef f():\n    from repic.train import rewards\n")
+    monkeypatch.setattr(this, "REPO", tmp_path)
+    with pytest.raises(AssertionError, match=r"imports repic.core.io.write_json"):
+        test_modules_left_out_of_deps_import_nothing_that_can_change_an_output("repic/core/progress.py")
+    (tmp_path / "repic/core/progress.py").write_text("def f():\n    from repic.train import rewards\n")
+    with pytest.raises(AssertionError, match=r"imports repic.train.rewards"):
+        test_modules_left_out_of_deps_import_nothing_that_can_change_an_output("repic/core/progress.py")
+
+
+def test_cli_reads_dvcs_params_file_and_passes_argv_unchanged():
+    """cli.py's two ways into a stage's output, pinned: `--params` defaults to params.yaml (the file DVC's `params:`
+    entries track) and `run` hands the stage's main exactly the argv it was given."""
+    from repic.core.cli import parser, run
+
+    assert parser("doc").parse_args([]).params == "params.yaml"
+    seen = []
+    assert run(seen.append, ["--x", "1"]) == 0 and seen == [["--x", "1"]]
+
+
+def test_progress_callback_leaves_training_alone():
+    """progress.py's Trainer callback returns nothing and never changes the Trainer's control flags."""
+    import io
+
+    from transformers import TrainerControl, TrainerState
+
+    from repic.core.progress import training_callback
+
+    callback = training_callback(io.StringIO())
+    state, control = TrainerState(max_steps=4, global_step=0), TrainerControl()
+    before = dict(vars(control))
+    assert callback.on_train_begin(None, state, control) is None
+    for step in range(1, 5):
+        state.global_step = step
+        assert callback.on_step_end(None, state, control) is None
+    assert vars(control) == before

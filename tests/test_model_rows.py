@@ -30,7 +30,8 @@ def _paper() -> dict:
 def test_embedded_default_keeps_base_and_trained():
     params = _default()
     assert [(r.name, r.kind, r.path) for r in model_rows(params)] == [
-        ("base", "model", "data/models/base"), ("trained", "adapter", "results/train/adapter")]
+        ("base", "model", "data/models/base"), ("trained", "adapter", "results/train/adapter"),
+        ("merged", "model", "results/merged/model")]
     assert params["judge_llm"]["reference"] == "trained"
 
 
@@ -39,7 +40,7 @@ def test_paper_lists_the_papers_rows_in_order_and_replaces_the_default_list():
     validate(params, "paper")
     assert model_labels(params) == {
         "base": "Qwen2.5-VL-7B (zero-shot)", "rap_qwen": "RAP-Qwen (SFT)", "repic_lora": "RePIC (released LoRA)",
-        "repic_merged": "RePIC (released merged)", "trained": "Ours (RePIC recipe)"}
+        "repic_merged": "RePIC (released merged)", "trained": "Ours (LoRA)", "merged": "Ours (merged)"}
     rows = {r.name: r for r in model_rows(params)}
     assert rows["repic_lora"].kind == "adapter" and rows["repic_merged"].kind == "model"
     # every released row is a fetch_data source (a record: true one, pinned on first download)
@@ -50,7 +51,7 @@ def test_paper_lists_the_papers_rows_in_order_and_replaces_the_default_list():
         assert sources[source]["record"] is True
     assert rows["base"].path == params["base"]["base_model"]
     assert params["judge_llm"]["reference"] == "repic_lora"  # RePIC compared every baseline with its model
-    assert trained_rows(params) == ["trained"]
+    assert trained_rows(params) == ["trained", "merged"]
     assert list(without_training(params)["models"]) == ["base", "rap_qwen", "repic_lora", "repic_merged"]
 
 
@@ -65,7 +66,7 @@ def test_paper_lists_the_papers_rows_in_order_and_replaces_the_default_list():
      "params.yaml: models.base.kind: 'lora' is not one of ['model', 'adapter']"),
     (lambda p: p.update({"models": {}}), "params.yaml: models: {} should be non-empty"),
     (lambda p: p["judge_llm"].update({"reference": "ours"}),
-     "params.yaml: judge_llm.reference: 'ours' is not a model row (models: base, trained)"),
+     "params.yaml: judge_llm.reference: 'ours' is not a model row (models: base, trained, merged)"),
     (lambda p: p["models"]["base"].update({"path": "/models/qwen"}),
      "params.yaml: models.base.path: '/models/qwen' is not produced by the DAG (expected inside one of "
      "data/models/base, data/world, results/train, results/merged: fetch a released checkpoint with a "
@@ -96,15 +97,15 @@ def test_adding_a_model_is_one_params_entry(tmp_path):
     from dvc.repo import Repo
 
     params = _default()
-    params["models"]["merged"] = {"label": "merged", "kind": "model", "path": "results/merged/model"}
+    params["models"]["extra"] = {"label": "extra", "kind": "model", "path": "data/world/extra"}
     validate(params)
     repo = _scratch_checkout(tmp_path, params)
     stages = {s.name: s for s in Repo(str(repo)).index.stages}
     for setting in SETTINGS:
-        stage = stages[caption_stage(setting, "merged")]
-        assert "--row merged --model results/merged/model" in stage.cmd
-        assert "results/merged/model" in [d.def_path for d in stage.deps]
-        assert [o.def_path for o in stage.outs] == [f"results/captions/{setting}/merged"]
+        stage = stages[caption_stage(setting, "extra")]
+        assert "--row extra --model data/world/extra" in stage.cmd
+        assert "data/world/extra" in [d.def_path for d in stage.deps]
+        assert [o.def_path for o in stage.outs] == [f"results/captions/{setting}/extra"]
         assert "results/train/adapter" not in [d.def_path for d in stages[caption_stage(setting, "base")].deps]
 
 
@@ -202,7 +203,7 @@ def test_training_again_recomputes_only_our_rows_and_released_rows_need_no_train
     assert ran == {"fetch_data", "build_db", *captions, "score", "judge_llm"}  # no subset, no training
     _stand_in_pipeline(tmp_path, paper)  # `make paper`: our row is back
     ran = _repro(work)
-    ours = {caption_stage(s, "trained") for s in SETTINGS}
+    ours = {caption_stage(s, m) for s in SETTINGS for m in ("trained", "merged")}
     assert ran == {"subset_2k", "train_grpo_lora", "merge_lora", *ours, "score", "judge_llm", "report"}
     assert _repro(work) == set()
     # a new training (here: its code changed) changes the adapter: our row only is captioned again
@@ -210,3 +211,22 @@ def test_training_again_recomputes_only_our_rows_and_released_rows_need_no_train
     train_code.write_text(train_code.read_text() + "# changed\n")
     ran = _repro(work)
     assert ran == {"train_grpo_lora", "merge_lora", *ours, "score", "judge_llm", "report"}
+
+
+def test_embedded_default_rows_the_same_way(tmp_path):
+    """The embedded default (base, trained, merged): new training output reruns caption_<setting>@trained and
+    @merged (the merge of the new adapter), not @base. An edit to a module that cannot change an output
+    (NOT_STAGE_DEPS: a help string, a progress line) reruns nothing; an edit to a reward reruns training."""
+    from repic.core.layout import NOT_STAGE_DEPS
+
+    params = copy.deepcopy(_default())
+    work = _stand_in_pipeline(tmp_path, params)
+    assert _repro(work) >= {caption_stage(s, m) for s in SETTINGS for m in ("base", "trained", "merged")}
+    for module in NOT_STAGE_DEPS:
+        (work / module).parent.mkdir(parents=True, exist_ok=True)
+        (work / module).write_text((REPO / module).read_text().replace("help=", "help='edited ' + ") + "# edited\n")
+    assert _repro(work) == set()
+    train_code = work / "repic/train/rewards.py"
+    train_code.write_text(train_code.read_text() + "# changed\n")
+    assert {s for s in _repro(work) if s.startswith("caption_")} == {
+        caption_stage(s, m) for s in SETTINGS for m in ("trained", "merged")}

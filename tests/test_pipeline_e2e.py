@@ -21,7 +21,7 @@ import yaml
 
 pytestmark = pytest.mark.slow
 
-SETTINGS, MODES, MODELS = ("single", "multi2", "multi4"), ("skip", "retrieval"), ("base", "trained")
+SETTINGS, MODES, MODELS = ("single", "multi2", "multi4"), ("skip", "retrieval"), ("base", "trained", "merged")
 
 
 def _sh(args: list[str], cwd: Path, timeout: int = 1200) -> str:
@@ -47,7 +47,7 @@ def test_metrics_cover_every_setting_mode_and_model(pipeline):
                 assert {"precision", "recall", "f1", "n_slots"} <= set(cell)
                 assert 0.0 <= cell["f1"] <= 100.0 and cell["n_slots"] > 0
     table = (pipeline / "results/score/table.md").read_text()
-    assert "| trained |" in table and "| base |" in table and "4-concept" in table
+    assert "| trained |" in table and "| base |" in table and "| merged |" in table and "4-concept" in table
     strict = json.loads((pipeline / "results/score/metrics_strict.json").read_text())
     assert set(strict) == set(SETTINGS)
     for protocol in ("repic", "strict"):

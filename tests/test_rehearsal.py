@@ -59,7 +59,7 @@ def test_paper_rehearsal_runs_every_stage(tmp_path: Path) -> None:
     repo = Path(report["checkout"])
     paper = yaml.safe_load((REPO / "configs/paper.yaml").read_text())
     rows = list(paper["models"])
-    released = [r for r in rows if r != "trained"]
+    released = [r for r in rows if r not in ("trained", "merged")]
     assert released == ["base", "rap_qwen", "repic_lora", "repic_merged"]
     captions = {r: [f"caption_{s}@{r}" for s in ("single", "multi2", "multi4")] for r in rows}
     stages = ["fetch_data", "subset_2k", "build_db", "train_grpo_lora", "merge_lora",
@@ -70,7 +70,8 @@ def test_paper_rehearsal_runs_every_stage(tmp_path: Path) -> None:
     assert sorted(report["steps"]["paper-released"]) == sorted(
         ["fetch_data", "build_db", *(c for r in released for c in captions[r]), "score", "judge_llm"])
     assert sorted(report["steps"]["paper"]) == sorted(
-        ["subset_2k", "train_grpo_lora", "merge_lora", *captions["trained"], "score", "judge_llm", "report"])
+        ["subset_2k", "train_grpo_lora", "merge_lora", *captions["trained"], *captions["merged"], "score", "judge_llm",
+         "report"])
     # the scratch copy's paper.yaml is the committed one, byte for byte
     assert (repo / "configs/paper.yaml").read_bytes() == (REPO / "configs/paper.yaml").read_bytes()
     # record-on-first-download: every record source got a value, and a second fetch matched it silently
@@ -111,7 +112,8 @@ def test_paper_rehearsal_runs_every_stage(tmp_path: Path) -> None:
             assert caps["repic_merged"] == caps["base"], (setting, mode)
     win = json.loads((repo / "results/judge/win_rates.json").read_text())
     # the openai backend answered through the loopback endpoint, for every row against the reference
-    assert win["reference"] == "repic_lora" and list(win["versus"]) == ["base", "rap_qwen", "repic_merged", "trained"]
+    assert win["reference"] == "repic_lora" and list(win["versus"]) == ["base", "rap_qwen", "repic_merged", "trained",
+                                                                 "merged"]
     assert all(v["overall"]["n_pairs"] > 0 for v in win["versus"].values())
     assert (repo / "results/report/index.html").stat().st_size > 0
     assert (repo / "results/merged/merge_report.json").is_file()

@@ -1,4 +1,9 @@
-"""Shared plumbing for the `stages/` entry points: argument parsing and one-line errors."""
+"""Shared plumbing for the `stages/` entry points: argument parsing, one-line errors and exit statuses.
+
+Not a dependency of any DVC stage (repic.core.layout.NOT_STAGE_DEPS): nothing here can change what a stage
+writes, so an edit (a help string) reruns nothing. tests/test_deps.py holds it to that: it imports only the
+standard-library modules listed there and `RepicError`, and `--params` defaults to DVC's params file. The params a
+stage computes with come from `repic.core.params.params_of`."""
 
 from __future__ import annotations
 
@@ -14,7 +19,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from repic.core.io import RepicError
-from repic.core.params import load_params
 
 # A full disk or a spent quota: the user's to fix, a one-line error rather than a traceback.
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -86,7 +90,3 @@ def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None 
         return 128 + received[0]
     return 0
 
-
-def params_of(args: argparse.Namespace, *, libraries: bool = False) -> dict[str, Any]:
-    """The stage's validated params (`--params`); `libraries`: GRPOConfig/LoraConfig sections too (seconds)."""
-    return load_params(args.params, libraries=libraries)

@@ -206,6 +206,24 @@ def stage_outs(base: dict[str, Any], models: Iterable[str]) -> dict[str, list[st
     }
 
 
+# ---- what a stage depends on
+# dvc.yaml lists as a stage's deps its module and every repic module it imports, at any depth
+# (tests/test_deps.py computes them and fails on a miss), except the modules below: none of them can change a
+# stage's outputs, so an edit to one (a help string, a progress line) reruns nothing (days of GPU for the paper's
+# training). The modules they import are still followed (they stay deps). tests/test_deps.py also fails when one
+# of them imports anything beyond the standard-library and display modules it allows (argument parsing,
+# signals, logging, tqdm, ...), so code that can change an output cannot move in unnoticed.
+NOT_STAGE_DEPS: dict[str, str] = {
+    "repic/core/cli.py": "argument parsing (`--help` text), one-line errors, exit statuses, SIGINT/SIGTERM handling "
+                         "and the logging setup of every stage's entry point: it passes argv to the stage's main "
+                         "unchanged; its one output-relevant value, `--params`'s default, is pinned to DVC's params "
+                         "file by a test; the params themselves come from repic.core.params (a dep)",
+    "repic/core/progress.py": "progress display of long loops: a tqdm bar on a terminal, `Progress.line()` log lines "
+                              "otherwise, and the Trainer callback that drives them, which returns nothing and "
+                              "never touches the Trainer's control (a test checks it)",
+}
+
+
 def paper_table_file(table: str, protocol: str, ext: str) -> str:
     """`table1_single_repic.md`, ... inside the tables folder."""
     return f"{table}_{protocol}.{ext}"

@@ -257,6 +257,12 @@ def check_models(params: dict[str, Any], source: str = "params.yaml") -> None:
                                  "there (declare the checkpoint as a source with dest data/...)")
 
 
+def params_of(args: Any, *, libraries: bool = False) -> dict[str, Any]:
+    """A stage's validated params: the file of its `--params` argument (repic.core.cli.parser); `libraries`:
+    GRPOConfig/LoraConfig sections too (seconds)."""
+    return load_params(args.params, libraries=libraries)
+
+
 def load_params(path: str | os.PathLike = "params.yaml", *, libraries: bool = False) -> dict[str, Any]:
     """params.yaml validated against the schema; with `libraries`, also its GRPOConfig/LoraConfig sections
     (`check_libraries`: imports TRL and PEFT, seconds)."""
