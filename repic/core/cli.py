@@ -11,7 +11,7 @@ import argparse
 import contextlib
 import errno
 import logging
-import os
+from os import strerror
 import signal
 import sys
 import threading
@@ -80,7 +80,7 @@ def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None 
             raise
         # The stage's outputs are written all or nothing (repic.core.io): what was there before is intact.
         where = f" writing {exc.filename}" if exc.filename else ""
-        print(f"error: {os.strerror(exc.errno)} ({errno.errorcode[exc.errno]}){where}: free space (df -h) and run "
+        print(f"error: {strerror(exc.errno)} ({errno.errorcode[exc.errno]}){where}: free space (df -h) and run "
               "again; no output was half-written", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # raised by the handler, or a SIGINT before it was installed
