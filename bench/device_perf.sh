@@ -6,14 +6,13 @@
 # TRL's default path (hf), ours (today's) and ours + levers, at the corrected recipe's batch by default (16
 # completions an optimizer step as 8 per micro-step x grad-accum 2, RePIC's grouping: G completions of G samples).
 # Every setting can be changed through the environment, e.g. after the training-fidelity issue lands:
-#   PER_DEVICE=16 ACCUM=1 GROUPING=repic PATHS="ours ours+nockpt~8" bash bench/device_perf.sh
+#   PER_DEVICE=16 ACCUM=1 GROUPING=repic PATHS="ours+pp ours+pp+nockpt~8" bash bench/device_perf.sh
 # CPU rehearsal (no wheels, tiny model): CPU_REHEARSAL=1 OUT=/tmp/perf bash bench/device_perf.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 WHL=${WHL:-.whl}
 mkdir -p "$OUT"
-PATHS=${PATHS:-"ours ours+nockpt+rows+pp+pr+vc hf@2 ours+pp ours+nockpt ours+rows ours+pr ours+vc ours~16
-  ours+nockpt+rows+pp+pr+vc+compile"}
+PATHS=${PATHS:-"ours+pp ours hf@2 ours+pp+vc ours+pp+nockpt ours+pp+compile"}
 CAPTION_PLAN=${CAPTION_PLAN:-"4:32:ours_cdmr,ours_cdmrv,hf_b1"}
 PER_DEVICE=${PER_DEVICE:-8}
 ACCUM=${ACCUM:-2}
@@ -24,7 +23,7 @@ LIMIT=${LIMIT:-490}         # perf.py is stopped here (what it saved stays in $O
 PROFILE=${PROFILE:-}
 EXTRA=()
 if [ "${CPU_REHEARSAL:-0}" = 1 ]; then  # the same command on a CPU: tiny model, short answers, small batches
-  PATHS=${CPU_PATHS:-"ours ours+nockpt+rows+pp+pr+vc hf@2 ours+compile~2"}
+  PATHS=${CPU_PATHS:-"ours+pp ours hf@2 ours+pp+compile~2"}
   CAPTION_PLAN=${CPU_CAPTION_PLAN:-"2:2:ours_cdmr,ours_cdmrv,hf_b1"}
   PER_DEVICE=4 ACCUM=2 STEPS=2 DEADLINE=100000 LIMIT=100000
   EXTRA=(--model tiny --image-px 112 --grpo-max-new 8 --grpo-generations 4 --grpo-image-scale 0.25

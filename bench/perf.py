@@ -20,10 +20,11 @@ Sections, in this order (`--sections`):
   `grpo` (G completions of one prompt, TRL's sampler). Paths (`--grpo-paths`): `hf` = TRL's default (its
   `model.generate` rollouts, gradient checkpointing), `ours` = `rollout_trainer(GRPOTrainer, "static")` as the
   pipeline trains today, and either with `+`-joined levers (repic.train.speed unless said): `nockpt` (no gradient
-  checkpointing: GRPOConfig), `rows` (padding_free), `compile` (compile_layers), `vc` (compile_vision), `pp`
-  (preprocess_once), `pr` (rollout prefill one prompt at a time, images once: rollout_trainer's prefill_rows /
-  prefill_vision_once), `cd` (compiled decode step in the rollouts); `~N` trains that path with N completions a
-  micro-step (the step's completions unchanged: more or fewer accumulation steps), `@S` runs S optimizer steps.
+  checkpointing: GRPOConfig), `compile` (compile_layers), `vc` (compile_vision), `pp` (preprocess_once: on in the
+  training stage, so `ours+pp` is the pipeline's path), `pr` (rollout prefill one prompt at a time, images once:
+  rollout_trainer's prefill_rows / prefill_vision_once), `cd` (compiled decode step in the rollouts); `~N` trains
+  that path with N completions a micro-step (the step's completions unchanged: more or fewer accumulation steps),
+  `@S` runs S optimizer steps.
   Per step: wall time (synchronised), its split (rollout, reference forward, policy forward, backward, optimizer
   incl. gradient clipping, rewards, other = the rest: TRL's CPU-side image preprocessing and tokenising, batching,
   logging), tokens (every sequence's prompt, image tokens included, + completion: EasyR1's "tokens per second per
@@ -40,7 +41,7 @@ checkpointing the recomputed forward is counted apart (`recompute`: executed, no
 
     python bench/perf.py --out perf.json                                          # the device run: device_perf.sh
     python bench/perf.py --model tiny --image-px 112 --caption-plan 2:2:ours_cdmr,ours_cdmrv,hf_b1 \\
-        --grpo-paths hf@2 ours ours+nockpt+rows+pp+pr+vc --grpo-steps 2 --grpo-max-new 8 \\
+        --grpo-paths hf@2 ours ours+pp+nockpt+pr+vc --grpo-steps 2 --grpo-max-new 8 \\
         --grpo-per-device 4 --grpo-generations 4 --out /tmp/perf.json             # a CPU rehearsal
 """
 
@@ -72,7 +73,7 @@ import repic_shapes as shapes  # noqa: E402  (bench/repic_shapes.py: captioning 
 from repic.vlm import generation as gen  # noqa: E402
 
 sync = genbench.sync
-LEVERS = ("nockpt", "rows", "compile", "vc", "pp", "pr", "cd")
+LEVERS = ("nockpt", "compile", "vc", "pp", "pr", "cd")
 PHASES = ("rollout", "reference_forward", "policy_forward", "backward", "optimizer", "rewards")
 
 
@@ -449,7 +450,7 @@ def run_path(model: Any, processor: Any, dataset: Any, spec: str, args: Any, sch
         cls = type("Levers" + cls.__name__, (cls,), {"decode_compile": "cd" in levers,
                                                       "prefill_rows": "pr" in levers,
                                                       "prefill_vision_once": "pr" in levers})
-    cls = fast_trainer(grouped(cls, args.grpo_grouping), padding_free="rows" in levers,
+    cls = fast_trainer(grouped(cls, args.grpo_grouping),
                        compile_layers="compile" in levers, compile_vision="vc" in levers,
                        preprocess_once="pp" in levers)
     torch.manual_seed(0)
@@ -554,8 +555,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="captioning cells as k:batch:path,path,... (bench/repic_shapes.py's paths)")
     ap.add_argument("--b1-captions", type=int, default=2, help="captions timed in RePIC's batch-1 loop")
     ap.add_argument("--max-new-tokens", type=int, default=160, help="captioning")
-    ap.add_argument("--grpo-paths", nargs="+", default=["ours", "ours+nockpt+rows+pp+pr+vc", "hf@2", "ours+pp",
-                                                        "ours+nockpt", "ours+rows", "ours+pr", "ours+vc"])
+    ap.add_argument("--grpo-paths", nargs="+", default=["ours+pp", "ours", "hf@2", "ours+pp+vc",
+                                                        "ours+pp+nockpt", "ours+pp+compile"])
     ap.add_argument("--grpo-steps", type=int, default=3, help="optimizer steps per path (the first is warm-up)")
     ap.add_argument("--grpo-per-device", type=int, default=8, help="completions per micro-step "
                     "(per_device_train_batch_size)")

@@ -27,12 +27,14 @@ ORDER = ("core", "vlm", "synthetic", "data", "train", "eval")
 
 # What a module of NOT_STAGE_DEPS may import (module -> names imported from it; None: the module itself or any
 # name in it): argument parsing, errno codes and os.strerror (a full disk's one-line message), signals, threads (to
-# find the main thread), logging, clocks, typing, the tqdm bar, the Trainer callback base class (progress.py's callback: see its test), and RepicError (raised, it makes
-# the stage fail: no output). Nothing that computes, reads or writes a stage's data.
+# find the main thread), logging, clocks, typing, the tqdm bar, the Trainer callback base class (progress.py's
+# callback: see its test), and RepicError (raised, it makes the stage fail: no output). Nothing that computes, reads
+# or writes a stage's data.
 NO_OUTPUT_IMPORTS: dict[str, frozenset[str] | None] = {
-    "__future__": None, "argparse": None, "contextlib": None, "errno": None, "os": frozenset({"strerror"}), "logging": None, "signal": None, "sys": None,
-    "threading": None, "time": None, "typing": None, "collections.abc": None, "tqdm": frozenset({"tqdm"}),
-    "transformers": frozenset({"TrainerCallback"}), "repic.core.io": frozenset({"RepicError"}),
+    "__future__": None, "argparse": None, "contextlib": None, "errno": None, "os": frozenset({"strerror"}),
+    "logging": None, "signal": None, "sys": None, "threading": None, "time": None, "typing": None,
+    "collections.abc": None, "tqdm": frozenset({"tqdm"}), "transformers": frozenset({"TrainerCallback"}),
+    "repic.core.io": frozenset({"RepicError"}),
 }
 
 

@@ -4,6 +4,7 @@ the released rows alone evaluate without train_grpo_lora (`make paper-released`)
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys

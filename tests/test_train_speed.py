@@ -115,40 +115,6 @@ def _assert_same(got, want, atol=1e-6):
         assert torch.allclose(g, grads_want[name], atol=atol * scale, rtol=1e-5), name
 
 
-def test_padding_free_same_losses_and_gradients(tiny_model_dir, tmp_path):
-    """Each sequence alone, unpadded, its images from one tower call for the batch: TRL's log-probs, loss and
-    LoRA gradients (LoRA dropout 0: per-sequence dropout would draw other masks)."""
-    want = _step(_trainer(tiny_model_dir, tmp_path))
-    trainer = _trainer(tiny_model_dir, tmp_path, padding_free=True)
-    widths = []  # the language model's inputs: one unpadded row per call
-    lm = trainer.model.get_base_model().model.language_model
-    hook = lm.register_forward_pre_hook(lambda m, a, k: widths.append(tuple(k["inputs_embeds"].shape[:2])),
-                                        with_kwargs=True)
-    try:
-        got = _step(trainer)
-    finally:
-        hook.remove()
-    _assert_same(got, want)
-    inputs = _batch(trainer.processing_class)
-    real = (inputs["prompt_mask"].sum(1) + inputs["completion_mask"].sum(1)).tolist()
-    assert widths == [(1, n) for n in real] * 2  # reference forward, then the policy's
-    cache = trainer.image_feature_cache
-    assert cache.tower_images == 5  # each image encoded once, in the reference pass's one tower call
-
-
-def test_padding_free_applies_lora_dropout_per_sequence(tiny_model_dir, tmp_path):
-    trainer = _trainer(tiny_model_dir, tmp_path, dropout=0.5, padding_free=True)
-    seen = []
-    module = trainer.model.get_base_model().model.language_model.layers[0].mlp.down_proj.lora_dropout["default"]
-    hook = module.register_forward_hook(lambda m, a, out: seen.append(
-        (tuple(out.shape[:2]), bool((out == 0).any() and not (a[0] == 0).any()))))
-    try:
-        _step(trainer)
-    finally:
-        hook.remove()
-    assert len(seen) == 3 and all(shape[0] == 1 and dropped for shape, dropped in seen)
-
-
 def test_without_gradient_checkpointing_same_losses_and_gradients(tiny_model_dir, tmp_path):
     """TRL's `gradient_checkpointing: false`: no recompute in the backward, the same loss and gradients (LoRA
     dropout on: checkpointing replays the masks)."""

@@ -11,11 +11,11 @@ import argparse
 import contextlib
 import errno
 import logging
-from os import strerror
 import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from os import strerror
 from typing import Any
 
 from repic.core.io import RepicError

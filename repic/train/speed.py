@@ -1,19 +1,11 @@
 """Faster training forwards for TRL's `GRPOTrainer`, each one exact: what is trained does not change.
 
-`fast_trainer(trainer_cls, padding_free=..., compile_layers=..., compile_vision=..., preprocess_once=...)` returns
+`fast_trainer(trainer_cls, compile_layers=..., compile_vision=..., preprocess_once=...)` returns
 a subclass of the trainer class (TRL's, or `repic.vlm.generation.rollout_trainer`'s) with these levers, each off
-unless asked for (bench/perf.py measures them; none is on in the pipeline yet):
+unless asked for (bench/perf.py measures them; BENCHMARKS.md has the figures). A padding-free lever (each sequence's
+forwards alone, unpadded) was measured and removed: 9.5 % slower on an H100 at RePIC's shapes (BENCHMARKS.md, issue 28).
 
-- `padding_free`: the policy and reference forwards (`_get_per_token_logps_and_entropies`) run each sequence of a
-  batch alone, without its padding columns (a prompt's left padding, a completion's right padding), so the language
-  model does no work on padding and its attention is causal with no mask (PyTorch sdpa's flash kernel, where a
-  padded batch gets a masked kernel). When the image feature cache is on (`enable_image_feature_cache`, which the
-  static-rollout trainer installs), the images of the whole batch are encoded first in one tower call and each
-  sequence's forward reuses them. The per-token log-probabilities and entropies come back in TRL's layout
-  ([batch, completion columns], zero where masked), so TRL's loss is computed as before. LoRA dropout draws its
-  masks per sequence ([1, length, features] instead of [batch, width, features]): other draws of the same
-  Bernoulli(1 - p) per element, as any change of micro-batch size gives; with dropout 0 the losses and LoRA
-  gradients equal the padded batch's (tests/test_train_speed.py).
+
 - `compile_layers`: each decoder layer of the language model runs as `torch.compile(dynamic=True)` code (one graph
   for all layers and sequence lengths), which fuses the eager elementwise chains around the matrix products
   (RMSNorm and rotary in fp32, LoRA's casts and scaling, SiLU, residual adds) in the forward and the backward; only
@@ -38,21 +30,16 @@ import weakref
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-
-# per-sample fields of `_get_per_token_logps_and_entropies` this path slices (others: TRL's own batched path)
-_ROW_FIELDS = ("mm_token_type_ids", "token_type_ids")
-_UNSUPPORTED = ("pixel_attention_mask", "spatial_shapes", "num_tiles", "image_sizes", "image_position_ids")
 
 
-def fast_trainer(trainer_cls: type, *, padding_free: bool = False, compile_layers: bool = False,
+def fast_trainer(trainer_cls: type, *, compile_layers: bool = False,
                  compile_vision: bool = False, preprocess_once: bool = False) -> type:
     """`trainer_cls` (a TRL GRPOTrainer class) with the levers asked for (module docstring); itself if none."""
-    if not (padding_free or compile_layers or compile_vision or preprocess_once):
+    if not (compile_layers or compile_vision or preprocess_once):
         return trainer_cls
 
     class FastGRPOTrainer(trainer_cls):
-        speed_options = {"padding_free": padding_free, "compile_layers": compile_layers,
+        speed_options = {"compile_layers": compile_layers,
                          "compile_vision": compile_vision, "preprocess_once": preprocess_once}
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -66,70 +53,8 @@ def fast_trainer(trainer_cls: type, *, padding_free: bool = False, compile_layer
             if compile_layers:
                 compile_language_layers(self.model)
 
-        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
-                                               batch_size=None, compute_entropy=False, compute_aux_loss=False,
-                                               **fields):
-            batched = super()._get_per_token_logps_and_entropies
-            if not padding_free or compute_aux_loss or any(fields.get(k) is not None for k in _UNSUPPORTED):
-                return batched(model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
-                               compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **fields)
-            return _by_rows(batched, model, input_ids, attention_mask, logits_to_keep, compute_entropy, fields,
-                            self.accelerator.autocast)
-
     FastGRPOTrainer.__name__ = f"Fast{trainer_cls.__name__}"
     return FastGRPOTrainer
-
-
-def _by_rows(batched: Any, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int,
-             compute_entropy: bool, fields: dict[str, Any], autocast: Any
-             ) -> tuple[torch.Tensor, torch.Tensor | None, None]:
-    """TRL's per-token log-probs (and entropies) of [prompt (left padded) | completion (right padded)] rows, one
-    row a forward, each without its padding columns."""
-    n, width = input_ids.shape
-    prompt_width = width - logits_to_keep
-    mask = attention_mask.bool()
-    first = mask.int().argmax(1)  # first real column: the prompt is left padded
-    # (first column, completion length) of every row, in one host sync
-    bounds = torch.stack([first, mask[:, prompt_width:].sum(1)], 1).tolist()
-    pixel_values, grid = fields.get("pixel_values"), fields.get("image_grid_thw")
-    num_images = fields.get("num_images")
-    image_start, pixel_start = [0], [0]
-    if grid is not None and pixel_values is not None and num_images is not None:
-        for count in num_images:
-            image_start.append(image_start[-1] + count)
-        for patches in grid.prod(-1).tolist():
-            pixel_start.append(pixel_start[-1] + patches)
-        with autocast():  # as TRL's forward runs the tower
-            _encode_once(model, pixel_values, grid)
-    logps, entropies = [], []
-    for b, (lo, completion) in enumerate(bounds):
-        keep = max(completion, 1)  # an all-masked completion still scores one (masked) column, as a batch does
-        hi = prompt_width + keep
-        row = {k: fields[k][b:b + 1, lo:hi] for k in _ROW_FIELDS if fields.get(k) is not None}
-        if len(image_start) > 1 and image_start[b + 1] > image_start[b]:  # (a text-only row: no image fields)
-            i0, i1 = image_start[b], image_start[b + 1]
-            row.update(pixel_values=pixel_values[pixel_start[i0]:pixel_start[i1]], image_grid_thw=grid[i0:i1],
-                       num_images=[i1 - i0])
-        lp, ent, _ = batched(model, input_ids[b:b + 1, lo:hi], attention_mask[b:b + 1, lo:hi], keep, batch_size=1,
-                             compute_entropy=compute_entropy, **row)
-        logps.append(F.pad(lp, (0, logits_to_keep - keep)))
-        if compute_entropy:
-            entropies.append(F.pad(ent, (0, logits_to_keep - keep)))
-    return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
-
-
-def _encode_once(model: Any, pixel_values: torch.Tensor, grid: torch.Tensor) -> None:
-    """Every image of the batch through the tower in one call, into the image feature cache (if installed), so the
-    per-row forwards find them there."""
-    from repic.vlm.vision import _language_and_vision
-
-    inner = _language_and_vision(model)
-    cache = getattr(inner, "_repic_feature_cache", None)
-    if cache is None or torch.is_inference_mode_enabled():
-        return
-    cache.capacity = max(cache.capacity, len(grid))
-    with torch.no_grad():
-        inner.get_image_features(pixel_values, grid)
 
 
 # ----------------------------------------------------------------------------------------------------------------
