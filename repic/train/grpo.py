@@ -292,15 +292,16 @@ def lora_head_trainer(trainer_cls: type) -> type:
                 super().__init__(*args, model=model, **kwargs)
             finally:
                 del core.get_output_embeddings
-            install_lora_head_logps(core, self.temperature)
+            install_lora_head_logps(core, self.temperature, entropy_grad=self._entropy_bonus_enabled)
 
     return LoraHeadTrainer
 
 
-def install_lora_head_logps(core: Any, temperature: float) -> None:
+def install_lora_head_logps(core: Any, temperature: float, entropy_grad: bool = False) -> None:
     """Replace TRL's fused LM head of `core` (its `forward(..., fused_lm_head=True)`) by one that runs the head
     module: `lm_head(hidden)` of the scored positions, divided by `temperature`, fp32 log-softmax (see
-    `lora_head_trainer`)."""
+    `lora_head_trainer`). The entropies (a metric, unless TRL's entropy bonus is on: `entropy_grad`) carry no
+    graph, which saves a vocabulary-wide activation per token."""
     import functools
     import types
 
@@ -325,7 +326,8 @@ def install_lora_head_logps(core: Any, temperature: float) -> None:
         logits = self.lm_head(hidden[mask]).float() / temperature
         logp = logits.log_softmax(-1)
         token = logp.gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)
-        entropy = -(logp.exp() * logp).sum(-1)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = -(logp.exp() * logp).sum(-1)
         log_probs = torch.zeros(mask.shape, dtype=token.dtype, device=token.device).masked_scatter(mask, token)
         entropies = torch.zeros(mask.shape, dtype=entropy.dtype, device=entropy.device).masked_scatter(mask, entropy)
         loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
