@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -93,7 +94,7 @@ def main() -> None:
     from transformers import TrainerCallback
     from trl import GRPOTrainer
 
-    from repic.train.grpo import build_examples, grpo_config, lora_config, reward_functions
+    from repic.train.grpo import batch_plan, build_examples, grpo_config, lora_config, reward_functions
     from repic.vlm.generation import rollout_trainer
 
     paper = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/paper.yaml").read_text())
@@ -110,6 +111,8 @@ def main() -> None:
     model = get_peft_model(model, lora_config(recipe["lora"]))
     grpo = {**recipe["grpo"], "max_steps": args.steps, "report_to": "none", "save_strategy": "no",
             "logging_steps": 1, "num_train_epochs": 1}
+    # the recipe's batch for this run's processes (completions_per_step sets per-device batch and accumulation)
+    grpo = batch_plan(grpo, recipe["completions_per_step"], int(os.environ.get("WORLD_SIZE", "1")))
     if args.max_new_tokens:
         grpo["max_completion_length"] = args.max_new_tokens
     if args.prompts_per_device:

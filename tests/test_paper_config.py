@@ -5,6 +5,7 @@ import shutil
 import yaml
 
 from repic.core.params import LANGUAGE_MODEL_LINEAR, apply_overlay, grpo_config, load_params, lora_config
+from repic.train.grpo import batch_plan
 
 from .conftest import REPO
 
@@ -15,16 +16,19 @@ def test_paper_overlay_builds_the_paper_recipe(tmp_path):
     apply_overlay(params_path, REPO / "configs" / "paper.yaml")
     params = load_params(params_path)  # still valid against the schema
     train = params["train_grpo_lora"]
-    args = grpo_config({**train["grpo"], "bf16": False, "report_to": "none"}, tmp_path, use_cpu=True)
-    assert args.num_generations == 8 and args.temperature == 1.0
+    grpo = batch_plan(train["grpo"], train["completions_per_step"], 1)  # 1 GPU (launch: python)
+    args = grpo_config({**grpo, "bf16": False, "report_to": "none"}, tmp_path, use_cpu=True)
+    assert args.num_generations == 8 and args.temperature == 1.0 and args.top_k == 50
     assert args.beta == 0.04 and args.loss_type == "grpo" and args.scale_rewards == "group"
     assert args.learning_rate == 1e-5 and args.num_train_epochs == 2
+    # RePIC's 16 completions an optimizer step (tests/test_training_fidelity.py counts them at 1, 8, 16 GPUs)
     assert args.per_device_train_batch_size == 8 and args.gradient_accumulation_steps == 2
+    assert train["grouping"] == "repic" and train["lora_targets"] == "repic" and train["rollout_dropout"] is True
     assert args.max_completion_length == 256 and args.gradient_checkpointing
     assert train["grpo"]["bf16"] is True
     lora = lora_config(train["lora"])
     assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (64, 128, 0.05)
-    assert lora.target_modules == LANGUAGE_MODEL_LINEAR
+    assert lora.target_modules == LANGUAGE_MODEL_LINEAR  # replaced by RePIC's list when training (lora_targets)
     assert params["subset_2k"]["n_samples"] == 2000 and params["base"]["dtype"] == "bfloat16"
     assert train["launch"].startswith("accelerate launch --config_file configs/accelerate/zero2.yaml")
     # the paper's five evaluation sets, each with its own database; the embedded default's other keys survive
@@ -87,3 +91,16 @@ def test_yolo_world_overlay_applies_on_top_of_the_paper_run(tmp_path):
     assert kwargs["sha256"] == params["fetch_data"]["sources"]["yolo_world"]["sha256"] == (
         "41e771bfbbb8894dd857f3fef7cac3b3578dffd49fd3547101efa6a606a02a0e")
     assert kwargs["model_id"] == "data/repic/models/yolov8x-worldv2.pt"
+
+
+def test_true_grpo_overlay_changes_only_the_groups_and_our_rows_label(tmp_path):
+    """configs/paper_true_grpo.yaml: the paper run with true GRPO groups; the same rows as the paper (an overlay
+    replaces `models` whole), our row relabelled."""
+    params_path = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params_path)
+    paper = apply_overlay(params_path, REPO / "configs" / "paper.yaml")
+    true = apply_overlay(params_path, REPO / "configs" / "paper_true_grpo.yaml")
+    assert true["train_grpo_lora"] == {**paper["train_grpo_lora"], "grouping": "grpo"}
+    assert {n: {**r, "label": None} for n, r in true["models"].items()} == {
+        n: {**r, "label": None} for n, r in paper["models"].items()}
+    assert [n for n in true["models"] if true["models"][n] != paper["models"][n]] == ["trained"]

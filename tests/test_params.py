@@ -97,8 +97,10 @@ def test_check_catches_what_the_training_stage_would(tmp_path, capsys):
         ("grpo", {"learning_rate": "1e-4"}, "train_grpo_lora.grpo.learning_rate: '1e-4' is not a number "
                                             "(GRPOConfig.learning_rate) (YAML reads 1e-4 as a string"),
         ("grpo", {"num_generation": 4}, "train_grpo_lora.grpo.num_generation: unknown key (not a field of GRPOConfig)"),
-        ("grpo", {"num_generations": 3}, "train_grpo_lora.grpo: generation_batch_size (4) must be divisible by "
-                                         "num_generations (3)"),
+        ("grpo", {"num_generations": 3}, "train_grpo_lora.completions_per_step: 4 is not a multiple of "
+                                         "grpo.num_generations (3)"),
+        ("grpo", {"gradient_accumulation_steps": 2}, "train_grpo_lora.grpo.gradient_accumulation_steps: set from "
+                                                     "train_grpo_lora.completions_per_step"),
         ("lora", {"r": "8"}, "train_grpo_lora.lora.r: '8' is not an integer (LoraConfig.r)"),
         ("lora", {"bias": "some"}, "train_grpo_lora.lora.bias: 'some' is not one of ['none', 'all', 'lora_only']"),
     ]:

@@ -55,8 +55,9 @@ def test_examples_carry_images_solution_json_and_sizes(tmp_path):
     assert single["prompt"][0]["content"][-1]["text"].endswith(
         "For bounding box coordinates, return the final answer in JSON format.")
     assert json.loads(single["solution"]) == [1, 2, 30, 40]
-    assert single["image_size"] == [1200, 600] and single["resized_size"] == [1200, 600]  # short side 600 <= 1024
-    assert [img.size for img in multi["images"]] == [(1024, 512), (80, 60)]  # multi-image: short side <= 512
+    # RePIC's resize: a side over 1024 (single image) / 512 (a list's image) sets the short side to it
+    assert single["image_size"] == [1200, 600] and single["resized_size"] == [2048, 1024]
+    assert [img.size for img in multi["images"]] == [(1024, 512), (80, 60)]
     assert sum(b["type"] == "image" for b in multi["prompt"][0]["content"]) == 2
     with pytest.raises(RepicError, match="training sample 0: cannot read image"):
         build_examples([{**samples[0], "image": "./data/nope.png"}], tmp_path, seed=0)

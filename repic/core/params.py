@@ -115,6 +115,7 @@ SCHEMA: dict[str, Any] = _obj({
             "min_pixels": _POS, "max_pixels": _POS,
         }, optional={"embedding_std": {"type": "number", "exclusiveMinimum": 0},
                      "rope_theta": {"type": "number", "exclusiveMinimum": 0},
+                     "tie_word_embeddings": {"type": "boolean"},
                      "name_share": {"type": "number", "minimum": 0}}),
         "warmup": _obj({
             "examples": _POS, "names": _POS, "name_rate": _RATE, "name_rate_asked": _RATE,
@@ -138,6 +139,14 @@ SCHEMA: dict[str, Any] = _obj({
         "rewards": {"type": "array", "items": {"enum": list(REWARDS)}, "minItems": 1},
         "heldout_eval": _INT,
         "resize": _obj({"multi_short_side": _POS, "single_short_side": _POS}),
+        # repic.train.grpo: groups (repic: G samples, as RePIC's 8 processes; grpo: G completions of one prompt),
+        # completions per optimizer step (sets per-device batch and accumulation for the run's processes), LoRA
+        # targets (repic: every non-vision nn.Linear, lm_head included; language_model: LANGUAGE_MODEL_LINEAR),
+        # LoRA dropout during rollouts
+        "grouping": {"enum": ["repic", "grpo"]},
+        "completions_per_step": _POS,
+        "lora_targets": {"enum": ["repic", "language_model"]},
+        "rollout_dropout": {"type": "boolean"},
         "lora": {"type": "object"},
         "grpo": {"type": "object"},
     }),
@@ -384,10 +393,16 @@ def check_libraries(params: dict[str, Any], source: str = "params.yaml") -> None
     (GRPOConfig's batch divisibility checks see one process.)"""
     import tempfile
 
+    from repic.train.grpo import batch_plan
+
     section = params["train_grpo_lora"]
     lora_config(section["lora"], source)
+    if section["lora_targets"] == "repic" and "target_modules" in section["lora"]:
+        raise RepicError(f"{source}: train_grpo_lora.lora.target_modules: lora_targets: repic sets them; remove "
+                         "one of the two")
+    grpo = batch_plan(section["grpo"], section["completions_per_step"], 1, source)  # the run's processes: at start
     with tempfile.TemporaryDirectory() as tmp:  # GRPOConfig wants an output_dir; nothing is written there
-        grpo_config({**section["grpo"], "seed": params["base"]["seed"]}, tmp, use_cpu=True, source=source)
+        grpo_config({**grpo, "seed": params["base"]["seed"]}, tmp, use_cpu=True, source=source)
 
 
 def trained_rows(params: dict[str, Any]) -> list[str]:

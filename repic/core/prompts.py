@@ -47,6 +47,35 @@ def training_problem(problem: str, accu_reward_method: str, rng: random.Random) 
                      f"got {accu_reward_method!r}")
 
 
+ICT_METHODS = ("yes_no_name", "yes_no_name_multi")
+
+
+def ict_text(problem: str, rng: random.Random) -> str:
+    """RePIC's ICT instruction, drawn from `rng` as `_randomized_free_text` draws it: `randint(0, 4)`, 0 and 1 one
+    suffix each, 2-4 the bare problem."""
+    roll = rng.randint(0, 4)
+    return f"{problem} {ICT_SUFFIXES[roll][1]}" if roll < 2 else problem
+
+
+def training_prompt(problem: str, accu_reward_method: str, n_images: int, rng: random.Random) -> tuple[str, int]:
+    """(text, image slots) of a training sample as RePIC's `LazySupervisedDataset.__getitem__` routes it, by method
+    and number of images (a list's length; a single image, list or not, is 1). Several images: ICT methods keep
+    every slot with the drawn ICT text, `yes_no` every slot with OCT's suffix, anything else (`iou`) one slot with
+    the box suffix. One image: `yes_no`, `iou` and `yes_no_name` their own text, anything else (`yes_no_name_multi`)
+    the box suffix. `rng` is drawn only for an ICT text (once per call: RePIC draws at every fetch)."""
+    if n_images > 1:
+        if accu_reward_method in ICT_METHODS:
+            return ict_text(problem, rng), n_images
+        if accu_reward_method == "yes_no":
+            return f"{problem} {OCT_SUFFIX}", n_images
+        return f"{problem} {VLT_SUFFIX}", 1
+    if accu_reward_method == "yes_no":
+        return f"{problem} {OCT_SUFFIX}", 1
+    if accu_reward_method == "yes_no_name":
+        return ict_text(problem, rng), 1
+    return f"{problem} {VLT_SUFFIX}", 1
+
+
 def reference_line(i: int, reference: dict[str, Any]) -> str:
     """The text that follows reference image `i` (from 1): 'i. Name: <name>, Info: <info>' and a newline."""
     return f"{i}. Name: {reference['name']}, Info: {reference['info']}\n"

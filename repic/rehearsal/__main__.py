@@ -47,9 +47,9 @@ ALLOWED: tuple[str, ...] = (
     "fetch_data.tiny_model",                         # dims of the stand-in Qwen2.5-VL
     "fetch_data.world.train_per_method", "fetch_data.world.image_size",   # size of the stand-in training set
     "subset_2k.n_samples",
-    "train_grpo_lora.launch", "train_grpo_lora.heldout_eval",
+    "train_grpo_lora.launch", "train_grpo_lora.heldout_eval", "train_grpo_lora.completions_per_step",
     "train_grpo_lora.grpo.num_generations", "train_grpo_lora.grpo.per_device_train_batch_size",
-    "train_grpo_lora.grpo.gradient_accumulation_steps", "train_grpo_lora.grpo.max_completion_length",
+    "train_grpo_lora.grpo.max_completion_length",
     "train_grpo_lora.grpo.num_train_epochs", "train_grpo_lora.grpo.max_steps", "train_grpo_lora.grpo.save_steps",
     "train_grpo_lora.grpo.bf16", "train_grpo_lora.grpo.report_to",
     "caption.batch_size", "caption.max_new_tokens", "caption.max_pixels",

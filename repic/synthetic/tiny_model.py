@@ -63,7 +63,8 @@ def build_tiny_model(out_dir: str | os.PathLike, texts: Iterable[str], cfg: dict
 
     `cfg` keys: vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
     num_key_value_heads, vision_hidden_size, vision_depth, vision_heads, min_pixels, max_pixels; optional
-    embedding_std (token embedding init), rope_theta (default Qwen2.5-VL's 1e6) and name_share (default 1: the
+    embedding_std (token embedding init), tie_word_embeddings (default true; false: an own `lm_head`, a copy of
+    the embeddings, that LoRA can target as RePIC's 7B has), rope_theta (default Qwen2.5-VL's 1e6) and name_share (default 1: the
     weight of the direction that the embeddings of the tokens of `names`, concept keys like `<pilok>`, share).
     """
     out_dir = Path(out_dir)
@@ -95,7 +96,7 @@ def build_tiny_model(out_dir: str | os.PathLike, texts: Iterable[str], cfg: dict
         text_config=text_config, vision_config=vision_config,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
     )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
@@ -111,6 +112,9 @@ def build_tiny_model(out_dir: str | os.PathLike, texts: Iterable[str], cfg: dict
             common = torch.randn(weight.shape[1], generator=torch.Generator().manual_seed(seed)) * weight.std()
             share = float(cfg.get("name_share", 1.0))
             weight[name_ids] = (weight[name_ids] + share * common) / (1 + share**2) ** 0.5
+    if not model.config.tie_word_embeddings:  # untied: the head starts as a copy of the embeddings
+        with torch.no_grad():
+            model.lm_head.weight.copy_(weight)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     out_dir.mkdir(parents=True, exist_ok=True)

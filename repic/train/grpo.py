@@ -16,53 +16,132 @@ from PIL import Image
 
 from repic.core.io import RepicError, resolve_image
 from repic.core.params import grpo_config, lora_config
-from repic.core.prompts import training_problem
+from repic.core.prompts import training_prompt
 
 
-def resize_for_training(image: Image.Image, n_images: int, multi_short_side: int, single_short_side: int
-                        ) -> Image.Image:
-    """RePIC's resize: short side <= 512 px for multi-image samples, <= 1024 px for single-image ones."""
-    limit = multi_short_side if n_images > 1 else single_short_side
-    short = min(image.size)
-    if short <= limit:
-        return image
-    scale = limit / short
-    return image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
+def resize_for_training(image: Image.Image, in_list: bool, multi_short_side: int = 512,
+                        single_short_side: int = 1024) -> Image.Image:
+    """RePIC's resize before the processor (`Qwen2VLGRPOTrainer._generate_and_score_completions`): an image of a
+    list (any length, one included) with a side over `multi_short_side` gets its short side set to it, the long
+    side scaled and truncated (`int`), LANCZOS; a single image (not a list) the same with `single_short_side`.
+    A small short side is enlarged: 400x900 in a list becomes 512x1152."""
+    limit = multi_short_side if in_list else single_short_side
+    w, h = image.size
+    if w > limit or h > limit:
+        size = (limit, int(h * (limit / w))) if w < h else (int(w * (limit / h)), limit)
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    return image
+
+
+def _open_rgb(path: Path, where: str) -> Image.Image:
+    try:
+        return Image.open(path).convert("RGB")
+    except OSError as exc:
+        raise RepicError(f"{where}: cannot read image {path} ({exc})") from None
+
+
+def check_images(samples: list[dict[str, Any]], root: str | os.PathLike) -> None:
+    """Every training image opens (its header): a missing file fails before training, not at its first fetch."""
+    for i, sample in enumerate(samples):
+        for rel in sample["image"] if isinstance(sample["image"], list) else [sample["image"]]:
+            path = resolve_image(root, rel)
+            try:
+                Image.open(path).close()
+            except OSError as exc:
+                raise RepicError(f"training sample {i}: cannot read image {path} ({exc})") from None
+
+
+def sample_example(sample: dict[str, Any], root: str | os.PathLike, rng: random.Random, *, index: int = 0,
+                   multi_short_side: int = 512, single_short_side: int = 1024,
+                   load: Any = None) -> dict[str, Any]:
+    """One RePIC training sample -> TRL's conversational example, as RePIC's `__getitem__` builds it (the prompt
+    by method and image count, an ICT text drawn from `rng`) with RePIC's resize. A several-image sample that RePIC
+    gives one image slot (`iou`) gets its first image only (RePIC passed them all for one slot, which the processor
+    cannot match: unreachable in its data). `solution` is JSON text so one Arrow column holds "yes", boxes and name
+    lists alike; the rewards decode it. Original and resized sizes of the last image travel along for the strict
+    protocol's box rescaling. `load(path, in_list)`: the resized image (a cache), default: read it."""
+    in_list = isinstance(sample["image"], list)
+    paths = sample["image"] if in_list else [sample["image"]]
+    text, slots = training_prompt(sample["problem"], sample["accu_reward_method"], len(paths), rng)
+    images, sizes, resized = [], [], []
+    for rel in paths[:slots]:
+        path = resolve_image(root, rel)
+        if load is None:
+            img = _open_rgb(path, f"training sample {index}")
+            sizes.append(list(img.size))
+            img = resize_for_training(img, in_list, multi_short_side, single_short_side)
+        else:
+            size, img = load(path, in_list)
+            sizes.append(list(size))
+        resized.append(list(img.size))
+        images.append(img)
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+    return {"prompt": [{"role": "user", "content": content}], "images": images,
+            "solution": json.dumps(sample["solution"]), "accu_reward_method": sample["accu_reward_method"],
+            "image_size": sizes[-1], "resized_size": resized[-1]}
 
 
 def build_examples(samples: list[dict[str, Any]], root: str | os.PathLike, *, seed: int,
                    multi_short_side: int = 512, single_short_side: int = 1024) -> list[dict[str, Any]]:
-    """RePIC training samples -> TRL conversational examples with images and reward columns.
-
-    `solution` is stored as JSON text so one Arrow column holds "yes", boxes and name lists alike; the rewards
-    decode it. Original and resized image sizes travel along for the strict protocol's box rescaling.
-    """
+    """Every sample built once (`sample_example`), ICT texts drawn from one seeded generator in sample order: the
+    held-out check's and the benchmarks' fixed examples. Training draws at every fetch (`fetching_trainer`)."""
     rng = random.Random(seed)
-    examples = []
-    for i, sample in enumerate(samples):
-        paths = sample["image"] if isinstance(sample["image"], list) else [sample["image"]]
-        images, sizes, resized = [], [], []
-        for rel in paths:
-            path = resolve_image(root, rel)
-            try:
-                img = Image.open(path).convert("RGB")
-            except OSError as exc:
-                raise RepicError(f"training sample {i}: cannot read image {path} ({exc})") from None
-            sizes.append(list(img.size))
-            img = resize_for_training(img, len(paths), multi_short_side, single_short_side)
-            resized.append(list(img.size))
-            images.append(img)
-        text = training_problem(sample["problem"], sample["accu_reward_method"], rng)
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
-        examples.append({
-            "prompt": [{"role": "user", "content": content}],
-            "images": images,
-            "solution": json.dumps(sample["solution"]),
-            "accu_reward_method": sample["accu_reward_method"],
-            "image_size": sizes[-1],
-            "resized_size": resized[-1],
-        })
-    return examples
+    return [sample_example(s, root, rng, index=i, multi_short_side=multi_short_side,
+                           single_short_side=single_short_side) for i, s in enumerate(samples)]
+
+
+# ---------------------------------------------------------------- the recipe's batch and groups
+
+GROUPINGS = ("repic", "grpo")
+LORA_TARGETS = ("repic", "language_model")
+
+
+def batch_plan(grpo: dict[str, Any], completions_per_step: int, world_size: int, source: str = "params.yaml"
+               ) -> dict[str, Any]:
+    """`grpo` (GRPOConfig fields) with `per_device_train_batch_size` and `gradient_accumulation_steps` set so that
+    one optimizer step sees `completions_per_step` completions over `world_size` processes. TRL counts completions
+    per device (as RePIC's trainer did); `per_device_train_batch_size` is the most a GPU takes per micro-step: it is
+    lowered to the largest divisor of the completions per process that fits, the rest is accumulation.
+    RePIC: 16 completions = 8 GPUs x 1 x accumulation 2; here 1 GPU gives 8 x 2 (at most 8 a micro-step),
+    8 GPUs 2 x 1, 16 GPUs (2 nodes) 1 x 1."""
+    where = f"{source}: train_grpo_lora"
+    if "gradient_accumulation_steps" in grpo:
+        raise RepicError(f"{where}.grpo.gradient_accumulation_steps: set from train_grpo_lora.completions_per_step "
+                         "(completions per optimizer step); remove it")
+    generations = grpo.get("num_generations", 8)  # GRPOConfig's defaults
+    most = grpo.get("per_device_train_batch_size", 8)
+    if completions_per_step % generations:
+        raise RepicError(f"{where}.completions_per_step: {completions_per_step} is not a multiple of "
+                         f"grpo.num_generations ({generations}): a group of {generations} is normalised together")
+    if completions_per_step % world_size:
+        raise RepicError(f"{where}.completions_per_step: {completions_per_step} completions cannot be split evenly "
+                         f"over {world_size} processes")
+    per_process = completions_per_step // world_size
+    per_device = max(d for d in range(1, min(most, per_process) + 1) if per_process % d == 0)
+    return {**grpo, "per_device_train_batch_size": per_device, "gradient_accumulation_steps": per_process // per_device}
+
+
+def repic_lookup(n_samples: int, groups: int, seed: int) -> list[list[int]]:
+    """The sample each of `groups` emulated RePIC processes finds at each index: RePIC's processes each shuffled
+    the training list with Python's `random.shuffle` (unseeded) and then looked the sampler's same index up in their
+    own list. Here process j's list is `random.Random(f"{seed}/process/{j}").shuffle`d: reproducible, and the same
+    at any number of real processes."""
+    lookup = []
+    for j in range(groups):
+        order = list(range(n_samples))
+        random.Random(f"{seed}/process/{j}").shuffle(order)
+        lookup.append(order)
+    return lookup
+
+
+def repic_lora_targets(model: Any) -> list[str]:
+    """RePIC's LoRA targets (`find_all_linear_names`): every `torch.nn.Linear` whose name lacks `visual`, minus any
+    named `embed_tokens`; the language model's projections and `lm_head`. Sorted full module names."""
+    import torch
+
+    names = {name for name, module in model.named_modules()
+             if "visual" not in name and isinstance(module, torch.nn.Linear)}
+    return sorted(n for n in names if "embed_tokens" not in n)
 
 
 def reward_functions(names: list[str], protocol: str) -> list:
@@ -77,11 +156,14 @@ def reward_functions(names: list[str], protocol: str) -> list:
 
 # What the training loop reads of the `train_grpo_lora` section: checkpoints are keyed on these (and the data,
 # base model, seed, dtype and number of processes), so editing `heldout_eval` or `launch` keeps them.
-TRAINING_KEYS = ("rollout_backend", "protocol", "rewards", "resize", "lora", "grpo")
+TRAINING_KEYS = ("rollout_backend", "protocol", "rewards", "resize", "lora", "grpo", "grouping",
+                 "completions_per_step", "lora_targets", "rollout_dropout")
 
 
-def epoch_seeded(trainer_cls: type) -> type:
-    """`trainer_cls` (a TRL GRPOTrainer) whose training sampler draws epoch e's order from the epoch number.
+def epoch_seeded(trainer_cls: type, lookup: list[list[int]] | None = None) -> type:
+    """`trainer_cls` (a TRL GRPOTrainer) whose training sampler draws epoch e's order from the epoch number, and,
+    given `lookup` (`repic_lookup`, grouping `repic`), yields for the j-th of the G copies of an index the sample
+    `lookup[j][index]`: each normalisation group is G different samples, as RePIC's 8 processes made it.
 
     TRL's `RepeatSampler` seeds one generator when it is built and advances it by one permutation per pass, and
     transformers 5's Trainer no longer replays the finished epochs on resume (it calls `set_epoch`, which
@@ -103,18 +185,155 @@ def epoch_seeded(trainer_cls: type) -> type:
                 self.generator.manual_seed(self.seed)
                 for _ in range(self.epoch):
                     torch.randperm(self.num_samples, generator=self.generator)
-            return super().__iter__()
+            if lookup is None:
+                yield from super().__iter__()
+                return
+            # RepeatSampler yields each index mini_repeat_count (= G) times in a row: copy j -> process j's sample
+            for n, index in enumerate(super().__iter__()):
+                yield lookup[n % self.mini_repeat_count][index]
 
     class EpochSeededTrainer(trainer_cls):
         def _get_train_sampler(self, dataset=None):
             s = super()._get_train_sampler(dataset)
             if not isinstance(s, RepeatSampler) or (s.shuffle and s.seed is None):
                 raise RepicError(f"unexpected TRL training sampler {type(s).__name__}: resume would not be exact")
+            if lookup is not None and len(lookup) != s.mini_repeat_count:
+                raise RepicError(f"grouping repic: {len(lookup)} emulated processes for groups of "
+                                 f"{s.mini_repeat_count}")
             return EpochRepeatSampler(data_source=s.data_source, mini_repeat_count=s.mini_repeat_count,
                                       batch_size=s.batch_size, repeat_count=s.repeat_count, shuffle=s.shuffle,
                                       seed=s.seed)
 
     return EpochSeededTrainer
+
+
+def fetch_rng(seed: int, generation: int, position: int, grouping: str, group_size: int) -> random.Random:
+    """The generator of one fetch's prompt draw: by the generation (optimizer step) and the row's position in the
+    global generation batch, so any number of processes and a resumed run draw the same. Under `grpo` the G
+    copies of a prompt share one draw (one prompt a group); under `repic` each row is its own process's fetch."""
+    key = position if grouping == "repic" else position // group_size
+    return random.Random(f"{seed}/fetch/{generation}/{key}")
+
+
+def fetching_trainer(trainer_cls: type, samples: list[dict[str, Any]], root: str | os.PathLike, *, seed: int,
+                     grouping: str, resize: dict[str, int], cache_images: int = 256) -> type:
+    """`trainer_cls` whose training rows (`{"sample": i}`) become examples when fetched, as RePIC's
+    `LazySupervisedDataset.__getitem__` built them: the prompt routed by method and image count, the ICT text
+    drawn at every fetch (`fetch_rng`), the images resized as RePIC's `_prepare_inputs` (`sample_example`). The
+    last `cache_images` resized images are kept (the G copies of a prompt and the repeated fetches share them)."""
+    from collections import OrderedDict
+
+    cache: OrderedDict = OrderedDict()
+
+    def load(path: Path, in_list: bool) -> tuple[tuple[int, int], Image.Image]:
+        key = (str(path), in_list)
+        if key not in cache:
+            img = _open_rgb(path, "training image")
+            cache[key] = (img.size, resize_for_training(img, in_list, **resize))
+            while len(cache) > cache_images:
+                cache.popitem(last=False)
+        cache.move_to_end(key)
+        return cache[key]
+
+    class FetchingTrainer(trainer_cls):
+        def _prepare_inputs(self, generation_batch):
+            if isinstance(generation_batch, list) and generation_batch and "sample" in generation_batch[0]:
+                first = self.accelerator.process_index * len(generation_batch)
+                generation_batch = [
+                    sample_example(samples[row["sample"]], root,
+                                   fetch_rng(seed, self.state.global_step, first + r, grouping, self.num_generations),
+                                   index=row["sample"], load=load, **resize)
+                    for r, row in enumerate(generation_batch)]
+            return super()._prepare_inputs(generation_batch)
+
+    return FetchingTrainer
+
+
+def rollout_mode(trainer_cls: type, dropout: bool) -> type:
+    """`trainer_cls` whose rollouts run with LoRA dropout active (`dropout`, as RePIC's: its model stays in
+    training mode while it generates) or off (the model in eval mode while it generates)."""
+
+    class RolloutModeTrainer(trainer_cls):
+        rollout_keep_mode = dropout  # read by the static backend (repic.vlm.generation.rollout_trainer)
+
+        def _generate_single_turn(self, *args, **kwargs):
+            if dropout:
+                return super()._generate_single_turn(*args, **kwargs)
+            modes = {m: m.training for m in self.model.modules()}
+            self.model.eval()
+            try:
+                return super()._generate_single_turn(*args, **kwargs)
+            finally:
+                for m, training in modes.items():
+                    m.training = training
+
+    return RolloutModeTrainer
+
+
+def lora_head_trainer(trainer_cls: type) -> type:
+    """`trainer_cls` that trains a LoRA adapter on `lm_head` (RePIC's targets include it). TRL 1.16 refuses one:
+    its fused log-probabilities read `lm_head.weight` and would never see the adapter. Here, when the head carries
+    an adapter, TRL's check is passed the base layer, and the fused forward computes the completion tokens'
+    logits through the adapted head module (LoRA and its dropout, as RePIC's `model(...).logits`), then their
+    log-softmax, in fp32, for the positions TRL scores only. Without an adapter on the head, TRL's path is kept."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    class LoraHeadTrainer(trainer_cls):
+        def __init__(self, *args: Any, model: Any, **kwargs: Any) -> None:
+            from repic.vlm.generation import _core
+
+            core = _core(model)
+            head = core.get_output_embeddings()
+            if not isinstance(head, BaseTunerLayer):
+                super().__init__(*args, model=model, **kwargs)
+                return
+            core.get_output_embeddings = lambda: head.get_base_layer()
+            try:
+                super().__init__(*args, model=model, **kwargs)
+            finally:
+                del core.get_output_embeddings
+            install_lora_head_logps(core, self.temperature, entropy_grad=self._entropy_bonus_enabled)
+
+    return LoraHeadTrainer
+
+
+def install_lora_head_logps(core: Any, temperature: float, entropy_grad: bool = False) -> None:
+    """Replace TRL's fused LM head of `core` (its `forward(..., fused_lm_head=True)`) by one that runs the head
+    module: `lm_head(hidden)` of the scored positions, divided by `temperature`, fp32 log-softmax (see
+    `lora_head_trainer`). The entropies (a metric, unless TRL's entropy bonus is on: `entropy_grad`) carry no
+    graph, which saves a vocabulary-wide activation per token."""
+    import functools
+    import types
+
+    import torch
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    trl_forward = core.forward
+
+    @functools.wraps(type(core).forward)
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
+                **kwargs):
+        if not fused_lm_head:
+            return trl_forward(*args, labels=labels, shift_labels=shift_labels,
+                               num_items_in_batch=num_items_in_batch, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        if shift_labels is None:
+            hidden, labels = hidden[:, :-1], labels[:, 1:]
+        else:
+            labels = shift_labels
+        mask = labels != -100
+        logits = self.lm_head(hidden[mask]).float() / temperature
+        logp = logits.log_softmax(-1)
+        token = logp.gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = -(logp.exp() * logp).sum(-1)
+        log_probs = torch.zeros(mask.shape, dtype=token.dtype, device=token.device).masked_scatter(mask, token)
+        entropies = torch.zeros(mask.shape, dtype=entropy.dtype, device=entropy.device).masked_scatter(mask, entropy)
+        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropies, label_mask=mask)
+
+    core.forward = types.MethodType(forward, core)
 
 
 def content_digest(paths: list[str | os.PathLike]) -> str:
@@ -161,6 +380,13 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
     Checkpoints go to `checkpoint_dir` (GRPOConfig `save_strategy`/`save_steps`); a rerun after a crash resumes
     from the last one (optimizer, scheduler, RNG and data position included), so on CPU with a fixed seed the
     final adapter equals an uninterrupted run's.
+
+    `params` (params.yaml's `train_grpo_lora`) beyond the libraries' sections: `grouping` (`repic`: each group of G
+    completions is G samples, RePIC's; `grpo`: G completions of one prompt; default grpo), `completions_per_step`
+    (sets the per-device batch and the accumulation, `batch_plan`, for the processes of this run; absent: the
+    grpo section's own), `lora_targets` (`repic`: `repic_lora_targets`; `language_model`: the default of
+    `lora_config`), `rollout_dropout` (true/false: LoRA dropout on/off while rolling out; absent: the backend's
+    own, on for TRL's `hf`, off for `static`).
     """
     from datasets import Dataset
     from peft import get_peft_model
@@ -170,19 +396,39 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
     from repic.vlm.models import load_model, load_processor, pick_device
 
     device = pick_device(device)
+    grouping = params.get("grouping", "grpo")
+    if grouping not in GROUPINGS:
+        raise RepicError(f"train_grpo_lora.grouping: expected one of {', '.join(GROUPINGS)}, got {grouping!r}")
+    targets = params.get("lora_targets", "language_model")
+    if targets not in LORA_TARGETS:
+        raise RepicError(f"train_grpo_lora.lora_targets: expected one of {', '.join(LORA_TARGETS)}, got {targets!r}")
+    if targets == "repic" and "target_modules" in params["lora"]:
+        raise RepicError("train_grpo_lora.lora.target_modules: lora_targets: repic sets them; remove one of the two")
     lora = lora_config(params["lora"])
-    args = grpo_config({**params["grpo"], "seed": seed}, checkpoint_dir, use_cpu=device == "cpu")
+    grpo = dict(params["grpo"])
+    if params.get("completions_per_step") is not None:
+        grpo = batch_plan(grpo, params["completions_per_step"], int(os.environ.get("WORLD_SIZE", "1")))
+    args = grpo_config({**grpo, "seed": seed}, checkpoint_dir, use_cpu=device == "cpu")
     rewards = reward_functions(params["rewards"], params["protocol"])
-    examples = build_examples(samples, root, seed=seed, **params.get("resize", {}))
-    dataset = Dataset.from_list(examples)
+    check_images(samples, root)
+    dataset = Dataset.from_list([{"sample": i} for i in range(len(samples))])
     processor = load_processor(model_path)
     # Loaded on the CPU: the Trainer (accelerate) places it, one GPU per process under `accelerate launch`.
     # Seeded before LoRA's random init of lora_A, which the Trainer's own seeding comes too late for.
     set_seed(seed)
-    model = get_peft_model(load_model(model_path, device="cpu", dtype=dtype).train(), lora)
+    base = load_model(model_path, device="cpu", dtype=dtype).train()
+    if targets == "repic":
+        lora.target_modules = repic_lora_targets(base)
+    model = get_peft_model(base, lora)
     from repic.vlm.generation import rollout_trainer
 
-    trainer_cls = epoch_seeded(rollout_trainer(GRPOTrainer, params.get("rollout_backend", "hf")))
+    trainer_cls = rollout_trainer(GRPOTrainer, params.get("rollout_backend", "hf"))
+    if params.get("rollout_dropout") is not None:
+        trainer_cls = rollout_mode(trainer_cls, bool(params["rollout_dropout"]))
+    trainer_cls = fetching_trainer(lora_head_trainer(trainer_cls), samples, root, seed=seed, grouping=grouping,
+                                   resize=params.get("resize", {}))
+    lookup = repic_lookup(len(samples), args.num_generations, seed) if grouping == "repic" else None
+    trainer_cls = epoch_seeded(trainer_cls, lookup)
     trainer = trainer_cls(
         model=model,
         reward_funcs=rewards,
@@ -191,6 +437,12 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
         processing_class=processor,
         callbacks=callbacks,
     )
+    if trainer.is_world_process_zero():
+        print(f"train_grpo_lora: {args.per_device_train_batch_size} completions a device x {args.world_size} "
+              f"processes x accumulation {args.gradient_accumulation_steps} = "
+              f"{args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps} completions "
+              f"an optimizer step, groups of {args.num_generations} ({grouping}), LoRA on "
+              f"{len(model.targeted_module_names)} modules ({targets})", flush=True)
     # Only now, with everything built, may stale checkpoints go: a config error above keeps them. One process
     # decides (several removing the same folder would race), the others then read what it left.
     if trainer.accelerator.is_main_process:
@@ -211,7 +463,8 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
               flush=True)
     trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():
-        trainer.model.save_pretrained(out_dir)
+        # the adapter alone: with lm_head targeted, PEFT would add the (frozen, unchanged) head's full weight
+        trainer.model.save_pretrained(out_dir, save_embedding_layers=False)
     return [rec for rec in trainer.state.log_history if "loss" in rec or "reward" in rec]
 
 

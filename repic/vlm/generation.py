@@ -108,7 +108,7 @@ def check_backend(backend: str) -> str:
 def generate_ids(model: Any, inputs: Mapping[str, torch.Tensor], *, backend: str, max_new_tokens: int,
                  repeats: int = 1, stats: dict[str, float] | None = None, _decoders: dict | None = None,
                  decode_compile: bool | None = None, decode_attention: str | None = None,
-                 prefill_rows: bool | None = None, prefill_vision_once: bool = False,
+                 prefill_rows: bool | None = None, prefill_vision_once: bool = False, keep_mode: bool = False,
                  **generation_kwargs: Any) -> list[list[int]]:
     """New token ids for each prompt row of `inputs` (a left-padded processor batch on the model's device).
 
@@ -121,6 +121,8 @@ def generate_ids(model: Any, inputs: Mapping[str, torch.Tensor], *, backend: str
     prompt at a time, unpadded (`_prefill`); None: on CUDA (as measured for captioning), off elsewhere.
     `prefill_vision_once`: with `prefill_rows`, the images of the whole batch go through the vision tower in one call
     and each prompt's forward takes its features (transformers' `mm_encoder_outputs`) instead of encoding its own.
+    `keep_mode`: the static path runs the model in its current mode (training: LoRA dropout active, as TRL's `hf`
+    rollouts and RePIC's) instead of eval mode.
     """
     check_backend(backend)
     cfg = _generation_config(model, max_new_tokens, generation_kwargs)
@@ -138,7 +140,7 @@ def generate_ids(model: Any, inputs: Mapping[str, torch.Tensor], *, backend: str
         by_rows = device.type == "cuda" if prefill_rows is None else prefill_rows
         prefill = ("rows_vision_once" if prefill_vision_once else "rows") if by_rows else "batch"
         rows = _static_generate(model, inputs, cfg, eos, repeats, stats,
-                                _decoders if _decoders is not None else {}, options, prefill).tolist()
+                                _decoders if _decoders is not None else {}, options, prefill, keep_mode).tolist()
     return [_cut_at_eos(r, eos) for r in rows]
 
 
@@ -179,7 +181,8 @@ def rollout_trainer(trainer_cls: type, backend: str = "static") -> type:
     Only TRL's plain `transformers.generate` path is replaced; vLLM, continuous batching, tool calls and
     sampling options the static backend does not implement (top_p < 1, min_p) keep TRL's own path. The G
     consecutive copies of a prompt (TRL's RepeatSampler) are prefilled once. Unlike TRL's path, rollouts run
-    with the model in eval mode (no LoRA dropout while sampling).
+    with the model in eval mode (no LoRA dropout while sampling) unless the class sets `rollout_keep_mode`
+    (repic.train.grpo.rollout_mode: the model's training mode, LoRA dropout active, as TRL's path and RePIC's).
     """
     check_backend(backend)
     if backend == "hf":
@@ -229,6 +232,7 @@ def rollout_trainer(trainer_cls: type, backend: str = "static") -> type:
                     suppress_tokens=[config.image_token_id] if self._is_vlm else None,
                     decode_compile=self.decode_compile, prefill_rows=self.prefill_rows,
                     prefill_vision_once=self.prefill_vision_once,
+                    keep_mode=getattr(self, "rollout_keep_mode", False),
                 )
             return completion_ids, None
 
@@ -298,10 +302,11 @@ def _decode_options(device: torch.device, compile: bool | None, attention: str |
 
 def _static_generate(model: Any, inputs: Mapping[str, torch.Tensor], cfg: Any, eos: list[int], repeats: int,
                      stats: dict[str, float] | None, decoders: dict, options: tuple[bool, str] = (False, "sdpa"),
-                     prefill: str = "batch") -> torch.Tensor:
+                     prefill: str = "batch", keep_mode: bool = False) -> torch.Tensor:
     core = _core(model)
     modes = {m: m.training for m in core.modules()}
-    core.eval()
+    if not keep_mode:
+        core.eval()
     try:
         return _static_generate_eval(core, inputs, cfg, eos, repeats, stats, decoders, options, prefill)
     finally:
