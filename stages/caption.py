@@ -71,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows, retrieval = run_setting(args.setting, queries, database, args.root, str(index), args.row,
                                       model=args.model, adapter=args.adapter, base_model=args.base_model,
                                       params=params["caption"], device=params["base"]["device"],
-                                      dtype=params["base"]["dtype"])
+                                      dtype=params["base"]["dtype"],
+                                      prompt=params["caption"]["prompts"].get(args.row, "plain"))
         for name, file_rows in rows.items():
             write_json(out / run_file(name), file_rows)
         write_json(out / RETRIEVAL_REPORT, retrieval)
