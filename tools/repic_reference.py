@@ -1,3 +1,4 @@
+# ruff: noqa: B023 -- the stand-ins' closures run inside the loop iteration that defines them
 """Write the RePIC reference data of tests/test_eval_fidelity.py (tests/data/repic_*.json) by running RePIC's own
 evaluation code from the git mirror with stand-ins for the models. Run once by hand; the JSON is committed, RePIC's
 code is not (it is read from the mirror at run time and executed in memory).
@@ -41,7 +42,8 @@ from PIL import Image
 
 DATASETS = {"myvlm": ("caption_eval_single.py", "myvlm"), "yollava": ("caption_eval_single.py", "yollava"),
             "dreambooth": ("caption_eval_single.py", "dreambooth"),
-            "2_concepts": ("caption_eval_multi_2.py", "2_concepts"), "4_concepts": ("caption_eval_multi_4.py", "4_concepts")}
+            "2_concepts": ("caption_eval_multi_2.py", "2_concepts"),
+            "4_concepts": ("caption_eval_multi_4.py", "4_concepts")}
 TOPK = {"myvlm": 2, "yollava": 2, "dreambooth": 2, "2_concepts": 2, "4_concepts": 4}  # execution_*.sh
 SAMPLE = 7  # conversations kept per dataset x model: queries 0..SAMPLE-1 and a few spread over the file
 
@@ -304,8 +306,8 @@ def judge_requests(mirror: Path, data: Path) -> dict:
         files: dict[str, str] = {}
         try:
             Image.new("RGB", (8, 8), (10, 20, 30)).save("query.png")
-            for path in ["query.png"] + [db for db in (
-                    "data/database_tot/database_2_concepts/Anya.jpg", "data/database_tot/database_2_concepts/Bond.jpg")]:
+            for path in ("query.png", "data/database_tot/database_2_concepts/Anya.jpg",
+                         "data/database_tot/database_2_concepts/Bond.jpg"):
                 files[base64.b64encode(Path(path).read_bytes()).decode()] = "./" + path
             loads = iter(order)
             captured: list = []
@@ -323,12 +325,14 @@ def judge_requests(mirror: Path, data: Path) -> dict:
                 def url(block):
                     if block.get("type") == "image_url":
                         data_ = block["image_url"]["url"].split("base64,", 1)[1]
-                        return {"type": "image_url", "image_url": {"url": "data:image/png;base64,<" + files[data_] + ">"}}
+                        named = "data:image/png;base64,<" + files[data_] + ">"
+                        return {"type": "image_url", "image_url": {"url": named}}
                     return block
                 captured.append({"model": model, "messages": [
                     {**m, "content": m["content"] if isinstance(m["content"], str) else [url(b) for b in m["content"]]}
                     for m in messages]})
-                return types.SimpleNamespace(choices=[types.SimpleNamespace(message=types.SimpleNamespace(content="B"))])
+                answer = types.SimpleNamespace(message=types.SimpleNamespace(content="B"))
+                return types.SimpleNamespace(choices=[answer])
 
             client = types.SimpleNamespace(chat=types.SimpleNamespace(completions=types.SimpleNamespace(create=create)))
             fake_openai = types.SimpleNamespace(OpenAI=lambda api_key=None: client)
@@ -369,9 +373,9 @@ def fetch_image_grid(vision_process: Path) -> dict:
         and "environ" not in ast.unparse(n))]
     import io
     import math
-    from typing import Any, Dict, Optional, Tuple, Union
-    ns = {"math": math, "Image": Image, "BytesIO": io.BytesIO, "copy": copy, "Optional": Optional, "Tuple": Tuple,
-          "Dict": Dict, "Union": Union, "Any": Any}
+    import typing
+    ns = {"math": math, "Image": Image, "BytesIO": io.BytesIO, "copy": copy,
+          **{n: getattr(typing, n) for n in ("Any", "Dict", "List", "Optional", "Tuple", "Union")}}
     for node in body:  # constants that need the video readers (not defined here) are left out
         try:
             exec(compile(ast.Module(body=[node], type_ignores=[]), str(vision_process), "exec"), ns)
@@ -390,8 +394,9 @@ def fetch_image_grid(vision_process: Path) -> dict:
             got = ns["fetch_image"]({"image": image})
             out.append({"size": [w, h], "mode": mode, "seed_index": len(out), "out_size": list(got.size),
                         "sha256": hashlib.sha256(got.tobytes()).hexdigest()})
-    return {"source": str(vision_process), "rng": "numpy default_rng(0), integers(0, 256, (h, w, 4)) per image in order",
-            "cases": out}
+    return {"source": "qwen_vl_utils/vision_process.py, sha256 "
+                      + hashlib.sha256(vision_process.read_bytes()).hexdigest(), "cases": out,
+            "rng": "numpy default_rng(0), integers(0, 256, (h, w, 4)) per image in order"}
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Prompts: RePIC's training instruction suffixes and the captioning conversation."""
+"""Prompts: RePIC's training instruction suffixes, the captioning conversation (ours and RePIC's) and the judge's."""
 
 from __future__ import annotations
 
@@ -13,12 +13,14 @@ ICT_SUFFIXES = (
     (0.6, ""),
 )
 
+# Our captioning conversation (params `caption.conversation: ours`, the embedded default, which its tiny warm-up
+# model was taught): our own wording, not RePIC's (RePIC's follows below).
 CAPTION_SYSTEM_PROMPT = (
     "You are a captioning assistant. Your task is to write a caption for the query image, "
     "given information about the reference images."
 )
 
-# Rotated by query index, as RePIC's caption_eval scripts rotate their question list.
+# Ours, rotated by query index as RePIC's caption scripts rotate theirs (only the first question is RePIC's).
 CAPTION_QUESTIONS = (
     "Give a personalized caption of this image.",
     "Write a short caption that names everyone in this image.",
@@ -181,8 +183,8 @@ def repic_judge_messages(setting: str, references: list[dict[str, Any]], caption
                                             "given information but provides a meaningful and accurate description "
                                             "of the image."}]
         for ref in references[:2]:
-            content += [{"type": "text", "text": f"This is the image of {ref['name']} with the given Info: {ref['info']}."},
-                        {"type": "image"}]
+            text = f"This is the image of {ref['name']} with the given Info: {ref['info']}."
+            content += [{"type": "text", "text": text}, {"type": "image"}]
         content += [{"type": "text", "text": "This is the query image."}, {"type": "image"},
                     {"type": "text", "text": "Which one is more preferable caption to the query image?"}, options]
     return [{"role": "system", "content": REPIC_JUDGE_SYSTEM}, {"role": "user", "content": content}]

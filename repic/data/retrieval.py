@@ -678,7 +678,7 @@ def retrieve(
                 best[key] = (float(score), int(idx), crop_i)
     ranked = sorted(best.items(), key=lambda kv: (-kv[1][0], kv[1][1]))[:k]
     results = []
-    for rank, (key, (score, idx, crop_i)) in enumerate(ranked, start=1):
+    for rank, (_, (score, idx, crop_i)) in enumerate(ranked, start=1):
         stored = id_map[idx]["image"]
         path = resolve_image(root, stored) if root is not None else Path(stored)
         results.append(

@@ -8,8 +8,9 @@ and answers 'A', 'B' or 'tie'. Each pair is asked twice with the positions swapp
 if it wins both orders, otherwise the pair is a tie. Answers are cached by a content hash of everything the
 judge saw, so a rerun asks (and bills) nothing. Protocol `repic` (params judge_llm.protocol) sends RePIC's own
 request instead (evaluation/GPT_eval_single.py, GPT_eval_multi.py: `repic_request`), once per pair, and reads one
-letter: the paper's win rates are comparable under it only; `both_orders` is the corrected one to report beside it. Backends: `local` (a `from_pretrained` Qwen2.5-VL) and
-`openai` (any OpenAI-compatible chat-completions endpoint; the key comes from the environment only).
+letter: the paper's win rates are comparable under it only; `both_orders` is the corrected one to report beside it.
+Backends: `local` (a `from_pretrained` Qwen2.5-VL) and `openai` (any OpenAI-compatible chat-completions endpoint;
+the key comes from the environment only).
 """
 
 from __future__ import annotations
