@@ -427,6 +427,7 @@ def without_training(params: dict[str, Any], source: str = "params.yaml") -> dic
                          "name a released row as the reference to evaluate without training")
     out = copy.deepcopy(params)
     out["models"] = {name: row for name, row in params["models"].items() if name not in dropped}
+    out["caption"]["prompts"] = {r: p for r, p in params["caption"]["prompts"].items() if r not in dropped}
     if not out["models"]:
         raise RepicError(f"{source}: models: every row is made by training, none is left to evaluate")
     validate(out, source)
