@@ -15,7 +15,7 @@ Per path: the fraction of captions whose token ids equal the reference's, the fr
 the first difference (summed over captions), and the median first-difference position.
 
     python bench/caption_agreement.py --shape 7b --out bench/out/caption_agreement_7b.json   # GPU, bf16, random weights
-    python bench/caption_agreement.py --shape standin --out /tmp/ca.json                # CPU: the rehearsal's stand-in
+    python bench/caption_agreement.py --shape standin --unit-gain --out /tmp/ca.json    # CPU: the rehearsal's stand-in
     python bench/caption_agreement.py --shape tiny --n 6 --batch 3 --new-tokens 8 --out /tmp/ca.json  # CPU smoke
     python bench/caption_agreement.py --model data/models/Qwen2.5-VL-7B-Instruct --out ...    # real weights, if present
 
@@ -160,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=16, help="the paper config's caption.batch_size")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--unit-gain", action="store_true",
+                   help="re-draw the language model's matrices at unit gain (tests/test_generation.py's _chaotic): the "
+                        "stand-in's 0.02-std init repeats one token whatever the prompt, which agrees trivially")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     device = a.device or ("cuda" if a.shape == "7b" or a.model else "cpu")
@@ -167,11 +170,24 @@ def main(argv: list[str] | None = None) -> int:
                                                                                else "float32")]
     torch.manual_seed(a.seed)
     model, processor, what = build(a.shape, a.model, device, dtype)
+    if a.unit_gain:
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for w in model.model.language_model.parameters():
+                if w.ndim == 2:
+                    w.copy_((torch.randn(w.shape, generator=gen) / w.shape[1] ** 0.5).to(w.dtype))
+        what += ", language model re-drawn at unit gain"
     convs = conversations(a.n, a.seed)
     ref, ref_s = reference_loop(model, processor, convs, a.new_tokens)
     result: dict[str, Any] = {"model": what, "device": torch.cuda.get_device_name() if device.startswith("cuda")
                               else "cpu", "dtype": str(dtype).removeprefix("torch."), "n": a.n,
-                              "new_tokens": a.new_tokens, "reference": {"path": "hf_b1 (RePIC's loop)", "s": ref_s},
+                              "new_tokens": a.new_tokens, "reference": {
+                                  "path": "hf_b1 (RePIC's loop)", "s": ref_s,
+                                  "mean_tokens": sum(map(len, ref)) / len(ref),
+                                  "share_at_max_new_tokens": sum(len(r) >= a.new_tokens for r in ref) / len(ref),
+                                  # a degenerate model repeats one token: agreement would then mean little
+                                  "mean_distinct_tokens": sum(len(set(r)) for r in ref) / len(ref),
+                                  "distinct_captions": len({tuple(r) for r in ref})},
                               "paths": {}}
     for name, backend, batch in ((f"static_b{a.batch}", "static", a.batch), (f"hf_b{a.batch}", "hf", a.batch),
                                  ("static_b1", "static", 1)):
