@@ -4,7 +4,8 @@ evaluation dataset that has this setting (`base.data.datasets`), with that datas
 The row's weights: a model folder (--model), or a LoRA adapter (--adapter) applied to --base-model. dvc.yaml runs
 one stage per row of params `models` (caption_<setting>@<row>).
 Writes, per dataset, `<out>/<dataset>/`: RePIC caption files `<row>_<mode>.json`, `captions.parquet` and
-`retrieval.json` (recall@k; `left_out`: the query entries left out as invalid, each with why).
+`retrieval.json` (recall@k; `left_out`: the query entries left out as invalid, each with why; `n_unlisted_hits`: hits
+on images the database does not list, which show no reference; `n_queries_without_references`).
 Example: python -m stages.caption --setting single --root data/world --index data/db \
     --base-model data/models/base --row trained --adapter results/train/adapter --out results/captions/single/trained
 One query map: add --queries Q.json --database D.json (--index is then that database's index folder, and the
