@@ -14,7 +14,8 @@ Sections (each saved to --out as it finishes; a section that would start past --
   `max_pixels = 1024·28²`): transformers' sdpa tower vs repic.vlm.vision (windows bucketed by length), eager and with
   compiled blocks; seconds, TFLOP/s (counted FLOPs below), % of the measured and the datasheet peak, and the bf16
   difference to transformers' output.
-- `caption`: query + k reference images (RePIC's captioning conversation, repic.core.prompts.caption_messages), greedy.
+- `caption`: query + k reference images (our captioning conversation, repic.core.prompts.caption_messages, RePIC's
+  shape), greedy.
   Every path stops each row at the same preset length (drawn from 40-150 tokens, seeded) through a logits
   processor (HF paths: a `LogitsProcessor`; static backend: the same rule inside its captured step), so all paths
   generate the same number of tokens. Paths: `hf_b1` (RePIC's loop: `generate` one prompt at a time), `hf`

@@ -44,9 +44,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 skipped[name] = f"{database}: none of its {len(missing)} images exist under {args.root}"
                 log.warning("build_db: dataset %s skipped: %s", name, skipped[name])
                 continue
-            index, id_map = build_index(Path(database), Path(args.root), embedder)
+            # index_unlisted: also the image files of the database folder it does not list, as RePIC's index
+            index, id_map = build_index(Path(database), Path(args.root), embedder, unlisted=cfg["index_unlisted"])
             meta = {"embedder": cfg["embedder"], "embedder_kwargs": cfg["embedder_kwargs"], "database": database,
-                    "missing_images": missing}
+                    "missing_images": missing,
+                    "unlisted_images": [e["image"] for e in id_map if e["key"] is None]}
             save_index(tmp / name if name else tmp, index, id_map, meta)
         if not args.database:
             write_json(tmp / DB_MANIFEST,

@@ -4,7 +4,8 @@ evaluation dataset that has this setting (`base.data.datasets`), with that datas
 The row's weights: a model folder (--model), or a LoRA adapter (--adapter) applied to --base-model. dvc.yaml runs
 one stage per row of params `models` (caption_<setting>@<row>).
 Writes, per dataset, `<out>/<dataset>/`: RePIC caption files `<row>_<mode>.json`, `captions.parquet` and
-`retrieval.json` (recall@k; `left_out`: the query entries left out as invalid, each with why).
+`retrieval.json` (recall@k; `left_out`: the query entries left out as invalid, each with why; `n_unlisted_hits`: hits
+on images the database does not list, which show no reference; `n_queries_without_references`).
 Example: python -m stages.caption --setting single --root data/world --index data/db \
     --base-model data/models/base --row trained --adapter results/train/adapter --out results/captions/single/trained
 One query map: add --queries Q.json --database D.json (--index is then that database's index folder, and the
@@ -85,7 +86,8 @@ def caption_dataset(args: argparse.Namespace, params: dict, queries: str, databa
     rows, retrieval = run_setting(args.setting, queries, database, args.root, str(index), args.row,
                                   model=args.model, adapter=args.adapter, base_model=args.base_model,
                                   params=params["caption"], device=params["base"]["device"],
-                                  dtype=params["base"]["dtype"])
+                                  dtype=params["base"]["dtype"],
+                                  prompt=params["caption"]["prompts"].get(args.row, "plain"))
     for name, file_rows in rows.items():
         write_json(out / run_file(name), file_rows)
     write_json(out / RETRIEVAL_REPORT, retrieval)

@@ -1,5 +1,5 @@
-"""Pairwise LLM judge of every model row vs the reference row (params `judge_llm.reference`; both orders, ties,
-cached): verdicts + win rates, one entry per row.
+"""Pairwise LLM judge of every model row vs the reference row (params `judge_llm.reference`; protocol both_orders:
+both orders, ties; repic: RePIC's request, one order; cached): verdicts + win rates, one entry per row.
 
 Example: python -m stages.judge_llm --captions results/captions --root data/world --out results/judge
 (the caption folders and databases of params `base.data.datasets`, the rows of params `models`)
@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         list(labels))
     cache = AnswerCache(out / JUDGE_CACHE)
     # Each answer is appended to cache.jsonl as it comes: a failure or a kill keeps what was paid for.
-    records = judge_pairs(pairs, backend_id, ask, cache, max_requests=cfg["max_requests"])
+    records = judge_pairs(pairs, backend_id, ask, cache, max_requests=cfg["max_requests"], protocol=cfg["protocol"])
     frame = pd.DataFrame(records)
     seed = base["seed"]
 
@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 **{f"{s}_{m}": win_rates([r for r in mine if r["setting"] == s and r["mode"] == m], seed=seed)
                    for s in SETTINGS for m in MODES}}
 
-    summary = {"status": "ok", "backend": backend_id.split(":")[0], "asked": cache.asked,
+    summary = {"status": "ok", "backend": backend_id.split(":")[0], "protocol": cfg["protocol"], "asked": cache.asked,
                "pairs_left_out_by_budget": len(pairs) - len(records),
                "reference": reference, "reference_label": labels[reference],
                # one entry per model row, in params order: the reference's win rate against it, both orders asked

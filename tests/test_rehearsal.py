@@ -109,7 +109,9 @@ def test_paper_rehearsal_runs_every_stage(tmp_path: Path) -> None:
         for mode in ("skip", "retrieval"):
             caps = {r: json.loads((folder / r / dataset / f"{r}_{mode}.json").read_text()) for r in rows}
             assert all([c[:2] for c in caps[r]] == [c[:2] for c in caps["trained"]] for r in rows)
-            assert caps["repic_merged"] == caps["base"], (setting, mode)
+            # the base row is RePIC's zero-shot row (caption.prompts: its question gets RePIC's zero-shot instruction),
+            # so its captions may differ from the merged stand-in's; the queries and questions are the same
+            assert [c[:2] + c[3:] for c in caps["repic_merged"]] == [c[:2] + c[3:] for c in caps["base"]]
     win = json.loads((repo / "results/judge/win_rates.json").read_text())
     # the openai backend answered through the loopback endpoint, for every row against the reference
     assert win["reference"] == "repic_lora" and list(win["versus"]) == ["base", "rap_qwen", "repic_merged", "trained",

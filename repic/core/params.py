@@ -20,6 +20,15 @@ import yaml
 from repic.core.io import RepicError
 from repic.core.layout import MERGE_DIR, MODEL_KINDS, PROTOCOLS, REWARDS, SETTINGS, TRAIN_DIR
 
+# Values of keys checked again by the modules that use them (tests/test_eval_fidelity.py checks they agree); kept
+# here so that params.py imports none of them (every stage's dvc.yaml deps would grow).
+CONVERSATIONS = ("repic", "ours")                 # repic.core.prompts.CONVERSATIONS
+QUESTION_LISTS = ("released", "scripts")          # repic.core.prompts.QUESTION_LISTS
+ROW_PROMPTS = ("plain", "zero_shot")              # repic.core.prompts.ROW_PROMPTS
+ON_EMPTY = ("whole_image", "no_references")       # repic.data.retrieval.ON_EMPTY
+PREPROCESS = ("qwen_vl_utils", "processor")       # repic.vlm.preprocess.PREPROCESS
+JUDGE_PROTOCOLS = ("both_orders", "repic")        # repic.eval.judge.PROTOCOLS
+
 
 def _obj(props: dict[str, Any], required: bool = True, open_: bool = False,
          optional: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -124,13 +133,21 @@ SCHEMA: dict[str, Any] = _obj({
         }),
     }),
     "subset_2k": _obj({"n_samples": _POS}),
-    "build_db": _obj({"embedder": {"enum": ["color_layout", "clip"]}, "embedder_kwargs": {"type": "object"}}),
+    "build_db": _obj({"embedder": {"enum": ["color_layout", "clip"]}, "embedder_kwargs": {"type": "object"},
+                      "index_unlisted": {"type": "boolean"}}),
     "caption": _obj({
         "backend": {"enum": ["hf", "static"]},
         "batch_size": _POS, "max_new_tokens": _POS,
         "detector": {"enum": ["foreground", "owlv2", "yolo_world"]}, "detector_kwargs": {"type": "object"},
         "max_pixels": {"type": ["integer", "null"], "minimum": 3136},
         "top_k": _obj({s: _POS for s in SETTINGS}),
+        # RePIC's caption scripts (repic.core.prompts, repic.vlm.preprocess) or ours; README "Fidelity to RePIC"
+        "conversation": {"enum": list(CONVERSATIONS)},
+        "question_list": {"enum": list(QUESTION_LISTS)},
+        "preprocess": {"enum": list(PREPROCESS)},
+        "prompts": {"type": "object", "additionalProperties": {"enum": list(ROW_PROMPTS)}},
+        "retrieval": _obj({"box_pad": {"type": "number", "minimum": 0, "maximum": 1},
+                           "whole_image": {"type": "boolean"}, "on_empty": {"enum": list(ON_EMPTY)}}),
     }),
     "train_grpo_lora": _obj({
         "launch": _STR,
@@ -159,6 +176,7 @@ SCHEMA: dict[str, Any] = _obj({
     "report": _obj({"max_queries": _POS}),
     "judge_llm": _obj({
         "backend": {"enum": ["local", "openai", "none"]},
+        "protocol": {"enum": list(JUDGE_PROTOCOLS)},
         "model": _STR, "reference": _STR, "max_pairs": _POS, "max_requests": _INT, "max_new_tokens": _POS,
         "openai": _obj({"base_url": _STR, "model": _STR, "api_key_env": _STR, "max_retries": _INT,
                         "backoff_s": {"type": "number", "minimum": 0}, "timeout_s": {"type": "number", "minimum": 0}}),
@@ -246,6 +264,12 @@ def check_models(params: dict[str, Any], source: str = "params.yaml") -> None:
     are `fetch_data.sources` landing there), or train_grpo_lora's / merge_lora's outputs."""
     models, base = params["models"], params["base"]
     reference = params["judge_llm"]["reference"]
+    for row, prompt in params["caption"]["prompts"].items():
+        if row not in models:
+            raise RepicError(f"{source}: caption.prompts.{row}: not a model row (models: {', '.join(models)})")
+        if prompt != "plain" and params["caption"]["conversation"] != "repic":
+            raise RepicError(f"{source}: caption.prompts.{row}: {prompt!r} needs caption.conversation: repic "
+                             "(RePIC's zero-shot instruction belongs to its conversation)")
     if reference not in models:
         raise RepicError(f"{source}: judge_llm.reference: {reference!r} is not a model row "
                          f"(models: {', '.join(models)})")
@@ -424,6 +448,7 @@ def without_training(params: dict[str, Any], source: str = "params.yaml") -> dic
                          "name a released row as the reference to evaluate without training")
     out = copy.deepcopy(params)
     out["models"] = {name: row for name, row in params["models"].items() if name not in dropped}
+    out["caption"]["prompts"] = {r: p for r, p in params["caption"]["prompts"].items() if r not in dropped}
     if not out["models"]:
         raise RepicError(f"{source}: models: every row is made by training, none is left to evaluate")
     validate(out, source)

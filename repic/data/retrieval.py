@@ -46,7 +46,8 @@ class Detector(Protocol):
     name: str
 
     def detect(self, image: Image.Image) -> list[dict[str, Any]]:
-        """Detections `{"box": [x1, y1, x2, y2], "score": float, "label": str}`, best first."""
+        """Detections `{"box": [x1, y1, x2, y2], "score": float, "label": str}`, best first (coordinates in
+        pixels, possibly fractional: `Image.crop` rounds them)."""
         ...
 
 
@@ -400,7 +401,7 @@ class Owlv2Detector:
         boxes, scores, labels = boxes[valid], scores[valid], labels[valid]
         return [
             {
-                "box": [round(float(v)) for v in boxes[i]],
+                "box": [round(float(v), 2) for v in boxes[i]],  # as RePIC's detector.py rounds YOLO-World's
                 "score": float(scores[i]),
                 "label": self.classes[int(labels[i])],
             }
@@ -460,7 +461,8 @@ class YoloWorldDetector:
         labels = np.asarray(result.boxes.cls.cpu().numpy()).reshape(-1).astype(int)
         boxes = np.clip(boxes, 0, [rgb.width, rgb.height, rgb.width, rgb.height])
         order = np.argsort(-scores, kind="stable")[: self.max_boxes]  # YOLO-World has applied its own NMS
-        return [{"box": [round(float(v)) for v in boxes[i]], "score": float(scores[i]),
+        # RePIC's detector.py: each box rounded to 2 decimals, then cropped (PIL rounds it to pixels)
+        return [{"box": [round(float(v), 2) for v in boxes[i]], "score": float(scores[i]),
                  "label": self.classes[labels[i]] if 0 <= labels[i] < len(self.classes) else str(labels[i])}
                 for i in order if boxes[i, 2] - boxes[i, 0] >= 1 and boxes[i, 3] - boxes[i, 1] >= 1]
 
@@ -521,16 +523,39 @@ def missing_database_images(database_json: Path, root: Path) -> list[str]:
     ]
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif")  # the files RePIC's retriever.py indexes
+
+
+def unlisted_images(database_json: Path, root: Path) -> list[str]:
+    """Image files under the database's folder that the database does not list (as `./`-relative paths in the
+    JSON's style when the listed ones are, sorted). RePIC's retriever walks the folder and indexes every such file
+    (its 4-concept database: three squidgame images with no concept); `build_index(..., unlisted=True)` does too."""
+    listed = [image for image, _ in database_entries(database_json)]
+    folder = Path(database_json).parent
+    prefix = "./" if listed and all(p.startswith("./") for p in listed) else ""
+    known = {os.path.normpath(resolve_image(root, p)) for p in listed}
+    out = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and os.path.normpath(path) not in known:
+            out.append(prefix + os.path.relpath(path, root).replace(os.sep, "/"))
+    return out
+
+
 def build_index(
-    database_json: Path, root: Path, embedder: Embedder, *, batch_size: int = 32
+    database_json: Path, root: Path, embedder: Embedder, *, batch_size: int = 32, unlisted: bool = False
 ) -> tuple[faiss.Index, list[dict[str, Any]]]:
     """An exact inner-product index (cosine on L2-normalised rows) with one entry per database image.
 
     `id_map[i]` = `{"id": i, "key": "<concept>", "image": path as stored in the JSON}`. Images missing from
-    disk are skipped with a warning (list them with `missing_database_images`).
+    disk are skipped with a warning (list them with `missing_database_images`). With `unlisted`, the image files
+    under the database folder that it does not list follow (`unlisted_images`), each with `"key": None`: RePIC's
+    index holds them too (same ranking: RePIC's L2 distance on unit vectors orders as this inner product).
     """
     present = []
-    for image, key in database_entries(database_json):
+    entries = database_entries(database_json)
+    if unlisted:
+        entries += [(image, None) for image in unlisted_images(database_json, root)]
+    for image, key in entries:
         if resolve_image(root, image).is_file():
             present.append((image, key))
         else:
@@ -585,11 +610,17 @@ def load_index(directory: Path) -> tuple[faiss.Index, list[dict[str, Any]], dict
 
 
 # =============================================================================================== retrieval
-def _padded(box: Sequence[int], pad: float, width: int, height: int) -> tuple[int, int, int, int]:
-    """A box grown by `pad` of its size on each side (at least 2 px), so a crop shows some background."""
+def _padded(box: Sequence[float], pad: float, width: int, height: int) -> tuple[float, ...]:
+    """A box grown by `pad` of its size on each side (at least 2 px), so a crop shows some background; `pad` 0
+    keeps the box as the detector gave it (RePIC's detector.py)."""
+    if pad == 0:
+        return tuple(box)
     x1, y1, x2, y2 = box
     px, py = max(2, round((x2 - x1) * pad)), max(2, round((y2 - y1) * pad))
     return max(0, x1 - px), max(0, y1 - py), min(width, x2 + px), min(height, y2 + py)
+
+
+ON_EMPTY = ("whole_image", "no_references")  # params caption.retrieval.on_empty
 
 
 def retrieve(
@@ -603,17 +634,22 @@ def retrieve(
     root: Path | None = None,
     include_whole_image: bool = True,
     pad: float = 0.1,
+    on_empty: str = "whole_image",
 ) -> list[dict[str, Any]]:
     """The top-`k` distinct concepts for a query: crops -> embeddings -> per-crop top-k -> pooled top-k.
 
-    Crops are the detector's boxes (padded by `pad`) plus, if `include_whole_image`, the whole query.
-    Pooled hits are deduplicated by concept key, keeping the most similar one. Each result:
-    `{"rank", "key", "image", "score" (cosine similarity), "crop": [x1, y1, x2, y2], "missing": bool}`;
-    `missing` is True when the hit's database image no longer exists under `root` (paths are taken as
-    stored when `root` is None) -- reported, never raised.
+    Crops are the detector's boxes (padded by `pad`; 0: as given, as RePIC crops them) plus, if
+    `include_whole_image`, the whole query. When the detector finds nothing: `on_empty` `whole_image` searches
+    with the whole query, `no_references` returns no hit (RePIC: its retriever gets no crop, the model no
+    reference). Pooled hits are deduplicated by concept key (an unlisted image, key None, by its path), keeping
+    the most similar one. Each result: `{"rank", "key", "image", "score" (cosine similarity),
+    "crop": [x1, y1, x2, y2], "missing": bool}`; `missing` is True when the hit's database image no longer exists
+    under `root` (paths are taken as stored when `root` is None) -- reported, never raised.
     """
     if k < 1:
         raise RepicError(f"retrieve: k must be >= 1, got {k}")
+    if on_empty not in ON_EMPTY:
+        raise RepicError(f"retrieve: on_empty: expected {'|'.join(ON_EMPTY)}, got {on_empty!r}")
     image = query_image if isinstance(query_image, Image.Image) else open_image(query_image)
     image = image.convert("RGB")
     boxes = (
@@ -621,6 +657,8 @@ def retrieve(
         if detector
         else []
     )
+    if not boxes and on_empty == "no_references" and not include_whole_image:
+        return []
     if include_whole_image or not boxes:
         boxes.append((0, 0, image.width, image.height))
     vectors = embedder.embed([image.crop(b) for b in boxes])
@@ -629,23 +667,24 @@ def retrieve(
             f"retrieve: embedder gives {vectors.shape[1]}-d vectors, the index holds {index.d}-d"
         )
     scores, ids = index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(k, index.ntotal))
-    best: dict[str, tuple[float, int, int]] = {}
+    best: dict[Any, tuple[float, int, int]] = {}
     for crop_i in range(len(boxes)):
         for score, idx in zip(scores[crop_i], ids[crop_i], strict=True):
             if idx < 0 or idx >= len(id_map):  # faiss pads with -1 when it has fewer hits
                 continue
             key = id_map[idx]["key"]
+            key = key if key is not None else ("unlisted", id_map[idx]["image"])
             if key not in best or score > best[key][0]:
                 best[key] = (float(score), int(idx), crop_i)
     ranked = sorted(best.items(), key=lambda kv: (-kv[1][0], kv[1][1]))[:k]
     results = []
-    for rank, (key, (score, idx, crop_i)) in enumerate(ranked, start=1):
+    for rank, (_, (score, idx, crop_i)) in enumerate(ranked, start=1):
         stored = id_map[idx]["image"]
         path = resolve_image(root, stored) if root is not None else Path(stored)
         results.append(
             {
                 "rank": rank,
-                "key": key,
+                "key": id_map[idx]["key"],
                 "image": stored,
                 "score": score,
                 "crop": list(boxes[crop_i]),

@@ -1,4 +1,4 @@
-"""Pairwise LLM judge: which of two captions of the same query is better, asked in both orders.
+"""Pairwise LLM judge: which of two captions of the same query is better, asked in both orders (or as RePIC asked).
 
 Each model row is compared with one named reference row (params `judge_llm.reference`; RePIC compared every
 baseline with its own model), query by query.
@@ -6,8 +6,11 @@ baseline with its own model), query by query.
 Protocol: the judge sees the reference concepts (image, name, info), the query image and captions A and B,
 and answers 'A', 'B' or 'tie'. Each pair is asked twice with the positions swapped; a method wins a pair only
 if it wins both orders, otherwise the pair is a tie. Answers are cached by a content hash of everything the
-judge saw, so a rerun asks (and bills) nothing. Backends: `local` (a `from_pretrained` Qwen2.5-VL) and
-`openai` (any OpenAI-compatible chat-completions endpoint; the key comes from the environment only).
+judge saw, so a rerun asks (and bills) nothing. Protocol `repic` (params judge_llm.protocol) sends RePIC's own
+request instead (evaluation/GPT_eval_single.py, GPT_eval_multi.py: `repic_request`), once per pair, and reads one
+letter: the paper's win rates are comparable under it only; `both_orders` is the corrected one to report beside it.
+Backends: `local` (a `from_pretrained` Qwen2.5-VL) and `openai` (any OpenAI-compatible chat-completions endpoint;
+the key comes from the environment only).
 """
 
 from __future__ import annotations
@@ -27,9 +30,17 @@ from PIL import Image
 
 from repic.core.io import RepicError
 from repic.core.layout import MODES, Layout, caption_file, caption_folder
-from repic.core.prompts import judge_messages
+from repic.core.prompts import judge_messages, repic_judge_messages
 
 Judge = Callable[[list[dict[str, Any]], list[Image.Image]], str]
+PROTOCOLS = ("both_orders", "repic")  # params judge_llm.protocol
+
+
+def parse_letter(answer: str) -> str:
+    """'A' | 'B' | 'invalid' from an answer to RePIC's request ("a single alphabet"): the first standalone capital
+    A or B (a lowercase 'a' is the article, not an answer)."""
+    m = re.search(r"\b(A|B)\b", answer.strip())
+    return m.group(1) if m else "invalid"
 
 
 def parse_verdict(answer: str) -> str:
@@ -197,7 +208,7 @@ def openai_judge(base_url: str, model: str, api_key_env: str, *, max_new_tokens:
 
     def ask(messages: list[dict[str, Any]], images: list[Image.Image]) -> str:
         it = iter(images)
-        wire = [{"role": m["role"], "content": [
+        wire = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else [
             {"type": "image_url", "image_url": {"url": _data_url(next(it))}} if b["type"] == "image" else b
             for b in m["content"]]} for m in messages]
         body = {"model": model, "messages": wire, "max_tokens": max_new_tokens, "temperature": 0}
@@ -233,17 +244,48 @@ def _retry_after(value: str | None) -> float:
         return 0.0
 
 
+def repic_request(pair: dict[str, Any]) -> tuple[list[dict[str, Any]], list[Image.Image]]:
+    """RePIC's judge request for a pair (`repic.core.prompts.repic_judge_messages`): option A the compared row's
+    caption (RePIC's baseline), B the reference row's (RePIC's model); images: the first two references' in a
+    multi-concept setting, then the query's."""
+    messages = repic_judge_messages(pair["setting"], pair["references"], pair["caption_model"],
+                                    pair["caption_reference"])
+    refs = [] if pair["setting"] == "single" else pair["images"][:2]
+    return messages, [*refs, pair["images"][-1]]
+
+
+def _judge_repic(pair: dict[str, Any], backend_id: str, ask: Judge, cache: AnswerCache) -> dict[str, Any]:
+    messages, images = repic_request(pair)
+    answer = cache.get_or_ask(content_hash(backend_id, messages, images), lambda: ask(messages, images))
+    winner = {"A": "model", "B": "reference"}.get(parse_letter(answer), "invalid")
+    return {"verdict_reference_first": None, "verdict_model_first": winner, "outcome": winner}
+
+
 def judge_pairs(pairs: list[dict[str, Any]], backend_id: str, ask: Judge, cache: AnswerCache,
-                max_requests: int | None = None) -> list[dict]:
-    """Judge each pair in both orders. A pair: references, images (refs + query), the `reference` and `model`
-    row names and their captions `caption_reference`, `caption_model`. Returns per-pair verdict records with
-    outcome reference|model|tie (a row wins only if it wins both orders). Cached answers cost nothing; once
-    `max_requests` new requests were made, the remaining pairs are left out (the budget is bounded)."""
+                max_requests: int | None = None, protocol: str = "both_orders") -> list[dict]:
+    """Judge each pair. A pair: setting, references, images (refs + query), the `reference` and `model` row names
+    and their captions `caption_reference`, `caption_model`. `both_orders`: asked in both orders (`judge_messages`),
+    outcome reference|model|tie (a row wins only if it wins both orders). `repic`: RePIC's request once
+    (`repic_request`: the compared row first as A, the reference row as B), outcome reference|model|invalid
+    (`verdict_model_first` holds it). Cached answers cost nothing; once `max_requests` new requests were made, the
+    remaining pairs are left out (the budget is bounded)."""
     from repic.core.progress import Progress
 
+    if protocol not in PROTOCOLS:
+        raise RepicError(f"judge_llm.protocol: expected {'|'.join(PROTOCOLS)}, got {protocol!r}")
     records = []
     bar = Progress(len(pairs), "judge", unit="pair")
     for pair in pairs:
+        if protocol == "repic":
+            messages, images = repic_request(pair)
+            new = content_hash(backend_id, messages, images) not in cache.answers
+            if max_requests is not None and cache.asked + new > max_requests:
+                break
+            records.append({**{k: pair[k] for k in ("setting", "dataset", "mode", "query_image", "reference",
+                                                     "model")}, "gt_keys": pair["gt_keys"],
+                            **_judge_repic(pair, backend_id, ask, cache)})
+            bar.update()
+            continue
         orders = {"reference_first": (pair["caption_reference"], pair["caption_model"]),
                   "model_first": (pair["caption_model"], pair["caption_reference"])}
         new = sum(content_hash(backend_id, judge_messages(pair["references"], a, b), pair["images"])
@@ -290,7 +332,7 @@ def win_rates(records: list[dict[str, Any]], *, seed: int = 0) -> dict[str, Any]
     n = len(records)
     count = {o: sum(r["outcome"] == o for r in records) for o in ("reference", "model", "tie")}
     invalid = sum(r["verdict_reference_first"] == "invalid" or r["verdict_model_first"] == "invalid"
-                  for r in records)
+                  for r in records)  # protocol repic: one order, its verdict in verdict_model_first
     outcomes = [r["outcome"] for r in records]
     return {"n_pairs": n, "reference_win_rate": count["reference"] / n if n else None,
             "reference_win_rate_ci95": bootstrap_ci(outcomes, "reference", seed=seed),

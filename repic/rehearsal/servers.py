@@ -190,7 +190,9 @@ class ChatServer(_Server):
             return
         try:
             body = json.loads(raw)
-            n_images = sum(1 for m in body["messages"] for b in m["content"] if b.get("type") == "image_url")
+            # content is a list of parts, or a plain string (RePIC's judge request sends its system prompt so)
+            n_images = sum(1 for m in body["messages"] if isinstance(m["content"], list) for b in m["content"]
+                           if b.get("type") == "image_url")
         except (ValueError, KeyError, TypeError):
             handler.reply(400, b'{"error": {"message": "malformed request"}}', js)
             return

@@ -1,0 +1,77 @@
+"""Images as RePIC's caption scripts hand them to the processor: qwen_vl_utils' `process_vision_info` behaviour.
+
+RePIC's scripts put image paths into the conversation and call `qwen_vl_utils.process_vision_info`, whose
+`fetch_image` opens each file (no EXIF rotation), composites an RGBA image on white (any other mode is converted to
+RGB), and resizes it with PIL's default filter to `smart_resize`'s size: both sides multiples of 28, the area
+between 4*28*28 and 16384*28*28 pixels. The processor (max_pixels 1024*28*28 in RePIC's scripts) then resizes that
+image again, so the token grid is not always the one the processor alone gives the original (a 2500x2500 photo:
+32x32 patches of 28 px after fetch_image, 31x31 from the processor alone). Reimplemented here (qwen_vl_utils needs
+torchvision, which the CPU environment lacks); tests/test_eval_fidelity.py compares sizes and pixels with
+qwen_vl_utils 0.0.14's on a grid of sizes (tests/data/qwen_vl_utils_fetch_image.json).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from PIL import Image
+
+from repic.core.io import RepicError, open_rgb, resolve_image
+
+IMAGE_FACTOR = 28                 # patch 14 x spatial merge 2
+MIN_PIXELS = 4 * IMAGE_FACTOR ** 2
+MAX_PIXELS = 16384 * IMAGE_FACTOR ** 2
+MAX_RATIO = 200
+PREPROCESS = ("qwen_vl_utils", "processor")  # params caption.preprocess
+
+
+def smart_resize(height: int, width: int, factor: int = IMAGE_FACTOR, min_pixels: int = MIN_PIXELS,
+                 max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """(height, width): both multiples of `factor`, the area within [min_pixels, max_pixels], the aspect ratio kept
+    as closely as possible (qwen_vl_utils' rule: round to the factor, else scale down with floor / up with ceil)."""
+    if max(height, width) / min(height, width) > MAX_RATIO:
+        raise RepicError(f"image {width}x{height}: aspect ratio above {MAX_RATIO}, which qwen_vl_utils refuses")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = math.floor(height / beta / factor) * factor
+        w_bar = math.floor(width / beta / factor) * factor
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGBA composited on a white background; every other mode converted to RGB."""
+    if image.mode == "RGBA":
+        white = Image.new("RGB", image.size, (255, 255, 255))
+        white.paste(image, mask=image.split()[3])
+        return white
+    return image.convert("RGB")
+
+
+def fetch_image(image: Image.Image) -> Image.Image:
+    """The image as qwen_vl_utils' `fetch_image` returns it (defaults: no min/max_pixels in the message)."""
+    rgb = to_rgb(image)
+    height, width = smart_resize(rgb.height, rgb.width)
+    return rgb.resize((width, height))
+
+
+def load_for_processor(root: str | os.PathLike, rel: str, preprocess: str) -> Image.Image:
+    """An image stored at `rel` (relative to `root`) as the captioning processor gets it: `qwen_vl_utils`
+    (RePIC's scripts: `fetch_image`) or `processor` (opened as RGB, the processor alone resizes)."""
+    if preprocess == "processor":
+        return open_rgb(root, rel)
+    if preprocess != "qwen_vl_utils":
+        raise RepicError(f"caption.preprocess: expected {'|'.join(PREPROCESS)}, got {preprocess!r}")
+    path = resolve_image(root, rel)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return fetch_image(im)
+    except OSError as exc:
+        raise RepicError(f"cannot read image {path} ({exc})") from None
