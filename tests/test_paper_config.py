@@ -95,7 +95,7 @@ def test_yolo_world_overlay_applies_on_top_of_the_paper_run(tmp_path):
 
 def test_true_grpo_overlay_changes_only_the_groups_and_our_rows_label(tmp_path):
     """configs/paper_true_grpo.yaml: the paper run with true GRPO groups; the same rows as the paper (an overlay
-    replaces `models` whole), our row relabelled."""
+    replaces `models` whole), our rows (LoRA and merged) relabelled."""
     params_path = tmp_path / "params.yaml"
     shutil.copy(REPO / "params.yaml", params_path)
     paper = apply_overlay(params_path, REPO / "configs" / "paper.yaml")
@@ -103,4 +103,4 @@ def test_true_grpo_overlay_changes_only_the_groups_and_our_rows_label(tmp_path):
     assert true["train_grpo_lora"] == {**paper["train_grpo_lora"], "grouping": "grpo"}
     assert {n: {**r, "label": None} for n, r in true["models"].items()} == {
         n: {**r, "label": None} for n, r in paper["models"].items()}
-    assert [n for n in true["models"] if true["models"][n] != paper["models"][n]] == ["trained"]
+    assert [n for n in true["models"] if true["models"][n] != paper["models"][n]] == ["trained", "merged"]
