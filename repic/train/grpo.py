@@ -395,6 +395,7 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
     if targets == "repic":
         lora.target_modules = repic_lora_targets(base)
     model = get_peft_model(base, lora)
+    from repic.train.speed import fast_trainer, preprocess_counts
     from repic.vlm.generation import rollout_trainer
 
     trainer_cls = rollout_trainer(GRPOTrainer, params.get("rollout_backend", "hf"))
@@ -404,6 +405,9 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
                                    resize=params.get("resize", {}))
     lookup = repic_lookup(len(samples), args.num_generations, seed) if grouping == "repic" else None
     trainer_cls = epoch_seeded(trainer_cls, lookup)
+    # Each distinct image preprocessed once, not TRL's twice a step and once per copy of a prompt: the processor's
+    # own arrays (exact), 16-26 % more tokens/s on an H100 at RePIC's shapes (BENCHMARKS.md, issue 28).
+    trainer_cls = fast_trainer(trainer_cls, preprocess_once=True)
     trainer = trainer_cls(
         model=model,
         reward_funcs=rewards,
@@ -437,6 +441,10 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
               f"train_grpo_lora: no checkpoint of this configuration in {checkpoint_dir}: training from step 0",
               flush=True)
     trainer.train(resume_from_checkpoint=resume)
+    counts = preprocess_counts(processor.image_processor)
+    if trainer.is_world_process_zero() and counts:
+        print(f"train_grpo_lora: images preprocessed {counts[0]} of {counts[1]} asked for (each distinct image once)",
+              flush=True)
     if trainer.is_world_process_zero():
         # the adapter alone: with lm_head targeted, PEFT would add the (frozen, unchanged) head's full weight
         trainer.model.save_pretrained(out_dir, save_embedding_layers=False)

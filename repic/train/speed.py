@@ -205,6 +205,12 @@ def _memo_preprocess(self: Any, images: list, *args: Any, **kwargs: Any) -> Any:
 _MEMO_CLASSES: dict[type, type] = {}
 
 
+def preprocess_counts(image_processor: Any) -> tuple[int, int] | None:
+    """(images processed, images asked for) since `memoize_image_processor`; None if it is not memoized."""
+    memo = _MEMOS.get(image_processor)
+    return None if memo is None else (memo.processed, memo.requested)
+
+
 def memoize_image_processor(image_processor: Any, capacity: int = 32, workers: int | None = None) -> _PatchMemo:
     """`image_processor` (this instance; a transformers image processor whose `_preprocess` loops over images
     independently, as Qwen2-VL's does) processing each distinct image once and the new ones of a call in
