@@ -20,6 +20,7 @@ from repic.core.layout import MERGE_REPORT, MERGED_MODEL, eval_datasets
 from repic.core.params import params_of
 from repic.eval.captioning import build_conversation, expand_queries
 from repic.train.merge import check, merge_and_verify
+from repic.vlm.models import check_adapter
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -31,6 +32,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     params = params_of(args)
     cfg = params["merge_lora"]
+    check_adapter(args.adapter, args.model)  # an adapter made for another base: one line, before the merge
     dataset = eval_datasets(params["base"]["data"]["datasets"])[0]
     setting = "single" if "single" in dataset["queries"] else next(iter(dataset["queries"]))
     database = read_json(dataset["database"])

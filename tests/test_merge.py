@@ -100,6 +100,14 @@ def test_adapter_checked_against_the_base_before_any_work(tiny_model_dir, adapte
     with pytest.raises(RepicError, match=r"\(2 of .* matrices; .*nope_proj: no such linear layer in the base$"):
         check_adapter(missing, tiny_model_dir)
 
+    import stages.merge_lora as merge_stage
+
+    from .conftest import REPO
+
+    monkeypatch.setattr(merge_stage, "merge_and_verify", lambda *a, **k: pytest.fail("reached the merge"))
+    with pytest.raises(RepicError, match="this LoRA adapter does not fit the base model"):
+        merge_stage.main(["--params", str(REPO / "params.yaml"), "--model", str(tiny_model_dir), "--adapter",
+                          str(wrong), "--root", str(tmp_path), "--out", str(tmp_path / "merged")])
     monkeypatch.setattr(caption, "run_setting", lambda *a, **k: pytest.fail("reached the retrieval pass"))
     with pytest.raises(RepicError, match="this LoRA adapter does not fit the base model"):
         caption.main(["--setting", "single", "--root", str(tmp_path), "--index", str(tmp_path), "--row", "x",
