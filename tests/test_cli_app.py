@@ -318,3 +318,24 @@ def test_7b_class_path_hub_id_revision_and_released_lora(world, tiny_model_dir, 
     assert (tmp_path / "hf" / "hub" / "models--Qwen--Qwen2.5-VL-7B-Instruct" / "snapshots" / sha).is_dir()
     (rec,) = json.loads((tmp_path / "repic-captions" / "captions.json").read_text())
     assert rec["mode"] == "retrieval" and len(rec["concepts"]) == 2
+
+
+def test_page_shows_each_photo_with_its_references_and_the_highlighted_caption(world, tmp_path):
+    from repic.cli_app import concepts_from_folder, write_page
+
+    database = concepts_from_folder(world["concepts"])
+    a, b = list(database["concept_dict"])[:2]
+    scene = next(iter(world["queries"]["multi2"]))
+    records = [{"image": "p.png", "path": scene, "mode": "retrieval", "concepts": [a, b],
+                "retrieved": [{"key": a, "score": 0.9, "image": ""}, {"key": b, "score": 0.5, "image": ""}],
+                "caption": f"{a} sits beside {b.strip('<>')} & a <b>tag</b>"},
+               {"image": "q.png", "path": scene, "mode": "skip", "concepts": [b], "retrieved": [], "caption": " "}]
+    write_page(tmp_path, records, database, "summary line")
+    page = (tmp_path / "index.html").read_text()
+    captions = re.findall(r'<div class="caption">(.*?)</div>', page)
+    assert len(captions) == 2 and "(empty caption)" in captions[1]
+    assert captions[0].count('class="name"') == 2 and "&lt;b&gt;tag&lt;/b&gt;" in captions[0]
+    assert "score 0.900" in page and "score 0.500" in page and "summary line" in page
+    srcs = re.findall(r'src="([^"]+)"', page)
+    assert len(srcs) == 2 + 1 + 1 + 1 and len(set(srcs)) == 3  # a, b, the scene once each
+    assert all((tmp_path / s).is_file() for s in srcs)
