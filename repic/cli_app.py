@@ -400,6 +400,12 @@ def caption_command(args: argparse.Namespace) -> None:
     if adapter is not None:
         adapter = str(find_adapter(adapter))
         check_adapter(adapter, model)  # an adapter made for another base: one line, before any work
+    log.info("model %s%s", model, f" + LoRA adapter {adapter}" if adapter else "")
+    if kind == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RepicError(f"--device {args.device}: no CUDA device here (use --device cpu)")
 
     # ---- concepts and queries
     database = load_concepts(args.concepts, args.root)

@@ -339,3 +339,23 @@ def test_page_shows_each_photo_with_its_references_and_the_highlighted_caption(w
     srcs = re.findall(r'src="([^"]+)"', page)
     assert len(srcs) == 2 + 1 + 1 + 1 and len(set(srcs)) == 3  # a, b, the scene once each
     assert all((tmp_path / s).is_file() for s in srcs)
+
+
+def test_inside_the_project_the_pipelines_base_and_adapter_are_the_defaults(world, tiny_model_dir, tmp_path,
+                                                                             monkeypatch, caplog):
+    """Run where a params.yaml is (the project after `make repro`): --model and --adapter default to its base model
+    and its trained adapter row."""
+    from repic.rehearsal.standins import lora_adapter
+
+    adapter = lora_adapter(tiny_model_dir, tmp_path / "results" / "train" / "adapter", seed=0)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "base": {"base_model": str(tiny_model_dir)},
+        "models": {"base": {"label": "base", "kind": "model", "path": str(tiny_model_dir)},
+                   "trained": {"label": "trained", "kind": "adapter", "path": "results/train/adapter"}}}))
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.INFO, logger="repic")
+    img, keys = next(iter(world["queries"]["single"].items()))
+    assert main(["caption", "--concepts", str(world["concepts"]), *FAST,
+                 f"--concepts-in={img}={','.join(keys)}"]) == 0
+    assert f"model {tiny_model_dir} + LoRA adapter {Path('results/train/adapter')}" in caplog.text
+    assert adapter.is_dir() and [r["concepts"] for r in _records(tmp_path / "repic-captions").values()] == [keys]
