@@ -359,3 +359,23 @@ def test_inside_the_project_the_pipelines_base_and_adapter_are_the_defaults(worl
                  f"--concepts-in={img}={','.join(keys)}"]) == 0
     assert f"model {tiny_model_dir} + LoRA adapter {Path('results/train/adapter')}" in caplog.text
     assert adapter.is_dir() and [r["concepts"] for r in _records(tmp_path / "repic-captions").values()] == [keys]
+
+
+def test_queries_from_files_folders_and_globs_each_once(tmp_path, monkeypatch):
+    from repic.cli_app import expand_queries
+    from repic.core.io import RepicError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos" / "sub").mkdir(parents=True)
+    for rel in ("photos/a.jpg", "photos/b.PNG", "photos/sub/c.webp", "photos/notes.txt", "photos/.hidden.jpg"):
+        (tmp_path / rel).write_bytes(b"x")
+    assert [str(p) for p in expand_queries(["photos/b.PNG", "photos", "photos/*.jpg"])] == [
+        "photos/b.PNG", "photos/a.jpg", "photos/sub/c.webp"]
+    assert [str(p) for p in expand_queries(["photos/**/*.webp"])] == ["photos/sub/c.webp"]
+    for arg, message in (("nope.jpg", "nope.jpg: no such file or folder"),
+                         ("photos/*.gif", r"photos/\*.gif: no image matches this pattern")):
+        with pytest.raises(RepicError, match=f"^{message}$"):
+            expand_queries([arg])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RepicError, match="^empty: no image in this folder"):
+        expand_queries(["empty"])
