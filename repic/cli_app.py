@@ -11,7 +11,8 @@ Examples:
   repic caption --concepts my_concepts --model Qwen/Qwen2.5-VL-7B-Instruct --adapter RePIC_LoRA photos/
   repic caption --concepts my_concepts --model Qwen/Qwen2.5-VL-7B-Instruct --adapter RePIC_LoRA \
       --concepts-in 'photos/park.jpg=bo,mia' photos/park.jpg
-  repic caption --concepts data/world/data/database_tot/database_synthetic/database_mod.json 'scenes/*.png'
+  repic caption --concepts data/world/data/database_tot/database_synthetic/database_mod.json --setting multi4 \
+      'scenes/*.png'
   (inside the project after `make repro`, --model and --adapter default to the pipeline's base model and adapter)
 """
 
@@ -425,15 +426,27 @@ def caption_command(args: argparse.Namespace) -> None:
         if unnamed:
             raise RepicError(f"{unnamed[0]}: no --concepts-in entry for this photo ({len(unnamed)} photos lack one; "
                              "name the concepts in each, or leave --concepts-in out to retrieve them)")
-    k = args.top_k or cfg["caption"]["top_k"]["single"]
+    k = args.top_k or cfg["caption"]["top_k"][args.setting]
+    # The caption stages' conversation options, where the packaged settings name them (as configs/paper.yaml's
+    # caption section does: tests/test_cli_app.py holds the two equal): RePIC's conversation and question list.
+    conv = {key: cfg["caption"][key] for key in ("conversation", "preprocess") if key in cfg["caption"]}
+    questions = CAPTION_QUESTIONS
+    if "conversation" in conv:
+        from repic.core.prompts import question_list
+
+        questions = question_list(args.setting, conv["conversation"], cfg["caption"].get("question_list", "released"))
     items = [Query(image=str(q.resolve()), gt_keys=list(given.get(q.resolve(), [])),
-                   question=args.question or CAPTION_QUESTIONS[i % len(CAPTION_QUESTIONS)])
+                   question=args.question or questions[i % len(questions)])
              for i, q in enumerate(queries)]
 
     # ---- retrieval (the pipeline's: build_db's index format, captioning's retriever)
     if mode == "skip":
         for q in items:
             q.ref_keys = list(q.gt_keys)
+            if "conversation" in conv:  # RePIC's skip-retrieval shows them in database order
+                from repic.eval.captioning import skip_references
+
+                q.ref_keys = skip_references(q.gt_keys, database, conv["conversation"])
     else:
         embedder = args.embedder or cfg["build_db"]["embedder"]
         emb_kwargs = dict(cfg["build_db"]["embedder_kwargs"]) if not args.embedder else {}
@@ -445,8 +458,8 @@ def caption_command(args: argparse.Namespace) -> None:
         det_kwargs = dict(cfg["caption"]["detector_kwargs"]) if not args.detector else {}
         if args.detector_model:
             det_kwargs["model_id"] = args.detector_model
-        retriever = make_retriever(index_dir, "/", {"detector": detector, "detector_kwargs": det_kwargs}, k,
-                                   device=device)
+        retriever = make_retriever(index_dir, "/", {**cfg["caption"], "detector": detector,
+                                                    "detector_kwargs": det_kwargs}, k, device=device)
         from repic.core.progress import Progress
         from repic.data.retrieval import open_image
         from repic.eval.captioning import attach_retrieval
@@ -466,7 +479,7 @@ def caption_command(args: argparse.Namespace) -> None:
     net, processor = load_row_model(model=None if adapter else model, adapter=adapter,
                                     base_model=model if adapter else None, device=device, dtype=args.dtype,
                                     max_pixels=max_pixels)
-    conversations = [build_conversation(q, database, "/") for q in items]
+    conversations = [build_conversation(q, database, "/", **conv) for q in items]
     cut: list[bool] = []
     captions = generate_captions(net, processor, conversations, batch_size=batch_size,
                                  max_new_tokens=args.max_new_tokens or cfg["caption"]["max_new_tokens"],
@@ -509,8 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concepts-in", action="append", metavar="IMAGE=NAMES|FILE",
                    help="skip retrieval: the concepts in a photo (IMAGE=bo,mia; repeatable) or a JSON/YAML file "
                         "mapping images to names; without it, retrieval finds them")
-    p.add_argument("--top-k", type=int, help="retrieval: concepts shown per photo (default 2, RePIC's single and "
-                                             "2-concept setting; RePIC uses 4 for 4-concept photos)")
+    p.add_argument("--setting", choices=("single", "multi2", "multi4"), default="single",
+                   help="which of RePIC's settings the photos are like (one concept, two, four or more): its top-k "
+                        "(2, 2, 4) and its questions (default single)")
+    p.add_argument("--top-k", type=int, help="retrieval: concepts shown per photo (default: the setting's)")
     p.add_argument("--question", help="the question asked (default: RePIC's caption questions in turn)")
     p.add_argument("--out", default="repic-captions", help="output folder (captions.json, index.html, images/)")
     p.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda[:N]")
