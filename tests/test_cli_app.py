@@ -75,8 +75,9 @@ def _records(out: Path) -> dict[str, dict]:
 
 
 def _pipeline_retrieval(world: dict, tmp: Path, k: int) -> dict[str, list[tuple[str, float]]]:
-    """What caption_<setting> retrieves for the world's scenes: build_db's index over the database_mod.json and
-    captioning's retriever (repic.eval.captioning.make_retriever), on the same images."""
+    """What caption_<setting> retrieves for the world's scenes under the paper config's caption settings: build_db's
+    index over the database_mod.json and captioning's retriever (repic.eval.captioning.make_retriever), on the same
+    images."""
     from repic.core.io import resolve_image
     from repic.data.retrieval import build_index, make_embedder, save_index
     from repic.eval.captioning import make_retriever
@@ -85,8 +86,9 @@ def _pipeline_retrieval(world: dict, tmp: Path, k: int) -> dict[str, list[tuple[
     index, id_map = build_index(database, world["root"], make_embedder("color_layout"))
     save_index(tmp / "index", index, id_map, {"embedder": "color_layout", "embedder_kwargs": {},
                                               "database": str(database)})
-    retriever = make_retriever(tmp / "index", world["root"], {"detector": "foreground", "detector_kwargs": {}}, k,
-                               device="cpu")
+    # the caption section's retrieval options as the command's packaged settings give them (the paper config's)
+    settings = {**defaults()["caption"], "detector": "foreground", "detector_kwargs": {}}
+    retriever = make_retriever(tmp / "index", world["root"], settings, k, device="cpu")
     from PIL import Image
 
     return {img: [(h["key"], h["score"]) for h in retriever(Image.open(resolve_image(world["root"], img)))["hits"]]
