@@ -61,7 +61,7 @@ def test_paper_lists_the_papers_rows_in_order_and_replaces_the_default_list():
      "params.yaml: models.new row: model row names are letters, digits, _ and - (a DVC stage name and a file-name "
      "part), starting with a letter"),
     (lambda p: p["models"]["base"].update({"adapter": "x"}),
-     "params.yaml: models.base.adapter: unknown key (expected one of ['kind', 'label', 'path'])"),
+     "params.yaml: models.base.adapter: unknown key (expected one of ['external', 'kind', 'label', 'path'])"),
     (lambda p: p["models"]["base"].pop("label"), "params.yaml: models.base: 'label' is a required property"),
     (lambda p: p["models"]["base"].update({"kind": "lora"}),
      "params.yaml: models.base.kind: 'lora' is not one of ['model', 'adapter']"),
@@ -71,7 +71,7 @@ def test_paper_lists_the_papers_rows_in_order_and_replaces_the_default_list():
     (lambda p: p["models"]["base"].update({"path": "/models/qwen"}),
      "params.yaml: models.base.path: '/models/qwen' is not produced by the DAG (expected inside one of "
      "data/models/base, data/world, results/train, results/merged: fetch a released checkpoint with a "
-     "fetch_data.sources entry)"),
+     "fetch_data.sources entry, or mark a local folder outside the project `external: true`)"),
 ])
 def test_bad_rows_are_one_line_errors(edit, message):
     params = _default()
@@ -231,3 +231,30 @@ def test_embedded_default_rows_the_same_way(tmp_path):
     train_code.write_text(train_code.read_text() + "# changed\n")
     assert {s for s in _repro(work) if s.startswith("caption_")} == {
         caption_stage(s, m) for s in SETTINGS for m in ("trained", "merged")}
+
+
+@pytest.mark.slow  # reason: three `dvc repro` runs of the stand-in DAG, as the test above (a minute on 2 loaded cores)
+def test_an_external_row_evaluates_a_local_checkpoint_dvc_tracks_by_content(tmp_path):
+    """A user's own checkpoint outside the project is one params entry (`external: true`, an absolute path):
+    `make paper-released` captions and scores it with the released rows, and DVC tracks the folder by content: a
+    changed file recaptions that row only."""
+    ckpt = tmp_path / "elsewhere" / "my-checkpoint"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"weights v1")
+    paper = _paper()
+    paper["models"]["mine"] = {"label": "Mine", "kind": "model", "path": str(ckpt), "external": True}
+    validate(paper, "paper")
+    released = without_training(paper)
+    assert "mine" in released["models"]
+    for bad in ("relative/folder", str(tmp_path / "absent")):
+        params = copy.deepcopy(paper)
+        params["models"]["mine"]["path"] = bad
+        with pytest.raises(RepicError, match=rf"^paper: models.mine.path: '{bad}': an external row's weights are an "
+                                             r"existing folder, by its absolute path \(DVC tracks it by content\)$"):
+            validate(params, "paper")
+    work = _stand_in_pipeline(tmp_path, released)
+    mine = {caption_stage(s, "mine") for s in SETTINGS}
+    assert mine <= _repro(work, "score", "judge_llm")
+    assert _repro(work, "score", "judge_llm") == set()
+    (ckpt / "model.safetensors").write_bytes(b"weights v2")
+    assert _repro(work, "score", "judge_llm") == {*mine, "score", "judge_llm"}

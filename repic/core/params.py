@@ -94,8 +94,10 @@ _DATASET = {**_obj({"name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-
 # A model row (params `models`: name -> row, in table order): its label and its weights, a model folder or a LoRA
 # adapter on base.base_model. The name is a DVC foreach key and a file-name part (`<name>_<mode>.json`).
 _MODEL_NAME = "^[A-Za-z][A-Za-z0-9_-]*$"
+# `external: true`: the weights are a local folder outside the project (a user's own checkpoint), an absolute path
+# that DVC tracks by content as an external dependency of the row's caption stages.
 _MODEL_ROW = _obj({"label": {"type": "string", "minLength": 1}, "kind": {"enum": list(MODEL_KINDS)},
-                   "path": {"type": "string", "minLength": 1}})
+                   "path": {"type": "string", "minLength": 1}}, optional={"external": {"type": "boolean"}})
 
 SCHEMA: dict[str, Any] = _obj({
     "base": _obj({
@@ -276,11 +278,16 @@ def check_models(params: dict[str, Any], source: str = "params.yaml") -> None:
     produced = (base["base_model"], base["data"]["root"], TRAIN_DIR, MERGE_DIR)
     for name, row in models.items():
         path = Path(row["path"])
+        if row.get("external"):
+            if not path.is_absolute() or not path.is_dir():
+                raise RepicError(f"{source}: models.{name}.path: {row['path']!r}: an external row's weights are an "
+                                 "existing folder, by its absolute path (DVC tracks it by content)")
+            continue
         if path.is_absolute() or ".." in path.parts or not any(
                 path == Path(p) or Path(p) in path.parents for p in produced):
             raise RepicError(f"{source}: models.{name}.path: {row['path']!r} is not produced by the DAG (expected "
                              f"inside one of {', '.join(produced)}: fetch a released checkpoint with a "
-                             "fetch_data.sources entry)")
+                             "fetch_data.sources entry, or mark a local folder outside the project `external: true`)")
         if params["fetch_data"]["source"] == "real" and Path(base["data"]["root"]) in path.parents:
             # a released checkpoint: some fetch_data source must land it (dest `data/<path in the data root>`)
             dests = [Path(base["data"]["root"]) / s["dest"].partition("/")[2]
