@@ -63,7 +63,6 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     def group(item: pytest.Item) -> int:
         return 2 if item.nodeid.startswith(E2E) else 1 if _exempt(item) else 0
     items.sort(key=group)  # stable: each group keeps pytest's order
-    _SESSION["e2e"] = any(group(i) == 2 for i in items)
 
 
 class EmbeddedDag:
@@ -120,8 +119,11 @@ def _embedded_dag(config: pytest.Config) -> EmbeddedDag:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    if _SESSION.get("e2e") and _exempt(item) and "dag" not in _SESSION:
-        _embedded_dag(item.config)  # the first slow test: the lane starts
+    if _exempt(item) and "dag" not in _SESSION:
+        if "e2e" not in _SESSION:  # the e2e tests are among those selected (session.items: after -m, -k)
+            _SESSION["e2e"] = any(i.nodeid.startswith(E2E) for i in item.session.items)
+        if _SESSION["e2e"]:
+            _embedded_dag(item.config)  # the first slow test: the lane starts
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -191,6 +191,7 @@ def _repro(work: Path, *targets: str) -> set[str]:
     return set(log.read_text().split()) if log.exists() else set()
 
 
+@pytest.mark.slow  # 5 dvc repro runs of the whole stand-in DAG: 25-60 s on 2 shared cores
 def test_training_again_recomputes_only_our_rows_and_released_rows_need_no_training(tmp_path):
     """The paper's rows: `make paper-released` (the released rows alone, `dvc repro score judge_llm`) runs no
     training; putting our row back then computes only our row's captions, and a new training recomputes only

@@ -55,8 +55,9 @@ def test_metrics_cover_every_setting_mode_and_model(pipeline):
             for ext in ("md", "csv", "tex"):
                 assert (pipeline / f"results/tables/{table_name}_{protocol}.{ext}").stat().st_size > 0
     # The <= 10 min target is measured by `make repro` on an idle 2-core machine (README); this bound only
-    # guards against gross regressions, in CPU seconds: the run shares the machine with other tests (conftest).
-    assert float((pipeline / "repro.cpu_seconds").read_text()) < 900
+    # guards against gross regressions, in CPU seconds (its processes', from wait4): the run shares the machine
+    # with other tests (conftest). 878 CPU s, 1,704 s wall, on the shared machine under load (2026-12-06).
+    assert float((pipeline / "repro.cpu_seconds").read_text()) < 1500
 
 
 def test_every_stage_wrote_its_artifacts(pipeline):

@@ -124,17 +124,34 @@ def test_an_oversized_gpu_request_fails_at_submission_and_keeps_outputs(toy_on_s
     dvc_clean(repo)
 
 
-# The base's supervised warm-up in fetch_data (450 + 700 steps, ~5 of the DAG's ~6.5 min on 2 cores) cut to a few
-# steps in the SLURM run: what this run proves is orchestration (every stage of dvc.yaml a SLURM job, through the
-# users' profile, DVC clean after), not the model's quality, which test_pipeline_e2e asserts on the full warm-up
-# under `dvc repro`. Only these size keys change; every stage still runs its real command on real outputs.
-SHORT_WARMUP = {"drill_steps": 6, "steps": 6, "warmup_steps": 2}
+# What this run proves is orchestration (every stage of dvc.yaml a SLURM job through the users' profile, DVC clean
+# after), not the model's quality, which test_pipeline_e2e asserts on the full run under `dvc repro`: size keys
+# only are cut (as configs/rehearsal.yaml cuts them), every stage still runs its real command on real outputs.
+# The base's warm-up (450 + 700 steps, ~5 of the DAG's ~6.5 min on 2 cores) to a few steps; then the base never
+# stops early, so completions and captions are cut to a few tokens and training to one epoch (else training
+# alone generated 144 steps x 16 completions x 48 tokens: ~10 min on the shared 2 cores).
+SHORT = {"fetch_data": {"warmup": {"drill_steps": 6, "steps": 6, "warmup_steps": 2}},
+         "train_grpo_lora": {"heldout_eval": 4, "grpo": {"max_completion_length": 8, "num_train_epochs": 1}},
+         "caption": {"max_new_tokens": 4}, "merge_lora": {"max_new_tokens": 4}, "judge_llm": {"max_pairs": 2}}
+
+
+def short_params(text: str) -> str:
+    """params.yaml with SHORT applied (every key of it already in params.yaml), validated as the stages do."""
+    import yaml
+
+    from repic.core.params import deep_merge, validate
+    from repic.rehearsal.__main__ import leaves
+
+    params = yaml.safe_load(text)
+    assert set(leaves(SHORT)) <= set(leaves(params)), set(leaves(SHORT)) - set(leaves(params))
+    params = deep_merge(params, SHORT)
+    validate(params)
+    return yaml.safe_dump(params, sort_keys=False)
 
 
 @pytest.mark.slow
 def test_the_embedded_pipeline_runs_on_slurm(tmp_path: Path) -> None:
-    """The real dvc.yaml, in a scratch copy of the working tree, stage by stage as SLURM jobs (warm-up short)."""
-    import yaml
+    """The real dvc.yaml, in a scratch copy of the working tree, stage by stage as SLURM jobs (sizes cut: SHORT)."""
     from dvc.repo import Repo
 
     work = tmp_path / "repo"
@@ -150,10 +167,7 @@ def test_the_embedded_pipeline_runs_on_slurm(tmp_path: Path) -> None:
         if (ROOT / rel).is_file() and not rel.startswith(("results/", "data/")):
             (work / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, work / rel)
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    assert set(SHORT_WARMUP) <= set(params["fetch_data"]["warmup"])
-    params["fetch_data"]["warmup"].update(SHORT_WARMUP)
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (work / "params.yaml").write_text(short_params((work / "params.yaml").read_text()))
     run(["git", "init", "-q"], work)
     env = profiles_env(tmp_path)
 
