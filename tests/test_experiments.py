@@ -145,3 +145,46 @@ def test_queued_experiments_rerun_only_what_their_params_feed(tmp_path):
         values = rendered[0]["content"]["data"]["values"]
         assert {v["rev"] for v in values} == {"topk1", "subset12"}, name
     assert _plot_fields(plots)  # the plots read the report stage's data files
+
+
+def test_the_report_stage_writes_every_field_of_dvc_yaml_plots(tmp_path):
+    """The data files of dvc.yaml's `plots` as the report stage writes them (repic.eval.report.write_plots_data):
+    every record holds every field its plots read (DVC fails a plot otherwise), a step that logged no sample of
+    a reward type gives null there, TRL's closing summary line is no step, and P/R/F1 come from metrics.json."""
+    from repic.core.layout import PLOTS_DIR, PLOTS_TRAIN, REWARDS, plots_score_file
+    from repic.eval.report import write_plots_data
+
+    log = tmp_path / "log.jsonl"
+    rows = [{"loss": 0.5, "reward": 0.25, "kl": 0.0, "rewards/object_consistency/mean": None,
+             "rewards/visual_localization/mean": 0.5, "step": 1},
+            {"loss": 0.25, "reward": 0.75, "kl": 0.01, "rewards/object_consistency/mean": 1.0,
+             "rewards/visual_localization/mean": float("nan"), "step": 2},
+            {"train_runtime": 3.0, "train_loss": 0.4, "step": 2}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cell = {"precision": 50.0, "recall": 25.0, "f1": 100 / 3}
+    metrics = {"single": {"synthetic": {"skip": {"base": cell}, "retrieval": {"base": cell, "trained": cell}}},
+               "multi2": {"synthetic": {"skip": {"trained": cell}}}}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    out = tmp_path / PLOTS_DIR
+    write_plots_data(out, train_log=log, metrics_path=tmp_path / "metrics.json",
+                     labels={"base": "Base", "trained": "Ours"})
+    curves = json.loads((out / PLOTS_TRAIN).read_text())
+    assert curves == [
+        {"step": 1, "reward": 0.25, "kl": 0.0, "loss": 0.5, "object_consistency": None, "visual_localization": 0.5,
+         "identity_consistency": None},
+        {"step": 2, "reward": 0.75, "kl": 0.01, "loss": 0.25, "object_consistency": 1.0,
+         "visual_localization": None, "identity_consistency": None}]
+    assert set(REWARDS) < set(curves[0])
+    single = json.loads((out / plots_score_file("single")).read_text())
+    assert single[:3] == [{"run": "synthetic · skip · Base", "metric": m, "value": cell[m]}
+                          for m in ("precision", "recall", "f1")]
+    assert [r["run"] for r in single[3::3]] == ["synthetic · retrieval · Base", "synthetic · retrieval · Ours"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([PLOTS_TRAIN, *(plots_score_file(s) for s in SETTINGS)])
+    assert json.loads((out / plots_score_file("multi4")).read_text()) == []  # no such setting: empty, no error
+    plots = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
+    for path, fields in _plot_fields(plots).items():
+        assert path.startswith(PLOTS_DIR + "/"), path
+        data = out / Path(path).name
+        if data.exists():
+            assert all(set(fields) <= set(record) for record in json.loads(data.read_text())), path
+    assert {Path(p).name for p in _plot_fields(plots)} == {PLOTS_TRAIN, *(plots_score_file(s) for s in SETTINGS)}

@@ -17,6 +17,7 @@ from repic.core.layout import (
     REPORT_INDEX,
     RETRIEVAL_REPORT,
     REWARDS,
+    SETTINGS,
     Layout,
     caption_file,
     caption_folder,
@@ -174,9 +175,10 @@ def train_curves(train_log: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def score_bars(metrics: dict[str, Any], labels: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
-    """Per setting, one record per dataset, mode, model row and measure: `run` ("<dataset> · <mode> · <label>"),
-    `metric` (precision, recall, f1) and `value` (%), from the score stage's metrics.json."""
-    out: dict[str, list[dict[str, Any]]] = {}
+    """Per setting (each of the layout's, empty without data), one record per dataset, mode, model row and
+    measure: `run` ("<dataset> · <mode> · <label>"), `metric` (precision, recall, f1) and `value` (%), from the
+    score stage's metrics.json."""
+    out: dict[str, list[dict[str, Any]]] = {s: [] for s in SETTINGS}  # every file, so a plot never lacks one
     for setting, datasets in metrics.items():
         out[setting] = [{"run": f"{dataset} · {mode} · {labels.get(model, model)}", "metric": key,
                          "value": cells[model][key]}
