@@ -87,7 +87,8 @@ def _experiments(show: list) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_queued_experiments_rerun_only_what_their_params_feed(tmp_path):
-    """Three queued experiments, each run by `dvc queue start` in a temporary copy of the repository: a judge-only
+    """Three queued experiments, each run by `dvc queue start` in a temporary copy of the repository, and one in
+    the workspace: a judge-only
     change reruns `judge_llm` alone (never training: the checkpoints are no DVC out, so their absence there is
     not a missing output), a retrieval top-k reruns the captions and what reads them, a subset
     size reruns training and everything after it. `dvc exp show` carries each one's params and metrics, `dvc exp
@@ -127,6 +128,12 @@ def test_queued_experiments_rerun_only_what_their_params_feed(tmp_path):
     assert score["judge6"] == baseline and len({baseline, score["topk1"], score["subset12"]}) == 3
     assert len(set(judge.values())) == 3
     assert "results/train/summary.json" in metrics["subset12"]
+
+    # an experiment in the workspace (no --queue) the same way: a judge setting reruns the judge alone
+    _run(work, env, "dvc", "exp", "run", "-n", "judge4", "-S", "judge_llm.max_pairs=4")
+    assert {s for stages in _ran(tmp_path).values() for s in stages} == {"judge_llm"}
+    assert _experiments(json.loads(_run(work, env, "dvc", "exp", "show", "--json")))["judge4"][
+        "params"]["params.yaml"]["data"]["judge_llm"]["max_pairs"] == 4
 
     # applying one restores its outputs: params, metrics and cached outs as that run left them
     _run(work, env, "dvc", "exp", "apply", "topk1")
