@@ -26,14 +26,17 @@ repro: venv
 	@[ -d .git ] || { echo "error: dvc needs a git checkout (clone the repository)"; exit 2; }
 	dvc repro
 
-# The paper run: overlay configs/paper.yaml onto params.yaml (git checkout params.yaml undoes it), then the DAG.
-# PAPER_OVERLAYS: further overlays applied after it, e.g. configs/paper_yolo_world.yaml. fetch_data downloads, so
-# the hub client is online here.
+# The paper run: overlay configs/paper.yaml onto params.yaml (only the values it sets change, comments kept:
+# `git diff params.yaml` shows them, git checkout params.yaml undoes it), then the DAG. PAPER_OVERLAYS: further
+# overlays applied after it, e.g. configs/paper_yolo_world.yaml. EXP=name: run it as the DVC experiment `name`
+# (`dvc exp run -n name`, compared with `dvc exp show`; README "Comparing runs"). fetch_data downloads, so the hub
+# client is online here.
 PAPER_OVERLAYS ?=
+EXP ?=
 paper: venv
 	python -m repic.core.params apply configs/paper.yaml
 	$(foreach o,$(PAPER_OVERLAYS),python -m repic.core.params apply $(o) &&) true
-	HF_HUB_OFFLINE=0 WANDB_MODE=$${WANDB_MODE:-offline} dvc repro
+	HF_HUB_OFFLINE=0 WANDB_MODE=$${WANDB_MODE:-offline} $(if $(EXP),dvc exp run -n $(EXP),dvc repro)
 
 # The paper's evaluation of the released checkpoints alone (zero-shot, RAP-Qwen, RePIC's LoRA and merged model):
 # configs/paper.yaml without the model rows our training makes, and only what the tables and the judge need (no

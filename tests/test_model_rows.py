@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -112,23 +113,35 @@ def test_adding_a_model_is_one_params_entry(tmp_path):
 
 # ---------------------------------------------------------------------------------------- DVC, per-row stages
 # Every stage of the real dvc.yaml (resolved by DVC for a params file) with its real deps, outs and params, and a
-# stand-in command: it logs that it ran and writes each out from a digest of its deps, so a changed input changes
-# every output downstream, as the real stages' outputs would.
+# stand-in command: it logs that it ran and writes each out from a digest of its deps and params, so a changed input
+# changes every output downstream, as the real stages' outputs would.
 FAKE = """
-import hashlib, sys
+import hashlib, json, os, sys
 from pathlib import Path
-stage, deps, outs, inner = sys.argv[1], *(a.split("|") if a else [] for a in sys.argv[2:5])
+import yaml
+stage, deps, outs, inner, plots, keys = sys.argv[1], *(a.split("|") if a else [] for a in sys.argv[2:7])
 h = hashlib.sha256()
+params = yaml.safe_load(Path("params.yaml").read_text())
+for key in keys:  # the values of its params too, as a real stage's outputs depend on them
+    node = params
+    for part in key.split("."):
+        node = node[part]
+    h.update(f"{key}={json.dumps(node, sort_keys=True)}".encode())
 for dep in sorted(deps):
     for p in sorted([Path(dep)] if Path(dep).is_file() else Path(dep).rglob("*")):
         if p.is_file():
             h.update(str(p).encode() + p.read_bytes())
-with open("ran.log", "a") as log:
-    log.write(stage + "\\n")
+with open(os.environ.get("RAN_LOG", "ran.log"), "a") as log:  # a queued experiment runs in a temporary copy
+    log.write(f"{os.environ.get('DVC_EXP_NAME', '-')} {stage}\\n")
 for out in map(Path, outs):  # and what other stages read inside an out folder (a released checkpoint)
     for target in [out if out.suffix else out / "content.txt"] + [Path(p) for p in inner if p.startswith(f"{out}/")]:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(h.hexdigest())
+        target.parent.mkdir(parents=True, exist_ok=True)  # a .json out (a metric) is JSON, with a number
+        target.write_text(f'{{"digest": "{h.hexdigest()}", "value": {int(h.hexdigest()[:6], 16)}}}'
+                          if target.suffix == ".json" else h.hexdigest())
+for spec in plots:  # a file of dvc.yaml's `plots`: records with its fields, values from the digest
+    path, fields = spec.split("=")
+    value = int(h.hexdigest()[:4], 16)
+    Path(path).write_text(json.dumps([{f: value + i + j for j, f in enumerate(fields.split(","))} for i in range(3)]))
 """
 
 
@@ -142,6 +155,17 @@ def _scratch_checkout(tmp_path: Path, params: dict) -> Path:
     (repo / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return repo
+
+
+def _plot_fields(plots: list[dict]) -> dict[str, list[str]]:
+    """The fields each data file of dvc.yaml's top-level `plots` must hold (its x and y fields)."""
+    fields: dict[str, list[str]] = {}
+    for plot in plots:
+        (props,) = plot.values()
+        for path, ys in props["y"].items():
+            names = [props["x"]] + (ys if isinstance(ys, list) else [ys])
+            fields[path] = list(dict.fromkeys(fields.get(path, []) + names))
+    return fields
 
 
 def _stand_in_pipeline(tmp_path: Path, params: dict) -> Path:
@@ -158,6 +182,8 @@ def _stand_in_pipeline(tmp_path: Path, params: dict) -> Path:
         subprocess.run(["git", "init", "-q"], cwd=work, check=True)
         subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=work, check=True)
     outs = {o.def_path for s in real for o in s.outs}
+    plots = yaml.safe_load((REPO / "dvc.yaml").read_text()).get("plots", [])
+    plot_fields = _plot_fields(plots)
     every_dep = {d.def_path for s in real for d in s.deps if not isinstance(d, ParamsDependency)}
     stages = {}
     for stage in real:
@@ -171,11 +197,18 @@ def _stand_in_pipeline(tmp_path: Path, params: dict) -> Path:
                 path.write_text(f"{dep}\n")
         out_paths = [o.def_path for o in stage.outs]
         inner = sorted(d for d in every_dep if any(d.startswith(o + "/") for o in out_paths))
-        stages[stage.name.replace("@", "-AT-")] = {
-            "cmd": f"python fake.py {stage.name} '{'|'.join(deps)}' '{'|'.join(out_paths)}' '{'|'.join(inner)}'",
-            "deps": deps, "params": keys, "outs": out_paths}
+        its_plots = [f"{f}={','.join(fields)}" for f, fields in plot_fields.items()
+                     if any(f == o or f.startswith(o + "/") for o in out_paths)]
+        entry = {"cmd": f"python fake.py {stage.name} '{'|'.join(deps)}' '{'|'.join(out_paths)}' '{'|'.join(inner)}' "
+                        f"'{'|'.join(its_plots)}' '{'|'.join(keys)}'", "deps": deps, "params": keys}
+        for out in stage.outs:  # each out as dvc.yaml declares it: a metric, uncached, persistent
+            flags = {k: v for k, v in (("cache", out.use_cache), ("persist", out.persist)) if v != (k == "cache")}
+            entry.setdefault("metrics" if out.metric else "outs", []).append(
+                {out.def_path: flags} if flags else out.def_path)
+        stages[stage.name.replace("@", "-AT-")] = entry
     (work / "fake.py").write_text(FAKE)
-    (work / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    (work / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages, "plots": plots}, sort_keys=False))
+    shutil.copytree(REPO / ".dvc" / "plots", work / ".dvc" / "plots", dirs_exist_ok=True)  # plot templates
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return work
 
@@ -188,7 +221,7 @@ def _repro(work: Path, *targets: str) -> set[str]:
     proc = subprocess.run([sys.executable, "-m", "dvc", "repro", *targets], cwd=work, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return set(log.read_text().split()) if log.exists() else set()
+    return {line.split()[1] for line in log.read_text().splitlines()} if log.exists() else set()
 
 
 @pytest.mark.slow  # 5 dvc repro runs of the whole stand-in DAG: 25-60 s on 2 shared cores

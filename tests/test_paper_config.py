@@ -104,3 +104,131 @@ def test_true_grpo_overlay_changes_only_the_groups_and_our_rows_label(tmp_path):
     assert {n: {**r, "label": None} for n, r in true["models"].items()} == {
         n: {**r, "label": None} for n, r in paper["models"].items()}
     assert [n for n in true["models"] if true["models"][n] != paper["models"][n]] == ["trained", "merged"]
+
+# ---------------------------------------------------------------------------------------- overlays keep the file
+def _lines(text: str) -> list[tuple[str, str, str]]:
+    """(dotted key path, the line without its comment, its comment) of every line of a params-style YAML file
+    (block mappings and `- ` lists, comments after ` #` or on their own line; no `#` inside values)."""
+    out, stack = [], []  # stack: (indent, key)
+    for line in text.splitlines():
+        body, _, comment = line.partition("#") if line.lstrip().startswith("#") else line.partition(" #")
+        if not body.strip():
+            out.append(("", "", comment.strip()))
+            continue
+        indent = len(body) - len(body.lstrip())
+        stripped = body.strip()
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        if stripped.startswith("- "):  # a list item: its index under the key above, its first key inside
+            index = sum(1 for p, *_ in out if p.startswith(".".join(k for _, k in stack) + ".#"))
+            stack.append((indent, f"#{index}"))
+            indent, stripped = indent + 2, stripped[2:]
+        key = stripped.split(":", 1)[0].strip() if ":" in stripped.split(" {")[0] else ""
+        path = ".".join([k for _, k in stack] + ([key] if key else []))
+        if key:
+            stack.append((indent, key))
+        out.append((path, body.rstrip(), comment.strip()))
+    return out
+
+
+def _set_by(path: str, overlay: dict, replaced: tuple[str, ...]) -> bool:
+    """Whether an overlay sets the key at `path` (a key it gives, or inside a value it replaces whole)."""
+    node, parts = overlay, [p for p in path.split(".") if not p.startswith("#")]
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        if not isinstance(node[part], dict) or (i == 0 and part in replaced):
+            return True
+        node = node[part]
+    return True
+
+
+def test_overlays_keep_params_yaml_comments_key_order_and_layout(tmp_path):
+    """`python -m repic.core.params apply` (make paper) rewrites params.yaml through a round-trip YAML library:
+    as `git diff` shows it, every line of the embedded default either stays as it was or is a value the overlay
+    sets (its comment still on it), every comment is kept in order, keys keep their order (new ones after them),
+    and the file reads as the merged params that were validated."""
+    from repic.core.params import REPLACED_SECTIONS, deep_merge, main
+
+    original = (REPO / "params.yaml").read_text()
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(original)
+    overlays = [REPO / "configs" / "paper.yaml", REPO / "configs" / "paper_yolo_world.yaml"]
+    expected = yaml.safe_load(original)
+    for overlay_path in overlays:
+        assert main(["apply", str(overlay_path), "--params", str(params_path)]) == 0
+        expected = deep_merge(expected, yaml.safe_load(overlay_path.read_text()))
+    text = params_path.read_text()
+    assert yaml.safe_load(text) == expected
+    before, after = _lines(original), _lines(text)
+    overlay = {}
+    for overlay_path in overlays:
+        overlay = deep_merge(overlay, yaml.safe_load(overlay_path.read_text()))
+    # the diff: a line of the default that is not in the result is a value the overlay sets, comment kept on it
+    import difflib
+
+    matcher = difflib.SequenceMatcher(a=[b for _, b, _ in before], b=[b for _, b, _ in after], autojunk=False)
+    changed = [i for tag, i1, i2, _, _ in matcher.get_opcodes() if tag != "equal" for i in range(i1, i2)]
+    assert changed, "the overlay changed nothing"
+    for i in changed:
+        path, body, comment = before[i]
+        assert _set_by(path, overlay, REPLACED_SECTIONS), f"params.yaml line {i + 1} changed: {body!r} ({path})"
+        if comment and not path.startswith("models."):  # a row the overlay drops takes its comment along
+            assert any(p == path and c == comment for p, _, c in after), f"comment of {path} lost: {comment!r}"
+    # every comment, in order (the file's header, full-line and end-of-line comments)
+    comments = [c for _, _, c in after if c]
+    position = 0
+    for _, _, comment in before:
+        if comment:
+            assert comment in comments[position:], f"comment lost or moved: {comment!r}"
+            position = comments.index(comment, position) + 1
+    # key order: each mapping's keys as in the default, new keys after them; `models` in the overlay's order
+    def order(node, prefix=""):
+        return {prefix: list(node)} | {k: v for key, sub in node.items() if isinstance(sub, dict)
+                                        for k, v in order(sub, f"{prefix}.{key}").items()}
+    old_order, new_order = order(yaml.safe_load(original)), order(yaml.safe_load(text))
+    for path, keys in old_order.items():
+        if path == ".models" or path not in new_order:
+            continue
+        kept = [k for k in new_order[path] if k in keys]
+        assert kept == [k for k in keys if k in new_order[path]] and new_order[path][:len(kept)] == kept, path
+    assert list(yaml.safe_load(text)["models"]) == list(overlay["models"])
+    # the rows our training makes left out (make paper-released): the same, those rows gone with their comments
+    params_path.write_text(original)
+    assert main(["apply", str(overlays[0]), "--params", str(params_path), "--released-only"]) == 0
+    released = params_path.read_text()
+    assert list(yaml.safe_load(released)["models"]) == ["base", "rap_qwen", "repic_lora", "repic_merged"]
+    kept = [c for p, _, c in before if c and p not in ("models.trained", "models.merged")]
+    assert [c for _, _, c in _lines(released) if c and c in kept] == kept
+
+
+def test_a_key_given_twice_in_an_overlay_is_one_line(tmp_path, capsys):
+    """PyYAML keeps the last of a key given twice; the round-trip reader refuses it: one line, naming the file."""
+    from repic.core.params import main
+
+    params_path = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params_path)
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("caption:\n  batch_size: 4\n  batch_size: 5\n")
+    assert main(["apply", str(overlay), "--params", str(params_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {overlay}: invalid YAML (found duplicate key \"batch_size\" with value \"5\" "
+                   "(original value: \"4\"), line 3)")
+    assert params_path.read_text() == (REPO / "params.yaml").read_text()
+
+
+def test_make_paper_exp_runs_the_overlay_as_a_dvc_experiment():
+    """`make paper EXP=name`: the overlays, then `dvc exp run -n name` (the default and the paper run side by side
+    in `dvc exp show`); without EXP, `dvc repro`."""
+    import subprocess
+
+    def plan(*args):
+        out = subprocess.run(["make", "-n", "paper", *args], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.splitlines()
+        return [ln for ln in out if "repic.core.params apply" in ln or "dvc " in ln]
+
+    assert plan("EXP=paper-g8", "PAPER_OVERLAYS=configs/paper_yolo_world.yaml") == [
+        "python -m repic.core.params apply configs/paper.yaml",
+        "python -m repic.core.params apply configs/paper_yolo_world.yaml && true",
+        "HF_HUB_OFFLINE=0 WANDB_MODE=${WANDB_MODE:-offline} dvc exp run -n paper-g8"]
+    assert plan()[-1] == "HF_HUB_OFFLINE=0 WANDB_MODE=${WANDB_MODE:-offline} dvc repro"

@@ -153,6 +153,15 @@ JUDGE_CACHE = "cache.jsonl"
 
 REPORT_DIR = "results/report"
 REPORT_INDEX = "index.html"
+# The data of dvc.yaml's `plots:` (written by the report stage, cache: false: in git, so `dvc plots diff` compares
+# commits and experiments): the training curves and, per setting, P/R/F1 of every row and mode.
+PLOTS_DIR = "results/plots"
+PLOTS_TRAIN = "train.json"
+
+
+def plots_score_file(setting: str) -> str:
+    """`score_single.json`, ... inside the plots folder."""
+    return f"score_{setting}.json"
 
 
 def caption_file(model: str, mode: str) -> str:
@@ -197,12 +206,13 @@ def stage_outs(base: dict[str, Any], models: Iterable[str]) -> dict[str, list[st
         "fetch_data": [base["data"]["root"], base["base_model"]],
         "subset_2k": [SUBSET_DIR],
         "build_db": [DB_DIR],
-        "train_grpo_lora": inside(TRAIN_DIR, TRAIN_ADAPTER, TRAIN_LOG, TRAIN_CHECKPOINTS, TRAIN_SUMMARY),
+        # not TRAIN_CHECKPOINTS: written for resuming, not an out (dvc.yaml says why)
+        "train_grpo_lora": inside(TRAIN_DIR, TRAIN_ADAPTER, TRAIN_LOG, TRAIN_SUMMARY),
         "merge_lora": inside(MERGE_DIR, MERGED_MODEL, MERGE_REPORT),
         **{caption_stage(s, m): [str(caption_stage_dir(CAPTIONS_DIR, s, m))] for s in SETTINGS for m in models},
         "score": [*inside(SCORE_DIR, SCORE_TABLE, SLOTS, *METRICS_FILES.values()), TABLES_DIR],
         "judge_llm": inside(JUDGE_DIR, VERDICTS, JUDGE_CACHE, WIN_RATES),
-        "report": [REPORT_DIR],
+        "report": [REPORT_DIR, PLOTS_DIR],
     }
 
 

@@ -506,22 +506,209 @@ def read_overlay(path: str | os.PathLike) -> dict[str, Any]:
     return overlay
 
 
+# ---- overlays that keep params.yaml's text: comments, key order, flow/block style and scalars as written.
+# A round-trip YAML library (ruamel.yaml, DVC's own) attaches each comment to the node before it: a value's end-of-line
+# comment, then what follows its line up to the next key (blank lines, full-line comments documenting that key): its
+# "tail". Replacing or appending a value moves the tail of what it displaces, so every comment stays in place.
+
+
+def _round_trip() -> Any:
+    from ruamel.yaml import YAML
+
+    rt = YAML()  # round-trip: params.yaml's own layout (2-space mappings, `- ` items indented 2 inside their key)
+    rt.width = 110
+    rt.indent(mapping=2, sequence=4, offset=2)
+    rt.preserve_quotes = True
+    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    return rt
+
+
+def _block(node: Any) -> bool:
+    """A non-empty block-style collection: its last line is its last item's, which then holds the tail."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    return isinstance(node, (CommentedMap, CommentedSeq)) and len(node) > 0 and not node.fa.flow_style()
+
+
+def _holder(parent: Any, key: Any) -> tuple[dict, Any, int]:
+    """Where the comment after `parent[key]` lives, `parent[key]` being a scalar or a flow collection."""
+    return parent.ca.items, key, (0 if isinstance(parent, list) else 2)
+
+
+def _last_holder(node: Any) -> tuple[dict, Any, int]:
+    """Where the comment after a block collection's last line lives (its last item's, at any depth)."""
+    key = len(node) - 1 if isinstance(node, list) else next(reversed(node))
+    return _last_holder(node[key]) if _block(node[key]) else _holder(node, key)
+
+
+def _take_tail(holder: tuple[dict, Any, int]) -> str:
+    """Cut the tail off the comment at `holder` (its end-of-line part stays) and return it."""
+    items, key, index = holder
+    token = (items.get(key) or [None] * 4)[index]
+    if token is None or "\n" not in token.value:
+        return ""
+    head, _, tail = token.value.partition("\n")
+    token.value = head + "\n"
+    return tail
+
+
+def _put_tail(holder: tuple[dict, Any, int], tail: str) -> None:
+    from ruamel.yaml.error import CommentMark
+    from ruamel.yaml.tokens import CommentToken
+
+    if not tail:
+        return
+    items, key, index = holder
+    entry = items.setdefault(key, [None] * 4)
+    if entry[index] is None:
+        entry[index] = CommentToken("\n" + tail, CommentMark(0), None)
+    else:
+        entry[index].value = entry[index].value.rstrip("\n") + "\n" + tail
+
+
+def _end_holder(parent: Any, key: Any) -> tuple[dict, Any, int]:
+    return _last_holder(parent[key]) if _block(parent[key]) else _holder(parent, key)
+
+
+def _line_comment(parent: Any, key: Any, token: Any) -> None:
+    """`token` (or none) as the comment on `parent[key]`'s line. A collection value holds it itself (and, flow
+    style, the tail after it too), a scalar's parent does: both point at the same token, as ruamel.yaml loads it."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    entry = parent.ca.items.setdefault(key, [None] * 4)
+    entry[0 if isinstance(parent, list) else 2] = token
+    if isinstance(parent[key], (CommentedMap, CommentedSeq)):
+        parent[key].ca.comment = [token, None] if token is not None else None
+
+
+def _spread(node: Any, key_line: int | None) -> bool:
+    """Whether an overlay's flow mapping is written over several lines or not on its key's line."""
+    lines = {node.lc.line} | {ln for pos in node.lc.data.values() for ln in (pos[0], pos[2])}
+    return len(lines) > 1 or key_line not in (None, node.lc.line)
+
+
+def _unwrap(node: Any, key_line: int | None = None) -> None:
+    """An overlay's flow mappings not on their key's line (`key:  # comment` then `{...}`) or over several lines
+    become block mappings: ruamel.yaml would rewrap them at its width, their comments after the last line."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    if isinstance(node, CommentedMap):
+        if node.fa.flow_style() and _spread(node, key_line):
+            node.fa.set_block_style()
+        for key, value in node.items():
+            _unwrap(value, node.lc.data[key][0] if key in node.lc.data else None)
+    elif isinstance(node, CommentedSeq):
+        for value in node:
+            _unwrap(value)
+
+
+def _set_value(parent: Any, key: Any, value: Any, eol: Any = None, key_line: int | None = None) -> None:
+    """`parent[key] = value` (a key already there or a new last key), the comments around it kept: the comment
+    on the key's line stays (a new key: the overlay's, `eol`), and the tail that followed the old value (or the
+    collection's last line) follows the new one."""
+    import copy as copy_
+
+    if key in parent:
+        tail = _take_tail(_end_holder(parent, key))
+        line = (parent.ca.items.get(key) or [None] * 4)[2]
+        if _block(parent[key]):
+            line = parent[key].ca.comment[0] if parent[key].ca.comment else line
+    else:
+        tail = _take_tail(_last_holder(parent)) if _block(parent) else ""
+        line = None
+        if eol is not None and eol.value.strip():
+            line = copy_.copy(eol)
+            line.value = eol.value.partition("\n")[0] + "\n"
+    _unwrap(value, key_line)
+    if _block(value):
+        _take_tail(_last_holder(value))  # the overlay's own layout after it (blank lines, its next key's comment)
+    parent[key] = value
+    _line_comment(parent, key, line)
+    _put_tail(_end_holder(parent, key), tail)
+    if not _block(value):
+        _line_comment(parent, key, (parent.ca.items.get(key) or [None] * 4)[2])
+
+
+def _delete(parent: Any, key: Any) -> None:
+    """Drop `parent[key]`; the tail after it moves to what comes before it (or is lost with the first key)."""
+    keys = list(parent)
+    tail = _take_tail(_end_holder(parent, key))
+    position = keys.index(key)
+    del parent[key]
+    parent.ca.items.pop(key, None)
+    if position > 0:
+        _put_tail(_end_holder(parent, keys[position - 1]), tail)
+
+
+def _overlay_node(base: Any, overlay: Any, top: bool = True) -> None:
+    """`deep_merge` on round-trip nodes: `base` edited in place, key order and comments kept."""
+    for key, value in overlay.items():
+        old = base.get(key)
+        eol, key_line = overlay.ca.items.get(key, [None] * 4)[2], overlay.lc.data[key][0]
+        if top and key in REPLACED_SECTIONS and isinstance(value, dict) and isinstance(old, dict) and old:
+            _replace_rows(base[key], value)
+        elif isinstance(value, dict) and isinstance(old, dict) and old:
+            _overlay_node(old, value, top=False)
+            if old.fa.flow_style() and (not value.fa.flow_style() or _spread(value, key_line)):
+                old.fa.set_block_style()  # keys added to a one-line mapping from an overlay's longer one
+        else:
+            _set_value(base, key, value, eol, key_line)
+
+
+def _replace_rows(base: Any, overlay: Any) -> None:
+    """A replaced section (`models`) row by row, so a row in both keeps its comments; order and rows: overlay's."""
+    tail = _take_tail(_last_holder(base)) if _block(base) else ""
+    for key in [k for k in base if k not in overlay]:
+        _delete(base, key)
+    for key, value in overlay.items():
+        if key in base and base[key] == value:
+            continue
+        _set_value(base, key, value, overlay.ca.items.get(key, [None] * 4)[2], overlay.lc.data[key][0])
+    for key in overlay:
+        base.move_to_end(key)
+    if _block(base):
+        _put_tail(_last_holder(base), tail)
+
+
+def _load_round_trip(rt: Any, path: str | os.PathLike) -> Any:
+    from ruamel.yaml import YAMLError
+
+    try:
+        return rt.load(Path(path).read_text(encoding="utf-8"))
+    except YAMLError as exc:  # what PyYAML lets pass and ruamel.yaml does not (a key given twice)
+        detail = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+        mark = getattr(exc, "problem_mark", None)
+        raise RepicError(f"{path}: invalid YAML ({detail}{f', line {mark.line + 1}' if mark else ''})") from None
+
+
 def apply_overlay(params_path: str | os.PathLike, overlay_path: str | os.PathLike, *,
                   released_only: bool = False) -> dict[str, Any]:
     """Rewrite `params_path` as itself overlaid with `overlay_path` (validated first, written atomically); with
-    `released_only`, without the model rows our training makes (`without_training`)."""
+    `released_only`, without the model rows our training makes (`without_training`). Only the values the overlay
+    sets change in the file: its comments, key order and layout stay (round-trip YAML), so `git diff` shows them."""
+    import io
+
     from repic.core.io import write_text
 
     base = load_params(params_path)
     overlay = read_overlay(overlay_path)
     merged = deep_merge(base, overlay)
-    validate(merged, f"{params_path} + {overlay_path}")
+    where = f"{params_path} + {overlay_path}"
+    validate(merged, where)
     if released_only:
-        merged = without_training(merged, f"{params_path} + {overlay_path}")
-    check_libraries(merged, f"{params_path} + {overlay_path}")
-    left_out = ", rows made by training left out" if released_only else ""
-    header = f"# {params_path} with {overlay_path} applied{left_out} (git checkout {params_path} undoes it)\n"
-    write_text(params_path, header + yaml.safe_dump(merged, sort_keys=False, width=110))
+        merged = without_training(merged, where)
+    check_libraries(merged, where)
+    rt = _round_trip()
+    text, layout = (_load_round_trip(rt, p) for p in (params_path, overlay_path))
+    _overlay_node(text, layout or {})
+    for name in [n for n in text["models"] if n not in merged["models"]]:
+        _delete(text["models"], name)
+    out = io.StringIO()
+    rt.dump(text, out)
+    if yaml.safe_load(out.getvalue()) != merged:  # the file says what was validated, read as every reader reads it
+        raise RepicError(f"{where}: the overlay could not be written keeping {params_path}'s layout (a value reads "
+                         "differently once written); write the merged values by hand")
+    write_text(params_path, out.getvalue())
     return merged
 
 

@@ -12,12 +12,16 @@ from typing import Any
 from repic.core.io import RepicError, atomic_dir, read_json, resolve_image
 from repic.core.layout import (
     MODES,
+    PLOTS_TRAIN,
     PROTOCOL_DEFAULT,
     REPORT_INDEX,
     RETRIEVAL_REPORT,
+    REWARDS,
+    SETTINGS,
     Layout,
     caption_file,
     caption_folder,
+    plots_score_file,
     run_name,
     runs,
 )
@@ -135,6 +139,65 @@ def plot_prf(metrics: dict[str, Any], out: Path, labels: dict[str, str]) -> None
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
+
+
+# ---- the data of dvc.yaml's `plots:` (DVC renders them, `dvc plots diff` overlays experiments; the report keeps its
+# own figures above). DVC wants every field of a plot in every record: a step without a sample of a reward type
+# gives null there (a gap in its line).
+TRAIN_CURVES = ("reward", "kl", "loss")
+PRF = ("precision", "recall", "f1")
+
+
+def train_curves(train_log: str | os.PathLike) -> list[dict[str, Any]]:
+    """One record per logged step of the training log (TRL's per-step logs, log.jsonl): `step`, the total
+    `reward`, `kl`, `loss` and the mean of every reward type of the registry (`rewards/<name>/mean`, named
+    `<name>`), null where a step logged none (or the run used no such reward): the same fields for every run."""
+    import json
+    import math
+
+    path = Path(train_log)
+    if not path.is_file():
+        raise RepicError(f"{path}: file not found")
+    logs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                logs.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise RepicError(f"{path}: line {n}: invalid JSON ({exc.msg})") from None
+
+    def number(value: Any) -> float | None:
+        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+    steps = [log for log in logs if isinstance(log, dict) and "step" in log and "loss" in log]  # not a summary line
+    return [{"step": log["step"], **{k: number(log.get(k)) for k in TRAIN_CURVES},
+             **{name: number(log.get(f"rewards/{name}/mean")) for name in REWARDS}} for log in steps]
+
+
+def score_bars(metrics: dict[str, Any], labels: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
+    """Per setting (each of the layout's, empty without data), one record per dataset, mode, model row and
+    measure: `run` ("<dataset> · <mode> · <label>"), `metric` (precision, recall, f1) and `value` (%), from the
+    score stage's metrics.json."""
+    out: dict[str, list[dict[str, Any]]] = {s: [] for s in SETTINGS}  # every file, so a plot never lacks one
+    for setting, datasets in metrics.items():
+        out[setting] = [{"run": f"{dataset} · {mode} · {labels.get(model, model)}", "metric": key,
+                         "value": cells[model][key]}
+                        for dataset, modes in datasets.items() for mode in MODES if mode in modes
+                        for model, cells in ((m, modes[mode]) for m in labels if m in modes[mode]) for key in PRF]
+    return out
+
+
+def write_plots_data(out_dir: str | os.PathLike, *, train_log: str | os.PathLike, metrics_path: str | os.PathLike,
+                     labels: dict[str, str]) -> None:
+    """`out_dir/train.json` (`train_curves`) and `out_dir/score_<setting>.json` (`score_bars`), atomically."""
+    import json
+
+    curves, bars = train_curves(train_log), score_bars(read_json(metrics_path), labels)
+    with atomic_dir(out_dir) as tmp:
+        (tmp / PLOTS_TRAIN).write_text(json.dumps(curves, indent=1) + "\n", encoding="utf-8")
+        for setting, records in bars.items():
+            (tmp / plots_score_file(setting)).write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n",
+                                                         encoding="utf-8")
 
 
 def build_report(out_dir: str | os.PathLike, *, captions_dir: str | os.PathLike, metrics_path: str | os.PathLike,
