@@ -89,10 +89,11 @@ def test_every_stage_wrote_its_artifacts(pipeline):
     page = (pipeline / "results/report/index.html").read_text()
     assert page.count('class="query"') > 0 and (pipeline / "results/report/plots/rewards.png").is_file()
     judge = json.loads((pipeline / "results/judge/win_rates.json").read_text())
-    assert judge["status"] == "ok" and judge["reference"] == "trained" and list(judge["versus"]) == ["base"]
-    assert judge["versus"]["base"]["overall"]["n_pairs"] > 0
-    assert len(pd.read_parquet(pipeline / "results/judge/verdicts.parquet")) == judge["versus"]["base"]["overall"][
-        "n_pairs"]
+    assert judge["status"] == "ok" and judge["reference"] == "trained"
+    assert list(judge["versus"]) == ["base", "merged"]  # every other row, in params order
+    assert all(v["overall"]["n_pairs"] > 0 for v in judge["versus"].values())
+    assert len(pd.read_parquet(pipeline / "results/judge/verdicts.parquet")) == sum(
+        v["overall"]["n_pairs"] for v in judge["versus"].values())
 
 
 def test_trained_beats_base_on_unseen_concepts(pipeline):
