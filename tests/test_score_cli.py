@@ -66,6 +66,7 @@ def test_pipeline_mode_scores_each_dataset_with_its_own_database(tmp_path):
             (tmp_path / f"captions/multi2/{model}/2_concepts/{model}_{mode}.json").write_text(
                 json.dumps([["./q.png", ["<a>", "<b>"], "<a> and <b>.", "q"]]))
     params["base"]["data"]["datasets"] = datasets
+    params["models"] = {k: params["models"][k] for k in ("base", "trained")}  # the two rows captioned above
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     main(["--params", str(tmp_path / "params.yaml"), "--captions", str(tmp_path / "captions"),
           "--out", str(tmp_path / "score"), "--tables", str(tmp_path / "tables")])
