@@ -381,13 +381,36 @@ def grpo_config(grpo: dict[str, Any], output_dir: str | os.PathLike, use_cpu: bo
         raise RepicError(f"{source}: train_grpo_lora.grpo: {str(exc).splitlines()[0]}") from None
 
 
+def batch_plan(grpo: dict[str, Any], completions_per_step: int, world_size: int, source: str = "params.yaml"
+               ) -> dict[str, Any]:
+    """`grpo` (GRPOConfig fields) with `per_device_train_batch_size` and `gradient_accumulation_steps` set so that
+    one optimizer step sees `completions_per_step` completions over `world_size` processes. TRL counts completions
+    per device (as RePIC's trainer did); `per_device_train_batch_size` is the most a GPU takes per micro-step: it is
+    lowered to the largest divisor of the completions per process that fits, the rest is accumulation.
+    RePIC: 16 completions = 8 GPUs x 1 x accumulation 2; here 1 GPU gives 8 x 2 (at most 8 a micro-step),
+    8 GPUs 2 x 1, 16 GPUs (2 nodes) 1 x 1."""
+    where = f"{source}: train_grpo_lora"
+    if "gradient_accumulation_steps" in grpo:
+        raise RepicError(f"{where}.grpo.gradient_accumulation_steps: set from train_grpo_lora.completions_per_step "
+                         "(completions per optimizer step); remove it")
+    generations = grpo.get("num_generations", 8)  # GRPOConfig's defaults
+    most = grpo.get("per_device_train_batch_size", 8)
+    if completions_per_step % generations:
+        raise RepicError(f"{where}.completions_per_step: {completions_per_step} is not a multiple of "
+                         f"grpo.num_generations ({generations}): a group of {generations} is normalised together")
+    if completions_per_step % world_size:
+        raise RepicError(f"{where}.completions_per_step: {completions_per_step} completions cannot be split evenly "
+                         f"over {world_size} processes")
+    per_process = completions_per_step // world_size
+    per_device = max(d for d in range(1, min(most, per_process) + 1) if per_process % d == 0)
+    return {**grpo, "per_device_train_batch_size": per_device, "gradient_accumulation_steps": per_process // per_device}
+
+
 def check_libraries(params: dict[str, Any], source: str = "params.yaml") -> None:
     """Beyond the schema: the training section's LoraConfig and GRPOConfig (field names, value types, and the
     dataclasses' own checks), built as training builds them. Imports TRL and PEFT (seconds); writes nothing.
     (GRPOConfig's batch divisibility checks see one process.)"""
     import tempfile
-
-    from repic.train.grpo import batch_plan
 
     section = params["train_grpo_lora"]
     lora_config(section["lora"], source)

@@ -15,7 +15,7 @@ from typing import Any
 from PIL import Image
 
 from repic.core.io import RepicError, resolve_image
-from repic.core.params import grpo_config, lora_config
+from repic.core.params import batch_plan, grpo_config, lora_config  # noqa: F401 - batch_plan: re-exported
 from repic.core.prompts import training_prompt
 
 
@@ -94,31 +94,6 @@ def build_examples(samples: list[dict[str, Any]], root: str | os.PathLike, *, se
 
 GROUPINGS = ("repic", "grpo")
 LORA_TARGETS = ("repic", "language_model")
-
-
-def batch_plan(grpo: dict[str, Any], completions_per_step: int, world_size: int, source: str = "params.yaml"
-               ) -> dict[str, Any]:
-    """`grpo` (GRPOConfig fields) with `per_device_train_batch_size` and `gradient_accumulation_steps` set so that
-    one optimizer step sees `completions_per_step` completions over `world_size` processes. TRL counts completions
-    per device (as RePIC's trainer did); `per_device_train_batch_size` is the most a GPU takes per micro-step: it is
-    lowered to the largest divisor of the completions per process that fits, the rest is accumulation.
-    RePIC: 16 completions = 8 GPUs x 1 x accumulation 2; here 1 GPU gives 8 x 2 (at most 8 a micro-step),
-    8 GPUs 2 x 1, 16 GPUs (2 nodes) 1 x 1."""
-    where = f"{source}: train_grpo_lora"
-    if "gradient_accumulation_steps" in grpo:
-        raise RepicError(f"{where}.grpo.gradient_accumulation_steps: set from train_grpo_lora.completions_per_step "
-                         "(completions per optimizer step); remove it")
-    generations = grpo.get("num_generations", 8)  # GRPOConfig's defaults
-    most = grpo.get("per_device_train_batch_size", 8)
-    if completions_per_step % generations:
-        raise RepicError(f"{where}.completions_per_step: {completions_per_step} is not a multiple of "
-                         f"grpo.num_generations ({generations}): a group of {generations} is normalised together")
-    if completions_per_step % world_size:
-        raise RepicError(f"{where}.completions_per_step: {completions_per_step} completions cannot be split evenly "
-                         f"over {world_size} processes")
-    per_process = completions_per_step // world_size
-    per_device = max(d for d in range(1, min(most, per_process) + 1) if per_process % d == 0)
-    return {**grpo, "per_device_train_batch_size": per_device, "gradient_accumulation_steps": per_process // per_device}
 
 
 def repic_lookup(n_samples: int, groups: int, seed: int) -> list[list[int]]:
