@@ -13,7 +13,7 @@ import shutil
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, List, Optional, Sequence, Sized, Union  # noqa: UP035 - RePIC's annotations
+from typing import Any, Optional, Sequence, Sized, Union  # noqa: UP035 - RePIC's annotations
 
 import pytest
 from PIL import Image
@@ -66,7 +66,7 @@ def repic() -> SimpleNamespace:
     data = _exec(_top_level(data_tree, names), DATASET_PY, {
         "os": os, "re": re, "json": json, "yaml": yaml, "random": random.Random(0), "torch": torch,
         "Image": PIL.Image, "Dataset": object, "GRPOScriptArguments": object, "datetime": datetime,
-        "Any": Any, "Dict": Dict, "List": List, "Sequence": Sequence, "Union": Union})
+        "Any": Any, "Dict": dict, "List": list, "Sequence": Sequence, "Union": Union})
 
     trainer_tree = ast.parse(TRAINER_PY.read_text(encoding="utf-8"))
     init = _method(trainer_tree, "Qwen2VLGRPOTrainer", "__init__")
@@ -288,7 +288,6 @@ def _world_sizes(params: dict) -> dict[str, int]:
     """Processes of the paper's three launches: its `accelerate launch --num_processes 8`, 1 GPU (`launch:
     python`), and 2 nodes x 8 GPUs through workflow/multinode.py's flags."""
     import importlib.util
-
     import sys
 
     spec = importlib.util.spec_from_file_location("_repic_multinode", REPO / "workflow" / "multinode.py")

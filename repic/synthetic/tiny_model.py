@@ -63,9 +63,10 @@ def build_tiny_model(out_dir: str | os.PathLike, texts: Iterable[str], cfg: dict
 
     `cfg` keys: vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
     num_key_value_heads, vision_hidden_size, vision_depth, vision_heads, min_pixels, max_pixels; optional
-    embedding_std (token embedding init), tie_word_embeddings (default true; false: an own `lm_head`, a copy of
-    the embeddings, that LoRA can target as RePIC's 7B has), rope_theta (default Qwen2.5-VL's 1e6) and name_share (default 1: the
-    weight of the direction that the embeddings of the tokens of `names`, concept keys like `<pilok>`, share).
+    embedding_std (token embedding init), tie_word_embeddings (default true; false: an own `lm_head`, a
+    copy of the embeddings, that LoRA can target as RePIC's 7B has), rope_theta (default Qwen2.5-VL's 1e6) and
+    name_share (default 1: the weight of the direction that the embeddings of the tokens of `names`, concept keys
+    like `<pilok>`, share).
     """
     out_dir = Path(out_dir)
     tokenizer = train_tokenizer(texts, cfg["vocab_size"])
