@@ -559,3 +559,39 @@ def test_lm_head_adapter_log_probs_equal_repic_and_it_trains(repic, untied_model
     head = [k for k in weights if "lm_head" in k and "lora_B" in k]
     assert head and all(weights[k].abs().sum() > 0 for k in head)  # lora_B starts at 0: it was trained
     assert all("lora_" in k for k in weights)  # the adapter alone, not the frozen head's weight
+
+
+def test_rollout_dropout_reaches_every_adapter_of_the_static_decode(untied_model_dir):
+    """LoRA dropout in rollouts must act where PEFT's forward would, in the static backend's own decode step too
+    (its projections bypass PEFT's forward). With dropout p = 1 every adapter's input is zero: in training mode
+    (`keep_mode`) the static backend and TRL's `hf` path then decode as the base model, in eval mode as the
+    adapted one."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from repic.train.grpo import repic_lora_targets
+    from repic.vlm.generation import generate_ids
+    from repic.vlm.models import load_model, load_processor
+
+    base = load_model(untied_model_dir, device="cpu", dtype="float32")
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=1.0,
+                                            target_modules=repic_lora_targets(base)))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=1.0)
+    processor = load_processor(untied_model_dir)
+    inputs = processor.apply_chat_template(
+        [[{"role": "user", "content": [{"type": "text", "text": t}]}] for t in ("yes no caption", "Name: <zorp>")],
+        add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", padding=True)
+    greedy = dict(max_new_tokens=6, do_sample=False)
+    model.eval()
+    adapted = generate_ids(model, inputs, backend="static", **greedy)
+    with model.disable_adapter():
+        plain = generate_ids(model, inputs, backend="static", **greedy)
+    assert adapted != plain  # the adapters change the answers
+    model.train()
+    assert generate_ids(model, inputs, backend="static", keep_mode=True, **greedy) == plain
+    assert generate_ids(model, inputs, backend="hf", **greedy) == plain  # TRL's path, in training mode
+    assert generate_ids(model, inputs, backend="static", **greedy) == adapted  # eval mode inside, by default

@@ -411,7 +411,8 @@ def _static_generate_eval(core: Any, inputs: Mapping[str, torch.Tensor], cfg: An
     rows = torch.arange(n_prompts, device=device).repeat_interleave(repeats)
     cache_len = -(-(prompt_len + max_new) // CACHE_ALIGN) * CACHE_ALIGN
     key = (batch, cache_len, cfg.do_sample, float(cfg.temperature or 1.0), int(cfg.top_k or 0),
-           float(cfg.repetition_penalty or 1.0), tuple(eos), tuple(cfg.suppress_tokens or ()), max_new, options)
+           float(cfg.repetition_penalty or 1.0), tuple(eos), tuple(cfg.suppress_tokens or ()), max_new, options,
+           core.training)
     t1 = time.perf_counter()
     decoder = decoders.get(key)
     if decoder is None:
@@ -474,7 +475,8 @@ class _Decoder:
             self.suppress[torch.tensor([t for t in cfg.suppress_tokens if 0 <= t < vocab], dtype=torch.long,
                                        **kw)] = True
         # PEFT LoRA layers as base + two low-rank products in the model's dtype (3 kernels, where PEFT's own
-        # forward, with fp32 adapters, launches ~8); the adapter copies are refreshed by every `load`.
+        # forward, with fp32 adapters, launches ~8); the adapter copies are refreshed by every `load`. A layer in
+        # training mode (rollouts with LoRA dropout, `keep_mode`) drops its adapter's input as PEFT's forward does.
         self.low_rank: dict[int, tuple[Any, list[tuple[torch.Tensor, torch.Tensor, Any]]]] = {}
         for layer in lm.layers:
             for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
@@ -483,7 +485,8 @@ class _Decoder:
                 if adapters is not None:
                     self.low_rank[id(m)] = (m.base_layer, [
                         (torch.empty(m.lora_A[a].weight.shape, dtype=dtype, **kw),
-                         torch.empty(m.lora_B[a].weight.shape, dtype=dtype, **kw), (m, a)) for a in adapters])
+                         torch.empty(m.lora_B[a].weight.shape, dtype=dtype, **kw), (m, a, _dropout_p(m, a)))
+                        for a in adapters])
         self.refresh_adapters()
         self.attend = _attend_sdpa if attention == "sdpa" else _attend_matmul
         self.parts: dict[str, Any] | None = None  # the compiled layer functions, when the step uses them
@@ -511,8 +514,9 @@ class _Decoder:
             return module(x)
         base, adapters = entry
         y = base(x)
-        for a, b_scaled, _ in adapters:
-            y = torch.addmm(y.reshape(-1, y.shape[-1]), F.linear(x, a).reshape(-1, a.shape[0]), b_scaled.t()
+        for a, b_scaled, (_, _, p) in adapters:
+            xa = F.dropout(x, p, training=True) if p else x
+            y = torch.addmm(y.reshape(-1, y.shape[-1]), F.linear(xa, a).reshape(-1, a.shape[0]), b_scaled.t()
                             ).view(y.shape)
         return y
 
@@ -523,6 +527,8 @@ class _Decoder:
             entry = self.low_rank.get(id(m))
             if entry is not None:
                 base, adapters = entry
+                if any(p for _, _, (_, _, p) in adapters):
+                    raise TypeError("LoRA dropout is active (training mode)")
                 return base.weight, base.bias, tuple((a, b) for a, b, _ in adapters)
             if type(m) is not torch.nn.Linear:
                 raise TypeError(f"{type(m).__name__} is not a plain Linear or LoRA layer")
@@ -547,7 +553,7 @@ class _Decoder:
 
     def refresh_adapters(self) -> None:
         for _, adapters in self.low_rank.values():
-            for a, b_scaled, (m, name) in adapters:
+            for a, b_scaled, (m, name, _) in adapters:
                 a.copy_(m.lora_A[name].weight)
                 b_scaled.copy_(m.lora_B[name].weight * m.scaling[name])
 
@@ -748,6 +754,13 @@ def _compiled_parts(attention: str) -> dict[str, Any]:
         attend = _attend_sdpa if attention == "sdpa" else torch.compile(_attend_matmul, fullgraph=True)
         _COMPILED[attention] = {"pre": pre, "post": post, "attend": attend}
     return _COMPILED[attention]
+
+
+def _dropout_p(module: Any, adapter: str) -> float:
+    """The dropout probability PEFT applies to `adapter`'s input in `module` now: its `nn.Dropout`'s p in training
+    mode, else 0."""
+    drop = module.lora_dropout[adapter]
+    return float(drop.p) if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
 
 
 def _lora_adapters(module: Any) -> list[str] | None:
