@@ -354,3 +354,37 @@ def test_row_prompts_are_checked(tmp_path):
     bad = params_mod.deep_merge(default, {"caption": {"prompts": {"base": "fancy"}}})
     with pytest.raises(RepicError, match=r"caption.prompts.base: 'fancy' is not one of"):
         params_mod.validate(bad)
+
+
+def test_an_unlisted_hit_keeps_its_rank_and_shows_no_reference(tmp_path):
+    """build_db.index_unlisted: an image file the database does not list is indexed (as in RePIC's index); when it
+    ranks in the top k the retriever reports it and leaves it out of the references."""
+    from repic.core.io import write_json
+    from repic.data.retrieval import build_index, make_embedder, save_index
+    from repic.eval.captioning import make_retriever
+
+    colours = {"<r>": (220, 20, 20), "<g>": (20, 220, 20), "<b>": (20, 20, 220)}
+    concepts = {}
+    for key, rgb in colours.items():
+        rel = f"./data/db/{key.strip('<>')}.png"
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 40), rgb).save(tmp_path / rel)
+        concepts[key] = {"name": key.upper(), "image": rel, "info": "i", "category": "thing"}
+    Image.new("RGB", (40, 40), (230, 230, 20)).save(tmp_path / "data/db/yellow.png")  # listed nowhere
+    db = tmp_path / "data/db/database_mod.json"
+    write_json(db, {"concept_dict": concepts, "path_to_concept": {c["image"]: k for k, c in concepts.items()}})
+    embedder = make_embedder("color_layout")
+    index, id_map = build_index(db, tmp_path, embedder, unlisted=True)
+    assert [e["key"] for e in id_map] == ["<r>", "<g>", "<b>", None]
+    assert id_map[-1]["image"] == "./data/db/yellow.png"
+    save_index(tmp_path / "index", index, id_map, {"embedder": "color_layout", "embedder_kwargs": {},
+                                                   "database": str(db)})
+    params = {"detector": "foreground", "detector_kwargs": {},
+              "retrieval": {"box_pad": 0, "whole_image": False, "on_empty": "no_references"}}
+    retrieve_keys = make_retriever(tmp_path / "index", tmp_path, params, k=2, database=db)
+    query = Image.new("RGB", (120, 60), (255, 255, 255))
+    query.paste((230, 230, 20), (10, 10, 50, 50))  # a yellow object: the unlisted image ranks first
+    hit = retrieve_keys(query)
+    assert [h["image"] for h in hit["hits"]][0] == "./data/db/yellow.png" and hit["hits"][0]["key"] is None
+    assert len(hit["hits"]) == 2 and hit["keys"] == [h["key"] for h in hit["hits"][1:]]
+    assert retrieve_keys(Image.new("RGB", (120, 60), (255, 255, 255))) == {"keys": [], "hits": []}
