@@ -56,8 +56,9 @@ def test_metrics_cover_every_setting_mode_and_model(pipeline):
                 assert (pipeline / f"results/tables/{table_name}_{protocol}.{ext}").stat().st_size > 0
     # The <= 10 min target is measured by `make repro` on an idle 2-core machine (README); this bound only
     # guards against gross regressions, in CPU seconds (its processes', from wait4): the run shares the machine
-    # with other tests (conftest). 878 CPU s, 1,704 s wall, on the shared machine under load (2026-12-06).
-    assert float((pipeline / "repro.cpu_seconds").read_text()) < 1500
+    # with other tests (conftest). 878 CPU s, 1,704 s wall, on the shared machine under load; 1,396 CPU s in a fresh
+    # clone's make test with the merged row and 1-thread warm-up (2026-12-06): the bound leaves room for slower CPUs.
+    assert float((pipeline / "repro.cpu_seconds").read_text()) < 2400
 
 
 def test_every_stage_wrote_its_artifacts(pipeline):
