@@ -54,7 +54,7 @@ def test_metrics_cover_every_setting_mode_and_model(pipeline):
         for table_name in ("table1_single", "table2_multi"):
             for ext in ("md", "csv", "tex"):
                 assert (pipeline / f"results/tables/{table_name}_{protocol}.{ext}").stat().st_size > 0
-    # The <= 10 min target is measured by `make repro` on an idle 2-core machine (README); this bound only
+    # `make repro`'s time is measured on an idle 2-core machine (README: 849 s, 2026-12-06); this bound only
     # guards against gross regressions, in CPU seconds (its processes', from wait4): the run shares the machine
     # with other tests (conftest). 878 CPU s, 1,704 s wall, on the shared machine under load; 1,396 CPU s in a fresh
     # clone's make test with the merged row and 1-thread warm-up (2026-12-06): the bound leaves room for slower CPUs.

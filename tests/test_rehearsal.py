@@ -127,4 +127,6 @@ def test_paper_rehearsal_runs_every_stage(tmp_path: Path) -> None:
 
     model = PeftModel.from_pretrained(load_model(repo / "data/models/Qwen2.5-VL-7B-Instruct", device="cpu"), lora)
     assert model.peft_config["default"].r == 8
-    assert report["seconds"]["total"] < 1500  # the <= 10 min target is measured on CI's idle 2 cores (README)
+    # a gross-regression bound, wall seconds: 978 s in make test on 2 cores beside the embedded DAG's background run
+    # (2026-12-06, six model rows; README, Development)
+    assert report["seconds"]["total"] < 2400
