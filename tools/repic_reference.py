@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import copy
 import hashlib
 import json
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -147,18 +149,25 @@ def fake_modules(calls: list) -> dict[str, types.ModuleType]:
     return {"transformers": tr, "qwen_vl_utils": qv, "ultralytics": ul}
 
 
-def load(source: str, name: str, modules: dict[str, types.ModuleType]) -> types.ModuleType:
-    mod = types.ModuleType(name)
+@contextlib.contextmanager
+def swapped_modules(modules: dict[str, object]) -> Iterator[None]:
+    """`sys.modules` with `modules` in place of the real ones inside the block, restored after it."""
     saved = {k: sys.modules.get(k) for k in modules}
     sys.modules.update(modules)
     try:
-        exec(compile(source, name, "exec"), mod.__dict__)
+        yield
     finally:
         for k, v in saved.items():
             if v is None:
                 sys.modules.pop(k, None)
             else:
                 sys.modules[k] = v
+
+
+def load(source: str, name: str, modules: dict[str, types.ModuleType]) -> types.ModuleType:
+    mod = types.ModuleType(name)
+    with swapped_modules(modules):
+        exec(compile(source, name, "exec"), mod.__dict__)
     return mod
 
 
@@ -338,11 +347,9 @@ def judge_requests(mirror: Path, data: Path) -> dict:
             fake_openai = types.SimpleNamespace(OpenAI=lambda api_key=None: client)
             Path("path/to/your/generated").mkdir(parents=True)
             Path("path/to/your/generated/captions.json").write_text("[]")
-            saved = {k: sys.modules.get(k) for k in ("json", "openai", "tqdm")}
-            sys.modules.update({"json": fake_json, "openai": fake_openai,
-                                "tqdm": types.SimpleNamespace(tqdm=lambda x: x)})
             real_open = builtins.open
-            try:
+            with swapped_modules({"json": fake_json, "openai": fake_openai,
+                                  "tqdm": types.SimpleNamespace(tqdm=lambda x: x)}):
                 ns = {"__name__": "repic_judge", "print": lambda *a, **k: None,
                       "open": lambda path, *a, **k: real_open(path, *a, **k)}
                 source = git_show(mirror, script)
@@ -350,12 +357,6 @@ def judge_requests(mirror: Path, data: Path) -> dict:
                 # request raises NameError (string1 unset); the request's form is what is recorded here
                 source = source.replace("'rap_llava,'", "'rap_llava'")
                 exec(compile(source, script, "exec"), ns)
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        sys.modules.pop(k, None)
-                    else:
-                        sys.modules[k] = v
         finally:
             os.chdir(cwd)
             shutil.rmtree(tmp)
