@@ -144,16 +144,23 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     The directory gets mkdir's mode (0777 less the umask), not mkdtemp's 0700. An exception, Ctrl-C or SIGTERM
     (repic.core.cli turns it into an exception) removes it; what a kill -9 leaves is removed by the next writer."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale_tmp(path)
-    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~umask())
+    tmp = _fresh_tmp(path)
     try:
         yield tmp
         _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _fresh_tmp(path: Path) -> Path:
+    """A new temporary folder beside `path`, with mkdir's mode (0777 less the umask), not mkdtemp's 0700; what
+    killed writers left beside `path` is swept first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_tmp(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~umask())
+    return tmp
 
 
 def _swap_in(src: Path, path: Path) -> None:
@@ -174,10 +181,7 @@ def staged_outputs(folder: str | os.PathLike) -> Iterator[Path]:
     need be), by renames, which need no disk space. Entries of `folder` not written (a persisted answer cache)
     stay. A failure (a full disk, an error, Ctrl-C) leaves `folder` as it was: never half the files of a run."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale_tmp(folder)
-    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(folder), suffix=".tmp", dir=folder.parent))
-    os.chmod(tmp, 0o777 & ~umask())
+    tmp = _fresh_tmp(folder)
     try:
         yield tmp
         folder.mkdir(exist_ok=True)
