@@ -473,6 +473,7 @@ def caption_command(args: argparse.Namespace) -> None:
             items = attach_retrieval(items, retrieve_one)
 
     # ---- captions
+    from repic.train.speed import images_processed_once
     from repic.vlm.generation import generate_captions
 
     max_pixels = cfg["caption"]["max_pixels"] if args.max_pixels is None else (args.max_pixels or None)
@@ -481,9 +482,10 @@ def caption_command(args: argparse.Namespace) -> None:
                                     max_pixels=max_pixels)
     conversations = [build_conversation(q, database, "/", **conv) for q in items]
     cut: list[bool] = []
-    captions = generate_captions(net, processor, conversations, batch_size=batch_size,
-                                 max_new_tokens=args.max_new_tokens or cfg["caption"]["max_new_tokens"],
-                                 backend=backend, desc="caption", hit_limit=cut)
+    with images_processed_once(processor):  # a reference shown in many conversations: preprocessed once
+        captions = generate_captions(net, processor, conversations, batch_size=batch_size,
+                                     max_new_tokens=args.max_new_tokens or cfg["caption"]["max_new_tokens"],
+                                     backend=backend, desc="caption", hit_limit=cut)
     records = []
     for given_path, q, caption, hit_limit in zip(queries, items, captions, cut):
         records.append({

@@ -64,3 +64,69 @@ def test_conversation_has_references_then_query(tmp_path):
     texts = [b["text"] for b in msgs[1]["content"] if b["type"] == "text"]
     assert texts == ["1. Name: <a>, Info: red\n", "This is the query image. Q?"]
     assert len(images) == 2
+
+
+def test_caption_images_read_and_preprocessed_once_give_the_same_pixels_and_captions(tiny_model_dir, tmp_path,
+                                                                                     monkeypatch):
+    """A caption stage's images: each file read and resized once (`load_for_processor`'s cache), each image
+    object preprocessed once (`images_processed_once`); the processor's pixels and the captions are those of the
+    uncached path, and a rewritten file is read again."""
+    import numpy as np
+
+    from repic.eval.captioning import caption_all
+    from repic.train.speed import images_processed_once
+    from repic.vlm import generation, preprocess
+
+    real_generate_ids = generation.generate_ids
+
+    rng = np.random.RandomState(3)
+    (tmp_path / "data").mkdir()
+    sizes = {"a.jpg": (150, 90), "b.png": (64, 200), "c.png": (120, 120), "q1.jpg": (180, 140), "q2.png": (70, 70)}
+    for name, (w, h) in sizes.items():
+        Image.fromarray(rng.randint(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "data" / name)
+    database = {"concept_dict": {f"<{k}>": {"name": k.upper(), "image": f"./data/{k}.{'jpg' if k == 'a' else 'png'}",
+                                           "info": f"the {k} thing", "category": "toy"} for k in "abc"}}
+    subsets = [["<a>", "<b>"], ["<b>", "<c>"], ["<a>", "<c>"], ["<a>", "<b>", "<c>"]]
+    queries = [Query(f"./data/q{1 + i % 2}.{'jpg' if i % 2 == 0 else 'png'}", s, "Who is here?", ref_keys=s)
+               for i, s in enumerate(subsets)]
+    model, processor = load_model(tiny_model_dir, device="cpu"), load_processor(tiny_model_dir)
+    n_images = sum(len(q.ref_keys) + 1 for q in queries)  # 13 images, 5 files
+
+    for kind in ("qwen_vl_utils", "processor"):
+        preprocess.LOADED.clear()
+        monkeypatch.setattr(preprocess.LOADED, "max_bytes", 0)  # nothing kept: every image read again
+        plain = [build_conversation(q, database, tmp_path, preprocess=kind) for q in queries]
+        assert (preprocess.LOADED.decoded, preprocess.LOADED.requested) == (n_images, n_images)
+        monkeypatch.setattr(preprocess.LOADED, "max_bytes", preprocess.CACHE_BYTES)
+        preprocess.LOADED.clear()
+        cached = [build_conversation(q, database, tmp_path, preprocess=kind) for q in queries]
+        assert (preprocess.LOADED.decoded, preprocess.LOADED.requested) == (5, n_images)
+        assert cached[0][1][0] is cached[2][1][0]  # <a>: one object
+        texts = [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m, _ in plain]
+        want = processor(text=texts, images=[ims for _, ims in plain], return_tensors="pt", padding=True)
+        with images_processed_once(processor) as memo:
+            for _ in range(2):
+                got = processor(text=texts, images=[ims for _, ims in cached], return_tensors="pt", padding=True)
+                assert got.keys() == want.keys()
+                for key in want:
+                    assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+            assert (memo.processed, memo.requested) == (5, 2 * n_images)
+        assert type(processor.image_processor).__mro__[1].__name__ != type(processor.image_processor).__name__
+        gen = dict(batch_size=3, max_new_tokens=6)
+        seen: list = []  # what the model gets, batch by batch
+        monkeypatch.setattr(generation, "generate_ids", lambda m, inputs, **kw: seen.append(
+            {k: v.clone() for k, v in inputs.items()}) or real_generate_ids(m, inputs, **kw))
+        expected = generate_captions(model, processor, plain, **gen)
+        model_saw, seen[:] = list(seen), []
+        rows = caption_all(model, processor, {"skip": queries}, database, tmp_path, preprocess=kind, **gen)
+        assert [r[2] for r in rows["skip"]] == expected
+        assert len(seen) == len(model_saw) == 2 and "pixel_values" in seen[0]
+        for got, want in zip(seen, model_saw):
+            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        assert (preprocess.LOADED.decoded, preprocess.LOADED.requested) == (5, 2 * n_images)
+
+    # a rewritten file (other size and time) is read again, not taken from the cache
+    before = preprocess.load_for_processor(tmp_path, "./data/b.png", "qwen_vl_utils")
+    Image.new("RGB", (64, 200), (9, 9, 9)).save(tmp_path / "data" / "b.png")
+    after = preprocess.load_for_processor(tmp_path, "./data/b.png", "qwen_vl_utils")
+    assert before.getpixel((3, 3)) != (9, 9, 9) and after.getpixel((3, 3)) == (9, 9, 9)

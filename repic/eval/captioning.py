@@ -116,6 +116,7 @@ def caption_all(model: Any, processor: Any, queries_by_mode: dict[str, list[Quer
     """Caption every mode's queries with one model; returns RePIC caption rows per mode. `hit_limit`, when
     given, receives per mode how many captions stopped at `max_new_tokens` (cut off, no EOS). `conversation`,
     `prompt`, `preprocess`: `build_conversation`'s."""
+    from repic.train.speed import images_processed_once
     from repic.vlm.generation import generate_captions
 
     rows = {}
@@ -123,9 +124,10 @@ def caption_all(model: Any, processor: Any, queries_by_mode: dict[str, list[Quer
         conversations = [build_conversation(q, database, root, conversation=conversation, prompt=prompt,
                                             preprocess=preprocess) for q in queries]
         cut: list[bool] = []
-        captions = generate_captions(model, processor, conversations, batch_size=batch_size,
-                                     max_new_tokens=max_new_tokens, backend=backend, desc=f"{desc} {mode}",
-                                     hit_limit=cut)
+        with images_processed_once(processor):  # a reference image in many conversations: preprocessed once
+            captions = generate_captions(model, processor, conversations, batch_size=batch_size,
+                                         max_new_tokens=max_new_tokens, backend=backend, desc=f"{desc} {mode}",
+                                         hit_limit=cut)
         rows[mode] = caption_rows(queries, captions)
         if hit_limit is not None:
             hit_limit[mode] = sum(cut)

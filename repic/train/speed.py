@@ -25,8 +25,10 @@ recompute each layer's forward, at the price of the activations' memory.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -135,10 +137,10 @@ def uncompile_language_layers(model: Any) -> None:
 class _PatchMemo:
     """Patches and grid of recently processed images, by content and options (least recently used dropped)."""
 
-    def __init__(self, capacity: int, workers: int) -> None:
+    def __init__(self, capacity: int, workers: int, by: str = "content") -> None:
         from collections import OrderedDict
 
-        self.capacity, self.workers = capacity, workers
+        self.capacity, self.workers, self.by = capacity, workers, by
         self.entries: OrderedDict = OrderedDict()
         self.processed = 0  # images actually processed (for tests and benchmarks)
         self.requested = 0
@@ -169,6 +171,8 @@ def _memo_preprocess(self: Any, images: list, *args: Any, **kwargs: Any) -> Any:
 
     memo: _PatchMemo = _MEMOS[self]
     original = super(type(self), self)._preprocess
+    if memo.by == "object":  # `_memo_image_like_inputs` keeps the patches
+        return original(images, *args, **kwargs)
     if args or any(not isinstance(im, np.ndarray) for im in images):
         return original(images, *args, **kwargs)
     options = repr(sorted((k, v) for k, v in kwargs.items() if k != "return_tensors"))
@@ -202,6 +206,45 @@ def _memo_preprocess(self: Any, images: list, *args: Any, **kwargs: Any) -> Any:
                         tensor_type=kwargs.get("return_tensors"))
 
 
+def _memo_image_like_inputs(self: Any, images: Any, *args: Any, **kwargs: Any) -> Any:
+    """With `by="object"`: the patches of each PIL image object seen before (the memo holds it, so its id is not
+    reused), without converting it again; the new ones processed together by the processor's own path."""
+    import numpy as np
+    from PIL import Image
+    from transformers.image_processing_utils import BatchFeature
+
+    memo: _PatchMemo = _MEMOS[self]
+    original = super(type(self), self)._preprocess_image_like_inputs
+    flat = [images] if isinstance(images, Image.Image) else [
+        im for x in images for im in (x if isinstance(x, (list, tuple)) else [x])] \
+        if isinstance(images, (list, tuple)) else None
+    if memo.by != "object" or args or not flat or any(not isinstance(im, Image.Image) for im in flat):
+        return original(images, *args, **kwargs)
+    options = repr(sorted((k, v) for k, v in kwargs.items() if k != "return_tensors"))
+    keys = [("object", id(im), options) for im in flat]
+    memo.requested += len(flat)
+    found = {}
+    for key, im in zip(keys, flat):
+        value = memo.get(key)
+        if value is not None and value[0] is im:
+            found[key] = value
+    todo = {key: im for key, im in zip(keys, flat) if key not in found}
+    if todo:
+        out = original(list(todo.values()), **{**kwargs, "return_tensors": None})
+        pixels, grids = np.asarray(out["pixel_values"]), np.asarray(out["image_grid_thw"])
+        start = 0
+        for (key, im), grid in zip(todo.items(), grids):
+            n = int(np.prod(grid))
+            found[key] = (im, pixels[start:start + n], [int(x) for x in grid])
+            memo.put(key, found[key])
+            start += n
+        memo.processed += len(todo)
+    parts = [found[key] for key in keys]
+    return BatchFeature(data={"pixel_values": np.concatenate([p for _, p, _ in parts], axis=0),
+                              "image_grid_thw": np.array([g for _, _, g in parts], dtype=np.int64)},
+                        tensor_type=kwargs.get("return_tensors"))
+
+
 _MEMO_CLASSES: dict[type, type] = {}
 
 
@@ -211,23 +254,47 @@ def preprocess_counts(image_processor: Any) -> tuple[int, int] | None:
     return None if memo is None else (memo.processed, memo.requested)
 
 
-def memoize_image_processor(image_processor: Any, capacity: int = 32, workers: int | None = None) -> _PatchMemo:
+def memoize_image_processor(image_processor: Any, capacity: int = 32, workers: int | None = None,
+                            by: str = "content") -> _PatchMemo:
     """`image_processor` (this instance; a transformers image processor whose `_preprocess` loops over images
     independently, as Qwen2-VL's does) processing each distinct image once and the new ones of a call in
     `workers` threads; keeps the patches of the last `capacity` images. Its saved config (`to_dict`) is unchanged.
-    Returns the memo (its counters)."""
+    `by`: `content` (an image's pixels and the options: training, where a dataset re-reads its files) or `object`
+    (the same PIL image object and options, not even converted again: captioning, whose loader gives one object per
+    file; the caller must not modify an image it passed). Returns the memo (its counters)."""
     import os
 
+    if by not in ("content", "object"):
+        raise ValueError(f"memoize_image_processor: by must be content|object, got {by!r}")
     if image_processor in _MEMOS:
         return _MEMOS[image_processor]
     cls = type(image_processor)
     if cls not in _MEMO_CLASSES:
         # the class's own name: `to_dict` saves it as the processor's type
         _MEMO_CLASSES[cls] = type(cls.__name__, (cls,), {"_preprocess": _memo_preprocess,
+                                                         "_preprocess_image_like_inputs": _memo_image_like_inputs,
                                                          "__qualname__": f"Memo{cls.__qualname__}"})
     image_processor.__class__ = _MEMO_CLASSES[cls]
-    _MEMOS[image_processor] = _PatchMemo(capacity, workers or min(8, os.cpu_count() or 1))
+    _MEMOS[image_processor] = _PatchMemo(capacity, workers or min(8, os.cpu_count() or 1), by)
     return _MEMOS[image_processor]
+
+
+@contextlib.contextmanager
+def images_processed_once(processor: Any, capacity: int = 64) -> Iterator[_PatchMemo | None]:
+    """Within the block, `processor`'s image processor memoized `by="object"` (`memoize_image_processor`), then
+    restored; None (nothing done) when it has no image processor or is memoized already. `capacity` 64: the
+    largest set of images a caption stage reuses is a database's references (the paper's: 16 to 40) and, in the
+    4-concept setting, its 4 query photos; 64 entries of patches at RePIC's max_pixels (1024*28*28: 4,096 patches of
+    1,176 float32, 19 MB) are at most 1.2 GB."""
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None or image_processor in _MEMOS:
+        yield None
+        return
+    memo = memoize_image_processor(image_processor, capacity, workers=1, by="object")
+    try:
+        yield memo
+    finally:
+        unmemoize_image_processor(image_processor)
 
 
 def unmemoize_image_processor(image_processor: Any) -> None:

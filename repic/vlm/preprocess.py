@@ -61,13 +61,75 @@ def fetch_image(image: Image.Image) -> Image.Image:
     return rgb.resize((width, height))
 
 
+# Decoded (and, for qwen_vl_utils, resized) images kept per process, least recently used dropped past this many
+# bytes of pixels. A caption stage shows each reference image of a database in many conversations (4-concept: 210
+# conversations, 1,050 images, 36 distinct files); the paper's five databases with their query images come to at
+# most 192 MB of RGB pixels each after fetch_image (4_concepts' 32 references + 4 photos; myvlm 33 MB), so one
+# dataset's images all fit, with room, and a stage's memory grows by at most this bound.
+CACHE_BYTES = 512 * 2 ** 20
+
+
+class _LoadCache:
+    """Images by (file identity, preprocessing); `decoded`/`requested` count files read and images asked for."""
+
+    def __init__(self, max_bytes: int) -> None:
+        from collections import OrderedDict
+
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.entries: OrderedDict = OrderedDict()
+        self.decoded = self.requested = 0
+
+    def get(self, key: tuple) -> Image.Image | None:
+        image = self.entries.get(key)
+        if image is not None:
+            self.entries.move_to_end(key)
+        return image
+
+    def put(self, key: tuple, image: Image.Image) -> None:
+        size = image.width * image.height * len(image.getbands())
+        if size > self.max_bytes:
+            return
+        self.entries[key] = image
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.width * old.height * len(old.getbands())
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = self.decoded = self.requested = 0
+
+
+LOADED = _LoadCache(CACHE_BYTES)
+
+
 def load_for_processor(root: str | os.PathLike, rel: str, preprocess: str) -> Image.Image:
     """An image stored at `rel` (relative to `root`) as the captioning processor gets it: `qwen_vl_utils`
-    (RePIC's scripts: `fetch_image`) or `processor` (opened as RGB, the processor alone resizes)."""
+    (RePIC's scripts: `fetch_image`) or `processor` (opened as RGB, the processor alone resizes).
+
+    Each file (path, device, inode, size, modification time) is read and resized once per process (`LOADED`, an
+    LRU of `CACHE_BYTES`): the same file gives the same image object again, which callers must not modify."""
+    if preprocess not in PREPROCESS:
+        raise RepicError(f"caption.preprocess: expected {'|'.join(PREPROCESS)}, got {preprocess!r}")
+    path = resolve_image(root, rel)
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise RepicError(f"cannot read image {path} ({exc})") from None
+    resize = (IMAGE_FACTOR, MIN_PIXELS, MAX_PIXELS) if preprocess == "qwen_vl_utils" else None
+    key = (os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, preprocess, resize)
+    LOADED.requested += 1
+    image = LOADED.get(key)
+    if image is None:
+        image = _load(root, rel, preprocess)
+        LOADED.decoded += 1
+        LOADED.put(key, image)
+    return image
+
+
+def _load(root: str | os.PathLike, rel: str, preprocess: str) -> Image.Image:
     if preprocess == "processor":
         return open_rgb(root, rel)
-    if preprocess != "qwen_vl_utils":
-        raise RepicError(f"caption.preprocess: expected {'|'.join(PREPROCESS)}, got {preprocess!r}")
     path = resolve_image(root, rel)
     try:
         with Image.open(path) as im:
