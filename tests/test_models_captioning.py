@@ -92,6 +92,9 @@ def test_caption_images_read_and_preprocessed_once_give_the_same_pixels_and_capt
     model, processor = load_model(tiny_model_dir, device="cpu"), load_processor(tiny_model_dir)
     n_images = sum(len(q.ref_keys) + 1 for q in queries)  # 13 images, 5 files
 
+    seen: list = []  # what the model gets, batch by batch
+    monkeypatch.setattr(generation, "generate_ids", lambda m, inputs, **kw: seen.append(
+        {k: v.clone() for k, v in inputs.items()}) or real_generate_ids(m, inputs, **kw))
     for kind in ("qwen_vl_utils", "processor"):
         preprocess.LOADED.clear()
         monkeypatch.setattr(preprocess.LOADED, "max_bytes", 0)  # nothing kept: every image read again
@@ -113,9 +116,7 @@ def test_caption_images_read_and_preprocessed_once_give_the_same_pixels_and_capt
             assert (memo.processed, memo.requested) == (5, 2 * n_images)
         assert type(processor.image_processor).__mro__[1].__name__ != type(processor.image_processor).__name__
         gen = dict(batch_size=3, max_new_tokens=6)
-        seen: list = []  # what the model gets, batch by batch
-        monkeypatch.setattr(generation, "generate_ids", lambda m, inputs, **kw: seen.append(
-            {k: v.clone() for k, v in inputs.items()}) or real_generate_ids(m, inputs, **kw))
+        seen.clear()
         expected = generate_captions(model, processor, plain, **gen)
         model_saw, seen[:] = list(seen), []
         rows = caption_all(model, processor, {"skip": queries}, database, tmp_path, preprocess=kind, **gen)
