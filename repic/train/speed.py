@@ -18,6 +18,9 @@ forwards alone, unpadded) was measured and removed: 9.5 % slower on an H100 at R
   step (for the rollouts and for the forwards), and each of the G copies of a prompt's images again; here an image
   already processed (same pixels, same options) reuses its patches, and the distinct new images of a call are
   processed in parallel threads. The patches are the same arrays the processor would compute.
+  Captioning uses the same memo keyed by image object (`images_processed_once`): its loader
+  (`repic.vlm.preprocess.load_for_processor`) gives one PIL object per file, so a reference image shown in many
+  conversations is neither converted nor resized again, and no pixels are hashed.
 
 Gradient checkpointing itself is TRL's option (`GRPOConfig.gradient_checkpointing`): off, the backward does not
 recompute each layer's forward, at the price of the activations' memory.
