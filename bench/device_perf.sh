@@ -49,6 +49,6 @@ timeout -k 10 "$LIMIT" $PY bench/perf.py --sections $SECTIONS --caption-plan $CA
 rc=$?
 echo "rc=$rc"
 grep -a '^\[' "$OUT/perf.log" | cut -c1-1500
-grep -a -i 'error\|Traceback' "$OUT/perf.log" | grep -v -i warn | tail -5
+grep -a -i 'error\|Traceback' "$OUT/perf.log" | grep -v -i 'warn\|error None' | tail -5
 echo "---- summary ($OUT/perf.json)"
 [ -f "$OUT/perf.json" ] && $PY bench/perf.py --summarize "$OUT/perf.json" | tee "$OUT/summary.txt"

@@ -10,15 +10,16 @@
 #                    scores it, since TRL 1.16 refuses an adapter on lm_head), 2 steps
 #   ours+pp+lm       LoRA on the language model's projections only (params.yaml's default): the lm_head cost,
 #                    TRL's own chunked log-prob head
-#   ours+pp+compile  compiled decoder layers (repic.train.speed.compile_language_layers)
-#   ours+pp+vc       compiled vision tower in training
-#   ours+pp@1        one warm-up step, then one profiled step (kernel time by class; PROFILE)
+#   ours+pp+compile  compiled decoder layers (repic.train.speed.compile_language_layers), never measured before
+#   ours+pp@1        the headline path again: one warm-up step, then one profiled step (kernel time by class,
+#                    PROFILE; its tokens/s is the warm-up step's)
+#   ours+pp+vc       compiled vision tower in training (+4.7 % on top of pp in call 2: re-measured if time is left)
 # Run from the repo root with the pinned wheels in .whl/ (results, log and summary in $OUT):
 #   bash bench/device_recipe.sh
 # CPU rehearsal (tiny model, the same paths; no wheels):
 #   CPU_REHEARSAL=1 OUT=/tmp/recipe PYTHON=.venv/bin/python bash bench/device_recipe.sh
 set -uo pipefail
-RECIPE_PATHS="ours+pp hf@2 ours+pp+lm ours+pp+compile ours+pp+vc ours+pp@1"
+RECIPE_PATHS="ours+pp hf@2 ours+pp+lm ours+pp+compile ours+pp@1 ours+pp+vc"
 export SECTIONS=${SECTIONS:-"peak grpo"}
 export RECIPE=${RECIPE:-configs/paper.yaml}
 export PATHS=${PATHS:-$RECIPE_PATHS}
