@@ -12,6 +12,8 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 WHL=${WHL:-.whl}
 mkdir -p "$OUT"
+SECTIONS=${SECTIONS:-"peak caption grpo"}
+RECIPE=${RECIPE:-configs/paper.yaml}  # the params overlay whose train_grpo_lora section is trained (its LoRA targets)
 PATHS=${PATHS:-"ours+pp ours hf@2 ours+pp+vc ours+pp+nockpt ours+pp+compile"}
 CAPTION_PLAN=${CAPTION_PLAN:-"4:32:ours_cdmr,ours_cdmrv,hf_b1"}
 PER_DEVICE=${PER_DEVICE:-8}
@@ -39,10 +41,14 @@ PY=${PYTHON:-python3}
 peft.__version__)"; } > "$OUT/env.txt"
 cat "$OUT/env.txt"
 # shellcheck disable=SC2086  # PATHS and CAPTION_PLAN are word lists
-timeout -k 10 "$LIMIT" $PY bench/perf.py --sections peak caption grpo --caption-plan $CAPTION_PLAN --b1-captions 2 \
+# shellcheck disable=SC2086  # SECTIONS is a word list
+timeout -k 10 "$LIMIT" $PY bench/perf.py --sections $SECTIONS --caption-plan $CAPTION_PLAN --b1-captions 2 \
   --grpo-paths $PATHS --grpo-steps "$STEPS" --grpo-per-device "$PER_DEVICE" --grpo-grad-accum "$ACCUM" \
-  --grpo-grouping "$GROUPING" ${PROFILE:+--grpo-profile "$PROFILE"} --deadline-s "$DEADLINE" "${EXTRA[@]}" \
-  --out "$OUT/perf.json" > "$OUT/perf.log" 2>&1
-echo "rc=$?"
+  --grpo-grouping "$GROUPING" --grpo-recipe "$RECIPE" ${PROFILE:+--grpo-profile "$PROFILE"} \
+  --deadline-s "$DEADLINE" "${EXTRA[@]}" --out "$OUT/perf.json" > "$OUT/perf.log" 2>&1
+rc=$?
+echo "rc=$rc"
 grep -a '^\[' "$OUT/perf.log" | cut -c1-1500
-grep -a -i 'error\|Traceback' "$OUT/perf.log" | grep -v -i warn | tail -5
+grep -a -i 'error\|Traceback' "$OUT/perf.log" | grep -v -i 'warn\|error None' | tail -5
+echo "---- summary ($OUT/perf.json)"
+[ -f "$OUT/perf.json" ] && $PY bench/perf.py --summarize "$OUT/perf.json" | tee "$OUT/summary.txt"

@@ -13,8 +13,14 @@ Sections, in this order (`--sections`):
 - `grpo`: TRL 1.16 `GRPOTrainer` steps at RePIC's training-sample shapes (bench/repic_shapes.py's four task types
   in turn: OCT yes/no with 2 images, VLT box with 1, ICT caption with 2, ICT multi caption with 3; images of
   1000-1600 px resized by repic.train.grpo.build_examples, processed at Qwen2.5-VL's default max_pixels; answers end
-  at EOS at per-row preset lengths: yes/no 2-4, box 16-24, caption 60-150 tokens), LoRA r64/α128/dropout 0.05,
-  G = `--grpo-generations`, β 0.04, loss grpo, bf16. The batch: `--grpo-per-device` completions a micro-step,
+  at EOS at per-row preset lengths: yes/no 2-4, box 16-24, caption 60-150 tokens), bf16, G =
+  `--grpo-generations`. The recipe is `--grpo-recipe`'s `train_grpo_lora` section (default configs/paper.yaml
+  merged onto params.yaml, as `make paper` trains): its LoRA built by the training stage's own
+  `repic.train.grpo.lora_model` (the paper's `lora_targets: repic`: r64/α128/dropout 0.05 on every non-vision
+  nn.Linear, lm_head included), its trainer class from the stage's `recipe_trainer` (rollout dropout;
+  log-probabilities through the adapted head where lm_head carries LoRA: TRL 1.16 refuses that adapter, so TRL's
+  chunked fused head does not apply), its GRPOConfig fields (top-k 50, temperature 1, β 0.04, loss grpo, group
+  scaling, learning rate) and rewards. The batch: `--grpo-per-device` completions a micro-step,
   `--grpo-grad-accum` micro-steps an optimizer step, `--grpo-grouping repic` (each group of G completions from G
   different samples, as RePIC's 8 processes drew them: a sequential sampler without repeats, emulated here) or
   `grpo` (G completions of one prompt, TRL's sampler). Paths (`--grpo-paths`): `hf` = TRL's default (its
@@ -22,7 +28,9 @@ Sections, in this order (`--sections`):
   pipeline trains today, and either with `+`-joined levers (repic.train.speed unless said): `nockpt` (no gradient
   checkpointing: GRPOConfig), `compile` (compile_layers), `vc` (compile_vision), `pp` (preprocess_once: on in the
   training stage, so `ours+pp` is the pipeline's path), `pr` (rollout prefill one prompt at a time, images once:
-  rollout_trainer's prefill_rows / prefill_vision_once), `cd` (compiled decode step in the rollouts); `~N` trains
+  rollout_trainer's prefill_rows / prefill_vision_once), `cd` (compiled decode step in the rollouts); not a lever,
+  `lm` trains LoRA on the language model's projections only (`lora_targets: language_model`, params.yaml's
+  default: no lm_head adapter, TRL's chunked head), to show the recipe's lm_head cost; `~N` trains
   that path with N completions a micro-step (the step's completions unchanged: more or fewer accumulation steps),
   `@S` runs S optimizer steps.
   Per step: wall time (synchronised), its split (rollout, reference forward, policy forward, backward, optimizer
@@ -34,12 +42,14 @@ Sections, in this order (`--sections`):
 
 FLOPs counted per forward from the real (unpadded) tokens: 2 × (decoder-layer parameters) per token, causal
 attention 2·L²·hidden per layer per sequence, the LM head over completion tokens only (TRL's fused head scores
-those), LoRA 2·r·(in + out) per adapted projection per token when the adapter is on, and the vision tower where it
-runs (bench/repic_shapes.py's count). The backward of a policy forward counts its input gradients through the frozen
-weights (= the forward's products), twice the attention, and LoRA's input and weight gradients; with gradient
-checkpointing the recomputed forward is counted apart (`recompute`: executed, not useful).
+those), LoRA 2·r·(in + out) per adapted projection per token when the adapter is on (lm_head's: completion
+tokens only), and the vision tower where it runs (bench/repic_shapes.py's count). The backward of a policy forward
+counts its input gradients through the frozen weights (= the forward's products), twice the attention, and LoRA's
+input and weight gradients; with gradient checkpointing the recomputed forward is counted apart (`recompute`:
+executed, not useful).
 
-    python bench/perf.py --out perf.json                                          # the device run: device_perf.sh
+    python bench/perf.py --out perf.json                # the device runs: device_perf.sh, device_recipe.sh
+    python bench/perf.py --summarize perf.json          # its compact summary
     python bench/perf.py --model tiny --image-px 112 --caption-plan 2:2:ours_cdmr,ours_cdmrv,hf_b1 \\
         --grpo-paths hf@2 ours ours+pp+nockpt+pr+vc --grpo-steps 2 --grpo-max-new 8 \\
         --grpo-per-device 4 --grpo-generations 4 --out /tmp/perf.json             # a CPU rehearsal
@@ -74,6 +84,16 @@ from repic.vlm import generation as gen  # noqa: E402
 
 sync = genbench.sync
 LEVERS = ("nockpt", "compile", "vc", "pp", "pr", "cd")
+# not a lever: the run's LoRA targets replaced by the language model's projections only (params.yaml's default,
+# `lora_targets: language_model`), to show what the recipe's lm_head adapter costs
+TARGETS = ("lm",)
+# GRPOConfig fields of the recipe this benchmark sets itself (batch, length, steps, precision, checkpointing, G,
+# logging, saving); the recipe's others (sampling, beta, loss, advantages, learning rate) are used as they are
+BENCH_GRPO_KEYS = ("num_generations", "per_device_train_batch_size", "gradient_accumulation_steps",
+                   "max_completion_length", "bf16", "fp16", "gradient_checkpointing", "max_steps",
+                   "num_train_epochs", "logging_steps", "seed", "report_to", "save_strategy", "save_steps",
+                   "save_total_limit")
+ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("rollout", "reference_forward", "policy_forward", "backward", "optimizer", "rewards")
 
 
@@ -226,6 +246,10 @@ class Meter:
                                if hasattr(m, "lora_A") and isinstance(getattr(m, "base_layer", None),
                                                                        torch.nn.Linear))
         self.lora_r = lora_r
+        # an adapter on lm_head (the paper's targets): scored (completion) positions only, as the head itself
+        head = core.lm_head
+        self.head_lora_in_out = (head.base_layer.in_features + head.base_layer.out_features
+                                 if hasattr(head, "lora_A") else 0)
         self.visual_cfg = core.model.visual.config
         self.phase: str | None = None
         self.steps: list[dict[str, Any]] = []
@@ -267,12 +291,13 @@ class Meter:
         attn = float(2.0 * (real ** 2).sum() * self.cfg.hidden_size * self.cfg.num_hidden_layers)
         head = 2.0 * self.head_params * float(completion)
         lora = 2.0 * self.lora_r * self.lora_in_out * tokens if adapter else 0.0
+        head_lora = 2.0 * self.lora_r * self.head_lora_in_out * float(completion) if adapter else 0.0
         phase = "policy_forward" if training else "reference_forward"
-        self.flops[phase] += gemm + attn + head + lora
+        self.flops[phase] += gemm + attn + head + lora + head_lora
         if training:
             self.tokens += int(tokens)
-            self.flops["backward"] += gemm + head + 2 * attn + 2 * lora
-            if checkpointing:
+            self.flops["backward"] += gemm + head + 2 * attn + 2 * (lora + head_lora)
+            if checkpointing:  # the decoder layers' forward again (the head is outside them)
                 self.flops["recompute"] += gemm + attn + lora
 
     def end_step(self, completion_mean: float | None) -> None:
@@ -388,10 +413,11 @@ def parse_path(spec: str, default_steps: int) -> tuple[str, set[str], int, int |
     name, _, steps = spec.partition("@")
     name, _, micro = name.partition("~")
     base, *levers = name.split("+")
-    unknown = [x for x in levers if x not in LEVERS]
+    unknown = [x for x in levers if x not in LEVERS + TARGETS]
     if base not in ("hf", "ours") or unknown or not (steps.isdigit() or not steps) \
             or not (micro.isdigit() or not micro):
-        raise SystemExit(f"--grpo-paths: bad path {spec!r} (hf|ours, then +{'|+'.join(LEVERS)}, optional ~N "
+        raise SystemExit(f"--grpo-paths: bad path {spec!r} (hf|ours, then +{'|+'.join(LEVERS + TARGETS)}, "
+                         "optional ~N "
                          "completions per micro-step, optional @steps)")
     if base == "hf" and {"pr", "cd"} & set(levers):
         raise SystemExit(f"--grpo-paths: {spec!r}: pr and cd are levers of the static rollouts (ours)")
@@ -425,10 +451,9 @@ def summarize(steps: list[dict[str, Any]], peak: float) -> dict[str, Any]:
 
 def run_path(model: Any, processor: Any, dataset: Any, spec: str, args: Any, schedule: list[list[int]],
              peak: float, deadline: float) -> tuple[dict[str, Any], Any]:
-    from peft import get_peft_model
     from trl import GRPOTrainer
 
-    from repic.train.grpo import grpo_config, lora_config, reward_functions
+    from repic.train.grpo import grpo_config, lora_model, recipe_trainer, reward_functions
     from repic.train.speed import fast_trainer, uncompile_language_layers, unmemoize_image_processor
     from repic.vlm.vision import disable_fast_vision, disable_image_feature_cache
 
@@ -439,13 +464,20 @@ def run_path(model: Any, processor: Any, dataset: Any, spec: str, args: Any, sch
     micro = micro or args.grpo_per_device
     if per_step % micro:
         raise ValueError(f"{spec}: {micro} completions a micro-step do not divide {per_step} a step")
-    grpo = dict(num_generations=args.grpo_generations, per_device_train_batch_size=micro,
+    # the recipe's section (`--grpo-recipe`), as the training stage reads it: its GRPOConfig fields (sampling, β,
+    # loss, advantages, learning rate) and its LoRA, rollout dropout and lm_head log-probs; the batch, length,
+    # steps, precision, checkpointing and G are this benchmark's
+    recipe = dict(args.recipe, rollout_backend="hf" if base == "hf" else "static")
+    if "lm" in levers:
+        recipe["lora_targets"] = "language_model"
+    grpo = {k: v for k, v in recipe["grpo"].items() if k not in BENCH_GRPO_KEYS}
+    grpo.update(num_generations=args.grpo_generations, per_device_train_batch_size=micro,
                 gradient_accumulation_steps=per_step // micro, max_completion_length=args.grpo_max_new,
-                temperature=1.0, beta=0.04, loss_type="grpo", scale_rewards="group", learning_rate=1e-5,
                 bf16=cuda, gradient_checkpointing=cuda and "nockpt" not in levers,
-                max_steps=steps + (1 if profile else 0), logging_steps=1, seed=0, shuffle_dataset=False)
+                max_steps=steps + (1 if profile else 0), logging_steps=1, seed=0, shuffle_dataset=False,
+                report_to="none", save_strategy="no")
     targs = grpo_config(grpo, tempfile.mkdtemp(), use_cpu=not cuda)
-    cls = GRPOTrainer if base == "hf" else gen.rollout_trainer(GRPOTrainer, "static")
+    cls = recipe_trainer(GRPOTrainer, recipe)
     if base == "ours":
         cls = type("Levers" + cls.__name__, (cls,), {"decode_compile": "cd" in levers,
                                                       "prefill_rows": "pr" in levers,
@@ -454,13 +486,24 @@ def run_path(model: Any, processor: Any, dataset: Any, spec: str, args: Any, sch
                        compile_layers="compile" in levers, compile_vision="vc" in levers,
                        preprocess_once="pp" in levers)
     torch.manual_seed(0)
-    peft_model = get_peft_model(model.train(), lora_config({"r": 64, "lora_alpha": 128, "lora_dropout": 0.05}))
-    meter = Meter(peft_model, 64)
+    peft_model = lora_model(model.train(), recipe)
+    meter = Meter(peft_model, recipe["lora"]["r"])
     visual = peft_model.get_base_model().model.visual
     hook = visual.register_forward_pre_hook(lambda m, a, k: meter.vision(k.get("grid_thw", a[1] if len(a) > 1
                                                                               else None)), with_kwargs=True)
     shapes.Lengths.schedule = [list(x) for x in schedule]
-    out: dict[str, Any] = {"path": spec, "levers": sorted(levers), "per_device_train_batch_size": micro,
+    head = gen._core(peft_model).lm_head
+    out: dict[str, Any] = {"path": spec, "levers": sorted(levers - set(TARGETS)),
+                           "lora_targets": recipe.get("lora_targets", "language_model"),
+                           "lora_modules": len(peft_model.targeted_module_names),
+                           "lm_head_adapter": hasattr(head, "lora_A"),
+                           # TRL's chunked head (no full-vocabulary logits) unless the head carries LoRA: TRL 1.16
+                           # refuses that adapter, the training stage's lora_head_trainer scores it unchunked
+                           "log_probs": "lora_head_trainer (unchunked)" if hasattr(head, "lora_A")
+                           else "TRL fused chunked head",
+                           "rollout_dropout": recipe.get("rollout_dropout"),
+                           "grpo_config": {k: v for k, v in grpo.items() if k not in ("report_to", "save_strategy")},
+                           "per_device_train_batch_size": micro,
                            "gradient_accumulation_steps": per_step // micro,
                            "gradient_checkpointing": grpo["gradient_checkpointing"]}
     trainer = None
@@ -469,8 +512,7 @@ def run_path(model: Any, processor: Any, dataset: Any, spec: str, args: Any, sch
     try:
         trainer = timed_trainer(cls, meter)(
             model=peft_model, args=targs, train_dataset=dataset, processing_class=processor,
-            reward_funcs=reward_functions(["object_consistency", "visual_localization", "identity_consistency"],
-                                          "repic"),
+            reward_funcs=reward_functions(recipe["rewards"], recipe["protocol"]),
             callbacks=step_callbacks(meter, deadline, 2, profile))
         trainer.train()
         logs = [r for r in trainer.state.log_history if "completions/mean_length" in r]
@@ -493,6 +535,9 @@ def run_path(model: Any, processor: Any, dataset: Any, spec: str, args: Any, sch
     uncompile_language_layers(peft_model)
     unmemoize_image_processor(processor.image_processor)
     model = peft_model.unload()
+    # the fused-head forwards TRL (add_fused_lm_head) and lora_head_trainer set on the instance: the next path's
+    # trainer sets its own on the model's class forward
+    vars(gen._core(model)).pop("forward", None)
     if cuda:
         torch.cuda.empty_cache()
     return out, model
@@ -512,12 +557,13 @@ def section_grpo(model: Any, processor: Any, args: Any, peak: float, deadline: f
     work = Path(tempfile.mkdtemp())
     samples = grpo_samples(work, n_samples, args.grpo_image_scale)
     t0 = time.perf_counter()
-    dataset = Dataset.from_list(build_examples(samples, work, seed=0))
+    dataset = Dataset.from_list(build_examples(samples, work, seed=0, **args.recipe.get("resize", {})))
     rng = np.random.RandomState(11)
     schedule = [[min(int(rng.randint(*shapes.GRPO_LENGTHS[samples[i]["accu_reward_method"]])), args.grpo_max_new)
                  for i in call] for call in calls]
-    results.update(grouping=args.grpo_grouping, generations=G, per_device_completions=per_device,
-                   grad_accum=accum, completions_per_step=rows_per_call,
+    results.update(recipe=args.grpo_recipe, recipe_section=args.recipe, grouping=args.grpo_grouping,
+                   generations=G, per_device_completions=per_device, grad_accum=accum,
+                   completions_per_step=rows_per_call,
                    prompts_per_step=rows_per_call // G if args.grpo_grouping == "grpo" else rows_per_call,
                    samples=n_samples, build_examples_s=time.perf_counter() - t0,
                    tasks_per_call=[[samples[i]["accu_reward_method"] for i in c] for c in calls],
@@ -546,6 +592,66 @@ def section_grpo(model: Any, processor: Any, args: Any, peak: float, deadline: f
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def summary_lines(res: dict[str, Any]) -> list[str]:
+    """A compact table of a perf.json (complete or cut short): the peak, each GRPO path's tokens/s per GPU, its
+    ratio to TRL's default path and to `ours+pp` (same run), step, training TFLOP/s and % of the measured peak,
+    the split, peak memory, LoRA targets and log-prob path; the profile's kernel classes; the captioning cells."""
+    lines = [f"peak: {res.get('peak')}  build_s: {res.get('build_s')}  wall_s: {res.get('wall_s')}"]
+    for row in res.get("caption") or []:
+        lines.append("caption " + json.dumps({k: (v.get("captions_s"), (v.get("limit") or {}).get("fraction_of_limit"))
+                                              if isinstance(v, dict) else v for k, v in row.items()
+                                              if k not in ("lengths", "prompt_tokens", "trace")}, default=str)[:600])
+    grpo = res.get("grpo") or {}
+    paths = grpo.get("paths") or {}
+    ok = {p: r["summary"]["tokens_s_per_gpu"] for p, r in paths.items() if (r.get("summary") or {}).get(
+        "tokens_s_per_gpu")}
+    hf = next((v for p, v in ok.items() if p.split("@")[0] == "hf"), None)
+    pp = ok.get("ours+pp")
+    lines.append(f"grpo: recipe {grpo.get('recipe')}, {grpo.get('completions_per_step')} completions a step "
+                 f"({grpo.get('per_device_completions')} x {grpo.get('grad_accum')}), grouping {grpo.get('grouping')}")
+    lines.append("path | tok/s/GPU | x hf | x ours+pp | step s | train TFLOP/s | % peak | "
+                 "rollout/ref/policy/backward/optimizer/other s | GiB | targets (modules) | log-probs | steps")
+    for p, r in paths.items():
+        s = r.get("summary") or {}
+        if not s:
+            lines.append(f"{p} | {r.get('skipped') or (r.get('error') or 'no step')[:200]}")
+            continue
+        split = s["split_s_mean"]
+        tok = s["tokens_s_per_gpu"]
+        lines.append(" | ".join([
+            p, f"{tok:,.0f}", f"{tok / hf:.3f}" if hf else "-", f"{tok / pp:.3f}" if pp else "-",
+            f"{s['step_s_median']:.2f}", f"{s.get('training_tflops_useful') or 0:.1f}",
+            f"{s.get('training_pct_of_peak_useful') or 0:.1f}",
+            " / ".join(f"{split.get(k, 0):.2f}" for k in ("rollout", "reference_forward", "policy_forward",
+                                                           "backward", "optimizer", "other")),
+            f"{r.get('peak_gib') or 0:.1f}", f"{r.get('lora_targets')} ({r.get('lora_modules')})",
+            str(r.get("log_probs")), f"{[round(x['wall_s'], 1) for x in r.get('steps', [])]}"
+            + (f" ERROR {r['error'][:200]}" if r.get("error") else "")]))
+        prof = r.get("profile_last_step")
+        if prof:
+            lines.append(f"  profile of {p} ({prof['time']}, {prof['ms']:.0f} ms): "
+                         + ", ".join(f"{k} {v:.0f}" for k, v in prof["by_class_ms"].items()))
+            lines.extend(f"    {t['ms']:8.1f} ms {t['calls']:6d}x {t['name']}" for t in prof["top"][:12])
+    if grpo.get("error"):
+        lines.append(f"grpo error: {grpo['error'][:300]}")
+    return lines
+
+
+def load_recipe(overlay: str) -> dict[str, Any]:
+    """The `train_grpo_lora` section the training stage reads under `overlay` (a params overlay, e.g.
+    configs/paper.yaml, merged onto the repository's params.yaml as `make paper` merges it; `-`: params.yaml
+    alone)."""
+    import yaml
+
+    from repic.core.params import deep_merge, read_overlay
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    if overlay != "-":
+        path = Path(overlay)
+        params = deep_merge(params, read_overlay(path if path.is_absolute() or path.exists() else ROOT / path))
+    return params["train_grpo_lora"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(genbench.SHAPES), default="7b")
@@ -563,17 +669,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grpo-grad-accum", type=int, default=2, help="gradient_accumulation_steps")
     ap.add_argument("--grpo-generations", type=int, default=8, help="G (num_generations)")
     ap.add_argument("--grpo-grouping", choices=["repic", "grpo"], default="repic")
+    ap.add_argument("--grpo-recipe", default="configs/paper.yaml",
+                    help="the params overlay whose train_grpo_lora section is trained (its LoRA, lm_head adapter, "
+                         "rollout dropout, sampling, loss; '-': params.yaml's own)")
     ap.add_argument("--grpo-max-new", type=int, default=256)
     ap.add_argument("--grpo-profile", default=None, help="a path of --grpo-paths to profile one extra step of")
     ap.add_argument("--grpo-max-pixels", type=int, default=12845056, help="the processor's (Qwen2.5-VL's default)")
     ap.add_argument("--grpo-image-scale", type=float, default=1.0, help="original image sizes x this (CPU only)")
     ap.add_argument("--deadline-s", type=float, default=1e9, help="no new section, path or step after this")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", help="the JSON written (saved after every path)")
+    ap.add_argument("--summarize", metavar="JSON", help="print the compact summary of a perf.json and exit")
     args = ap.parse_args(argv)
+    if args.summarize:
+        print("\n".join(summary_lines(json.loads(Path(args.summarize).read_text()))))
+        return 0
+    if not args.out:
+        ap.error("--out is required")
     for p in args.grpo_paths:
         parse_path(p, 1)
     if args.grpo_profile and args.grpo_profile not in args.grpo_paths:
         raise SystemExit(f"--grpo-profile {args.grpo_profile!r} is not one of --grpo-paths")
+    args.recipe = load_recipe(args.grpo_recipe)
 
     t0 = time.perf_counter()
     deadline = t0 + args.deadline_s

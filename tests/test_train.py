@@ -42,6 +42,25 @@ def test_lora_targets_language_model_only(tiny_model_dir):
     assert not any("visual" in n for n in adapted)
 
 
+def test_lora_model_is_the_stages_adapter_for_either_target_set(tiny_model_dir):
+    """`lora_model` (the training stage's, which bench/perf.py reuses): `repic` adapts every non-vision linear
+    layer, lm_head included; `language_model` the language model's projections only; bad keys: one line."""
+    from repic.train.grpo import lora_model, repic_lora_targets
+    from repic.vlm.models import load_model
+
+    lora = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+    base = load_model(tiny_model_dir, device="cpu")
+    targets = repic_lora_targets(base)
+    model = lora_model(base, {"lora": lora, "lora_targets": "repic"})
+    assert sorted(model.targeted_module_names) == targets and "lm_head" in targets
+    plain = lora_model(load_model(tiny_model_dir, device="cpu"), {"lora": lora})
+    assert plain.targeted_module_names and all("language_model" in n for n in plain.targeted_module_names)
+    with pytest.raises(RepicError, match=r"train_grpo_lora\.lora_targets: expected one of repic, language_model"):
+        lora_model(base, {"lora": lora, "lora_targets": "all"})
+    with pytest.raises(RepicError, match=r"lora\.target_modules: lora_targets: repic sets them"):
+        lora_model(base, {"lora": {**lora, "target_modules": ["q_proj"]}, "lora_targets": "repic"})
+
+
 def test_examples_carry_images_solution_json_and_sizes(tmp_path):
     (tmp_path / "data").mkdir()
     Image.new("RGB", (1200, 600), "red").save(tmp_path / "data" / "big.png")

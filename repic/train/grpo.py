@@ -311,6 +311,42 @@ def install_lora_head_logps(core: Any, temperature: float, entropy_grad: bool = 
     core.forward = types.MethodType(forward, core)
 
 
+def lora_plan(params: dict[str, Any]) -> tuple[Any, str]:
+    """The `train_grpo_lora` section's PEFT `LoraConfig` (its `lora` fields checked) and its `lora_targets`
+    (`repic` or `language_model`, default the latter), or one line naming the bad key."""
+    targets = params.get("lora_targets", "language_model")
+    if targets not in LORA_TARGETS:
+        raise RepicError(f"train_grpo_lora.lora_targets: expected one of {', '.join(LORA_TARGETS)}, got {targets!r}")
+    if targets == "repic" and "target_modules" in params["lora"]:
+        raise RepicError("train_grpo_lora.lora.target_modules: lora_targets: repic sets them; remove one of the two")
+    return lora_config(params["lora"]), targets
+
+
+def lora_model(base: Any, params: dict[str, Any]) -> Any:
+    """`base` with the training stage's LoRA adapter (`train_grpo_lora`'s `lora` and `lora_targets`: `repic` puts
+    it on `repic_lora_targets(base)`, lm_head included). Seed first: PEFT draws `lora_A` at random. The training
+    stage and bench/perf.py build their adapter here."""
+    from peft import get_peft_model
+
+    lora, targets = lora_plan(params)
+    if targets == "repic":
+        lora.target_modules = repic_lora_targets(base)
+    return get_peft_model(base, lora)
+
+
+def recipe_trainer(trainer_cls: type, params: dict[str, Any]) -> type:
+    """`trainer_cls` (TRL's GRPOTrainer) with the `train_grpo_lora` section's training behaviour that does not
+    depend on the data: rollouts through `rollout_backend` (default `hf`), `rollout_dropout` when set
+    (`rollout_mode`), and log-probabilities through the adapted head when lm_head carries LoRA
+    (`lora_head_trainer`). The training stage and bench/perf.py build their trainer class from this."""
+    from repic.vlm.generation import rollout_trainer
+
+    cls = rollout_trainer(trainer_cls, params.get("rollout_backend", "hf"))
+    if params.get("rollout_dropout") is not None:
+        cls = rollout_mode(cls, bool(params["rollout_dropout"]))
+    return lora_head_trainer(cls)
+
+
 def content_digest(paths: list[str | os.PathLike]) -> str:
     """sha256 over the bytes of `paths` (folders walked, files in sorted order, each with its relative name):
     what the checkpoints were trained from, by content, so that a rebuilt base model or redrawn images at the same
@@ -364,7 +400,6 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
     own, on for TRL's `hf`, off for `static`).
     """
     from datasets import Dataset
-    from peft import get_peft_model
     from transformers import set_seed
     from trl import GRPOTrainer
 
@@ -374,12 +409,7 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
     grouping = params.get("grouping", "grpo")
     if grouping not in GROUPINGS:
         raise RepicError(f"train_grpo_lora.grouping: expected one of {', '.join(GROUPINGS)}, got {grouping!r}")
-    targets = params.get("lora_targets", "language_model")
-    if targets not in LORA_TARGETS:
-        raise RepicError(f"train_grpo_lora.lora_targets: expected one of {', '.join(LORA_TARGETS)}, got {targets!r}")
-    if targets == "repic" and "target_modules" in params["lora"]:
-        raise RepicError("train_grpo_lora.lora.target_modules: lora_targets: repic sets them; remove one of the two")
-    lora = lora_config(params["lora"])
+    targets = lora_plan(params)[1]  # its errors before anything is loaded
     grpo = dict(params["grpo"])
     if params.get("completions_per_step") is not None:
         grpo = batch_plan(grpo, params["completions_per_step"], int(os.environ.get("WORLD_SIZE", "1")))
@@ -391,18 +421,11 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
     # Loaded on the CPU: the Trainer (accelerate) places it, one GPU per process under `accelerate launch`.
     # Seeded before LoRA's random init of lora_A, which the Trainer's own seeding comes too late for.
     set_seed(seed)
-    base = load_model(model_path, device="cpu", dtype=dtype).train()
-    if targets == "repic":
-        lora.target_modules = repic_lora_targets(base)
-    model = get_peft_model(base, lora)
+    model = lora_model(load_model(model_path, device="cpu", dtype=dtype).train(), params)
     from repic.train.speed import fast_trainer, preprocess_counts
-    from repic.vlm.generation import rollout_trainer
 
-    trainer_cls = rollout_trainer(GRPOTrainer, params.get("rollout_backend", "hf"))
-    if params.get("rollout_dropout") is not None:
-        trainer_cls = rollout_mode(trainer_cls, bool(params["rollout_dropout"]))
-    trainer_cls = fetching_trainer(lora_head_trainer(trainer_cls), samples, root, seed=seed, grouping=grouping,
-                                   resize=params.get("resize", {}))
+    trainer_cls = fetching_trainer(recipe_trainer(GRPOTrainer, params), samples, root, seed=seed,
+                                   grouping=grouping, resize=params.get("resize", {}))
     lookup = repic_lookup(len(samples), args.num_generations, seed) if grouping == "repic" else None
     trainer_cls = epoch_seeded(trainer_cls, lookup)
     # Each distinct image preprocessed once, not TRL's twice a step and once per copy of a prompt: the processor's
