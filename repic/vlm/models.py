@@ -119,7 +119,7 @@ def check_adapter(adapter: str | os.PathLike, base_model: str | os.PathLike) -> 
     """A LoRA adapter checked against the base model it is applied to, from file headers only (seconds at 7B),
     before any work: every target module must exist in the base and every LoRA matrix fit its weight
     (lora_A: [r, in_features], lora_B: [out_features, r]). A mismatch is one line naming both folders, instead of
-    PEFT's traceback of hundreds of size mismatches after loading the base. A base without local safetensors
+    PEFT's traceback of hundreds of size mismatches after the retrieval pass. A base without local safetensors
     (a hub id) or an adapter without adapter_model.safetensors is not checked here (PEFT checks it on load)."""
     import json
     from pathlib import Path
