@@ -74,12 +74,14 @@ real-eval: venv
 	python -m repic.core.params apply configs/real_eval_local.yaml --params $(REAL)/params.yaml
 	python -m stages.fetch_data --params $(REAL)/params.yaml --out-data $(REAL)/data --out-model $(REAL)/model
 	python -m stages.build_db --params $(REAL)/params.yaml --out $(REAL)/db --root $(REAL)/data
-	python -m stages.caption --params $(REAL)/params.yaml --setting multi4 --root $(REAL)/data --index $(REAL)/db \
-	  --row base --model $(REAL)/model --out $(REAL)/captions/multi4
+	python -m stages.retrieve --params $(REAL)/params.yaml --setting multi4 --root $(REAL)/data --index $(REAL)/db \
+	  --out $(REAL)/retrieval/multi4
+	python -m stages.caption --params $(REAL)/params.yaml --setting multi4 --root $(REAL)/data \
+	  --retrieval $(REAL)/retrieval/multi4 --row base --model $(REAL)/model --out $(REAL)/captions/multi4
 	@python -c "import json; v = json.load(open('$(REAL)/data/validation.json')); \
 	  print('unlisted images:', [w for d in v['databases'].values() for w in d.get('unlisted_images', [])]); \
 	  print('indexes:', json.load(open('$(REAL)/db/manifest.json'))); \
-	  print('recall@k:', json.load(open('$(REAL)/captions/multi4/4_concepts/retrieval.json'))['recall_at_k'])"
+	  print('recall@k:', json.load(open('$(REAL)/retrieval/multi4/4_concepts/retrieval.json'))['recall_at_k'])"
 
 test: venv
 	pytest -q --durations=25

@@ -375,7 +375,8 @@ def write_page(out: Path, records: list[dict[str, Any]], database: dict[str, Any
 # ============================================================================================ the command
 def caption_command(args: argparse.Namespace) -> None:
     from repic.core.prompts import CAPTION_QUESTIONS
-    from repic.eval.captioning import Query, build_conversation, find_adapter, load_row_model, make_retriever
+    from repic.eval.captioning import build_conversation, find_adapter, load_row_model
+    from repic.eval.queries import Query
     from repic.vlm.models import check_adapter, pick_device
 
     start = time.monotonic()
@@ -439,7 +440,7 @@ def caption_command(args: argparse.Namespace) -> None:
                    question=args.question or questions[i % len(questions)])
              for i, q in enumerate(queries)]
 
-    # ---- retrieval (the pipeline's: build_db's index format, captioning's retriever)
+    # ---- retrieval (the pipeline's: build_db's index format, the retrieve stage's retriever, in-process)
     if mode == "skip":
         for q in items:
             q.ref_keys = list(q.gt_keys)
@@ -458,11 +459,13 @@ def caption_command(args: argparse.Namespace) -> None:
         det_kwargs = dict(cfg["caption"]["detector_kwargs"]) if not args.detector else {}
         if args.detector_model:
             det_kwargs["model_id"] = args.detector_model
+        from repic.eval.retrieve import make_retriever
+
         retriever = make_retriever(index_dir, "/", {**cfg["caption"], "detector": detector,
                                                     "detector_kwargs": det_kwargs}, k, device=device)
         from repic.core.progress import Progress
         from repic.data.retrieval import open_image
-        from repic.eval.captioning import attach_retrieval
+        from repic.eval.queries import attach_retrieval
 
         with Progress(len(items), "retrieve", unit="image") as bar:
             def retrieve_one(image: str) -> dict[str, Any]:

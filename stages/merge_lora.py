@@ -18,7 +18,8 @@ from repic.core.cli import parser, run
 from repic.core.io import read_json, write_json
 from repic.core.layout import MERGE_REPORT, MERGED_MODEL, eval_datasets
 from repic.core.params import params_of
-from repic.eval.captioning import build_conversation, expand_queries
+from repic.eval.captioning import build_conversation
+from repic.eval.queries import expand_queries
 from repic.train.merge import check, merge_and_verify
 from repic.vlm.models import check_adapter
 

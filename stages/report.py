@@ -1,9 +1,10 @@
 r"""Write the static visual report: results/report/index.html + PNG plots (open the file, no server needed).
 
 Example: python -m stages.report --captions results/captions --metrics results/score/metrics.json \
-    --slots results/score/slots.parquet --train-log results/train/log.jsonl --root data/world --out results/report \
-    --plots results/plots
-(the caption folders and databases of params `base.data.datasets`)
+    --slots results/score/slots.parquet --retrieval results/retrieval --train-log results/train/log.jsonl \
+    --root data/world --out results/report --plots results/plots
+(the caption folders and databases of params `base.data.datasets`; each query's retrieved references and recall@k
+from the retrieve stages' retrieval.json)
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="caption folder of a pipeline run (<setting>/<model>/<dataset>/<model>_<mode>.json)")
     p.add_argument("--metrics", required=True, help="the score stage's metrics.json")
     p.add_argument("--slots", required=True, help="the score stage's slots.parquet (its per-name verdicts)")
+    p.add_argument("--retrieval", required=True,
+                   help="the retrieve stages' folder (<setting>/<dataset>/retrieval.json: references, recall@k)")
     p.add_argument("--train-log", required=True, help="train_grpo_lora's per-step log.jsonl")
     p.add_argument("--root", required=True, help="data root the query image paths are relative to")
     p.add_argument("--out", required=True, help="output folder: index.html and its PNG plots")
@@ -30,7 +33,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     params = params_of(args)
     build_report(args.out, captions_dir=args.captions, metrics_path=args.metrics, slots_path=args.slots,
-                 train_log=args.train_log, layout=layout_of(params["base"]["data"]["datasets"]), root=args.root,
+                 retrieval_dir=args.retrieval, train_log=args.train_log,
+                 layout=layout_of(params["base"]["data"]["datasets"]), root=args.root,
                  max_queries=params["report"]["max_queries"], labels=model_labels(params))
     write_plots_data(args.plots, train_log=args.train_log, metrics_path=args.metrics, labels=model_labels(params))
 

@@ -76,11 +76,11 @@ def _records(out: Path) -> dict[str, dict]:
 
 def _pipeline_retrieval(world: dict, tmp: Path, k: int) -> dict[str, list[tuple[str, float]]]:
     """What caption_<setting> retrieves for the world's scenes under the paper config's caption settings: build_db's
-    index over the database_mod.json and captioning's retriever (repic.eval.captioning.make_retriever), on the same
+    index over the database_mod.json and captioning's retriever (repic.eval.retrieve.make_retriever), on the same
     images."""
     from repic.core.io import resolve_image
     from repic.data.retrieval import build_index, make_embedder, save_index
-    from repic.eval.captioning import make_retriever
+    from repic.eval.retrieve import make_retriever
 
     database = world["root"] / world["summary"]["database"]
     index, id_map = build_index(database, world["root"], make_embedder("color_layout"))

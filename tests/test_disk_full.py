@@ -11,7 +11,7 @@ import pytest
 
 from repic.core.cli import run
 from repic.core.io import staged_outputs
-from repic.core.layout import INDEX_META
+from repic.core.layout import RETRIEVAL_REPORT
 
 from .conftest import REPO
 
@@ -49,8 +49,8 @@ def test_caption_stage_disk_full_is_one_line_and_leaves_no_half_written_folder(t
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     datasets = []
     for name in ("one", "two"):
-        (tmp_path / "index" / name).mkdir(parents=True)
-        (tmp_path / "index" / name / INDEX_META).write_text("{}")
+        (tmp_path / "retrieval" / name).mkdir(parents=True)
+        (tmp_path / "retrieval" / name / RETRIEVAL_REPORT).write_text("{}")
         datasets.append({"name": name, "database": str(tmp_path / f"{name}.json"),
                          "queries": {"single": str(tmp_path / f"{name}_q.json")}})
     params["base"]["data"]["datasets"] = datasets
@@ -67,7 +67,8 @@ def test_caption_stage_disk_full_is_one_line_and_leaves_no_half_written_folder(t
     monkeypatch.setattr(pd.DataFrame, "to_parquet", parquet)
     out = tmp_path / "captions" / "single" / "base"
     argv = ["--params", str(tmp_path / "params.yaml"), "--setting", "single", "--root", str(tmp_path),
-            "--index", str(tmp_path / "index"), "--row", "base", "--model", str(tmp_path / "m"), "--out", str(out)]
+            "--retrieval", str(tmp_path / "retrieval"), "--row", "base", "--model", str(tmp_path / "m"),
+            "--out", str(out)]
     assert run(caption.main, argv) == 2
     err = capsys.readouterr().err
     assert err == ("error: No space left on device (ENOSPC): free space (df -h) and run again; no output was "

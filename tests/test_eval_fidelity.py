@@ -20,7 +20,8 @@ from PIL import Image
 
 from repic.core import params as params_mod
 from repic.core import prompts
-from repic.eval.captioning import conversation_of, expand_queries, skip_references
+from repic.eval.captioning import conversation_of, skip_references
+from repic.eval.queries import expand_queries
 from tests.conftest import REPO, SHARED, need_shared
 
 DATA = REPO / "tests" / "data"
@@ -361,7 +362,7 @@ def test_an_unlisted_hit_keeps_its_rank_and_shows_no_reference(tmp_path):
     ranks in the top k the retriever reports it and leaves it out of the references."""
     from repic.core.io import write_json
     from repic.data.retrieval import build_index, make_embedder, save_index
-    from repic.eval.captioning import make_retriever
+    from repic.eval.retrieve import make_retriever
 
     colours = {"<r>": (220, 20, 20), "<g>": (20, 220, 20), "<b>": (20, 20, 220)}
     concepts = {}

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from repic.core.layout import SETTINGS, caption_stage
+from repic.core.layout import SETTINGS, caption_stage, retrieve_stage
 
 from .conftest import REPO
 from .test_model_rows import _default, _plot_fields, _stand_in_pipeline
@@ -110,8 +110,9 @@ def test_queued_experiments_rerun_only_what_their_params_feed(tmp_path):
     ran = _ran(tmp_path)
     captions = {m: {caption_stage(s, m) for s in SETTINGS} for m in ("base", "trained", "merged")}
     assert ran["judge6"] == {"judge_llm"}
-    # caption stages declare the whole `caption` section: a top-k reruns every row's captions, not training
-    assert ran["topk1"] == {s for c in captions.values() for s in c} | {"score", "judge_llm", "report"}
+    # a top-k reruns the retrieve stages (they declare caption.top_k), then every row's captions, not training
+    assert ran["topk1"] == ({retrieve_stage(s) for s in SETTINGS} | {s for c in captions.values() for s in c}
+                            | {"score", "judge_llm", "report"})
     assert ran["subset12"] == {"subset_2k", "train_grpo_lora", "merge_lora", *captions["trained"],
                                *captions["merged"], "score", "judge_llm", "report"}
     assert "-" not in ran  # the workspace ran nothing

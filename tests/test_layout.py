@@ -73,6 +73,28 @@ def test_a_caption_stage_per_setting_and_its_readers_depend_on_each():
         assert folders <= set(stages[reader]["deps"]), reader
 
 
+def test_retrieval_runs_once_per_setting_and_every_caption_row_reads_it():
+    """retrieve@<setting> is the one stage that reads the index (data/db): each caption stage of the setting reads its
+    folder instead (`--retrieval`), and score and report take recall@k from all of them."""
+    stages, params = _dvc()
+    assert {n for n in stages if n.startswith("retrieve")} == {layout.retrieve_stage(s) for s in layout.SETTINGS}
+    for setting in layout.SETTINGS:
+        folder = str(layout.retrieval_stage_dir(layout.RETRIEVAL_DIR, setting))
+        assert "data/db" in stages[layout.retrieve_stage(setting)]["deps"]
+        for model in params["models"]:
+            stage = stages[layout.caption_stage(setting, model)]
+            cmd = shlex.split(resolve_dvc(stage["cmd"], params))
+            assert cmd[cmd.index("--retrieval") + 1] == folder and folder in stage["deps"]
+            assert "data/db" not in stage["deps"] and "--index" not in cmd
+            # the retrieval options are the retrieve stage's params, not a caption row's
+            assert not any(k in p for p in stage["params"] for k in ("detector", "retrieval", "top_k")), stage["params"]
+        for reader in ("score", "report"):
+            assert folder in stages[reader]["deps"], reader
+    for reader in ("score", "report"):
+        cmd = shlex.split(resolve_dvc(stages[reader]["cmd"], params))
+        assert cmd[cmd.index("--retrieval") + 1] == layout.RETRIEVAL_DIR
+
+
 def test_synthetic_world_writes_where_params_look(tmp_path):
     """params.yaml's base.data paths (embedded default) are the files the synthetic world writes."""
     from repic.synthetic import world

@@ -74,7 +74,7 @@ def test_merge_above_tolerance_fails_and_leaves_nothing(tiny_model_dir, adapter,
 
 def test_adapter_checked_against_the_base_before_any_work(tiny_model_dir, adapter, tmp_path, monkeypatch):
     """An adapter made for another base (other shapes) or targeting layers the base lacks: one line naming both
-    folders, from the files' headers, before the caption stage's retrieval pass (which is never reached)."""
+    folders, from the files' headers, before the caption stage reads anything (its captioning is never reached)."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -108,9 +108,9 @@ def test_adapter_checked_against_the_base_before_any_work(tiny_model_dir, adapte
     with pytest.raises(RepicError, match="this LoRA adapter does not fit the base model"):
         merge_stage.main(["--params", str(REPO / "params.yaml"), "--model", str(tiny_model_dir), "--adapter",
                           str(wrong), "--root", str(tmp_path), "--out", str(tmp_path / "merged")])
-    monkeypatch.setattr(caption, "run_setting", lambda *a, **k: pytest.fail("reached the retrieval pass"))
+    monkeypatch.setattr(caption, "run_setting", lambda *a, **k: pytest.fail("reached the captioning"))
     with pytest.raises(RepicError, match="this LoRA adapter does not fit the base model"):
-        caption.main(["--setting", "single", "--root", str(tmp_path), "--index", str(tmp_path), "--row", "x",
+        caption.main(["--setting", "single", "--root", str(tmp_path), "--retrieval", str(tmp_path), "--row", "x",
                       "--base-model", str(tiny_model_dir), "--adapter", str(wrong), "--out", str(tmp_path / "o"),
                       "--queries", "q.json", "--database", "d.json"])
 def _scaled_merge(monkeypatch, factor):

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from repic.core.io import RepicError
-from repic.core.layout import SETTINGS, caption_stage, model_labels, model_rows
+from repic.core.layout import SETTINGS, caption_stage, model_labels, model_rows, retrieve_stage
 from repic.core.params import deep_merge, trained_rows, validate, without_training
 
 from .conftest import REPO
@@ -228,15 +228,17 @@ def _repro(work: Path, *targets: str) -> set[str]:
 def test_training_again_recomputes_only_our_rows_and_released_rows_need_no_training(tmp_path):
     """The paper's rows: `make paper-released` (the released rows alone, `dvc repro score judge_llm`) runs no
     training; putting our row back then computes only our row's captions, and a new training recomputes only
-    them again: the base, RAP-Qwen and RePIC rows' caption stages never rerun. (The embedded default's rows, base
+    them again: the base, RAP-Qwen and RePIC rows' caption stages never rerun, nor does retrieval (retrieve@<setting>:
+    new model rows read the references it found for the released ones). (The embedded default's rows, base
     and trained, are the same two kinds of row through the same `foreach`: this is the one test of the property.)"""
     paper = _paper()
     released = without_training(paper)
     work = _stand_in_pipeline(tmp_path, released)
     ran = _repro(work, "score", "judge_llm")
     captions = {caption_stage(s, m) for s in SETTINGS for m in released["models"]}
-    assert ran == {"fetch_data", "build_db", *captions, "score", "judge_llm"}  # no subset, no training
-    _stand_in_pipeline(tmp_path, paper)  # `make paper`: our row is back
+    retrieval = {retrieve_stage(s) for s in SETTINGS}  # once per setting, for every row
+    assert ran == {"fetch_data", "build_db", *retrieval, *captions, "score", "judge_llm"}  # no subset, no training
+    _stand_in_pipeline(tmp_path, paper)  # `make paper`: our row is back, retrieval is not run again
     ran = _repro(work)
     ours = {caption_stage(s, m) for s in SETTINGS for m in ("trained", "merged")}
     assert ran == {"subset_2k", "train_grpo_lora", "merge_lora", *ours, "score", "judge_llm", "report"}
@@ -251,19 +253,21 @@ def test_training_again_recomputes_only_our_rows_and_released_rows_need_no_train
 def test_embedded_default_rows_the_same_way(tmp_path):
     """The embedded default (base, trained, merged): new training output reruns caption_<setting>@trained and
     @merged (the merge of the new adapter), not @base. An edit to a module that cannot change an output
-    (NOT_STAGE_DEPS: a help string, a progress line) reruns nothing; an edit to a reward reruns training."""
+    (NOT_STAGE_DEPS: a help string, a progress line) reruns nothing; an edit to a reward reruns training, and its
+    rows' captions, not retrieval (retrieve@<setting>, once per setting for every row)."""
     from repic.core.layout import NOT_STAGE_DEPS
 
     params = copy.deepcopy(_default())
     work = _stand_in_pipeline(tmp_path, params)
-    assert _repro(work) >= {caption_stage(s, m) for s in SETTINGS for m in ("base", "trained", "merged")}
+    retrieval = {retrieve_stage(s) for s in SETTINGS}
+    assert _repro(work) >= {caption_stage(s, m) for s in SETTINGS for m in ("base", "trained", "merged")} | retrieval
     for module in NOT_STAGE_DEPS:
         (work / module).parent.mkdir(parents=True, exist_ok=True)
         (work / module).write_text((REPO / module).read_text().replace("help=", "help='edited ' + ") + "# edited\n")
     assert _repro(work) == set()
     train_code = work / "repic/train/rewards.py"
     train_code.write_text(train_code.read_text() + "# changed\n")
-    assert {s for s in _repro(work) if s.startswith("caption_")} == {
+    assert {s for s in _repro(work) if s.startswith(("caption_", "retrieve"))} == {
         caption_stage(s, m) for s in SETTINGS for m in ("trained", "merged")}
 
 

@@ -2,7 +2,8 @@ import torch
 from PIL import Image
 
 from repic.core.prompts import caption_messages
-from repic.eval.captioning import Query, build_conversation, caption_rows, expand_queries
+from repic.eval.captioning import build_conversation, caption_rows
+from repic.eval.queries import Query, expand_queries
 from repic.vlm.generation import generate_captions
 from repic.vlm.models import ImageQwenVLProcessor, load_model, load_processor
 

@@ -40,7 +40,7 @@ def test_open_vocabulary_detector_needs_classes_one_line_not_a_type_error() -> N
 def test_retriever_prompts_the_detector_with_the_database_categories_on_the_pipeline_device(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import repic.data.retrieval as retrieval
-    from repic.eval.captioning import make_retriever
+    from repic.eval.retrieve import make_retriever
     from repic.rehearsal.standins import tiny_owlv2
 
     db = _database(tmp_path)

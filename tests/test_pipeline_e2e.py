@@ -8,6 +8,7 @@ stage (test_dvc_params.py). Here: what only the real stages show."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -77,13 +78,28 @@ def test_every_stage_wrote_its_artifacts(pipeline):
     assert set(heldout["base"]) == set(heldout["trained"]) == rewards
     assert all(0.0 <= v <= 1.0 for who in ("base", "trained") for v in heldout[who].values())
     assert len(json.loads((pipeline / "data/subset/heldout.json").read_text())) == 64 - manifest["size"]
+    repro_log = (pipeline / "repro.log").read_text()
     for s in SETTINGS:
+        # retrieval ran once per setting and dataset (retrieve@<setting>), whatever the number of model rows
+        assert repro_log.count(f"Running stage 'retrieve@{s}'") == 1
+        assert len(re.findall(rf"INFO stages.retrieve: retrieved {s} synthetic: \d+ queries", repro_log)) == 1
+        retrieved = pipeline / f"results/retrieval/{s}/synthetic/retrieval.json"
+        retrieval = json.loads(retrieved.read_text())
+        assert 0.0 <= retrieval["recall_at_k"] <= 1.0 and retrieval["setting"] == s
+        assert all(q["retrieved"] == [h["key"] for h in q["hits"] if h["key"] and not h["missing"]]
+                   for q in retrieval["per_query"])
+        recall = json.loads((pipeline / "results/score/recall.json").read_text())[s]["synthetic"]
+        assert recall == {"k": retrieval["k"], "recall_at_k": retrieval["recall_at_k"],
+                          "n_queries": retrieval["n_queries"]}
         for model in MODELS:  # one caption stage per model row: results/captions/<setting>/<model>/<dataset>/
             folder = pipeline / f"results/captions/{s}/{model}/synthetic"
             rows = json.loads((folder / f"{model}_retrieval.json").read_text())
             assert all(len(r) == 4 and isinstance(r[2], str) for r in rows)
-            recall = json.loads((folder / "retrieval.json").read_text())["recall_at_k"]
-            assert 0.0 <= recall <= 1.0
+            assert len(rows) == retrieval["n_queries"]
+            # every row read the one retrieval of its setting (by construction: the same references)
+            read = json.loads((folder / "caption_report.json").read_text())["retrieval"]
+            assert read == {"file": str(retrieved.relative_to(pipeline)),
+                            "sha256": hashlib.sha256(retrieved.read_bytes()).hexdigest()}
             assert len(pd.read_parquet(folder / "captions.parquet")) == 2 * len(rows)
     merge = json.loads((pipeline / "results/merged/merge_report.json").read_text())
     assert merge["ok"] and merge["captions_identical_fp32"] and (pipeline / "results/merged/model").is_dir()
@@ -146,6 +162,13 @@ def test_param_change_reruns_only_dependants(pipeline):
         dry = _sh(["dvc", "repro", "--dry"], pipeline)
         ran = {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
         assert ran == {f"caption_{s}@{m}" for s in SETTINGS for m in MODELS}
+        # a retrieval option: the retrieve stages (once per setting), no caption stage directly
+        params = yaml.safe_load(original)
+        params["caption"]["retrieval"]["box_pad"] += 0.05
+        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+        dry = _sh(["dvc", "repro", "--dry"], pipeline)
+        ran = {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
+        assert ran == {f"retrieve@{s}" for s in SETTINGS}
 
         params = yaml.safe_load(original)
         params["score"]["protocol"] = "strict"

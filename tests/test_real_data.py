@@ -59,11 +59,13 @@ def test_real_4_concept_evaluation_end_to_end(shared_dir, tmp_path):
     keys4 = set(json.loads((real / "data/data/database_tot/database_4_concepts/database_mod.json").read_text())
                 ["concept_dict"])
     assert {e["key"] for e in json.loads((real / "db/4_concepts/id_map.json").read_text())} <= keys4
-    _stage("caption", *p, "--setting", "multi4", "--root", str(real / "data"), "--index", str(real / "db"),
+    _stage("retrieve", *p, "--setting", "multi4", "--root", str(real / "data"), "--index", str(real / "db"),
+           "--out", str(real / "retrieval"), cwd=REPO)
+    _stage("caption", *p, "--setting", "multi4", "--root", str(real / "data"), "--retrieval", str(real / "retrieval"),
            "--row", "base", "--model", str(real / "model"), "--out", str(real / "captions"), cwd=REPO)
     for mode in ("skip", "retrieval"):
         rows = json.loads((real / f"captions/4_concepts/base_{mode}.json").read_text())
         assert len(rows) == 105 and all(len(r[1]) == 4 for r in rows)  # RePIC's 105 subsets over 4 photos
-    retrieval = json.loads((real / "captions/4_concepts/retrieval.json").read_text())
+    retrieval = json.loads((real / "retrieval/4_concepts/retrieval.json").read_text())
     assert retrieval["k"] == 4 and 0.0 < retrieval["recall_at_k"] <= 1.0
     assert all(len(q["retrieved"]) <= 4 for q in retrieval["per_query"])

@@ -4,6 +4,7 @@ size/hardware overlay, runs every DAG stage through its real code path. The full
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -62,13 +63,15 @@ def test_paper_rehearsal_runs_every_stage(tmp_path: Path) -> None:
     released = [r for r in rows if r not in ("trained", "merged")]
     assert released == ["base", "rap_qwen", "repic_lora", "repic_merged"]
     captions = {r: [f"caption_{s}@{r}" for s in ("single", "multi2", "multi4")] for r in rows}
-    stages = ["fetch_data", "subset_2k", "build_db", "train_grpo_lora", "merge_lora",
+    retrieval = [f"retrieve@{s}" for s in ("single", "multi2", "multi4")]  # once per setting, for every row
+    stages = ["fetch_data", "subset_2k", "build_db", *retrieval, "train_grpo_lora", "merge_lora",
               *(c for r in rows for c in captions[r]), "score", "judge_llm", "report"]
     assert sorted(report["stages"]) == sorted(stages)  # every stage ran, through dvc repro
     # `make paper-released` evaluated the released rows without training; `make paper` then ran only our row's
-    # caption stages (the released rows' came from DVC's cache)
+    # caption stages (the released rows' came from DVC's cache), and no retrieval: the new rows read the references
+    # the retrieve stages found for the released ones
     assert sorted(report["steps"]["paper-released"]) == sorted(
-        ["fetch_data", "build_db", *(c for r in released for c in captions[r]), "score", "judge_llm"])
+        ["fetch_data", "build_db", *retrieval, *(c for r in released for c in captions[r]), "score", "judge_llm"])
     assert sorted(report["steps"]["paper"]) == sorted(
         ["subset_2k", "train_grpo_lora", "merge_lora", *captions["trained"], *captions["merged"], "score", "judge_llm",
          "report"])
@@ -95,20 +98,30 @@ def test_paper_rehearsal_runs_every_stage(tmp_path: Path) -> None:
     for table in ("table1_single_repic.md", "table2_multi_strict.csv"):
         text = (repo / "results/tables" / table).read_text()
         assert all(text.count(row["label"]) == 1 for row in paper["models"].values()), table
-    retrieval = json.loads((repo / "results/captions/multi4/trained/4_concepts/retrieval.json").read_text())
-    assert retrieval["k"] == 4 and retrieval["max_new_tokens"] == 4
-    assert set(retrieval["hit_max_new_tokens"]) == {"trained_skip", "trained_retrieval"}
-    single = json.loads((repo / "results/captions/single/trained/myvlm/retrieval.json").read_text())
+    multi4 = json.loads((repo / "results/retrieval/multi4/4_concepts/retrieval.json").read_text())
+    assert multi4["k"] == 4 and all(len(q["retrieved"]) <= 4 and all(isinstance(h["score"], float) for h in q["hits"])
+                                    for q in multi4["per_query"])
+    caption = json.loads((repo / "results/captions/multi4/trained/4_concepts/caption_report.json").read_text())
+    assert caption["max_new_tokens"] == 4 and set(caption["hit_max_new_tokens"]) == {"trained_skip",
+                                                                                      "trained_retrieval"}
+    single = json.loads((repo / "results/retrieval/single/myvlm/retrieval.json").read_text())
     assert single["k"] == 2 and single["n_queries"] == 340
-    # the same code path for every row: each captioned the same queries with the same retrieved references, and
-    # the merged stand-in (served as RePIC's hub model: the base's weights) captions exactly as the base row
+    recall = json.loads((repo / "results/score/recall.json").read_text())
+    assert recall["single"]["myvlm"] == {"k": 2, "recall_at_k": single["recall_at_k"], "n_queries": 340}
+    # the same code path for every row: each captioned the same queries with the references of its setting's one
+    # retrieval (its caption_report.json names the retrieval.json it read, by sha256), and the merged stand-in
+    # (served as RePIC's hub model: the base's weights) captions exactly as the base row
     for setting, dataset in (("single", "myvlm"), ("multi2", "2_concepts"), ("multi4", "4_concepts")):
         folder = repo / "results/captions" / setting
-        per_query = {r: json.loads((folder / r / dataset / "retrieval.json").read_text())["per_query"] for r in rows}
-        assert all(per_query[r] == per_query["trained"] for r in rows), setting
+        retrieved = repo / "results/retrieval" / setting / dataset / "retrieval.json"
+        read = {r: json.loads((folder / r / dataset / "caption_report.json").read_text())["retrieval"] for r in rows}
+        assert all(read[r] == {"file": str(retrieved.relative_to(repo)),
+                               "sha256": hashlib.sha256(retrieved.read_bytes()).hexdigest()} for r in rows), setting
+        references = [q["retrieved"] for q in json.loads(retrieved.read_text())["per_query"]]
         for mode in ("skip", "retrieval"):
             caps = {r: json.loads((folder / r / dataset / f"{r}_{mode}.json").read_text()) for r in rows}
             assert all([c[:2] for c in caps[r]] == [c[:2] for c in caps["trained"]] for r in rows)
+            assert len(caps["trained"]) == len(references)
             # the base row is RePIC's zero-shot row (caption.prompts: its question gets RePIC's zero-shot instruction),
             # so its captions may differ from the merged stand-in's; the queries and questions are the same
             assert [c[:2] + c[3:] for c in caps["repic_merged"]] == [c[:2] + c[3:] for c in caps["base"]]

@@ -50,8 +50,11 @@ def report_inputs(tmp_path):
                     # the second row names <a>, not its own <b>: the scorer's "miss"
                     (folder / f"{model}_{mode}.json").write_text(json.dumps(
                         [["./data/q.png", gt, caption, "q?"], ["./data/q.png", ["<b>"] * len(gt), "<a>.", "q?"]]))
-                (folder / "retrieval.json").write_text(json.dumps(
-                    {"k": 2, "recall_at_k": 0.5, "per_query": [{"retrieved": ["<a>", "<c>"]}, {"retrieved": ["<b>"]}]}))
+            # retrieved once per setting and dataset (the retrieve stage), read by the report for every row
+            retrieval = tmp_path / "retrieval" / setting / dataset
+            retrieval.mkdir(parents=True)
+            (retrieval / "retrieval.json").write_text(json.dumps(
+                {"k": 2, "recall_at_k": 0.5, "per_query": [{"retrieved": ["<a>", "<c>"]}, {"retrieved": ["<b>"]}]}))
     cell = {"precision": 50.0, "recall": 25.0, "f1": 33.3}
     metrics = tmp_path / "metrics.json"
     metrics.write_text(json.dumps({s: {d: {m: {model: cell for model in labels} for m in ("skip", "retrieval")}
@@ -63,7 +66,8 @@ def report_inputs(tmp_path):
     _, slots = score_runs(caps, "repic", layout, list(labels))
     slots_path = tmp_path / "slots.parquet"
     pd.DataFrame(slots).assign(protocol="repic").to_parquet(slots_path)
-    return dict(captions_dir=caps, metrics_path=metrics, slots_path=slots_path, train_log=log, layout=layout,
+    return dict(captions_dir=caps, metrics_path=metrics, slots_path=slots_path, retrieval_dir=tmp_path / "retrieval",
+                train_log=log, layout=layout,
                 root=root, labels=labels)
 
 

@@ -67,9 +67,16 @@ def test_pipeline_mode_scores_each_dataset_with_its_own_database(tmp_path):
                 json.dumps([["./q.png", ["<a>", "<b>"], "<a> and <b>.", "q"]]))
     params["base"]["data"]["datasets"] = datasets
     params["models"] = {k: params["models"][k] for k in ("base", "trained")}  # the two rows captioned above
+    # recall@k: from each retrieve stage's retrieval.json, once per setting and dataset
+    for i, (setting, name) in enumerate([("single", "myvlm"), ("single", "yollava"), ("single", "dreambooth"),
+                                         ("multi2", "2_concepts")]):
+        (tmp_path / "retrieval" / setting / name).mkdir(parents=True)
+        (tmp_path / "retrieval" / setting / name / "retrieval.json").write_text(json.dumps(
+            {"setting": setting, "k": 2, "recall_at_k": i / 4, "n_queries": 2 + i, "per_query": []}))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     main(["--params", str(tmp_path / "params.yaml"), "--captions", str(tmp_path / "captions"),
-          "--out", str(tmp_path / "score"), "--tables", str(tmp_path / "tables")])
+          "--retrieval", str(tmp_path / "retrieval"), "--out", str(tmp_path / "score"), "--tables",
+          str(tmp_path / "tables")])
     metrics = json.loads((tmp_path / "score/metrics.json").read_text())
     strict = json.loads((tmp_path / "score/metrics_strict.json").read_text())
     assert set(metrics) == {"single", "multi2"} and list(metrics["single"]) == ["myvlm", "yollava", "dreambooth"]
@@ -78,6 +85,15 @@ def test_pipeline_mode_scores_each_dataset_with_its_own_database(tmp_path):
         assert metrics["single"][name]["skip"]["base"]["recall"] == 0.0
         assert strict["single"][name]["skip"]["trained"]["recall"] == 100.0  # display names count under strict
     assert metrics["multi2"]["2_concepts"]["skip"]["trained"]["f1"] == 100.0
+    assert json.loads((tmp_path / "score/recall.json").read_text()) == {
+        "single": {"myvlm": {"k": 2, "recall_at_k": 0.0, "n_queries": 2},
+                   "yollava": {"k": 2, "recall_at_k": 0.25, "n_queries": 3},
+                   "dreambooth": {"k": 2, "recall_at_k": 0.5, "n_queries": 4}},
+        "multi2": {"2_concepts": {"k": 2, "recall_at_k": 0.75, "n_queries": 5}}}
+    table = (tmp_path / "score/table.md").read_text()
+    assert table.endswith("| setting | k | recall@k | queries |\n|---|---:|---:|---:|\n| Single myvlm | 2 | 0.0 | 2 |\n"
+                          "| Single yollava | 2 | 25.0 | 3 |\n| Single dreambooth | 2 | 50.0 | 4 |\n"
+                          "| 2-concept 2_concepts | 2 | 75.0 | 5 |\n")
     table1 = (tmp_path / "tables/table1_single_repic.md").read_text().splitlines()
     assert "Single MyVLM skip-retrieval R" in table1[2] and "Single DreamBooth retrieval F1" in table1[2]
     assert table1[5].startswith("| trained | 0.0 | 0.0 | 0.0 | 0.0 | 0.0 | 0.0 | 100.0 | 50.0 | 66.7 |")
@@ -89,13 +105,15 @@ def test_pipeline_mode_scores_each_dataset_with_its_own_database(tmp_path):
     bad.write_text(json.dumps([["./q0.png", ["<k1>", "<k0>"], "x", "q"]]))
     with pytest.raises(RepicError, match=f"^{re.escape(str(bad))}: caption row 0: setting single expects 1 gt key"):
         main(["--params", str(tmp_path / "params.yaml"), "--captions", str(tmp_path / "captions"),
-              "--out", str(tmp_path / "score"), "--tables", str(tmp_path / "tables")])
+              "--retrieval", str(tmp_path / "retrieval"), "--out", str(tmp_path / "score"), "--tables",
+          str(tmp_path / "tables")])
     bad.write_text(good)
     shutil.rmtree(tmp_path / "captions/single/base/yollava")
 
     with pytest.raises(RepicError, match="base/yollava/base_skip.json: caption file not found"):
         main(["--params", str(tmp_path / "params.yaml"), "--captions", str(tmp_path / "captions"),
-              "--out", str(tmp_path / "score"), "--tables", str(tmp_path / "tables")])
+              "--retrieval", str(tmp_path / "retrieval"), "--out", str(tmp_path / "score"), "--tables",
+          str(tmp_path / "tables")])
 
 
 def _run(argv, capsys):

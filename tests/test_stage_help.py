@@ -15,7 +15,7 @@ STAGES = sorted(p.stem for p in (REPO / "stages").glob("*.py") if p.stem != "__i
 
 
 def test_every_stage_is_listed():
-    assert len(STAGES) == 9 and "score" in STAGES and "train_grpo_lora" in STAGES
+    assert len(STAGES) == 10 and "score" in STAGES and "train_grpo_lora" in STAGES and "retrieve" in STAGES
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -47,7 +47,8 @@ def test_help_runs_as_a_module():
     """The docstring's continuation lines (a backslash at a line's end) reach the terminal as written."""
     out = subprocess.run([sys.executable, "-m", "stages.caption", "--help"], cwd=REPO, capture_output=True,
                          text=True, check=True).stdout
-    assert "--index data/db \\\n    --base-model data/models/base --row trained --adapter results/train/adapter" in out
+    assert ("--retrieval results/retrieval/single \\\n    --base-model data/models/base --row trained --adapter "
+            "results/train/adapter") in out
 
 
 @pytest.mark.parametrize("stage", ["caption", "score"])

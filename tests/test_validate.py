@@ -202,39 +202,56 @@ def test_left_out_entries_name_image_keys_and_why(world: Path) -> None:
         "reference: <c> (reference image missing); and 2 more")
 
 
-def test_caption_names_the_left_out_queries_and_lists_them_in_retrieval_json(world, monkeypatch, caplog):
-    """The caption stage's warning names each left-out query and why, and points at a file that exists: its own
-    retrieval.json (`left_out`), plus fetch_data's validation.json when the data root has one."""
+def test_retrieve_names_the_left_out_queries_and_lists_them_in_retrieval_json(world, monkeypatch, caplog):
+    """The retrieve stage's warning names each left-out query and why, and points at a file that exists: its
+    retrieval.json (`left_out`), plus fetch_data's validation.json when the data root has one. A caption stage
+    captions the same valid queries, with the references of that report."""
     import logging
 
     import repic.vlm.models
-    from repic.eval import captioning
+    from repic.eval import captioning, retrieve
 
-    monkeypatch.setattr(captioning, "open_rgb", lambda root, rel: rel)
-    monkeypatch.setattr(captioning, "make_retriever", lambda *a, **k: lambda image: {"keys": ["<a>"], "hits": []})
+    monkeypatch.setattr(retrieve, "open_rgb", lambda root, rel: rel)
+    monkeypatch.setattr(retrieve, "make_retriever", lambda *a, **k: lambda image: {
+        "keys": ["<a>"], "hits": [{"rank": 1, "key": "<a>", "image": "a.png", "score": 0.5, "crop": [0, 0, 1, 1],
+                                   "missing": False}]})
     monkeypatch.setattr(repic.vlm.models, "load_processor", lambda *a, **k: None)
     monkeypatch.setattr(repic.vlm.models, "load_model", lambda *a, **k: None)
     monkeypatch.setattr(captioning, "caption_all", lambda model, processor, by_mode, *a, **k: {
-        mode: [[q.image, q.gt_keys, "caption", q.question] for q in queries] for mode, queries in by_mode.items()})
-    params = {"top_k": {"single": 1}, "batch_size": 1, "max_new_tokens": 4, "backend": "hf", "detector": "none",
-              "detector_kwargs": {}}
+        mode: [[q.image, q.gt_keys, q.ref_keys, q.question] for q in queries] for mode, queries in by_mode.items()})
+    options = {"detector": "none", "detector_kwargs": {}}
     db_json = str(world / "data/database_tot/db/database_mod.json")
     with caplog.at_level(logging.WARNING):
-        rows, summary = captioning.run_setting("single", str(world / "data/single.json"), db_json, str(world), "idx",
-                                               "base", model="model", params=params)
-    assert list(rows) == ["base_skip", "base_retrieval"] and len(rows["base_skip"]) == 1
+        report = retrieve.retrieve_setting("single", str(world / "data/single.json"), db_json, str(world), "idx",
+                                           params=options, k=1)
     (message,) = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
     assert message.startswith(f"{world}/data/single.json: 4 of 5 query images left out (4 invalid entries, all "
-                              "listed in 'left_out' of the stage's retrieval.json): ./data/q/2.png ['<zzz>']: keys "
-                              "not in the database: <zzz>; ./data/q/3.png ['<c>']: keys without a usable reference")
+                              "listed in 'left_out' of the retrieve stage's retrieval.json): ./data/q/2.png ['<zzz>']: "
+                              "keys not in the database: <zzz>; ./data/q/3.png ['<c>']: keys without a usable "
+                              "reference")
     assert "validation.json" not in message  # the synthetic source writes none: no pointer at a missing file
-    assert [e["query_image"] for e in summary["left_out"]] == ["./data/q/2.png", "./data/q/3.png",
-                                                               "./data/q/absent.png", "./data/q/4.png"]
+    assert [e["query_image"] for e in report["left_out"]] == ["./data/q/2.png", "./data/q/3.png",
+                                                              "./data/q/absent.png", "./data/q/4.png"]
+    assert report["n_query_images_left_out"] == 4 and report["n_queries"] == 1 and report["k"] == 1
+    (entry,) = report["per_query"]
+    assert entry["retrieved"] == ["<a>"] and entry["hits"][0]["score"] == 0.5
+    params = {"batch_size": 1, "max_new_tokens": 4, "backend": "hf"}
+    rows, summary = captioning.run_setting("single", str(world / "data/single.json"), db_json, str(world), report,
+                                           "base", model="model", params=params)
+    assert list(rows) == ["base_skip", "base_retrieval"] and rows["base_retrieval"][0][2] == ["<a>"]
+    assert summary["n_queries"] == 1 and summary["max_new_tokens"] == 4
+    # a report retrieved for other queries is refused, naming the entry that differs
+    other = {**report, "per_query": [{**entry, "gt_keys": ["<b>"]}]}
+    with pytest.raises(RepicError, match=r"^r\.json: per_query\[0\] is '\./data/q/1\.png' \['<b>'\], the query map's "
+                       r"is '\./data/q/1\.png' \['<a>'\] \(retrieved for other queries: run its retrieve stage "
+                       r"again\)$"):
+        captioning.run_setting("single", str(world / "data/single.json"), db_json, str(world), other, "base",
+                               model="model", params=params, retrieval_source="r.json")
     write_json(world / "validation.json", {"ok": False})
     write_json(world / "none_valid.json", {"./data/q/2.png": ["<zzz>"]})
     with pytest.raises(RepicError) as err:
-        captioning.run_setting("single", str(world / "none_valid.json"), db_json, str(world), "idx", "base",
-                               model="model", params=params)
+        retrieve.retrieve_setting("single", str(world / "none_valid.json"), db_json, str(world), "idx",
+                                  params=options, k=1)
     assert str(err.value) == (f"{world}/none_valid.json: no valid query left, all 1 entries left out: ./data/q/2.png "
                               f"['<zzz>']: keys not in the database: <zzz> (see {world}/validation.json)")
     (world / "validation.json").unlink()

@@ -7,8 +7,8 @@ by tests/test_layout.py) and the name of every file inside it, e.g. a caption fi
 `<out>/<dataset>/<model>_<mode>.json`.
 
 Every module and stage takes these names from here. Adding a setting is a change here plus the params (and its
-caption stage in dvc.yaml); adding a model row is one params entry (see the README's development notes);
-everything that loops over settings, modes or models follows.
+caption stage and an item of the retrieve stage's `foreach` in dvc.yaml); adding a model row is one params entry
+(see the README's development notes); everything that loops over settings, modes or models follows.
 """
 
 from __future__ import annotations
@@ -136,13 +136,19 @@ MERGE_DIR = "results/merged"
 MERGED_MODEL = "model"
 MERGE_REPORT = "merge_report.json"
 
+# Retrieval, once per setting (DVC stage retrieve@<setting>): <setting>/<dataset>/ with the retrieved references of
+# every query (keys, scores, crops) and recall@k; every model row's caption stage of the setting reads it.
+RETRIEVAL_DIR = "results/retrieval"
+RETRIEVAL_REPORT = "retrieval.json"
+
 CAPTIONS_DIR = "results/captions"  # <setting>/<model>/ (one DVC stage each) -> <dataset>/, each with:
 CAPTIONS_PARQUET = "captions.parquet"
-RETRIEVAL_REPORT = "retrieval.json"
+CAPTION_REPORT = "caption_report.json"  # captions cut at max_new_tokens; the retrieval.json read (path, sha256)
 
 SCORE_DIR = "results/score"
 METRICS_FILES = {"repic": "metrics.json", "strict": "metrics_strict.json"}  # both protocols, always
 SCORE_TABLE = "table.md"
+RECALL_FILE = "recall.json"  # retrieval recall@k per setting and dataset, from the retrieve stages' retrieval.json
 SLOTS = "slots.parquet"
 TABLES_DIR = "results/tables"
 
@@ -174,6 +180,16 @@ def run_file(run: str) -> str:
     return f"{run}.json"
 
 
+def retrieval_stage_dir(retrieval_dir: str | Path, setting: str) -> Path:
+    """What the retrieve stage of one setting writes (its DVC out): `<retrieval>/<setting>/`."""
+    return Path(retrieval_dir) / setting
+
+
+def retrieval_file(retrieval_dir: str | Path, setting: str, dataset: str) -> Path:
+    """The retrieved references of one dataset of a setting: `<retrieval>/<setting>/<dataset>/retrieval.json`."""
+    return retrieval_stage_dir(retrieval_dir, setting) / dataset / RETRIEVAL_REPORT
+
+
 def caption_stage_dir(captions_dir: str | Path, setting: str, model: str) -> Path:
     """What the caption stage of one setting and model row writes (its DVC out): `<captions>/<setting>/<model>/`."""
     return Path(captions_dir) / setting / model
@@ -190,6 +206,7 @@ def stage_dirs(models: Iterable[str]) -> dict[str, str | tuple[str, ...]]:
     """The --out folder of every stage (caption stages per model row of `models`, params `models`)."""
     return {
         "subset_2k": SUBSET_DIR, "build_db": DB_DIR, "train_grpo_lora": TRAIN_DIR, "merge_lora": MERGE_DIR,
+        **{retrieve_stage(s): str(retrieval_stage_dir(RETRIEVAL_DIR, s)) for s in SETTINGS},
         **{caption_stage(s, m): str(caption_stage_dir(CAPTIONS_DIR, s, m)) for s in SETTINGS for m in models},
         "score": (SCORE_DIR, TABLES_DIR), "judge_llm": JUDGE_DIR, "report": REPORT_DIR,
     }
@@ -209,8 +226,9 @@ def stage_outs(base: dict[str, Any], models: Iterable[str]) -> dict[str, list[st
         # not TRAIN_CHECKPOINTS: written for resuming, not an out (dvc.yaml says why)
         "train_grpo_lora": inside(TRAIN_DIR, TRAIN_ADAPTER, TRAIN_LOG, TRAIN_SUMMARY),
         "merge_lora": inside(MERGE_DIR, MERGED_MODEL, MERGE_REPORT),
+        **{retrieve_stage(s): [str(retrieval_stage_dir(RETRIEVAL_DIR, s))] for s in SETTINGS},
         **{caption_stage(s, m): [str(caption_stage_dir(CAPTIONS_DIR, s, m))] for s in SETTINGS for m in models},
-        "score": [*inside(SCORE_DIR, SCORE_TABLE, SLOTS, *METRICS_FILES.values()), TABLES_DIR],
+        "score": [*inside(SCORE_DIR, SCORE_TABLE, SLOTS, *METRICS_FILES.values(), RECALL_FILE), TABLES_DIR],
         "judge_llm": inside(JUDGE_DIR, VERDICTS, JUDGE_CACHE, WIN_RATES),
         "report": [REPORT_DIR, PLOTS_DIR],
     }
@@ -237,6 +255,12 @@ NOT_STAGE_DEPS: dict[str, str] = {
 def paper_table_file(table: str, protocol: str, ext: str) -> str:
     """`table1_single_repic.md`, ... inside the tables folder."""
     return f"{table}_{protocol}.{ext}"
+
+
+def retrieve_stage(setting: str | None = None) -> str:
+    """The dvc.yaml stage that retrieves the references of a setting's queries (`retrieve@single`), or all of them
+    (`retrieve`, a `foreach` over the settings): once per setting, whatever the number of model rows."""
+    return "retrieve" if setting is None else f"retrieve@{setting}"
 
 
 def caption_stage(setting: str, model: str | None = None) -> str:

@@ -15,13 +15,13 @@ from repic.core.layout import (
     PLOTS_TRAIN,
     PROTOCOL_DEFAULT,
     REPORT_INDEX,
-    RETRIEVAL_REPORT,
     REWARDS,
     SETTINGS,
     Layout,
     caption_file,
     caption_folder,
     plots_score_file,
+    retrieval_file,
     run_name,
     runs,
 )
@@ -201,12 +201,13 @@ def write_plots_data(out_dir: str | os.PathLike, *, train_log: str | os.PathLike
 
 
 def build_report(out_dir: str | os.PathLike, *, captions_dir: str | os.PathLike, metrics_path: str | os.PathLike,
-                 slots_path: str | os.PathLike, train_log: str | os.PathLike, layout: Layout,
-                 root: str | os.PathLike, max_queries: int, labels: dict[str, str]) -> None:
+                 slots_path: str | os.PathLike, retrieval_dir: str | os.PathLike, train_log: str | os.PathLike,
+                 layout: Layout, root: str | os.PathLike, max_queries: int, labels: dict[str, str]) -> None:
     """Write `out_dir/index.html`, `out_dir/plots/*.png` and `out_dir/img/*` (thumbnails), atomically.
     `layout` is `{setting: [(dataset, its database)]}` (`repic.core.layout.layout_of`); `labels` the model rows
     (params `models`, name -> label, in table order): one caption line, metrics row and bar per row. Each
-    caption's names are marked with the score stage's verdicts (`slots_path`, its slots.parquet)."""
+    caption's names are marked with the score stage's verdicts (`slots_path`, its slots.parquet); each query's
+    retrieved references and recall@k come from the retrieve stages' retrieval.json (`retrieval_dir`)."""
     metrics = read_json(metrics_path)
     verdicts = read_verdicts(slots_path)
     with atomic_dir(out_dir) as tmp:
@@ -232,8 +233,8 @@ def build_report(out_dir: str | os.PathLike, *, captions_dir: str | os.PathLike,
                                                      / caption_file(model, mode)) for model, mode in runs(labels)}
             run_labels = {run_name(model, mode): f"{labels[model]} · {mode}" for model, mode in runs(labels)}
             first = next(iter(rows.values()))
-            # every row's caption stage retrieves with the same index, detector and embedder: the first row's
-            retrieval = read_json(caption_folder(captions_dir, setting, next(iter(labels)), dataset) / RETRIEVAL_REPORT)
+            # retrieved once per setting and dataset (the retrieve stage): every row's captions show these references
+            retrieval = read_json(retrieval_file(retrieval_dir, setting, dataset))
             retrieved = [q["retrieved"] for q in retrieval["per_query"]]
             body.append(f"<h2>{setting} · {html.escape(dataset)}: {len(first)} queries "
                         f"(retrieval recall@{retrieval['k']} = {retrieval['recall_at_k']:.2f})</h2>")
