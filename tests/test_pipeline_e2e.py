@@ -82,7 +82,7 @@ def test_every_stage_wrote_its_artifacts(pipeline):
     for s in SETTINGS:
         # retrieval ran once per setting and dataset (retrieve@<setting>), whatever the number of model rows
         assert repro_log.count(f"Running stage 'retrieve@{s}'") == 1
-        assert len(re.findall(rf"INFO stages.retrieve: retrieved {s} synthetic: \d+ queries", repro_log)) == 1
+        assert len(re.findall(rf"INFO __main__: retrieved {s} synthetic: \d+ queries", repro_log)) == 1
         retrieved = pipeline / f"results/retrieval/{s}/synthetic/retrieval.json"
         retrieval = json.loads(retrieved.read_text())
         assert 0.0 <= retrieval["recall_at_k"] <= 1.0 and retrieval["setting"] == s
