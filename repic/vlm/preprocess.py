@@ -63,9 +63,10 @@ def fetch_image(image: Image.Image) -> Image.Image:
 
 # Decoded (and, for qwen_vl_utils, resized) images kept per process, least recently used dropped past this many
 # bytes of pixels. A caption stage shows each reference image of a database in many conversations (4-concept: 210
-# conversations, 1,050 images, 36 distinct files); the paper's five databases with their query images come to at
-# most 192 MB of RGB pixels each after fetch_image (4_concepts' 32 references + 4 photos; myvlm 33 MB), so one
-# dataset's images all fit, with room, and a stage's memory grows by at most this bound.
+# conversations, 1,050 images, 36 distinct files). In the paper rehearsal's copy of RePIC's data, a dataset's
+# references and query photos come to at most 192 MB of RGB pixels after fetch_image (4_concepts: 32 references +
+# 4 photos; myvlm 33 MB), so one dataset's images all fit, with room; a larger set drops query photos first (the
+# references come back every few conversations), and a stage's memory grows by at most this bound.
 CACHE_BYTES = 512 * 2 ** 20
 
 
