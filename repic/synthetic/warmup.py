@@ -250,10 +250,11 @@ def warmup(model_dir: str | os.PathLike, examples: list[dict[str, Any]], *, step
     over `warmup_steps`, stays through the drills, then falls linearly to 0. The examples' images are released
     (set to `[]`) once tokenised. `callback(step, model, processor, losses)` is called after every step.
 
-    `threads` (params `fetch_data.warmup.threads`): torch's intra-op thread count for the warm-up, restored after.
-    How a matrix product or a reduction is split between threads changes the order of float additions, so the
-    same seed on 1 and 4 threads gives different bytes; a fixed count makes them independent of the machine's
-    cores (not of its CPU's kernels: BLAS picks AVX2 or AVX-512 code by CPU, which round differently)."""
+    `threads` (params `base.threads`, which every torch stage applies: `repic.vlm.models.use_threads`): torch's
+    intra-op thread count for the warm-up, restored after. How a matrix product or a reduction is split between
+    threads changes the order of float additions, so the same seed on 1 and 4 threads gives different bytes; a
+    fixed count makes them independent of the machine's cores (not of its CPU's kernels: ATen and BLAS pick AVX2
+    or AVX-512 code by CPU, which round differently)."""
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
