@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -63,9 +65,9 @@ def test_answer_loss_is_the_models_loss(tiny_model_dir):
         batch = W._batch(processor, items)
         assert (batch["attention_mask"] == 0).any()  # padded rows: their positions carry no label
         grads = []
-        for loss_of in (lambda: model(**batch).loss, lambda: W.answer_loss(model, batch)):
+        for loss_of in (lambda b: model(**b).loss, partial(W.answer_loss, model)):
             model.zero_grad()
-            loss = loss_of()
+            loss = loss_of(batch)
             loss.backward()
             grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
         (ref, ref_grads), (ours, our_grads) = grads
