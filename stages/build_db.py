@@ -17,7 +17,7 @@ from repic.core.io import atomic_dir, write_json
 from repic.core.layout import DB_MANIFEST, eval_datasets
 from repic.core.params import params_of
 from repic.data.retrieval import build_index, database_entries, make_embedder, missing_database_images, save_index
-from repic.vlm.models import pick_device
+from repic.vlm.models import pick_device, use_threads
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="output folder: <dataset>/ index + id map per dataset and manifest.json (built, skipped)")
     args = p.parse_args(argv)
     params = params_of(args)
+    use_threads(params["base"]["threads"])
     cfg = params["build_db"]
     embedder = make_embedder(cfg["embedder"], device=pick_device(params["base"]["device"]), **cfg["embedder_kwargs"])
     # (database, index folder name); one --database goes straight into --out

@@ -35,7 +35,7 @@ from repic.core.layout import (
 from repic.core.params import params_of
 from repic.eval.captioning import find_adapter, run_setting
 from repic.eval.queries import file_sha256
-from repic.vlm.models import check_adapter
+from repic.vlm.models import check_adapter, use_threads
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -58,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--database", help="the database_mod.json of --queries (concept names, info, images)")
     args = p.parse_args(argv)
     params = params_of(args)
+    use_threads(params["base"]["threads"])
     if args.adapter and not args.base_model:
         raise RepicError("--adapter needs --base-model (the model the LoRA adapter applies to)")
     if bool(args.queries) != bool(args.database):

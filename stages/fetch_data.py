@@ -28,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     params = params_of(args, libraries=True)
     cfg, base = params["fetch_data"], params["base"]
     if cfg["source"] == "synthetic":
-        summary = fetch_synthetic(args.out_data, args.out_model, cfg, seed=base["seed"])
+        summary = fetch_synthetic(args.out_data, args.out_model, cfg, seed=base["seed"], threads=base["threads"])
     else:  # real: hub repos, hashed URLs and local folders declared in fetch_data.sources, then validation
         summary = fetch_real(args.out_data, args.out_model, cfg, base["data"], seed=base["seed"],
                              rerecord=[*args.re_record, *rerecord_from_env()])

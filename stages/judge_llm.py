@@ -30,6 +30,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     params = params_of(args)
     cfg, base = params["judge_llm"], params["base"]
+    if cfg["backend"] == "local":
+        from repic.vlm.models import use_threads  # torch only for the local judge
+
+        use_threads(base["threads"])
     out = Path(args.out)
     if cfg["backend"] == "none":
         with staged_outputs(out) as stage:

@@ -21,7 +21,7 @@ from repic.core.params import params_of
 from repic.eval.captioning import build_conversation
 from repic.eval.queries import expand_queries
 from repic.train.merge import check, merge_and_verify
-from repic.vlm.models import check_adapter
+from repic.vlm.models import check_adapter, use_threads
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -32,6 +32,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="output folder: model/ (the merged model), merge_report.json")
     args = p.parse_args(argv)
     params = params_of(args)
+    use_threads(params["base"]["threads"])
     cfg = params["merge_lora"]
     check_adapter(args.adapter, args.model)  # an adapter made for another base: one line, before the merge
     dataset = eval_datasets(params["base"]["data"]["datasets"])[0]

@@ -25,6 +25,7 @@ from repic.core.io import RepicError, staged_outputs, write_json
 from repic.core.layout import DB_MANIFEST, INDEX_META, RETRIEVAL_REPORT, SETTINGS, eval_datasets
 from repic.core.params import params_of
 from repic.eval.retrieve import retrieve_setting
+from repic.vlm.models import use_threads
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--database", help="the database_mod.json of --queries (its categories prompt the detector)")
     args = p.parse_args(argv)
     params = params_of(args)
+    use_threads(params["base"]["threads"])
     if bool(args.queries) != bool(args.database):
         raise RepicError("--queries and --database go together (one query map and its database)")
     if args.queries:

@@ -24,6 +24,7 @@ from repic.core.progress import training_callback
 from repic.data.subset import stratified_subset
 from repic.data.validate import validate_training
 from repic.train.grpo import heldout_rewards, summarize_log, train
+from repic.vlm.models import use_threads
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -39,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # GRPOConfig and LoraConfig included, then the data.
     params = params_of(args, libraries=True)
     base = params["base"]
+    use_threads(base["threads"])
     samples = validate_training(read_json(args.train), args.train)
     n_eval = params["train_grpo_lora"]["heldout_eval"]
     heldout = validate_training(read_json(args.heldout), args.heldout) if n_eval and args.heldout else []

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,29 @@ def test_bad_overlay_is_one_line_naming_the_file(tmp_path, capsys, text, expecte
     err = capsys.readouterr().err
     assert err.startswith(f"error: {overlay}: {expected}") and err.count("\n") == 1
     assert params.read_text() == before
+
+
+def test_every_torch_stage_runs_on_base_threads(tmp_path):
+    """`base.threads` (torch's CPU threads: the count changes float addition order, hence the bytes) is 1 in the
+    embedded default and null (torch's default) only in the GPU paper config; every stage that loads
+    repic/vlm/models.py (torch) declares it in dvc.yaml and applies it (`use_threads`), so a change reruns it."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert params["base"]["threads"] == 1
+    paper = yaml.safe_load((REPO / "configs" / "paper.yaml").read_text())
+    assert paper["base"]["threads"] is None
+    for bad, expected in [(0, "0 is less than the minimum of 1"), (1.5, "1.5 is not of type 'integer', 'null'")]:
+        params["base"]["threads"] = bad
+        with pytest.raises(RepicError, match=rf"base\.threads: {re.escape(expected)}"):
+            load_params(_write(tmp_path, params))
+    stages = {name: stage.get("do", stage) for name, stage in
+              yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items()}
+    torch_stages = {name: stage for name, stage in stages.items()
+                    if "repic/vlm/models.py" in stage.get("deps", [])}
+    assert {"fetch_data", "build_db", "train_grpo_lora", "merge_lora", "caption_single", "judge_llm"} \
+        <= set(torch_stages)
+    for name, stage in torch_stages.items():
+        assert "base.threads" in stage["params"], name
+        module = re.search(r"-m\s+stages\.(\w+)", stage["cmd"]).group(1)
+        source = (REPO / "stages" / f"{module}.py").read_text()
+        assert re.search(r"use_threads\((base|params\[\"base\"\])\[\"threads\"\]\)|threads=base\[\"threads\"\]",
+                         source), name

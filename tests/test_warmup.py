@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -47,6 +49,32 @@ def test_batch_puts_loss_on_the_answer_only(tiny_model_dir):
                                  {"messages": msgs, "images": None, "target": "yes"}])
     labelled = [tok.decode([t for t in row.tolist() if t != -100]) for row in batch["labels"]]
     assert labelled == ["zorp>", "yes" + tok.eos_token]
+
+
+def test_answer_loss_is_the_models_loss(tiny_model_dir):
+    """`answer_loss` (the output layer at the labelled positions only) is `model(**batch).loss`, gradients
+    included, on image batches of drills and captions with right padding."""
+    from repic.vlm.models import load_model, load_processor
+
+    processor = load_processor(tiny_model_dir)
+    model = load_model(tiny_model_dir, device="cpu", dtype="float32").train()
+    drills = W.naming_drills(**WORLD, n=4, n_names=20, n_distractors=2, image_size=64)
+    examples = W.warmup_examples(**WORLD, n_distractors=2, image_size=64, n_names=20, name_rate=0.3,
+                                 name_rate_asked=0.9, n_examples=3)
+    for items in (drills, examples):
+        batch = W._batch(processor, items)
+        assert (batch["attention_mask"] == 0).any()  # padded rows: their positions carry no label
+        grads = []
+        for loss_of in (lambda b: model(**b).loss, partial(W.answer_loss, model)):
+            model.zero_grad()
+            loss = loss_of(batch)
+            loss.backward()
+            grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+        (ref, ref_grads), (ours, our_grads) = grads
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+        assert len(our_grads) == len(ref_grads)
+        for a, b in zip(our_grads, ref_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_judge_examples_follow_the_judges_rule():

@@ -102,6 +102,7 @@ _MODEL_ROW = _obj({"label": {"type": "string", "minLength": 1}, "kind": {"enum":
 SCHEMA: dict[str, Any] = _obj({
     "base": _obj({
         "seed": _INT,
+        "threads": {"type": ["integer", "null"], "minimum": 1},
         "device": {"type": "string", "pattern": "^(auto|cpu|cuda(:[0-9]+)?)$"},
         "dtype": {"enum": ["auto", "float32", "bfloat16", "float16"]},
         "data": _obj({"root": _STR, "train_json": _STR,
@@ -130,8 +131,8 @@ SCHEMA: dict[str, Any] = _obj({
                      "name_share": {"type": "number", "minimum": 0}}),
         "warmup": _obj({
             "examples": _POS, "names": _POS, "name_rate": _RATE, "name_rate_asked": _RATE,
-            "drills": _POS, "judge": _POS, "drill_steps": _INT, "warmup_steps": _INT, "steps": _INT, "batch_size": _POS,
-            "learning_rate": _NUM, "threads": _POS,
+            "drills": _POS, "judge": _POS, "drill_batch_size": _POS, "drill_steps": _INT, "warmup_steps": _INT,
+            "steps": _INT, "batch_size": _POS, "learning_rate": _NUM,
         }),
     }),
     "subset_2k": _obj({"n_samples": _POS}),

@@ -30,9 +30,9 @@ def world_texts(root: Path) -> Iterator[str]:
 
 
 def fetch_synthetic(out_data: str | os.PathLike, out_model: str | os.PathLike, params: dict[str, Any],
-                    seed: int) -> dict[str, Any]:
+                    seed: int, threads: int | None = None) -> dict[str, Any]:
     """Seeded concept world + tiny Qwen2.5-VL (tokenizer trained on the world's and the warm-up's text,
-    then the supervised warm-up of repic.synthetic.warmup)."""
+    then the supervised warm-up of repic.synthetic.warmup, on `threads` torch threads: params `base.threads`)."""
     from repic.core.progress import Progress
     from repic.synthetic.tiny_model import build_tiny_model, check_single_tokens
     from repic.synthetic.warmup import naming_drills, warmup, warmup_examples, warmup_names
@@ -59,8 +59,9 @@ def fetch_synthetic(out_data: str | os.PathLike, out_model: str | os.PathLike, p
             with Progress(wcfg["drill_steps"] + wcfg["steps"], "warm-up", unit="step") as bar:
                 losses = warmup(model_tmp, examples, steps=wcfg["steps"], batch_size=wcfg["batch_size"],
                                 learning_rate=wcfg["learning_rate"], seed=seed, drills=drills, judge=judge,
-                                drill_steps=wcfg["drill_steps"], warmup_steps=wcfg["warmup_steps"],
-                                freeze_embeddings=True, threads=wcfg["threads"], callback=lambda *_: bar.update())
+                                drill_batch_size=wcfg["drill_batch_size"], drill_steps=wcfg["drill_steps"],
+                                warmup_steps=wcfg["warmup_steps"], freeze_embeddings=True, threads=threads,
+                                callback=lambda *_: bar.update())
     return {**summary, "warmup_loss": [losses[0], losses[-1]] if losses else None}
 
 

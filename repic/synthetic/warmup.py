@@ -192,6 +192,19 @@ def _batch(processor: Any, examples: list[dict[str, Any]]) -> dict[str, torch.Te
     return batch
 
 
+def answer_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's own causal-LM loss (`model(**batch).loss`: mean cross-entropy of each labelled token given the
+    ones before it), with the output layer applied at the labelled positions only. The labels cover the answers
+    (`_batch`): a few tokens of a prompt of hundreds, and the output layer (hidden size x vocabulary) is most of
+    a tiny model's cost, so the warm-up skips its products for the prompt, whose logits the loss never reads."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = model.model(**inputs, use_cache=False).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    logits = model.lm_head(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+
+
 def caption_opening(keys: Sequence[str], k: int) -> str:
     """A naming caption's text up to the `<` of its `k`-th name (from 0): `<`, `<a> and <`, `<a>, <b>, <`..."""
     if k == 0:
@@ -250,10 +263,11 @@ def warmup(model_dir: str | os.PathLike, examples: list[dict[str, Any]], *, step
     over `warmup_steps`, stays through the drills, then falls linearly to 0. The examples' images are released
     (set to `[]`) once tokenised. `callback(step, model, processor, losses)` is called after every step.
 
-    `threads` (params `fetch_data.warmup.threads`): torch's intra-op thread count for the warm-up, restored after.
-    How a matrix product or a reduction is split between threads changes the order of float additions, so the
-    same seed on 1 and 4 threads gives different bytes; a fixed count makes them independent of the machine's
-    cores (not of its CPU's kernels: BLAS picks AVX2 or AVX-512 code by CPU, which round differently)."""
+    `threads` (params `base.threads`, which every torch stage applies: `repic.vlm.models.use_threads`): torch's
+    intra-op thread count for the warm-up, restored after. How a matrix product or a reduction is split between
+    threads changes the order of float additions, so the same seed on 1 and 4 threads gives different bytes; a
+    fixed count makes them independent of the machine's cores (not of its CPU's kernels: ATen and BLAS pick AVX2
+    or AVX-512 code by CPU, which round differently)."""
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -312,14 +326,14 @@ def _warmup(model_dir: str | os.PathLike, examples: list[dict[str, Any]], *, ste
     losses = []
     for step in range(drill_steps + steps):
         if step < drill_steps:
-            loss = model(**batch("drills", step % n_drill_batches)).loss
+            loss = answer_loss(model, batch("drills", step % n_drill_batches))
         else:
-            loss = model(**batch("examples", rng.randrange(n_example_batches))).loss
+            loss = answer_loss(model, batch("examples", rng.randrange(n_example_batches)))
             k = step - drill_steps
             if judge and k % 2:
-                loss = loss + model(**batch("judge", (k // 2) % n_judge_batches)).loss
+                loss = loss + answer_loss(model, batch("judge", (k // 2) % n_judge_batches))
             elif drills:
-                loss = loss + model(**batch("drills", (drill_steps + k // 2) % n_drill_batches)).loss
+                loss = loss + answer_loss(model, batch("drills", (drill_steps + k // 2) % n_drill_batches))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

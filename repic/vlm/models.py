@@ -32,6 +32,16 @@ class ImageQwenVLProcessor(Qwen2_5_VLProcessor):
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
 
+def use_threads(threads: int | None) -> None:
+    """params `base.threads`: torch's intra-op CPU thread count for the rest of the stage (None: torch's default,
+    the machine's cores). torch splits a matrix product or a reduction between its threads, so the count changes
+    the order of float additions and with it the bytes of everything computed on the CPU; a fixed count makes a
+    stage's outputs independent of the machine's cores (not of its CPU's kernels: README, "Same seed, same
+    numbers"). Every stage that runs torch calls it first."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
 def pick_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
