@@ -5,15 +5,28 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# --------------------------------------------------------------------------- one thread a process
+# `make test` runs two lanes on the 2-core machine: the embedded DAG's `dvc repro` in the background and the tests
+# in the foreground, each one core. Torch's default (a thread a core) oversubscribes them: OpenMP's spin-waiting
+# then made small ops ~50x slower (training steps of 15-30 s instead of 0.2-0.5 s, make test 2026-12-06). So every
+# process of the suite, this one and all it spawns (the lane's stages, the rehearsal, SLURM jobs, which inherit
+# the environment), runs one intra-op thread. REPIC_TEST_THREADS overrides it (a bigger machine).
+THREADS = os.environ.get("REPIC_TEST_THREADS", "1")
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = THREADS
+if "torch" in sys.modules:  # imported before this file (a plugin): the env var came too late for it
+    sys.modules["torch"].set_num_threads(int(THREADS))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -51,36 +64,46 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     _SESSION["start"] = time.monotonic()
 
 
-# --------------------------------------------------------------------------- the embedded DAG's background lane
-# The embedded DAG under `dvc repro` (test_pipeline_e2e's fixture) takes minutes of mostly one-core work: it runs
-# in the background, beside the other slow tests, instead of alone. Order: the fast part first (so its 30 s limit
-# is measured without it), then the slow and SLURM tests, the lane starting with the first of them, then
-# test_pipeline_e2e, whose fixture waits for the lane (or, with the e2e tests alone, starts it then).
+# --------------------------------------------------------------------------- the background lanes
+# The embedded DAG under `dvc repro` (test_pipeline_e2e's fixture) takes minutes of one-core work: it runs in the
+# background on one core from the session's start (once the tests are collected, if an e2e test is selected),
+# while the foreground runs the other tests on the other core (one thread each, above). The SLURM run of the
+# embedded DAG (test_slurm.py) is mostly waiting for SLURM's queue and Snakemake's status checks: it starts in the
+# background with the first slow test. Order: the fast part first, then the slow and SLURM tests, then the tests
+# that wait for a background run (the SLURM one, then test_pipeline_e2e).
 E2E = "tests/test_pipeline_e2e.py"
+SLURM_DAG = "tests/test_slurm.py::test_the_embedded_pipeline_runs_on_slurm"
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     def group(item: pytest.Item) -> int:
-        return 2 if item.nodeid.startswith(E2E) else 1 if _exempt(item) else 0
+        return 3 if item.nodeid.startswith(E2E) else 2 if item.nodeid == SLURM_DAG else 1 if _exempt(item) else 0
     items.sort(key=group)  # stable: each group keeps pytest's order
 
 
 class EmbeddedDag:
-    """`dvc repro` of the embedded DAG in a scratch git checkout of the working tree (its tracked and untracked,
-    not ignored files; this checkout's pipeline outputs stay behind), as a user runs it. Its log, wall seconds and
-    CPU seconds (the process tree's, from wait4) land beside it: repro.log, repro.seconds, repro.cpu_seconds."""
+    """`command` (`dvc repro` of the embedded DAG by default) in a scratch git checkout of the working tree (its
+    tracked and untracked, not ignored files; this checkout's pipeline outputs stay behind; `prepare(work)` edits it
+    before `git init`), as a user runs it. Its log, wall seconds and CPU seconds (the process tree's, from wait4)
+    land beside it: <name>.log, <name>.seconds, <name>.cpu_seconds. `interrupt`: stop() sends SIGINT first (a
+    Snakemake run cancels its SLURM jobs on it), then SIGKILL to the process group."""
 
-    def __init__(self, work: Path, command: tuple[str, ...] = ("dvc", "repro")):
-        self.work = work
+    def __init__(self, work: Path, command: tuple[str, ...] = ("dvc", "repro"), name: str = "repro",
+                 prepare: Callable[[Path], None] | None = None, env: dict[str, str] | None = None,
+                 interrupt: bool = False):
+        self.work, self.name, self.interrupt = work, name, interrupt
         files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
                                capture_output=True, text=True, check=True).stdout.split("\0")
         for rel in filter(None, files):
             if (REPO / rel).is_file() and not rel.startswith(("results/", "data/")):
                 (work / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(REPO / rel, work / rel)
+        if prepare:
+            prepare(work)
         subprocess.run(["git", "init", "-q"], cwd=work, check=True)
-        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
-        self.log = open(work / "repro.log", "w")  # noqa: SIM115 - closed in wait()
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
+               **(env or {})}
+        self.log = open(work / f"{name}.log", "w")  # noqa: SIM115 - closed in wait()
         self.start = time.monotonic()
         self.proc = subprocess.Popen(command, cwd=work, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)  # its own process group: stopped whole if unused
@@ -89,8 +112,15 @@ class EmbeddedDag:
     def stop(self) -> None:
         """The session ended before a test waited for the run (-x, a deselection): stop it and its stages."""
         if self.returncode is None:
-            os.killpg(self.proc.pid, 9)
-            self.proc.wait()
+            if self.interrupt:
+                os.killpg(self.proc.pid, signal.SIGINT)
+                try:
+                    self.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    pass
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
             self.returncode = self.proc.returncode
             self.log.close()
 
@@ -99,16 +129,17 @@ class EmbeddedDag:
             deadline = time.monotonic() + timeout
             while (done := os.wait4(self.proc.pid, os.WNOHANG))[0] == 0:
                 if time.monotonic() > deadline:
-                    self.proc.kill()
-                    pytest.fail(f"dvc repro of the embedded DAG ran over {timeout:.0f} s")
+                    self.stop()
+                    pytest.fail(f"{' '.join(self.proc.args)} ran over {timeout:.0f} s")
                 time.sleep(0.5)
             _, status, usage = done
             self.proc.returncode = self.returncode = os.waitstatus_to_exitcode(status)
             self.log.close()
-            (self.work / "repro.seconds").write_text(f"{time.monotonic() - self.start:.1f}")
-            (self.work / "repro.cpu_seconds").write_text(f"{usage.ru_utime + usage.ru_stime:.1f}")
+            (self.work / f"{self.name}.seconds").write_text(f"{time.monotonic() - self.start:.1f}")
+            (self.work / f"{self.name}.cpu_seconds").write_text(f"{usage.ru_utime + usage.ru_stime:.1f}")
         if self.returncode != 0:
-            pytest.fail(f"dvc repro failed ({self.returncode}):\n{(self.work / 'repro.log').read_text()[-6000:]}")
+            pytest.fail(f"{' '.join(self.proc.args)} failed ({self.returncode}):\n"
+                        f"{(self.work / f'{self.name}.log').read_text()[-6000:]}")
         return self.work
 
 
@@ -118,17 +149,33 @@ def _embedded_dag(config: pytest.Config) -> EmbeddedDag:
     return _SESSION["dag"]
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The e2e lane starts now (session.items: after -m, -k and deselection) if an e2e test is to run."""
+    if session.config.option.collectonly:
+        return
+    if any(i.nodeid.startswith(E2E) for i in session.items):
+        _embedded_dag(session.config)
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    if _exempt(item) and "dag" not in _SESSION:
-        if "e2e" not in _SESSION:  # the e2e tests are among those selected (session.items: after -m, -k)
-            _SESSION["e2e"] = any(i.nodeid.startswith(E2E) for i in item.session.items)
-        if _SESSION["e2e"]:
-            _embedded_dag(item.config)  # the first slow test: the lane starts
+    """The first slow test starts the SLURM run of the embedded DAG if its test is selected (test_slurm.py's
+    `start_embedded_on_slurm`: None when SLURM is not up, and that test skips)."""
+    if _exempt(item) and "slurm_dag" not in _SESSION:
+        test = next((i for i in item.session.items if i.nodeid == SLURM_DAG), None)
+        _SESSION["slurm_dag"] = test and test.module.start_embedded_on_slurm(
+            item.config._tmp_path_factory.mktemp("slurm_dag"))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if "dag" in _SESSION:
-        _SESSION["dag"].stop()
+    for lane in ("dag", "slurm_dag"):
+        if _SESSION.get(lane):
+            _SESSION[lane].stop()
+
+
+@pytest.fixture(scope="session")
+def slurm_dag() -> EmbeddedDag | None:
+    """The SLURM run of the embedded DAG started in the background (None: SLURM is not up)."""
+    return _SESSION.get("slurm_dag")
 
 
 @pytest.fixture(scope="session")
