@@ -64,48 +64,38 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     _SESSION["start"] = time.monotonic()
 
 
-# --------------------------------------------------------------------------- the background lanes
-# The embedded DAG under `dvc repro` (test_pipeline_e2e's fixture) takes minutes of one-core work: it runs in the
-# background on one core from the session's start (once the tests are collected, if an e2e test is selected),
-# while the foreground runs the other tests on the other core (one thread each, above). The SLURM run of the
-# embedded DAG (test_slurm.py) is mostly waiting for SLURM's queue and Snakemake's status checks: it starts in the
-# background with the first slow test. Order: the fast part first, then the slow and SLURM tests, then the tests
-# that wait for a background run (the SLURM one, then test_pipeline_e2e).
+# --------------------------------------------------------------------------- the background runs
+# The long runs go in the background so that both cores stay busy: the embedded DAG under `dvc repro`
+# (test_pipeline_e2e's fixture, minutes of one-core work) from the session's start (once the tests are collected,
+# if an e2e test is selected), beside the fast part; with the first slow test, the SLURM run of the embedded DAG
+# (test_slurm.py: mostly waiting for SLURM's queue and Snakemake's status checks) and the paper rehearsal
+# (test_rehearsal.py), each started by its test module's `start_in_background(tmp)`. The foreground runs the
+# other tests meanwhile; the tests reading a background run come last and wait for it (the SLURM run's and the
+# rehearsal's, then test_pipeline_e2e's). One thread a process (above) keeps the shared cores from spinning.
 E2E = "tests/test_pipeline_e2e.py"
-SLURM_DAG = "tests/test_slurm.py::test_the_embedded_pipeline_runs_on_slurm"
+BACKGROUND = ("tests/test_slurm.py::test_the_embedded_pipeline_runs_on_slurm",
+              "tests/test_rehearsal.py::test_paper_rehearsal_runs_every_stage")
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     def group(item: pytest.Item) -> int:
-        return 3 if item.nodeid.startswith(E2E) else 2 if item.nodeid == SLURM_DAG else 1 if _exempt(item) else 0
+        return 3 if item.nodeid.startswith(E2E) else 2 if item.nodeid in BACKGROUND else 1 if _exempt(item) else 0
     items.sort(key=group)  # stable: each group keeps pytest's order
 
 
-class EmbeddedDag:
-    """`command` (`dvc repro` of the embedded DAG by default) in a scratch git checkout of the working tree (its
-    tracked and untracked, not ignored files; this checkout's pipeline outputs stay behind; `prepare(work)` edits it
-    before `git init`), as a user runs it. Its log, wall seconds and CPU seconds (the process tree's, from wait4)
-    land beside it: <name>.log, <name>.seconds, <name>.cpu_seconds. `interrupt`: stop() sends SIGINT first (a
-    Snakemake run cancels its SLURM jobs on it), then SIGKILL to the process group."""
+class BackgroundRun:
+    """`command` in `cwd`, started now in its own process group, stdout and stderr to `log`. wait() reaps it and
+    writes its wall seconds and CPU seconds (the process tree's, from wait4) beside the log: <stem>.seconds,
+    <stem>.cpu_seconds. `interrupt`: stop() sends SIGINT first (a Snakemake run cancels its SLURM jobs on it)."""
 
-    def __init__(self, work: Path, command: tuple[str, ...] = ("dvc", "repro"), name: str = "repro",
-                 prepare: Callable[[Path], None] | None = None, env: dict[str, str] | None = None,
+    def __init__(self, command: tuple[str, ...], cwd: Path, log: Path, env: dict[str, str] | None = None,
                  interrupt: bool = False):
-        self.work, self.name, self.interrupt = work, name, interrupt
-        files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.split("\0")
-        for rel in filter(None, files):
-            if (REPO / rel).is_file() and not rel.startswith(("results/", "data/")):
-                (work / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(REPO / rel, work / rel)
-        if prepare:
-            prepare(work)
-        subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+        self.command, self.log_path, self.interrupt = command, log, interrupt
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
                **(env or {})}
-        self.log = open(work / f"{name}.log", "w")  # noqa: SIM115 - closed in wait()
+        self.log = open(log, "w")  # noqa: SIM115 - closed in wait() or stop()
         self.start = time.monotonic()
-        self.proc = subprocess.Popen(command, cwd=work, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)  # its own process group: stopped whole if unused
         self.returncode: int | None = None
 
@@ -124,22 +114,49 @@ class EmbeddedDag:
             self.returncode = self.proc.returncode
             self.log.close()
 
-    def wait(self, timeout: float = 1800) -> Path:
+    def wait(self, timeout: float = 1800) -> int:
+        """Its exit status, once it ends; fails the test if it runs over `timeout` seconds from its start."""
         if self.returncode is None:
-            deadline = time.monotonic() + timeout
             while (done := os.wait4(self.proc.pid, os.WNOHANG))[0] == 0:
-                if time.monotonic() > deadline:
+                if time.monotonic() > self.start + timeout:
                     self.stop()
-                    pytest.fail(f"{' '.join(self.proc.args)} ran over {timeout:.0f} s")
+                    pytest.fail(f"{' '.join(self.command)} ran over {timeout:.0f} s")
                 time.sleep(0.5)
             _, status, usage = done
             self.proc.returncode = self.returncode = os.waitstatus_to_exitcode(status)
             self.log.close()
-            (self.work / f"{self.name}.seconds").write_text(f"{time.monotonic() - self.start:.1f}")
-            (self.work / f"{self.name}.cpu_seconds").write_text(f"{usage.ru_utime + usage.ru_stime:.1f}")
-        if self.returncode != 0:
-            pytest.fail(f"{' '.join(self.proc.args)} failed ({self.returncode}):\n"
-                        f"{(self.work / f'{self.name}.log').read_text()[-6000:]}")
+            stem = self.log_path.with_suffix("")
+            stem.with_suffix(".seconds").write_text(f"{time.monotonic() - self.start:.1f}")
+            stem.with_suffix(".cpu_seconds").write_text(f"{usage.ru_utime + usage.ru_stime:.1f}")
+        return self.returncode
+
+    def tail(self, n: int = 6000) -> str:
+        return self.log_path.read_text(errors="replace")[-n:]
+
+
+class EmbeddedDag(BackgroundRun):
+    """`command` (`dvc repro` of the embedded DAG by default) in a scratch git checkout of the working tree (its
+    tracked and untracked, not ignored files; this checkout's pipeline outputs stay behind; `prepare(work)` edits it
+    before `git init`), as a user runs it; its log <name>.log and times land beside it."""
+
+    def __init__(self, work: Path, command: tuple[str, ...] = ("dvc", "repro"), name: str = "repro",
+                 prepare: Callable[[Path], None] | None = None, env: dict[str, str] | None = None,
+                 interrupt: bool = False):
+        self.work = work
+        files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.split("\0")
+        for rel in filter(None, files):
+            if (REPO / rel).is_file() and not rel.startswith(("results/", "data/")):
+                (work / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(REPO / rel, work / rel)
+        if prepare:
+            prepare(work)
+        subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+        super().__init__(command, work, work / f"{name}.log", env, interrupt)
+
+    def wait(self, timeout: float = 1800) -> Path:  # type: ignore[override]
+        if super().wait(timeout) != 0:
+            pytest.fail(f"{' '.join(self.command)} failed ({self.returncode}):\n{self.tail()}")
         return self.work
 
 
@@ -158,24 +175,27 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """The first slow test starts the SLURM run of the embedded DAG if its test is selected (test_slurm.py's
-    `start_embedded_on_slurm`: None when SLURM is not up, and that test skips)."""
-    if _exempt(item) and "slurm_dag" not in _SESSION:
-        test = next((i for i in item.session.items if i.nodeid == SLURM_DAG), None)
-        _SESSION["slurm_dag"] = test and test.module.start_embedded_on_slurm(
-            item.config._tmp_path_factory.mktemp("slurm_dag"))
+    """The first slow test starts the selected BACKGROUND tests' runs (their module's `start_in_background(tmp)`;
+    None where the run cannot start here, e.g. SLURM is down, and that test skips)."""
+    if _exempt(item) and "runs" not in _SESSION:
+        _SESSION["runs"] = {}
+        for test in item.session.items:
+            if test.nodeid in BACKGROUND:
+                tmp = item.config._tmp_path_factory.mktemp(test.name[:30])
+                _SESSION["runs"][test.nodeid] = test.module.start_in_background(tmp)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    for lane in ("dag", "slurm_dag"):
-        if _SESSION.get(lane):
-            _SESSION[lane].stop()
+    for run in [_SESSION.get("dag"), *_SESSION.get("runs", {}).values()]:
+        if run:
+            run.stop()
 
 
-@pytest.fixture(scope="session")
-def slurm_dag() -> EmbeddedDag | None:
-    """The SLURM run of the embedded DAG started in the background (None: SLURM is not up)."""
-    return _SESSION.get("slurm_dag")
+@pytest.fixture
+def background(request: pytest.FixtureRequest) -> BackgroundRun | None:
+    """The background run of this test (one of BACKGROUND), started with the first slow test (None: it could not
+    start here)."""
+    return _SESSION.get("runs", {}).get(request.node.nodeid)
 
 
 @pytest.fixture(scope="session")

@@ -149,7 +149,7 @@ def short_params(text: str) -> str:
     return yaml.safe_dump(params, sort_keys=False)
 
 
-def start_embedded_on_slurm(tmp: Path):
+def start_in_background(tmp: Path):
     """`snakemake --profile slurm` on the real dvc.yaml in a scratch copy of the working tree (sizes cut: SHORT),
     started in the background by conftest.py with the first slow test (most of its time is SLURM's queue and
     Snakemake's status checks); None when SLURM is not up. Jobs get one CPU (CI's cap `max_threads=1`, so
@@ -169,12 +169,12 @@ def start_embedded_on_slurm(tmp: Path):
 
 
 @pytest.mark.slow
-def test_the_embedded_pipeline_runs_on_slurm(slurm_dag) -> None:
+def test_the_embedded_pipeline_runs_on_slurm(background) -> None:
     """The real dvc.yaml, in a scratch copy of the working tree, stage by stage as SLURM jobs (sizes cut: SHORT)."""
     from dvc.repo import Repo
 
-    assert slurm_dag is not None  # started by conftest.py whenever SLURM is up (else slurm_up skipped this test)
-    work = slurm_dag.wait()
+    assert background is not None  # started by conftest.py whenever SLURM is up (else slurm_up skipped this test)
+    work = background.wait()
     log = (work / "snakemake.log").read_text()
     pipeline = [s for s in Repo(str(work)).index.stages if getattr(s, "cmd", None)]
     stages = {dvc_dag.rule_name(dvc_dag.stage_address(s, work)) for s in pipeline}
