@@ -17,11 +17,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # --------------------------------------------------------------------------- one thread a process
-# `make test` runs two lanes on the 2-core machine: the embedded DAG's `dvc repro` in the background and the tests
-# in the foreground, each one core. Torch's default (a thread a core) oversubscribes them: OpenMP's spin-waiting
-# then made small ops ~50x slower (training steps of 15-30 s instead of 0.2-0.5 s, make test 2026-12-06). So every
-# process of the suite, this one and all it spawns (the lane's stages, the rehearsal, SLURM jobs, which inherit
-# the environment), runs one intra-op thread. REPIC_TEST_THREADS overrides it (a bigger machine).
+# `make test` runs its long runs in the background beside the foreground's tests (below) on the 2-core machine.
+# Torch's default (a thread a core) oversubscribes the cores: OpenMP's spin-waiting then made small ops ~50x slower
+# (the e2e run's training steps took 15-30 s instead of 0.2-0.5 s, make test 2026-12-06). So every process of the
+# suite, this one and all it spawns (the background runs' stages, SLURM jobs, which inherit the environment), runs
+# one intra-op thread. REPIC_TEST_THREADS overrides it (a bigger machine).
 THREADS = os.environ.get("REPIC_TEST_THREADS", "1")
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = THREADS
