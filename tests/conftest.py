@@ -5,15 +5,28 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# --------------------------------------------------------------------------- one thread a process
+# `make test` runs its long runs in the background beside the foreground's tests (below) on the 2-core machine.
+# Torch's default (a thread a core) oversubscribes the cores: OpenMP's spin-waiting then made small ops ~50x slower
+# (the e2e run's training steps took 15-30 s instead of 0.2-0.5 s, make test 2026-12-06). So every process of the
+# suite, this one and all it spawns (the background runs' stages, SLURM jobs, which inherit the environment), runs
+# one intra-op thread. REPIC_TEST_THREADS overrides it (a bigger machine).
+THREADS = os.environ.get("REPIC_TEST_THREADS", "1")
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = THREADS
+if "torch" in sys.modules:  # imported before this file (a plugin): the env var came too late for it
+    sys.modules["torch"].set_num_threads(int(THREADS))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -51,26 +64,84 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     _SESSION["start"] = time.monotonic()
 
 
-# --------------------------------------------------------------------------- the embedded DAG's background lane
-# The embedded DAG under `dvc repro` (test_pipeline_e2e's fixture) takes minutes of mostly one-core work: it runs
-# in the background, beside the other slow tests, instead of alone. Order: the fast part first (so its 30 s limit
-# is measured without it), then the slow and SLURM tests, the lane starting with the first of them, then
-# test_pipeline_e2e, whose fixture waits for the lane (or, with the e2e tests alone, starts it then).
+# --------------------------------------------------------------------------- the background runs
+# The long runs go in the background so that both cores stay busy: the embedded DAG under `dvc repro`
+# (test_pipeline_e2e's fixture, minutes of one-core work) from the session's start (once the tests are collected,
+# if an e2e test is selected), beside the fast part; with the first slow test, the SLURM run of the embedded DAG
+# (test_slurm.py: mostly waiting for SLURM's queue and Snakemake's status checks) and the paper rehearsal
+# (test_rehearsal.py), each started by its test module's `start_in_background(tmp)`. The foreground runs the
+# other tests meanwhile; the tests reading a background run come last and wait for it (the SLURM run's and the
+# rehearsal's, then test_pipeline_e2e's). One thread a process (above) keeps the shared cores from spinning.
 E2E = "tests/test_pipeline_e2e.py"
+BACKGROUND = ("tests/test_slurm.py::test_the_embedded_pipeline_runs_on_slurm",
+              "tests/test_rehearsal.py::test_paper_rehearsal_runs_every_stage")
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     def group(item: pytest.Item) -> int:
-        return 2 if item.nodeid.startswith(E2E) else 1 if _exempt(item) else 0
+        return 3 if item.nodeid.startswith(E2E) else 2 if item.nodeid in BACKGROUND else 1 if _exempt(item) else 0
     items.sort(key=group)  # stable: each group keeps pytest's order
 
 
-class EmbeddedDag:
-    """`dvc repro` of the embedded DAG in a scratch git checkout of the working tree (its tracked and untracked,
-    not ignored files; this checkout's pipeline outputs stay behind), as a user runs it. Its log, wall seconds and
-    CPU seconds (the process tree's, from wait4) land beside it: repro.log, repro.seconds, repro.cpu_seconds."""
+class BackgroundRun:
+    """`command` in `cwd`, started now in its own process group, stdout and stderr to `log`. wait() reaps it and
+    writes its wall seconds and CPU seconds (the process tree's, from wait4) beside the log: <stem>.seconds,
+    <stem>.cpu_seconds. `interrupt`: stop() sends SIGINT first (a Snakemake run cancels its SLURM jobs on it)."""
 
-    def __init__(self, work: Path, command: tuple[str, ...] = ("dvc", "repro")):
+    def __init__(self, command: tuple[str, ...], cwd: Path, log: Path, env: dict[str, str] | None = None,
+                 interrupt: bool = False):
+        self.command, self.log_path, self.interrupt = command, log, interrupt
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
+               **(env or {})}
+        self.log = open(log, "w")  # noqa: SIM115 - closed in wait() or stop()
+        self.start = time.monotonic()
+        self.proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)  # its own process group: stopped whole if unused
+        self.returncode: int | None = None
+
+    def stop(self) -> None:
+        """The session ended before a test waited for the run (-x, a deselection): stop it and its stages."""
+        if self.returncode is None:
+            if self.interrupt:
+                os.killpg(self.proc.pid, signal.SIGINT)
+                try:
+                    self.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    pass
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+            self.returncode = self.proc.returncode
+            self.log.close()
+
+    def wait(self, timeout: float = 1800) -> int:
+        """Its exit status, once it ends; fails the test if it runs over `timeout` seconds from its start."""
+        if self.returncode is None:
+            while (done := os.wait4(self.proc.pid, os.WNOHANG))[0] == 0:
+                if time.monotonic() > self.start + timeout:
+                    self.stop()
+                    pytest.fail(f"{' '.join(self.command)} ran over {timeout:.0f} s")
+                time.sleep(0.5)
+            _, status, usage = done
+            self.proc.returncode = self.returncode = os.waitstatus_to_exitcode(status)
+            self.log.close()
+            stem = self.log_path.with_suffix("")
+            stem.with_suffix(".seconds").write_text(f"{time.monotonic() - self.start:.1f}")
+            stem.with_suffix(".cpu_seconds").write_text(f"{usage.ru_utime + usage.ru_stime:.1f}")
+        return self.returncode
+
+    def tail(self, n: int = 6000) -> str:
+        return self.log_path.read_text(errors="replace")[-n:]
+
+
+class EmbeddedDag(BackgroundRun):
+    """`command` (`dvc repro` of the embedded DAG by default) in a scratch git checkout of the working tree (its
+    tracked and untracked, not ignored files; this checkout's pipeline outputs stay behind; `prepare(work)` edits it
+    before `git init`), as a user runs it; its log <name>.log and times land beside it."""
+
+    def __init__(self, work: Path, command: tuple[str, ...] = ("dvc", "repro"), name: str = "repro",
+                 prepare: Callable[[Path], None] | None = None, env: dict[str, str] | None = None,
+                 interrupt: bool = False):
         self.work = work
         files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
                                capture_output=True, text=True, check=True).stdout.split("\0")
@@ -78,37 +149,14 @@ class EmbeddedDag:
             if (REPO / rel).is_file() and not rel.startswith(("results/", "data/")):
                 (work / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(REPO / rel, work / rel)
+        if prepare:
+            prepare(work)
         subprocess.run(["git", "init", "-q"], cwd=work, check=True)
-        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
-        self.log = open(work / "repro.log", "w")  # noqa: SIM115 - closed in wait()
-        self.start = time.monotonic()
-        self.proc = subprocess.Popen(command, cwd=work, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)  # its own process group: stopped whole if unused
-        self.returncode: int | None = None
+        super().__init__(command, work, work / f"{name}.log", env, interrupt)
 
-    def stop(self) -> None:
-        """The session ended before a test waited for the run (-x, a deselection): stop it and its stages."""
-        if self.returncode is None:
-            os.killpg(self.proc.pid, 9)
-            self.proc.wait()
-            self.returncode = self.proc.returncode
-            self.log.close()
-
-    def wait(self, timeout: float = 1800) -> Path:
-        if self.returncode is None:
-            deadline = time.monotonic() + timeout
-            while (done := os.wait4(self.proc.pid, os.WNOHANG))[0] == 0:
-                if time.monotonic() > deadline:
-                    self.proc.kill()
-                    pytest.fail(f"dvc repro of the embedded DAG ran over {timeout:.0f} s")
-                time.sleep(0.5)
-            _, status, usage = done
-            self.proc.returncode = self.returncode = os.waitstatus_to_exitcode(status)
-            self.log.close()
-            (self.work / "repro.seconds").write_text(f"{time.monotonic() - self.start:.1f}")
-            (self.work / "repro.cpu_seconds").write_text(f"{usage.ru_utime + usage.ru_stime:.1f}")
-        if self.returncode != 0:
-            pytest.fail(f"dvc repro failed ({self.returncode}):\n{(self.work / 'repro.log').read_text()[-6000:]}")
+    def wait(self, timeout: float = 1800) -> Path:  # type: ignore[override]
+        if super().wait(timeout) != 0:
+            pytest.fail(f"{' '.join(self.command)} failed ({self.returncode}):\n{self.tail()}")
         return self.work
 
 
@@ -118,17 +166,36 @@ def _embedded_dag(config: pytest.Config) -> EmbeddedDag:
     return _SESSION["dag"]
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The e2e lane starts now (session.items: after -m, -k and deselection) if an e2e test is to run."""
+    if session.config.option.collectonly:
+        return
+    if any(i.nodeid.startswith(E2E) for i in session.items):
+        _embedded_dag(session.config)
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    if _exempt(item) and "dag" not in _SESSION:
-        if "e2e" not in _SESSION:  # the e2e tests are among those selected (session.items: after -m, -k)
-            _SESSION["e2e"] = any(i.nodeid.startswith(E2E) for i in item.session.items)
-        if _SESSION["e2e"]:
-            _embedded_dag(item.config)  # the first slow test: the lane starts
+    """The first slow test starts the selected BACKGROUND tests' runs (their module's `start_in_background(tmp)`;
+    None where the run cannot start here, e.g. SLURM is down, and that test skips)."""
+    if _exempt(item) and "runs" not in _SESSION:
+        _SESSION["runs"] = {}
+        for test in item.session.items:
+            if test.nodeid in BACKGROUND:
+                tmp = item.config._tmp_path_factory.mktemp(test.name[:30])
+                _SESSION["runs"][test.nodeid] = test.module.start_in_background(tmp)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if "dag" in _SESSION:
-        _SESSION["dag"].stop()
+    for run in [_SESSION.get("dag"), *_SESSION.get("runs", {}).values()]:
+        if run:
+            run.stop()
+
+
+@pytest.fixture
+def background(request: pytest.FixtureRequest) -> BackgroundRun | None:
+    """The background run of this test (one of BACKGROUND), started with the first slow test (None: it could not
+    start here)."""
+    return _SESSION.get("runs", {}).get(request.node.nodeid)
 
 
 @pytest.fixture(scope="session")

@@ -173,6 +173,7 @@ def configurations() -> list[tuple[str, dict[str, Any]]]:
                                        deep_merge(base, yaml.safe_load(o.read_text()) or {})) for o in OVERLAYS]
 
 
+@pytest.mark.slow  # a DVC rerun per leaf class and key name: 16 s alone, 33 s beside the background runs (make test)
 def test_every_declared_param_reruns_its_stage(tmp_path):
     declared = declared_params()
     keys = sorted({key for keys in declared.values() for key in keys})

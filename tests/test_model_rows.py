@@ -250,6 +250,7 @@ def test_training_again_recomputes_only_our_rows_and_released_rows_need_no_train
     assert ran == {"train_grpo_lora", "merge_lora", *ours, "score", "judge_llm", "report"}
 
 
+@pytest.mark.slow  # dvc repro runs of the whole stand-in DAG: 14 s alone, 34 s beside the background runs
 def test_embedded_default_rows_the_same_way(tmp_path):
     """The embedded default (base, trained, merged): new training output reruns caption_<setting>@trained and
     @merged (the merge of the new adapter), not @base. An edit to a module that cannot change an output

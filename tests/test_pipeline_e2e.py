@@ -35,7 +35,7 @@ def _sh(args: list[str], cwd: Path, timeout: int = 1200) -> str:
 @pytest.fixture(scope="module")
 def pipeline(embedded_dag: Path) -> Path:
     """A scratch git checkout of the working tree with the embedded DAG reproduced once by `dvc repro`: the run
-    conftest.py starts in the background with the first slow test (or now, with these tests alone)."""
+    conftest.py starts in the background once the tests are collected."""
     return embedded_dag
 
 

@@ -149,30 +149,33 @@ def short_params(text: str) -> str:
     return yaml.safe_dump(params, sort_keys=False)
 
 
+def start_in_background(tmp: Path):
+    """`snakemake --profile slurm` on the real dvc.yaml in a scratch copy of the working tree (sizes cut: SHORT),
+    started in the background by conftest.py with the first slow test (most of its time is SLURM's queue and
+    Snakemake's status checks); None when SLURM is not up. Jobs get one CPU (CI's cap `max_threads=1`, so
+    Snakemake sets OMP_NUM_THREADS=1 in them): the suite runs one thread a process (conftest.py)."""
+    from .conftest import EmbeddedDag
+
+    if slurm_unreachable():
+        return None
+    env = profiles_env(tmp)
+    ci_caps = ["--config", "max_gpu=1", "max_mem_mb=2000", "max_threads=1"]  # the profile's, threads 2 -> 1
+
+    def shorten(work: Path) -> None:
+        (work / "params.yaml").write_text(short_params((work / "params.yaml").read_text()))
+
+    return EmbeddedDag(tmp / "repo", (*SNAKEMAKE, "--profile", "slurm", "--profile", CI_PROFILE, *ci_caps),
+                       name="snakemake", prepare=shorten, env=env, interrupt=True)
+
+
 @pytest.mark.slow
-def test_the_embedded_pipeline_runs_on_slurm(tmp_path: Path) -> None:
+def test_the_embedded_pipeline_runs_on_slurm(background) -> None:
     """The real dvc.yaml, in a scratch copy of the working tree, stage by stage as SLURM jobs (sizes cut: SHORT)."""
     from dvc.repo import Repo
 
-    work = tmp_path / "repo"
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\0")
-    for rel in filter(None, files):
-        # pipeline outputs of this checkout (metrics, the judge's cache) stay behind: the copy starts clean
-        if (ROOT / rel).is_file() and not rel.startswith(("results/", "data/")):
-            (work / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, work / rel)
-    (work / "params.yaml").write_text(short_params((work / "params.yaml").read_text()))
-    run(["git", "init", "-q"], work)
-    env = profiles_env(tmp_path)
-
-    log = on_slurm(work, env).stdout
-    (tmp_path / "snakemake.log").write_text(log)
+    assert background is not None  # started by conftest.py whenever SLURM is up (else slurm_up skipped this test)
+    work = background.wait()
+    log = (work / "snakemake.log").read_text()
     pipeline = [s for s in Repo(str(work)).index.stages if getattr(s, "cmd", None)]
     stages = {dvc_dag.rule_name(dvc_dag.stage_address(s, work)) for s in pipeline}
     jobs = slurm_jobs(log)
@@ -180,7 +183,6 @@ def test_the_embedded_pipeline_runs_on_slurm(tmp_path: Path) -> None:
     assert all(job_log.is_file() for _, job_log in jobs.values())
     dvc_clean(work)
     assert "Running stage" not in run([*DVC, "repro"], work).stdout
-
 
 
 # The real train_grpo_lora stage (`python -m stages.train_grpo_lora`, run through runpy) with its rollouts

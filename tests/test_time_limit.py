@@ -48,3 +48,16 @@ def test_an_unmarked_test_over_the_limit_fails(tmp_path: Path) -> None:
     assert "over the 1 s limit for a test not marked `slow`" in out, out
     assert "test_budget.py::test_over took 1." in out, out
     assert "total test time" in out and "slow 1 s, slurm 1 s" in out, out
+
+
+def test_the_suite_runs_one_thread_a_process() -> None:
+    """conftest.py pins OpenMP/MKL to REPIC_TEST_THREADS (1) for this process and every process it spawns (the
+    background lanes' stages, the rehearsal, SLURM jobs): two lanes on two cores, no oversubscription."""
+    import torch
+
+    threads = int(os.environ.get("REPIC_TEST_THREADS", "1"))
+    assert torch.get_num_threads() == threads
+    assert (os.environ["OMP_NUM_THREADS"], os.environ["MKL_NUM_THREADS"]) == (str(threads), str(threads))
+    child = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                           capture_output=True, text=True, timeout=120, check=True)
+    assert child.stdout.strip() == str(threads)
