@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from repic.core.cli import parser, run
-from repic.core.io import RepicError, read_json, staged_outputs, write_json, write_parquet
+from repic.core.io import RepicError, file_sha256, read_json, staged_outputs, write_json, write_parquet
 from repic.core.layout import (
     CAPTION_REPORT,
     CAPTIONS_PARQUET,
@@ -34,7 +34,6 @@ from repic.core.layout import (
 )
 from repic.core.params import params_of
 from repic.eval.captioning import find_adapter, run_setting
-from repic.eval.queries import file_sha256
 from repic.vlm.models import check_adapter, use_threads
 
 

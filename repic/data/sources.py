@@ -61,7 +61,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from repic.core.io import RepicError, atomic_dir, atomic_path
+from repic.core.io import RepicError, atomic_dir, atomic_path, file_sha256
 from repic.core.params import SOURCE_KINDS, SOURCE_PIN
 
 log = logging.getLogger(__name__)
@@ -260,14 +260,6 @@ def gdrive_direct_url(url: str) -> str:
     if not match:
         return url
     return f"https://drive.usercontent.google.com/download?id={match.group(1)}&export=download&confirm=t"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tree_sha256(folder: str | os.PathLike) -> str:

@@ -7,7 +7,6 @@ queries). Nothing here loads a model, a detector or an embedder.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -113,8 +112,3 @@ def with_retrieval(queries: list[Query], report: dict[str, Any], setting: str, s
         out.append(Query(image=q.image, gt_keys=q.gt_keys, question=q.question, ref_keys=list(entry["retrieved"]),
                          retrieval={"keys": list(entry["retrieved"]), "hits": entry["hits"]}))
     return out
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The sha256 of a file's bytes (a caption stage records the retrieval.json it read)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
