@@ -34,8 +34,10 @@ PY=${PYTHON:-python3}
 cat "$OUT/env.txt"
 echo "setup: $(( $(date +%s) - START )) s" | tee "$OUT/setup_seconds.txt"
 LEFT=$(( BUDGET - ($(date +%s) - START) ))
+# BASE_ROOT / MERGE_ROOT: where the base (+ adapter, data) and the stage's output go (default: merge7b.py's plan,
+# the base in RAM (/dev/shm) and the output on disk (/tmp) when they fit; summary.json's "plan" says what it chose)
 timeout -k 10 "$LEFT" $PY bench/merge7b.py all "${ARGS[@]}" --b-std "$B_STD" --budget-s $(( LEFT - 15 )) \
-  --out "$OUT" > "$OUT/merge7b.log" 2>&1
+  ${BASE_ROOT:+--base-root "$BASE_ROOT"} ${MERGE_ROOT:+--merge-root "$MERGE_ROOT"} --out "$OUT" > "$OUT/merge7b.log" 2>&1
 rc=$?
 echo "rc=$rc"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
