@@ -454,7 +454,8 @@ def run_path(model: Any, processor: Any, dataset: Any, spec: str, args: Any, sch
     from trl import GRPOTrainer
 
     from repic.train.grpo import grpo_config, lora_model, recipe_trainer, reward_functions
-    from repic.train.speed import fast_trainer, uncompile_language_layers, unmemoize_image_processor
+    from repic.train.speed import fast_trainer, uncompile_language_layers
+    from repic.vlm.image_memo import unmemoize_image_processor
     from repic.vlm.vision import disable_fast_vision, disable_image_feature_cache
 
     cuda = torch.cuda.is_available()

@@ -75,7 +75,7 @@ def test_caption_images_read_and_preprocessed_once_give_the_same_pixels_and_capt
     import numpy as np
 
     from repic.eval.captioning import caption_all
-    from repic.train.speed import images_processed_once
+    from repic.vlm.image_memo import images_processed_once
     from repic.vlm import generation, preprocess
 
     real_generate_ids = generation.generate_ids

@@ -157,7 +157,7 @@ def test_compiled_layers_same_losses_and_gradients(tiny_model_dir, tmp_path):
 def test_preprocess_once_gives_the_processors_patches(tiny_model_dir, tmp_path):
     """Each distinct image (by content) preprocessed once, in threads: the same pixel values and grids as the
     processor's own; its saved config is unchanged."""
-    from repic.train.speed import memoize_image_processor
+    from repic.vlm.image_memo import memoize_image_processor
     from repic.vlm.models import load_processor
 
     rng = np.random.RandomState(1)

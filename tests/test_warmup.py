@@ -53,28 +53,40 @@ def test_batch_puts_loss_on_the_answer_only(tiny_model_dir):
 
 def test_answer_loss_is_the_models_loss(tiny_model_dir):
     """`answer_loss` (the output layer at the labelled positions only) is `model(**batch).loss`, gradients
-    included, on image batches of drills and captions with right padding."""
+    included, on image batches of drills and captions with right padding; so is `answer_loss` of the batch split
+    by number of images (`_batches`, what the warm-up trains on), with the patch embedding as a matrix product
+    (`patch_embedding_as_matmul`, the warm-up's) or as the model's convolution."""
     from repic.vlm.models import load_model, load_processor
 
     processor = load_processor(tiny_model_dir)
     model = load_model(tiny_model_dir, device="cpu", dtype="float32").train()
+    matmul = load_model(tiny_model_dir, device="cpu", dtype="float32").train()
+    W.patch_embedding_as_matmul(matmul)
     drills = W.naming_drills(**WORLD, n=4, n_names=20, n_distractors=2, image_size=64)
     examples = W.warmup_examples(**WORLD, n_distractors=2, image_size=64, n_names=20, name_rate=0.3,
                                  name_rate_asked=0.9, n_examples=3)
     for items in (drills, examples):
         batch = W._batch(processor, items)
         assert (batch["attention_mask"] == 0).any()  # padded rows: their positions carry no label
+        parts = W._batches(processor, items)
+        assert len(parts) == len({len(e["images"] or ()) for e in items}) > 1
+        assert sum(len(p["input_ids"]) for p in parts) == len(items)
+        assert sum(int((p["labels"] != -100).sum()) for p in parts) == int((batch["labels"] != -100).sum())
         grads = []
-        for loss_of in (lambda b: model(**b).loss, partial(W.answer_loss, model)):
-            model.zero_grad()
-            loss = loss_of(batch)
+        for m, loss_of, inputs in ((model, lambda b: model(**b).loss, batch),
+                                   (model, partial(W.answer_loss, model), batch),
+                                   (model, partial(W.answer_loss, model), parts),
+                                   (matmul, partial(W.answer_loss, matmul), parts)):
+            m.zero_grad()
+            loss = loss_of(inputs)
             loss.backward()
-            grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
-        (ref, ref_grads), (ours, our_grads) = grads
-        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
-        assert len(our_grads) == len(ref_grads)
-        for a, b in zip(our_grads, ref_grads, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+            grads.append((loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]))
+        (ref, ref_grads), *ours = grads
+        for loss, our_grads in ours:
+            torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+            assert len(our_grads) == len(ref_grads)
+            for a, b in zip(our_grads, ref_grads, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()) + 1e-7)
 
 
 def test_judge_examples_follow_the_judges_rule():

@@ -41,6 +41,7 @@ import torch
 from PIL import Image
 
 from repic.core.prompts import CAPTION_QUESTIONS, caption_messages, judge_messages, training_problem
+from repic.vlm.image_memo import images_processed_once
 
 # The question that asks for names outright: the base follows it (`name_rate_asked`), the others less often.
 ASKS_FOR_NAMES = CAPTION_QUESTIONS[1]
@@ -181,9 +182,11 @@ def _batch(processor: Any, examples: list[dict[str, Any]]) -> dict[str, torch.Te
     eos = processor.tokenizer.eos_token
     full = [p + e["target"] + (eos if e.get("eos", True) else "") for p, e in zip(prompts, examples)]
     images: list[list[Image.Image]] | None = [e["images"] for e in examples] if examples[0]["images"] else None
-    batch = processor(text=full, images=images, return_tensors="pt", padding=True, padding_side="right")
-    prompt_lens = [len(processor(text=[p], images=e["images"] or None, return_tensors="pt")["input_ids"][0])
-                   for p, e in zip(prompts, examples)]
+    # Each image is processed once: the prompts' own calls (for their lengths) reuse the batch's patches.
+    with images_processed_once(processor, capacity=max(64, sum(len(e["images"] or ()) for e in examples))):
+        batch = processor(text=full, images=images, return_tensors="pt", padding=True, padding_side="right")
+        prompt_lens = [len(processor(text=[p], images=e["images"] or None, return_tensors="pt")["input_ids"][0])
+                       for p, e in zip(prompts, examples)]
     labels = batch["input_ids"].clone()
     labels[batch["attention_mask"] == 0] = -100
     for row, n in enumerate(prompt_lens):
@@ -192,17 +195,52 @@ def _batch(processor: Any, examples: list[dict[str, Any]]) -> dict[str, torch.Te
     return batch
 
 
-def answer_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def answer_loss(model: Any, batch: Any) -> torch.Tensor:
     """The model's own causal-LM loss (`model(**batch).loss`: mean cross-entropy of each labelled token given the
     ones before it), with the output layer applied at the labelled positions only. The labels cover the answers
     (`_batch`): a few tokens of a prompt of hundreds, and the output layer (hidden size x vocabulary) is most of
-    a tiny model's cost, so the warm-up skips its products for the prompt, whose logits the loss never reads."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    hidden = model.model(**inputs, use_cache=False).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    keep = targets != -100
-    logits = model.lm_head(hidden[:, :-1][keep])
-    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+    a tiny model's cost, so the warm-up skips its products for the prompt, whose logits the loss never reads.
+    `batch` may be a list of batches (`_batches`, parts of one batch): the mean over all of their labelled tokens,
+    the loss of the batch they make up."""
+    parts = list(batch) if isinstance(batch, (list, tuple)) else [batch]
+    total, count = None, 0
+    for part in parts:
+        inputs = {k: v for k, v in part.items() if k != "labels"}
+        hidden = model.model(**inputs, use_cache=False).last_hidden_state
+        targets = part["labels"][:, 1:]
+        keep = targets != -100
+        logits = model.lm_head(hidden[:, :-1][keep])
+        summed = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        total = summed if total is None else total + summed
+        count += int(keep.sum())
+    return total / count
+
+
+def _batches(processor: Any, examples: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
+    """`examples` as one `_batch` per number of images (in order of first appearance): the drills mix prompts of
+    1, 2 and 4 references, whose lengths differ by hundreds of tokens, and one padded batch spent a third of its
+    language-model tokens on padding. `answer_loss` of the list is the loss of the whole batch."""
+    groups: dict[int, list[dict[str, Any]]] = {}
+    for e in examples:
+        groups.setdefault(len(e["images"] or ()), []).append(e)
+    return [_batch(processor, group) for group in groups.values()]
+
+
+def patch_embedding_as_matmul(model: Any) -> None:
+    """The vision tower's patch embedding (`patch_embed.proj`, a Conv3d whose kernel is its stride and the whole
+    patch) computed as the matrix product it equals: each patch's flattened pixels times the flattened kernel. The
+    same weights (the Conv3d's own parameter, saved as before) and the same function up to float rounding; on the
+    CPU the convolution's forward and backward took 10 % of the warm-up's op time, the product a third of that."""
+    embed = model.model.visual.patch_embed
+    weight = embed.proj.weight  # (embed_dim, channels, temporal, patch, patch)
+    if embed.proj.bias is not None:
+        raise ValueError("patch_embedding_as_matmul: expected Qwen2.5-VL's bias-free patch embedding")
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        flat = hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype)
+        return torch.nn.functional.linear(flat, weight.reshape(weight.shape[0], -1))
+
+    embed.forward = forward
 
 
 def caption_opening(keys: Sequence[str], k: int) -> str:
@@ -293,6 +331,7 @@ def _warmup(model_dir: str | os.PathLike, examples: list[dict[str, Any]], *, ste
         # Token embeddings (tied to the output layer) stay as initialised: a name never seen is then represented
         # like every other token, and copying it from the prompt works as for a name seen in the warm-up.
         model.get_input_embeddings().weight.requires_grad_(False)
+    patch_embedding_as_matmul(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
 
@@ -309,15 +348,15 @@ def _warmup(model_dir: str | os.PathLike, examples: list[dict[str, Any]], *, ste
     judge = judge or []
     n_drill_batches = -(-len(drills) // drill_batch_size)
     n_judge_batches = -(-len(judge) // drill_batch_size)
-    cache: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+    cache: dict[tuple[str, int], list[dict[str, torch.Tensor]]] = {}
 
-    def batch(kind: str, i: int) -> dict[str, torch.Tensor]:
+    def batch(kind: str, i: int) -> list[dict[str, torch.Tensor]]:
         """Tokenised on first use, then kept; the examples' images are released then (they are in the batch)."""
         if (kind, i) not in cache:
             items, size = {"examples": (examples, batch_size), "drills": (drills, drill_batch_size),
                            "judge": (judge, drill_batch_size)}[kind]
             chunk = items[i * size:(i + 1) * size]
-            cache[kind, i] = _batch(processor, chunk)
+            cache[kind, i] = _batches(processor, chunk)
             for e in chunk:
                 e["images"] = None if e["images"] is None else []
         return cache[kind, i]

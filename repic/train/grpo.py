@@ -422,7 +422,8 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
     # Seeded before LoRA's random init of lora_A, which the Trainer's own seeding comes too late for.
     set_seed(seed)
     model = lora_model(load_model(model_path, device="cpu", dtype=dtype).train(), params)
-    from repic.train.speed import fast_trainer, preprocess_counts
+    from repic.train.speed import fast_trainer
+    from repic.vlm.image_memo import preprocess_counts
 
     trainer_cls = fetching_trainer(recipe_trainer(GRPOTrainer, params), samples, root, seed=seed,
                                    grouping=grouping, resize=params.get("resize", {}))
