@@ -476,8 +476,8 @@ def caption_command(args: argparse.Namespace) -> None:
             items = attach_retrieval(items, retrieve_one)
 
     # ---- captions
-    from repic.vlm.image_memo import images_processed_once
     from repic.vlm.generation import generate_captions
+    from repic.vlm.image_memo import images_processed_once
 
     max_pixels = cfg["caption"]["max_pixels"] if args.max_pixels is None else (args.max_pixels or None)
     net, processor = load_row_model(model=None if adapter else model, adapter=adapter,

@@ -75,8 +75,8 @@ def test_caption_images_read_and_preprocessed_once_give_the_same_pixels_and_capt
     import numpy as np
 
     from repic.eval.captioning import caption_all
-    from repic.vlm.image_memo import images_processed_once
     from repic.vlm import generation, preprocess
+    from repic.vlm.image_memo import images_processed_once
 
     real_generate_ids = generation.generate_ids
 

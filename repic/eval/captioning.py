@@ -75,8 +75,8 @@ def caption_all(model: Any, processor: Any, queries_by_mode: dict[str, list[Quer
     """Caption every mode's queries with one model; returns RePIC caption rows per mode. `hit_limit`, when
     given, receives per mode how many captions stopped at `max_new_tokens` (cut off, no EOS). `conversation`,
     `prompt`, `preprocess`: `build_conversation`'s."""
-    from repic.vlm.image_memo import images_processed_once
     from repic.vlm.generation import generate_captions
+    from repic.vlm.image_memo import images_processed_once
 
     rows = {}
     for mode, queries in queries_by_mode.items():
