@@ -166,12 +166,23 @@ def _embedded_dag(config: pytest.Config) -> EmbeddedDag:
     return _SESSION["dag"]
 
 
+# The e2e lane is the session's critical path: everything else can run beside it, on the other core. So once it has
+# started, this process lowers its own priority by NICE (REPIC_TEST_NICE; 0: off), and so does everything it starts
+# after (the foreground's subprocesses, the rehearsal, Snakemake): the scheduler then keeps the lane on a core of its
+# own instead of sharing both cores evenly among 3-4 runnable processes (the lane's warm-up took 14 min that way,
+# 8 alone; make test 2026-12-06). SLURM's jobs run under slurmd, at its priority.
+NICE = int(os.environ.get("REPIC_TEST_NICE", "10"))
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """The e2e lane starts now (session.items: after -m, -k and deselection) if an e2e test is to run."""
+    """The e2e lane starts now (session.items: after -m, -k and deselection) if an e2e test is to run; this process
+    then steps back (NICE)."""
     if session.config.option.collectonly:
         return
     if any(i.nodeid.startswith(E2E) for i in session.items):
         _embedded_dag(session.config)
+        if NICE:
+            os.nice(NICE)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
