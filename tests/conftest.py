@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -84,12 +85,13 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 
 class BackgroundRun:
-    """`command` in `cwd`, started now in its own process group, stdout and stderr to `log`. wait() reaps it and
+    """`command` in `cwd`, started now in its own process group (and session), stdout and stderr to `log`, its
+    priority lowered by `nice` (default NICE: it is not the critical path; the e2e lane passes 0). wait() reaps it and
     writes its wall seconds and CPU seconds (the process tree's, from wait4) beside the log: <stem>.seconds,
     <stem>.cpu_seconds. `interrupt`: stop() sends SIGINT first (a Snakemake run cancels its SLURM jobs on it)."""
 
     def __init__(self, command: tuple[str, ...], cwd: Path, log: Path, env: dict[str, str] | None = None,
-                 interrupt: bool = False):
+                 interrupt: bool = False, nice: int | None = None):
         self.command, self.log_path, self.interrupt = command, log, interrupt
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
                **(env or {})}
@@ -97,6 +99,7 @@ class BackgroundRun:
         self.start = time.monotonic()
         self.proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)  # its own process group: stopped whole if unused
+        step_back(self.proc.pid, NICE if nice is None else nice)  # its session (autogroup) whole, children included
         self.returncode: int | None = None
 
     def stop(self) -> None:
@@ -141,7 +144,7 @@ class EmbeddedDag(BackgroundRun):
 
     def __init__(self, work: Path, command: tuple[str, ...] = ("dvc", "repro"), name: str = "repro",
                  prepare: Callable[[Path], None] | None = None, env: dict[str, str] | None = None,
-                 interrupt: bool = False):
+                 interrupt: bool = False, nice: int | None = None):
         self.work = work
         files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
                                capture_output=True, text=True, check=True).stdout.split("\0")
@@ -152,7 +155,7 @@ class EmbeddedDag(BackgroundRun):
         if prepare:
             prepare(work)
         subprocess.run(["git", "init", "-q"], cwd=work, check=True)
-        super().__init__(command, work, work / f"{name}.log", env, interrupt)
+        super().__init__(command, work, work / f"{name}.log", env, interrupt, nice)
 
     def wait(self, timeout: float = 1800) -> Path:  # type: ignore[override]
         if super().wait(timeout) != 0:
@@ -162,16 +165,32 @@ class EmbeddedDag(BackgroundRun):
 
 def _embedded_dag(config: pytest.Config) -> EmbeddedDag:
     if "dag" not in _SESSION:
-        _SESSION["dag"] = EmbeddedDag(config._tmp_path_factory.mktemp("e2e") / "repo")
+        _SESSION["dag"] = EmbeddedDag(config._tmp_path_factory.mktemp("e2e") / "repo", nice=0)  # the critical path
     return _SESSION["dag"]
 
 
-# The e2e lane is the session's critical path: everything else can run beside it, on the other core. So once it has
-# started, this process lowers its own priority by NICE (REPIC_TEST_NICE; 0: off), and so does everything it starts
-# after (the foreground's subprocesses, the rehearsal, Snakemake): the scheduler then keeps the lane on a core of its
-# own instead of sharing both cores evenly among 3-4 runnable processes (the lane's warm-up took 14 min that way,
-# 8 alone; make test 2026-12-06). SLURM's jobs run under slurmd, at its priority.
+# The e2e lane is the session's critical path: everything else can run beside it, on the other core. So the other
+# runs step back by NICE (REPIC_TEST_NICE; 0: off): this process once the lane has started (and what it starts after,
+# the foreground's subprocesses), and the other background runs. Linux shares the CPU between sessions' autogroups
+# (/proc/sys/kernel/sched_autogroup_enabled) before it looks at a process's own nice value, and each background run
+# is a session of its own, so `step_back` sets both: the autogroup's nice (/proc/<pid>/autogroup, where the kernel
+# has them) and the process's. Without it the lane shared both cores evenly with 3-4 other sessions: its warm-up took
+# 10-14 min in make test against 6 alone (2026-12-06). SLURM's jobs run under slurmd, at its priority.
 NICE = int(os.environ.get("REPIC_TEST_NICE", "10"))
+_AUTOGROUP: dict[str, str] = {}
+
+
+def step_back(pid: int, nice: int) -> None:
+    """Lower process `pid`'s priority by `nice` (0: nothing): its autogroup's nice value and its own."""
+    if not nice:
+        return
+    group = Path(f"/proc/{pid}/autogroup")
+    try:  # "/autogroup-1312 nice 0"
+        now = int(group.read_text().split()[-1])
+        group.write_text(str(min(19, now + nice)))
+    except (OSError, ValueError, IndexError):
+        pass  # no autogroups here (another OS, or kernel.sched_autogroup_enabled=0): the process's nice is what counts
+    os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, pid) + nice))
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -181,8 +200,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return
     if any(i.nodeid.startswith(E2E) for i in session.items):
         _embedded_dag(session.config)
-        if NICE:
-            os.nice(NICE)
+        with contextlib.suppress(OSError):
+            _AUTOGROUP["self"] = Path("/proc/self/autogroup").read_text().split()[-1]  # restored at the end
+        step_back(os.getpid(), NICE)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -200,6 +220,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     for run in [_SESSION.get("dag"), *_SESSION.get("runs", {}).values()]:
         if run:
             run.stop()
+    if "self" in _AUTOGROUP:  # the autogroup is the caller's session (make test's shell): give its priority back
+        with contextlib.suppress(OSError):
+            Path("/proc/self/autogroup").write_text(_AUTOGROUP.pop("self"))
 
 
 @pytest.fixture
