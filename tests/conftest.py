@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
@@ -67,15 +66,17 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 # --------------------------------------------------------------------------- the background runs
 # The long runs go in the background so that both cores stay busy: the embedded DAG under `dvc repro`
-# (test_pipeline_e2e's fixture, minutes of one-core work) from the session's start (once the tests are collected,
-# if an e2e test is selected), beside the fast part; with the first slow test, the SLURM run of the embedded DAG
-# (test_slurm.py: mostly waiting for SLURM's queue and Snakemake's status checks) and the paper rehearsal
-# (test_rehearsal.py), each started by its test module's `start_in_background(tmp)`. The foreground runs the
-# other tests meanwhile; the tests reading a background run come last and wait for it (the SLURM run's and the
+# (test_pipeline_e2e's fixture, minutes of one-core work) and the paper rehearsal (test_rehearsal.py) from the
+# session's start (once the tests are collected, if their tests are selected), beside the fast part; with the first
+# slow test, the SLURM run of the embedded DAG (test_slurm.py: mostly waiting for SLURM's queue and Snakemake's status
+# checks). The rehearsal and the SLURM run, each started by its test module's `start_in_background(tmp)`, run at a
+# lower priority (NICE, below): they take what the e2e lane and the foreground leave. The foreground runs the other
+# tests meanwhile; the tests reading a background run come last and wait for it (the SLURM run's and the
 # rehearsal's, then test_pipeline_e2e's). One thread a process (above) keeps the shared cores from spinning.
 E2E = "tests/test_pipeline_e2e.py"
 BACKGROUND = ("tests/test_slurm.py::test_the_embedded_pipeline_runs_on_slurm",
               "tests/test_rehearsal.py::test_paper_rehearsal_runs_every_stage")
+EARLY = ("tests/test_rehearsal.py::test_paper_rehearsal_runs_every_stage",)  # started with the e2e lane
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -169,15 +170,14 @@ def _embedded_dag(config: pytest.Config) -> EmbeddedDag:
     return _SESSION["dag"]
 
 
-# The e2e lane is the session's critical path: everything else can run beside it, on the other core. So the other
-# runs step back by NICE (REPIC_TEST_NICE; 0: off): this process once the lane has started (and what it starts after,
-# the foreground's subprocesses), and the other background runs. Linux shares the CPU between sessions' autogroups
+# Priorities. The e2e lane and the foreground are the session's two long chains, one core each; the rehearsal and the
+# SLURM run step back by NICE (REPIC_TEST_NICE; 0: off) and fill the gaps (the foreground waiting on SLURM or on a
+# subprocess), then the core the first chain to end leaves. Linux shares the CPU between sessions' autogroups
 # (/proc/sys/kernel/sched_autogroup_enabled) before it looks at a process's own nice value, and each background run
 # is a session of its own, so `step_back` sets both: the autogroup's nice (/proc/<pid>/autogroup, where the kernel
 # has them) and the process's. Without it the lane shared both cores evenly with 3-4 other sessions: its warm-up took
 # 10-14 min in make test against 6 alone (2026-12-06). SLURM's jobs run under slurmd, at its priority.
 NICE = int(os.environ.get("REPIC_TEST_NICE", "10"))
-_AUTOGROUP: dict[str, str] = {}
 
 
 def step_back(pid: int, nice: int) -> None:
@@ -193,42 +193,43 @@ def step_back(pid: int, nice: int) -> None:
     os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, pid) + nice))
 
 
+def _start_background(session: pytest.Session, nodeids: tuple[str, ...]) -> None:
+    """The runs of the selected tests among `nodeids` not started yet (their module's `start_in_background(tmp)`;
+    None where the run cannot start here, e.g. SLURM is down, and that test skips)."""
+    runs = _SESSION.setdefault("runs", {})
+    for test in session.items:
+        if test.nodeid in nodeids and test.nodeid not in runs:
+            runs[test.nodeid] = test.module.start_in_background(session.config._tmp_path_factory.mktemp(
+                test.name[:30]))
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """The e2e lane starts now (session.items: after -m, -k and deselection) if an e2e test is to run; this process
-    then steps back (NICE)."""
+    """The e2e lane and the EARLY runs start now (session.items: after -m, -k and deselection), where their tests
+    are to run."""
     if session.config.option.collectonly:
         return
     if any(i.nodeid.startswith(E2E) for i in session.items):
         _embedded_dag(session.config)
-        with contextlib.suppress(OSError):
-            _AUTOGROUP["self"] = Path("/proc/self/autogroup").read_text().split()[-1]  # restored at the end
-        step_back(os.getpid(), NICE)
+    _start_background(session, EARLY)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """The first slow test starts the selected BACKGROUND tests' runs (their module's `start_in_background(tmp)`;
-    None where the run cannot start here, e.g. SLURM is down, and that test skips)."""
-    if _exempt(item) and "runs" not in _SESSION:
-        _SESSION["runs"] = {}
-        for test in item.session.items:
-            if test.nodeid in BACKGROUND:
-                tmp = item.config._tmp_path_factory.mktemp(test.name[:30])
-                _SESSION["runs"][test.nodeid] = test.module.start_in_background(tmp)
+    """The first slow test starts the other selected BACKGROUND tests' runs."""
+    if _exempt(item) and not _SESSION.get("slow_started"):
+        _SESSION["slow_started"] = True
+        _start_background(item.session, BACKGROUND)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     for run in [_SESSION.get("dag"), *_SESSION.get("runs", {}).values()]:
         if run:
             run.stop()
-    if "self" in _AUTOGROUP:  # the autogroup is the caller's session (make test's shell): give its priority back
-        with contextlib.suppress(OSError):
-            Path("/proc/self/autogroup").write_text(_AUTOGROUP.pop("self"))
 
 
 @pytest.fixture
 def background(request: pytest.FixtureRequest) -> BackgroundRun | None:
-    """The background run of this test (one of BACKGROUND), started with the first slow test (None: it could not
-    start here)."""
+    """The background run of this test (one of BACKGROUND), started at the session's start (EARLY) or with the first
+    slow test (None: it could not start here)."""
     return _SESSION.get("runs", {}).get(request.node.nodeid)
 
 

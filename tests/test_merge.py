@@ -34,6 +34,10 @@ def test_merged_checkpoint_matches_adapter(tiny_model_dir, adapter, tmp_path):
                               tolerance={"float32": 1e-4, "bfloat16": 0.5}, max_new_tokens=6, device="cpu")
     assert report["ok"] and report["captions_identical_fp32"] and report["float32"]["n_caption_mismatches"] == 0
     assert report["float32"]["max_abs_logit_diff"] < 1e-4
+    for key in ("float32", "bfloat16", "bfloat16_repic"):  # the tolerance's measure: relative to the logits' scale
+        cell = report[key]
+        assert cell["max_abs_logit"] > 0
+        assert cell["relative_logit_diff"] == cell["max_abs_logit_diff"] / max(1.0, cell["max_abs_logit"])
     assert 0 < report["bfloat16"]["max_abs_logit_diff"] <= 0.5  # bf16 rounding of W + BA is visible
     assert report["bfloat16_repic"]["max_abs_logit_diff"] > 0  # RePIC's bf16 merge, reported beside ours
     assert report["device"] == "cpu" and report["saved_dtype"] == "float32"
