@@ -70,8 +70,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 # session's start (once the tests are collected, if their tests are selected), beside the fast part; with the first
 # slow test, the SLURM run of the embedded DAG (test_slurm.py: mostly waiting for SLURM's queue and Snakemake's status
 # checks). The rehearsal and the SLURM run, each started by its test module's `start_in_background(tmp)`, run at a
-# lower priority (NICE, below): they take what the e2e lane and the foreground leave. The foreground runs the other
-# tests meanwhile; the tests reading a background run come last and wait for it (the SLURM run's and the
+# lower priority (BACKGROUND_NICE, below): they take what the e2e lane and the foreground leave. The foreground runs
+# the other tests meanwhile; the tests reading a background run come last and wait for it (the SLURM run's and the
 # rehearsal's, then test_pipeline_e2e's). One thread a process (above) keeps the shared cores from spinning.
 E2E = "tests/test_pipeline_e2e.py"
 BACKGROUND = ("tests/test_slurm.py::test_the_embedded_pipeline_runs_on_slurm",
@@ -87,8 +87,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 class BackgroundRun:
     """`command` in `cwd`, started now in its own process group (and session), stdout and stderr to `log`, its
-    priority lowered by `nice` (default NICE: it is not the critical path; the e2e lane passes 0). wait() reaps it and
-    writes its wall seconds and CPU seconds (the process tree's, from wait4) beside the log: <stem>.seconds,
+    priority lowered by `nice` (default BACKGROUND_NICE: off the critical path; the e2e lane passes 0). wait() reaps it
+    and writes its wall seconds and CPU seconds (the process tree's, from wait4) beside the log: <stem>.seconds,
     <stem>.cpu_seconds. `interrupt`: stop() sends SIGINT first (a Snakemake run cancels its SLURM jobs on it)."""
 
     def __init__(self, command: tuple[str, ...], cwd: Path, log: Path, env: dict[str, str] | None = None,
@@ -100,7 +100,7 @@ class BackgroundRun:
         self.start = time.monotonic()
         self.proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)  # its own process group: stopped whole if unused
-        step_back(self.proc.pid, NICE if nice is None else nice)  # its session (autogroup) whole, children included
+        step_back(self.proc.pid, BACKGROUND_NICE if nice is None else nice)  # its session (autogroup) whole
         self.returncode: int | None = None
 
     def stop(self) -> None:
@@ -170,14 +170,18 @@ def _embedded_dag(config: pytest.Config) -> EmbeddedDag:
     return _SESSION["dag"]
 
 
-# Priorities. The e2e lane and the foreground are the session's two long chains, one core each; the rehearsal and the
-# SLURM run step back by NICE (REPIC_TEST_NICE; 0: off) and fill the gaps (the foreground waiting on SLURM or on a
-# subprocess), then the core the first chain to end leaves. Linux shares the CPU between sessions' autogroups
-# (/proc/sys/kernel/sched_autogroup_enabled) before it looks at a process's own nice value, and each background run
-# is a session of its own, so `step_back` sets both: the autogroup's nice (/proc/<pid>/autogroup, where the kernel
-# has them) and the process's. Without it the lane shared both cores evenly with 3-4 other sessions: its warm-up took
-# 10-14 min in make test against 6 alone (2026-12-06). SLURM's jobs run under slurmd, at its priority.
-NICE = int(os.environ.get("REPIC_TEST_NICE", "10"))
+# Priorities. The e2e lane is the session's longest chain (the warm-up): it keeps a core of its own, and the rest steps
+# back from it: this process (the foreground) by NICE once the lane has started, the rehearsal and the SLURM run by
+# NICE + 2, so that on the other core the foreground goes first and they fill its gaps (waiting on SLURM or on a
+# subprocess), then take the lane's core when it ends. REPIC_TEST_NICE sets NICE (0: no priorities). Linux shares
+# the CPU between sessions' autogroups (/proc/sys/kernel/sched_autogroup_enabled) before it looks at a process's own
+# nice value, and each background run is a session of its own, so `step_back` sets both: the autogroup's nice
+# (/proc/<pid>/autogroup, where the kernel has them) and the process's. Without it the lane shared both cores evenly
+# with 3-4 other sessions: its warm-up took 10-14 min in make test against 6 alone (2026-12-06). SLURM's jobs run
+# under slurmd, at its priority.
+NICE = int(os.environ.get("REPIC_TEST_NICE", "5"))
+BACKGROUND_NICE = NICE + 2 if NICE else 0
+_AUTOGROUP: dict[str, str] = {}
 
 
 def step_back(pid: int, nice: int) -> None:
@@ -205,11 +209,16 @@ def _start_background(session: pytest.Session, nodeids: tuple[str, ...]) -> None
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """The e2e lane and the EARLY runs start now (session.items: after -m, -k and deselection), where their tests
-    are to run."""
+    are to run; this process then steps back (NICE)."""
     if session.config.option.collectonly:
         return
     if any(i.nodeid.startswith(E2E) for i in session.items):
         _embedded_dag(session.config)
+        try:  # "/autogroup-1312 nice 0": the caller's session (make test's shell), given back at the end
+            _AUTOGROUP["self"] = Path("/proc/self/autogroup").read_text().split()[-1]
+        except OSError:
+            pass
+        step_back(os.getpid(), NICE)
     _start_background(session, EARLY)
 
 
@@ -224,6 +233,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     for run in [_SESSION.get("dag"), *_SESSION.get("runs", {}).values()]:
         if run:
             run.stop()
+    if "self" in _AUTOGROUP:
+        try:
+            Path("/proc/self/autogroup").write_text(_AUTOGROUP.pop("self"))
+        except OSError:
+            pass
 
 
 @pytest.fixture
