@@ -31,14 +31,14 @@ def _conversations():
 
 def test_merged_checkpoint_matches_adapter(tiny_model_dir, adapter, tmp_path):
     report = merge_and_verify(tiny_model_dir, adapter, tmp_path / "merged", _conversations(),
-                              tolerance={"float32": 1e-4, "bfloat16": 0.5}, max_new_tokens=6, device="cpu")
+                              tolerance={"float32": 1e-4, "bfloat16": 0.25}, max_new_tokens=6, device="cpu")
     assert report["ok"] and report["captions_identical_fp32"] and report["float32"]["n_caption_mismatches"] == 0
     assert report["float32"]["max_abs_logit_diff"] < 1e-4
     for key in ("float32", "bfloat16", "bfloat16_repic"):  # the tolerance's measure: relative to the logits' scale
         cell = report[key]
         assert cell["max_abs_logit"] > 0
         assert cell["relative_logit_diff"] == cell["max_abs_logit_diff"] / max(1.0, cell["max_abs_logit"])
-    assert 0 < report["bfloat16"]["max_abs_logit_diff"] <= 0.5  # bf16 rounding of W + BA is visible
+    assert 0 < report["bfloat16"]["relative_logit_diff"] <= 0.25  # bf16 rounding of W + BA is visible
     assert report["bfloat16_repic"]["max_abs_logit_diff"] > 0  # RePIC's bf16 merge, reported beside ours
     assert report["device"] == "cpu" and report["saved_dtype"] == "float32"
     assert report["peak_memory_mb"]["process_peak_rss_mb"] > 0
@@ -58,7 +58,7 @@ def test_merged_checkpoint_keeps_the_base_dtype(tiny_model_dir, adapter, tmp_pat
     load_model(tiny_model_dir, device="cpu", dtype="bfloat16").save_pretrained(base)
     load_processor(tiny_model_dir).save_pretrained(base)
     report = merge_and_verify(base, adapter, tmp_path / "merged", _conversations(),
-                              tolerance={"float32": 1e-4, "bfloat16": 0.5}, max_new_tokens=6, device="cpu")
+                              tolerance={"float32": 1e-4, "bfloat16": 0.25}, max_new_tokens=6, device="cpu")
     assert report["saved_dtype"] == "bfloat16"
     with safe_open(tmp_path / "merged" / "model.safetensors", "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
@@ -141,7 +141,7 @@ def test_a_wrong_merge_fails_on_captions_and_leaves_nothing(tiny_model_dir, adap
 def test_a_wrong_merge_fails_on_logits(tiny_model_dir, adapter, tmp_path, monkeypatch):
     _scaled_merge(monkeypatch, 1.5)
     report = merge_and_verify(tiny_model_dir, adapter, tmp_path / "merged", _conversations(),
-                              tolerance={"float32": 1e-4, "bfloat16": 0.5}, max_new_tokens=6, device="cpu")
+                              tolerance={"float32": 1e-4, "bfloat16": 0.25}, max_new_tokens=6, device="cpu")
     assert not report["float32"]["ok"] and report["float32"]["max_abs_logit_diff"] > 1e-2
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(RepicError, match="float32"):
