@@ -66,29 +66,21 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 # --------------------------------------------------------------------------- the background runs
 # The long runs go in the background so that both cores stay busy: the embedded DAG under `dvc repro`
-# (test_pipeline_e2e's fixture, minutes of one-core work) and the paper rehearsal (test_rehearsal.py) from the
-# session's start (once the tests are collected, if their tests are selected), beside the fast part; with the first
-# slow test, the SLURM run of the embedded DAG (test_slurm.py: mostly waiting for SLURM's queue and Snakemake's status
-# checks). The rehearsal and the SLURM run, each started by its test module's `start_in_background(tmp)`, run at a
-# lower priority (BACKGROUND_NICE, below): they take what the e2e lane and the foreground leave. The foreground runs
-# the other tests meanwhile; the tests reading a background run come last and wait for it (the SLURM run's and the
-# rehearsal's, then test_pipeline_e2e's). One thread a process (above) keeps the shared cores from spinning.
+# (test_pipeline_e2e's fixture, minutes of one-core work) from the session's start (once the tests are collected,
+# if an e2e test is selected), beside the fast part; with the first slow test, the SLURM run of the embedded DAG
+# (test_slurm.py: mostly waiting for SLURM's queue and Snakemake's status checks) and the paper rehearsal
+# (test_rehearsal.py), each started by its test module's `start_in_background(tmp)` at a lower priority (NICE,
+# below). The foreground runs the other tests meanwhile; the tests reading a background run come last and wait for
+# it (the SLURM run's and the rehearsal's, then test_pipeline_e2e's). One thread a process (above) keeps the shared
+# cores from spinning.
 E2E = "tests/test_pipeline_e2e.py"
 BACKGROUND = ("tests/test_slurm.py::test_the_embedded_pipeline_runs_on_slurm",
               "tests/test_rehearsal.py::test_paper_rehearsal_runs_every_stage")
-EARLY: tuple[str, ...] = ()  # background runs started with the e2e lane instead (the fast part then shares its core)
-# The side session: the foreground's two longest tests, DVC runs of stand-in stages (no model), run by a second pytest
-# process started with the first slow test, so that the foreground's chain of slow tests is not the session's
-# longest; their items here wait for it and report its outcome for each (`pytest_pyfunc_call`), and its durations
-# table is printed with this one's. `REPIC_SIDE=0` runs them here.
-SIDE = ("tests/test_experiments.py::test_queued_experiments_rerun_only_what_their_params_feed",
-        "tests/test_dvc_params.py::test_every_declared_param_reruns_its_stage")
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     def group(item: pytest.Item) -> int:
-        return (3 if item.nodeid.startswith(E2E) else 2 if item.nodeid in (*BACKGROUND, *SIDE) else 1 if _exempt(item)
-                else 0)
+        return 3 if item.nodeid.startswith(E2E) else 2 if item.nodeid in BACKGROUND else 1 if _exempt(item) else 0
     items.sort(key=group)  # stable: each group keeps pytest's order
 
 
@@ -214,8 +206,8 @@ def _start_background(session: pytest.Session, nodeids: tuple[str, ...]) -> None
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """The e2e lane and the EARLY runs start now (session.items: after -m, -k and deselection), where their tests
-    are to run; this process then steps back (NICE)."""
+    """The e2e lane starts now (session.items: after -m, -k and deselection) if an e2e test is to run; this process
+    then steps back (NICE)."""
     if session.config.option.collectonly:
         return
     if any(i.nodeid.startswith(E2E) for i in session.items):
@@ -225,68 +217,17 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         except OSError:
             pass
         step_back(os.getpid(), NICE)
-    _start_background(session, EARLY)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """The first slow test starts the other selected BACKGROUND tests' runs, and the side session."""
+    """The first slow test starts the other selected BACKGROUND tests' runs."""
     if _exempt(item) and not _SESSION.get("slow_started"):
         _SESSION["slow_started"] = True
         _start_background(item.session, BACKGROUND)
-        _start_side(item.session)
-
-
-class SideSession(BackgroundRun):
-    """`pytest` on `nodeids` in a second process (SIDE), with a JUnit XML report read per test by `outcome`."""
-
-    def __init__(self, nodeids: list[str], tmp: Path):
-        self.xml = tmp / "side.xml"
-        super().__init__((sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=0",
-                          f"--basetemp={tmp / 'basetemp'}", f"--junitxml={self.xml}", *nodeids), REPO,
-                         tmp / "side.log", env={"REPIC_SIDE": "0"})
-
-    def outcome(self, nodeid: str) -> tuple[str, str]:
-        """('passed' | 'failed' | 'skipped', message) of `nodeid` in the side session, once it has ended."""
-        import xml.etree.ElementTree as ET
-
-        self.wait(timeout=1800)
-        path, name = nodeid.split("::")
-        classname = path.removesuffix(".py").replace("/", ".")
-        if self.xml.exists():
-            for case in ET.parse(self.xml).iter("testcase"):
-                if case.get("classname") == classname and case.get("name") == name:
-                    for kind, verdict in (("failure", "failed"), ("error", "failed"), ("skipped", "skipped")):
-                        found = case.find(kind)
-                        if found is not None:
-                            return verdict, f"{found.get('message', '')}\n{found.text or ''}"
-                    return "passed", ""
-        return "failed", f"the side session did not report {nodeid} (exit {self.returncode}):\n{self.tail()}"
-
-
-def _start_side(session: pytest.Session) -> None:
-    """The side session, where this session runs SIDE tests and others (not in a side session itself, nor when
-    only SIDE tests are selected: then they run here)."""
-    chosen = [i.nodeid for i in session.items if i.nodeid in SIDE]
-    if chosen and len(chosen) < len(session.items) and os.environ.get("REPIC_SIDE", "1") != "0":
-        _SESSION["side"] = SideSession(chosen, session.config._tmp_path_factory.mktemp("side"))
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
-    """A SIDE test, when the side session runs it: its outcome there."""
-    side = _SESSION.get("side")
-    if side is None or pyfuncitem.nodeid not in SIDE:
-        return None
-    verdict, message = side.outcome(pyfuncitem.nodeid)
-    if verdict == "failed":
-        pytest.fail(f"in the side session:\n{message}", pytrace=False)
-    if verdict == "skipped":
-        pytest.skip(message)
-    return True
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    for run in [_SESSION.get("dag"), _SESSION.get("side"), *_SESSION.get("runs", {}).values()]:
+    for run in [_SESSION.get("dag"), *_SESSION.get("runs", {}).values()]:
         if run:
             run.stop()
     if "self" in _AUTOGROUP:
@@ -298,8 +239,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 @pytest.fixture
 def background(request: pytest.FixtureRequest) -> BackgroundRun | None:
-    """The background run of this test (one of BACKGROUND), started at the session's start (EARLY) or with the first
-    slow test (None: it could not start here)."""
+    """The background run of this test (one of BACKGROUND), started with the first slow test (None: it could not
+    start here)."""
     return _SESSION.get("runs", {}).get(request.node.nodeid)
 
 
@@ -321,12 +262,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
             kind = "slurm" if "slurm" in rep.keywords else "slow" if "slow" in rep.keywords else "fast"
             parts[kind] += rep.duration
     wall = time.monotonic() - _SESSION.get("start", time.monotonic())
-    side = _SESSION.get("side")
-    if side is not None and side.returncode is not None:
-        log = side.log_path.read_text(errors="replace")
-        table = log[log.find("slowest durations"):].split("\n=")[0] if "slowest durations" in log else ""
-        terminalreporter.write_sep("=", "side session (SIDE tests), slowest durations")
-        terminalreporter.write_line("\n".join(table.splitlines()[1:]).strip())
     terminalreporter.write_sep("=", "total test time")
     terminalreporter.write_line(f"tests {sum(parts.values()):.0f} s (fast part {parts['fast']:.0f} s, slow "
                                 f"{parts['slow']:.0f} s, slurm {parts['slurm']:.0f} s); session wall {wall:.0f} s")
