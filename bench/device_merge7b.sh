@@ -6,6 +6,10 @@
 # repic.train.grpo.lora_model, non-zero B) are saved, then the real `python -m stages.merge_lora` runs on them
 # (base.device cuda) under /usr/bin/time -v; $OUT gets summary.json (rewritten after each phase: plan, build,
 # stage), merge_report.json, time_v.txt, stage.log, build.log/json, timeline.jsonl (0.5 s samples), nvidia-smi.
+# The stage validates params.yaml, so .whl/ needs, beside the training wheels, cp312 wheels of jsonschema,
+# jsonschema-specifications, referencing, rpds-py, attrs, typing_extensions and ruamel.yaml (the device image has none
+# of them): pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl \
+#   $(grep -E '^(jsonschema|jsonschema-specifications|referencing|rpds-py|attrs|typing_extensions|ruamel.yaml)==' requirements.txt)
 # CPU rehearsal (no wheels, tiny shape, base.device cpu, checkpoints removed at the end):
 #   CPU_REHEARSAL=1 OUT=/tmp/m7 PYTHON=.venv/bin/python bash bench/device_merge7b.sh
 # (SHAPE=mid: a 0.7B model of the 7B's kind, whose loads show the stage's RSS pattern; minutes on one core)
