@@ -86,7 +86,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 class BackgroundRun:
     """`command` in `cwd`, started now in its own process group (and session), stdout and stderr to `log`, its
-    priority lowered by `nice` (default BACKGROUND_NICE: off the critical path; the e2e lane passes 0). wait() reaps it
+    priority lowered by `nice` (default NICE: off the critical path; the e2e lane passes 0). wait() reaps it
     and writes its wall seconds and CPU seconds (the process tree's, from wait4) beside the log: <stem>.seconds,
     <stem>.cpu_seconds. `interrupt`: stop() sends SIGINT first (a Snakemake run cancels its SLURM jobs on it)."""
 
@@ -99,7 +99,7 @@ class BackgroundRun:
         self.start = time.monotonic()
         self.proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)  # its own process group: stopped whole if unused
-        step_back(self.proc.pid, BACKGROUND_NICE if nice is None else nice)  # its session (autogroup) whole
+        step_back(self.proc.pid, NICE if nice is None else nice)  # its session (autogroup) whole
         self.returncode: int | None = None
 
     def stop(self) -> None:
@@ -178,7 +178,6 @@ def _embedded_dag(config: pytest.Config) -> EmbeddedDag:
 # with 3-4 other sessions: its warm-up took 10-14 min in make test against 6 alone (2026-12-06). SLURM's jobs run
 # under slurmd, at its priority.
 NICE = int(os.environ.get("REPIC_TEST_NICE", "10"))
-BACKGROUND_NICE = NICE
 _AUTOGROUP: dict[str, str] = {}
 
 
@@ -196,11 +195,11 @@ def step_back(pid: int, nice: int) -> None:
 
 
 def _start_background(session: pytest.Session, nodeids: tuple[str, ...]) -> None:
-    """The runs of the selected tests among `nodeids` not started yet (their module's `start_in_background(tmp)`;
+    """The runs of the selected tests among `nodeids` (their module's `start_in_background(tmp)`;
     None where the run cannot start here, e.g. SLURM is down, and that test skips)."""
     runs = _SESSION.setdefault("runs", {})
     for test in session.items:
-        if test.nodeid in nodeids and test.nodeid not in runs:
+        if test.nodeid in nodeids:
             runs[test.nodeid] = test.module.start_in_background(session.config._tmp_path_factory.mktemp(
                 test.name[:30]))
 
@@ -221,8 +220,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """The first slow test starts the other selected BACKGROUND tests' runs."""
-    if _exempt(item) and not _SESSION.get("slow_started"):
-        _SESSION["slow_started"] = True
+    if _exempt(item) and "runs" not in _SESSION:
         _start_background(item.session, BACKGROUND)
 
 

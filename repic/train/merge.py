@@ -10,13 +10,13 @@ written with `save_pretrained` and loaded back with `from_pretrained`, the path 
   and identical greedy captions, or the stage fails.
 - bf16, ours: base (bf16) + adapter vs the shipped checkpoint (the fp32 merge cast once to the base checkpoint's
   own dtype) loaded in bf16: logits within `tolerance.bfloat16`, or the stage fails; caption mismatches reported.
+- bf16, RePIC's way (`../shared/repic_training/lora_merge.ipynb`: the base loaded in bf16, `merge_and_unload`):
+  the same comparison, reported only, beside ours.
 
 A tolerance bounds the largest |logit difference| relative to the largest |logit| of base+adapter (at least 1):
 rounding differences grow with the logits' scale and the model's depth (an fp32 merge at Qwen2.5-VL-7B's shape,
 random weights, differed by 1.3e-4 in absolute terms, the tiny model's by 4e-7: BENCHMARKS.md, issue 24), while a
 wrong merge differs by the adapter's own effect.
-- bf16, RePIC's way (`../shared/repic_training/lora_merge.ipynb`: the base loaded in bf16, `merge_and_unload`):
-  the same comparison, reported only, beside ours.
 
 One model (plus the adapter) is in memory at a time, on `device` (the GPU when there is one, as RePIC merged);
 the report gives the measured peak. On a failure no merged checkpoint is left.
