@@ -181,17 +181,28 @@ NICE = int(os.environ.get("REPIC_TEST_NICE", "10"))
 _AUTOGROUP: dict[str, str] = {}
 
 
+def _autogroup_nice(pid: int | str) -> int | None:
+    """The nice value of process `pid`'s autogroup ("/autogroup-1312 nice 0"), or None where there is none to read:
+    another OS, kernel.sched_autogroup_enabled=0, or a sandbox whose /proc has the file but leaves it empty (CI's)."""
+    try:
+        match = re.fullmatch(r"\S+ nice (-?\d+)", Path(f"/proc/{pid}/autogroup").read_text().strip())
+    except OSError:
+        return None
+    return int(match[1]) if match else None
+
+
 def step_back(pid: int, nice: int) -> None:
-    """Lower process `pid`'s priority by `nice` (0: nothing): its autogroup's nice value and its own."""
+    """Lower process `pid`'s priority by `nice` (0: nothing): its autogroup's nice value and its own. Best effort:
+    where the system allows neither, the tests run as they are, only slower."""
     if not nice:
         return
-    group = Path(f"/proc/{pid}/autogroup")
-    try:  # "/autogroup-1312 nice 0"
-        now = int(group.read_text().split()[-1])
-        group.write_text(str(min(19, now + nice)))
-    except (OSError, ValueError, IndexError):
-        pass  # no autogroups here (another OS, or kernel.sched_autogroup_enabled=0): the process's nice is what counts
-    os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, pid) + nice))
+    now = _autogroup_nice(pid)
+    try:
+        if now is not None:
+            Path(f"/proc/{pid}/autogroup").write_text(str(min(19, now + nice)))
+        os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, pid) + nice))
+    except OSError:
+        pass
 
 
 def _start_background(session: pytest.Session, nodeids: tuple[str, ...]) -> None:
@@ -211,10 +222,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return
     if any(i.nodeid.startswith(E2E) for i in session.items):
         _embedded_dag(session.config)
-        try:  # "/autogroup-1312 nice 0": the caller's session (make test's shell), given back at the end
-            _AUTOGROUP["self"] = Path("/proc/self/autogroup").read_text().split()[-1]
-        except OSError:
-            pass
+        own = _autogroup_nice("self")  # the caller's session's (make test's shell), given back at the end
+        if own is not None:
+            _AUTOGROUP["self"] = str(own)
         step_back(os.getpid(), NICE)
 
 
