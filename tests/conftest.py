@@ -70,18 +70,53 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 # if an e2e test is selected), beside the fast part; with the first slow test, the SLURM run of the embedded DAG
 # (test_slurm.py: mostly waiting for SLURM's queue and Snakemake's status checks) and the paper rehearsal
 # (test_rehearsal.py), each started by its test module's `start_in_background(tmp)` at a lower priority (NICE,
-# below). The foreground runs the other tests meanwhile; the tests reading a background run come last and wait for
-# it (the SLURM run's and the rehearsal's, then test_pipeline_e2e's). One thread a process (above) keeps the shared
-# cores from spinning.
+# below). The foreground runs the other tests meanwhile, the slow ones that mostly wait (WAITING: SLURM's queue)
+# first, while the background runs have work for both cores; the tests reading a background run come last and wait
+# for it (the SLURM run's and the rehearsal's, then test_pipeline_e2e's), or come next, at the next module boundary,
+# once their run has finished (`pytest_runtest_protocol`): the e2e lane ends minutes before the rehearsal, and its
+# tests then run beside the rehearsal instead of after it. One thread a process (above) keeps the shared cores from
+# spinning.
 E2E = "tests/test_pipeline_e2e.py"
 BACKGROUND = ("tests/test_slurm.py::test_the_embedded_pipeline_runs_on_slurm",
               "tests/test_rehearsal.py::test_paper_rehearsal_runs_every_stage")
+WAITING = "tests/test_slurm.py"
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     def group(item: pytest.Item) -> int:
-        return 3 if item.nodeid.startswith(E2E) else 2 if item.nodeid in BACKGROUND else 1 if _exempt(item) else 0
+        if item.nodeid.startswith(E2E):
+            return 4
+        if item.nodeid in BACKGROUND:
+            return 3
+        return (1 if item.nodeid.startswith(WAITING) else 2) if _exempt(item) else 0
     items.sort(key=group)  # stable: each group keeps pytest's order
+
+
+def _ready(item: pytest.Item) -> bool:
+    """Whether `item` reads a background run that has finished (its test no longer waits)."""
+    if item.nodeid.startswith(E2E):
+        run = _SESSION.get("dag")
+    elif item.nodeid in BACKGROUND and "runs" in _SESSION:
+        run = _SESSION["runs"].get(item.nodeid)
+    else:
+        return False
+    return run is None or run.finished()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """After `item` (torn down for `nextitem`): where the next test is in another module, the tests whose background
+    run has finished move up to run next. Only there: pytest has torn down `item`'s module, and nothing of
+    `nextitem`'s is set up yet, so any module may come next (pytest's loop reads session.items as it goes)."""
+    yield
+    if nextitem is None or item.path == nextitem.path:
+        return
+    items = item.session.items
+    at = next(i for i, it in enumerate(items) if it is item) + 1
+    later = items[at:]
+    ready = [it for it in later if _ready(it)]
+    if ready and ready[0] is not later[0]:
+        items[at:] = ready + [it for it in later if not any(it is r for r in ready)]
 
 
 class BackgroundRun:
@@ -132,6 +167,15 @@ class BackgroundRun:
             stem.with_suffix(".seconds").write_text(f"{time.monotonic() - self.start:.1f}")
             stem.with_suffix(".cpu_seconds").write_text(f"{usage.ru_utime + usage.ru_stime:.1f}")
         return self.returncode
+
+    def finished(self) -> bool:
+        """Whether the run has ended, without reaping it (wait() reaps it, with its CPU time)."""
+        if self.returncode is not None:
+            return True
+        try:
+            return os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return True
 
     def tail(self, n: int = 6000) -> str:
         return self.log_path.read_text(errors="replace")[-n:]
