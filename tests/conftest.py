@@ -243,9 +243,12 @@ def step_back(pid: int, nice: int) -> None:
     if not nice:
         return
     now = _autogroup_nice(pid)
-    try:
-        if now is not None:
+    if now is not None:
+        try:
             Path(f"/proc/{pid}/autogroup").write_text(str(min(19, now + nice)))
+        except OSError:
+            pass
+    try:
         os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, pid) + nice))
     except OSError:
         pass
