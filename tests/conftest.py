@@ -113,10 +113,12 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
         return
     items = item.session.items
     at = next(i for i, it in enumerate(items) if it is item) + 1
-    later = items[at:]
-    ready = [it for it in later if _ready(it)]
-    if ready and ready[0] is not later[0]:
-        items[at:] = ready + [it for it in later if not any(it is r for r in ready)]
+    ready: list[pytest.Item] = []
+    rest: list[pytest.Item] = []
+    for it in items[at:]:  # one pass: a run may finish while it goes
+        (ready if _ready(it) else rest).append(it)
+    if ready and ready[0] is not items[at]:
+        items[at:] = ready + rest
 
 
 class BackgroundRun:
@@ -254,16 +256,6 @@ def step_back(pid: int, nice: int) -> None:
         pass
 
 
-def _start_background(session: pytest.Session, nodeids: tuple[str, ...]) -> None:
-    """The runs of the selected tests among `nodeids` (their module's `start_in_background(tmp)`;
-    None where the run cannot start here, e.g. SLURM is down, and that test skips)."""
-    runs = _SESSION.setdefault("runs", {})
-    for test in session.items:
-        if test.nodeid in nodeids:
-            runs[test.nodeid] = test.module.start_in_background(session.config._tmp_path_factory.mktemp(
-                test.name[:30]))
-
-
 def pytest_collection_finish(session: pytest.Session) -> None:
     """The e2e lane starts now (session.items: after -m, -k and deselection) if an e2e test is to run; this process
     then steps back (NICE)."""
@@ -278,9 +270,14 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """The first slow test starts the other selected BACKGROUND tests' runs."""
+    """The first slow test starts the selected BACKGROUND tests' runs (their module's `start_in_background(tmp)`;
+    None where the run cannot start here, e.g. SLURM is down, and that test skips)."""
     if _exempt(item) and "runs" not in _SESSION:
-        _start_background(item.session, BACKGROUND)
+        _SESSION["runs"] = {}
+        for test in item.session.items:
+            if test.nodeid in BACKGROUND:
+                tmp = item.config._tmp_path_factory.mktemp(test.name[:30])
+                _SESSION["runs"][test.nodeid] = test.module.start_in_background(tmp)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
