@@ -28,7 +28,8 @@ Sections, in this order (`--sections`):
   pipeline trains today, and either with `+`-joined levers (repic.train.speed unless said): `nockpt` (no gradient
   checkpointing: GRPOConfig), `compile` (compile_layers), `vc` (compile_vision), `pp` (preprocess_once: on in the
   training stage, so `ours+pp` is the pipeline's path), `pr` (rollout prefill one prompt at a time, images once:
-  rollout_trainer's prefill_rows / prefill_vision_once), `cd` (compiled decode step in the rollouts); not a lever,
+  rollout_trainer's prefill_rows / prefill_vision_once), `cd` (compiled decode step in the rollouts), `ac`
+  (autocast_lora: LoRA inputs left in bf16 under autocast, not cast to the adapters' fp32); not a lever,
   `lm` trains LoRA on the language model's projections only (`lora_targets: language_model`, params.yaml's
   default: no lm_head adapter, TRL's chunked head), to show the recipe's lm_head cost; `~N` trains
   that path with N completions a micro-step (the step's completions unchanged: more or fewer accumulation steps),
@@ -83,7 +84,7 @@ import repic_shapes as shapes  # noqa: E402  (bench/repic_shapes.py: captioning 
 from repic.vlm import generation as gen  # noqa: E402
 
 sync = genbench.sync
-LEVERS = ("nockpt", "compile", "vc", "pp", "pr", "cd")
+LEVERS = ("nockpt", "compile", "vc", "pp", "pr", "cd", "ac")
 # not a lever: the run's LoRA targets replaced by the language model's projections only (params.yaml's default,
 # `lora_targets: language_model`), to show what the recipe's lm_head adapter costs
 TARGETS = ("lm",)
@@ -424,6 +425,26 @@ def parse_path(spec: str, default_steps: int) -> tuple[str, set[str], int, int |
     return base, set(levers), int(steps) if steps else default_steps, int(micro) if micro else None
 
 
+def dropout_check(p: float = 0.05, seed: int = 0) -> dict[str, Any]:
+    """On the card: LoRA's dropout of a bf16 input cast to fp32 (PEFT's path; autocast rounds it to bf16 for the
+    product) against the dropout of the bf16 input itself (`ac`), same seed, at a projection input's shape: the
+    same masks, and the same bf16 values (the kernel computes in fp32 and rounds once)?"""
+    x = torch.randn(8 * 1400, 3584, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn_like(x)
+    drop = torch.nn.Dropout(p).train()
+    out = []
+    for cast in (True, False):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(seed)
+        y = drop(xi.float()).to(torch.bfloat16) if cast else drop(xi)
+        y.backward(g)
+        out.append((y.detach(), xi.grad))
+    (a, ga), (b, gb) = out
+    return {"elements": x.numel(), "same_mask": bool(torch.equal(a == 0, b == 0)),
+            "same_values": bool(torch.equal(a, b)), "same_input_gradients": bool(torch.equal(ga, gb)),
+            "dropped_fraction": float((b == 0).float().mean())}
+
+
 def summarize(steps: list[dict[str, Any]], peak: float) -> dict[str, Any]:
     """Steps 2..N (the first includes warm-up: graph capture, compilation, allocator growth)."""
     warm = steps[1:] or steps
@@ -454,7 +475,7 @@ def run_path(model: Any, processor: Any, dataset: Any, spec: str, args: Any, sch
     from trl import GRPOTrainer
 
     from repic.train.grpo import grpo_config, lora_model, recipe_trainer, reward_functions
-    from repic.train.speed import fast_trainer, uncompile_language_layers
+    from repic.train.speed import fast_trainer, lora_inputs_cast, uncompile_language_layers
     from repic.vlm.image_memo import unmemoize_image_processor
     from repic.vlm.vision import disable_fast_vision, disable_image_feature_cache
 
@@ -485,7 +506,7 @@ def run_path(model: Any, processor: Any, dataset: Any, spec: str, args: Any, sch
                                                       "prefill_vision_once": "pr" in levers})
     cls = fast_trainer(grouped(cls, args.grpo_grouping),
                        compile_layers="compile" in levers, compile_vision="vc" in levers,
-                       preprocess_once="pp" in levers)
+                       preprocess_once="pp" in levers, autocast_lora="ac" in levers)
     torch.manual_seed(0)
     peft_model = lora_model(model.train(), recipe)
     meter = Meter(peft_model, recipe["lora"]["r"])
@@ -519,6 +540,7 @@ def run_path(model: Any, processor: Any, dataset: Any, spec: str, args: Any, sch
         logs = [r for r in trainer.state.log_history if "completions/mean_length" in r]
         for step, rec in zip(meter.steps, logs):
             step["completion_mean_length"] = rec["completions/mean_length"]
+            step["loss"] = rec.get("loss")  # step 1's rollouts are the same on every path: its loss compares
         out.update(steps=meter.steps, summary=summarize(meter.steps, peak), peak_gib=genbench.peak_gib(),
                    wall_s=time.perf_counter() - start)
         if profile is not None and "rows" in profile:
@@ -534,6 +556,7 @@ def run_path(model: Any, processor: Any, dataset: Any, spec: str, args: Any, sch
     disable_fast_vision(peft_model)
     disable_image_feature_cache(peft_model)
     uncompile_language_layers(peft_model)
+    lora_inputs_cast(peft_model)
     unmemoize_image_processor(processor.image_processor)
     model = peft_model.unload()
     # the fused-head forwards TRL (add_fused_lm_head) and lora_head_trainer set on the instance: the next path's
@@ -711,6 +734,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if "peak" in args.sections and cuda:
         res["peak"] = shapes.measure_peak()
+        res["lora_dropout_bf16"] = dropout_check()
         log(f"peak {res['peak']}")
     save()
     peak = res.get("peak", {}).get("bf16_matmul_tflops", 0) * 1e12

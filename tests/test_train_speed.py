@@ -16,14 +16,14 @@ from PIL import Image
 from repic.train.speed import compile_language_layers, fast_trainer
 
 
-def _model(model_dir, dropout: float):
+def _model(model_dir, dropout: float, dtype: str = "float32"):
     from peft import get_peft_model
 
     from repic.core.params import lora_config
     from repic.vlm.models import load_model, load_processor
 
     torch.manual_seed(0)
-    model = get_peft_model(load_model(model_dir, device="cpu", dtype="float32").train(),
+    model = get_peft_model(load_model(model_dir, device="cpu", dtype=dtype).train(),
                            lora_config({"r": 4, "lora_alpha": 8, "lora_dropout": dropout}))
     with torch.no_grad():  # B = 0 would leave the gradient of A zero and hide a wrong forward
         for name, p in model.named_parameters():
@@ -34,16 +34,16 @@ def _model(model_dir, dropout: float):
     return model, processor
 
 
-def _trainer(model_dir, tmp_path, *, dropout=0.0, checkpointing=False, **levers):
+def _trainer(model_dir, tmp_path, *, dropout=0.0, checkpointing=False, bf16=False, **levers):
     from datasets import Dataset
     from trl import GRPOTrainer
 
     from repic.core.params import grpo_config
     from repic.vlm.generation import rollout_trainer
 
-    model, processor = _model(model_dir, dropout)
+    model, processor = _model(model_dir, dropout, "bfloat16" if bf16 else "float32")
     args = grpo_config({"num_generations": 3, "per_device_train_batch_size": 3, "max_completion_length": 6,
-                        "max_steps": 1, "beta": 0.04, "loss_type": "grpo", "seed": 0, "bf16": False,
+                        "max_steps": 1, "beta": 0.04, "loss_type": "grpo", "seed": 0, "bf16": bf16,
                         "gradient_checkpointing": checkpointing}, tmp_path / str(len(list(tmp_path.iterdir()))),
                        use_cpu=True)
     example = {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is it?"}]}],
@@ -128,6 +128,40 @@ def test_without_gradient_checkpointing_same_losses_and_gradients(tiny_model_dir
         # reference + policy forward, and the backward's recompute of the layer when checkpointing
         assert len(calls) == (3 if checkpointing else 2)
     _assert_same(results[1], results[0], atol=1e-7)
+
+
+def test_autocast_lora_same_losses_and_gradients(tiny_model_dir, tmp_path):
+    """bf16 weights, fp32 adapters (PEFT's default), bf16 autocast (TRL's `bf16: true`; here on the CPU), gradient
+    checkpointing on: LoRA inputs left in bf16 give bit for bit the reference log-probs, loss and LoRA gradients of
+    PEFT's cast to fp32 (autocast casts them back for the products). Dropout off: the CPU's bf16 dropout rounds its
+    scale to bf16 (CUDA's computes in fp32, as the cast path does: checked on the card by bench/perf.py)."""
+    from repic.train.speed import lora_inputs_cast
+
+    results, kept = [], []
+    for lever in (False, True):
+        trainer = _trainer(tiny_model_dir, tmp_path, checkpointing=True, bf16=True, autocast_lora=lever)
+        assert trainer.accelerator.mixed_precision == "bf16"
+        layer = trainer.model.get_base_model().model.language_model.layers[0].self_attn.q_proj
+        assert layer.lora_A["default"].weight.dtype == torch.float32 and layer.base_layer.weight.dtype == torch.bfloat16
+        seen = []
+        layer.lora_A["default"].register_forward_pre_hook(lambda m, a, seen=seen: seen.append(a[0].dtype))
+        results.append(_step(trainer))
+        kept.append(set(seen))
+        if lever:  # outside autocast PEFT's cast runs: the adapter gets fp32 inputs
+            x = torch.randn(2, layer.in_features, dtype=torch.bfloat16)
+            seen.clear()
+            layer(x)
+            assert seen == [torch.float32]
+            lora_inputs_cast(trainer.model)
+            assert "_cast_input_dtype" not in vars(layer)
+    assert kept == [{torch.float32}, {torch.bfloat16}]
+    ref, loss, grads = results[1]
+    ref_want, loss_want, grads_want = results[0]
+    assert torch.equal(ref, ref_want) and torch.equal(loss, loss_want)
+    assert grads.keys() == grads_want.keys() and len(grads) > 0
+    assert all(g.dtype == torch.float32 and g.abs().max() > 0 for g in grads.values())
+    for name, g in grads.items():
+        assert torch.equal(g, grads_want[name]), name
 
 
 @pytest.mark.slow

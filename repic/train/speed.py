@@ -13,6 +13,13 @@ forwards alone, unpadded) was measured and removed: 9.5 % slower on an H100 at R
   LoRA's dropout modules stay eager (`torch.compiler.disable`), so they draw the same masks from the same generator
   as the eager layer; gradient checkpointing wraps the compiled layer as it wraps the eager one.
 - `compile_vision`: the frozen vision tower's blocks compiled (repic.vlm.vision), as captioning does on CUDA.
+- `autocast_lora`: under bf16 autocast (TRL's log-prob forwards with `bf16: true`), PEFT casts each LoRA layer's
+  input to its adapter's dtype (fp32) before the dropout, and autocast casts it back to bf16 for the adapter's
+  products: two copies and an fp32 dropout per adapted module and pass (on an H100 at RePIC's shapes the largest
+  non-matmul kernels of a step, BENCHMARKS.md). Here the input stays in the autocast dtype wherever autocast would
+  cast it back anyway; the products see the same bf16 numbers, and the dropout computes `x * mask / (1 - p)` in
+  fp32 and rounds once to bf16 either way, so losses and gradients are the same for the same masks. Outside
+  autocast (a CPU run in fp32, rollouts without it) PEFT's cast runs as before.
 - `preprocess_once`: the processor's image preprocessing (resize, rescale, normalize, patches: on the CPU, ~0.2-0.5 s
   for an image with a 1024-px short side) done once per distinct image. TRL preprocesses a batch's images twice a
   step (for the rollouts and for the forwards), and each of the G copies of a prompt's images again; here an image
@@ -29,6 +36,7 @@ recompute each layer's forward, at the price of the activations' memory.
 
 from __future__ import annotations
 
+import types
 import warnings
 from typing import Any
 
@@ -37,18 +45,20 @@ import torch
 from repic.vlm.image_memo import memoize_image_processor
 
 
-def fast_trainer(trainer_cls: type, *, compile_layers: bool = False,
-                 compile_vision: bool = False, preprocess_once: bool = False) -> type:
+def fast_trainer(trainer_cls: type, *, compile_layers: bool = False, compile_vision: bool = False,
+                 preprocess_once: bool = False, autocast_lora: bool = False) -> type:
     """`trainer_cls` (a TRL GRPOTrainer class) with the levers asked for (module docstring); itself if none."""
-    if not (compile_layers or compile_vision or preprocess_once):
+    if not (compile_layers or compile_vision or preprocess_once or autocast_lora):
         return trainer_cls
 
     class FastGRPOTrainer(trainer_cls):
-        speed_options = {"compile_layers": compile_layers,
-                         "compile_vision": compile_vision, "preprocess_once": preprocess_once}
+        speed_options = {"compile_layers": compile_layers, "compile_vision": compile_vision,
+                         "preprocess_once": preprocess_once, "autocast_lora": autocast_lora}
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
+            if autocast_lora:
+                lora_inputs_in_autocast(self.model)
             if preprocess_once and getattr(self.processing_class, "image_processor", None) is not None:
                 memoize_image_processor(self.processing_class.image_processor)
             if compile_vision:
@@ -63,6 +73,34 @@ def fast_trainer(trainer_cls: type, *, compile_layers: bool = False,
 
 
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _cast_unless_autocast(self: Any, x: Any, dtype: torch.dtype) -> Any:
+    """PEFT's `_cast_input_dtype`, except that an input already in the autocast dtype of its device stays as it is
+    (autocast would cast it back for the adapter's products)."""
+    if (isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
+            and x.dtype == torch.get_autocast_dtype(x.device.type)):
+        return x
+    return type(self)._cast_input_dtype(self, x, dtype)
+
+
+def lora_inputs_in_autocast(model: Any) -> int:
+    """The `autocast_lora` lever (module docstring) on every LoRA layer of `model`; returns how many."""
+    from peft.tuners.lora import LoraLayer
+
+    done = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module._cast_input_dtype = types.MethodType(_cast_unless_autocast, module)
+            done += 1
+    return done
+
+
+def lora_inputs_cast(model: Any) -> None:
+    """Undo `lora_inputs_in_autocast` (PEFT's cast back)."""
+    for module in model.modules():
+        if getattr(module.__dict__.get("_cast_input_dtype"), "__func__", None) is _cast_unless_autocast:
+            del module._cast_input_dtype
 
 
 _COMPILED_CLASSES: dict[tuple[type, Any], type] = {}
