@@ -39,7 +39,8 @@ Sections, in this order (`--sections`):
   logging), tokens (every sequence's prompt, image tokens included, + completion: EasyR1's "tokens per second per
   GPU"), counted FLOPs by phase (below), peak memory. Summary over steps 2..N: tokens/s per GPU, the split, the
   training phase's TFLOP/s (reference + policy forward + backward FLOPs over their time) against the measured peak.
-  `--grpo-profile PATH` adds one profiled step to that path (kernel time by class; not in its statistics).
+  `--grpo-profile PATH` adds one profiled step to that path (kernel time by class, and `HostSampler`: where the
+  host time between phases goes; not in its statistics).
 
 FLOPs counted per forward from the real (unpadded) tokens: 2 × (decoder-layer parameters) per token, causal
 attention 2·L²·hidden per layer per sequence, the LM head over completion tokens only (TRL's fused head scores
@@ -350,6 +351,58 @@ def timed_trainer(trainer_cls: type, meter: Meter) -> type:
     return Timed
 
 
+class HostSampler:
+    """Where the host's time goes during one step: a thread reads the main thread's Python stack every `every_s`
+    and files it under the meter's phase at that moment (`None`: "other", the host work between phases). Summary:
+    samples by phase, and for "other" the innermost frames and the deepest frames of TRL / transformers' trainer /
+    this project / datasets / PIL (who asked for the time)."""
+
+    OWNERS = ("trl/", "transformers/trainer", "datasets/", "PIL/", "accelerate/", "/repic/", "/bench/")
+
+    def __init__(self, meter: Meter, every_s: float = 0.005) -> None:
+        import threading
+
+        self.meter, self.every_s = meter, every_s
+        self.main = threading.main_thread().ident
+        self.samples: list[tuple[str | None, list[str]]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every_s):
+            frame = sys._current_frames().get(self.main)
+            stack = []
+            while frame is not None and len(stack) < 80:
+                code = frame.f_code
+                name = code.co_filename
+                cut = name.rfind("site-packages/")
+                name = name[cut + 14:] if cut >= 0 else name.replace(str(ROOT), "")
+                stack.append(f"{name}:{frame.f_lineno} {code.co_name}")
+                frame = frame.f_back
+            self.samples.append((self.meter.phase, stack))
+
+    def __enter__(self) -> HostSampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def summary(self, top: int = 20) -> dict[str, Any]:
+        from collections import Counter
+
+        phases = Counter(str(p) for p, _ in self.samples)
+        other = [stack for p, stack in self.samples if p is None]
+        leaf = Counter(stack[0] for stack in other if stack)
+        owner = Counter(next((f for f in stack if f.startswith(self.OWNERS)), stack[-1] if stack else "?")
+                        for stack in other)
+        return {"every_s": self.every_s, "samples_by_phase": dict(phases),
+                "other_s_estimate": len(other) * self.every_s,
+                "other_by_leaf": [[f, n] for f, n in leaf.most_common(top)],
+                "other_by_owner": [[f, n] for f, n in owner.most_common(top)]}
+
+
 def step_callbacks(meter: Meter, deadline: float, min_steps: int, profile: dict | None) -> list:
     from transformers import TrainerCallback
 
@@ -367,6 +420,7 @@ def step_callbacks(meter: Meter, deadline: float, min_steps: int, profile: dict 
                 activities = [ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]
                 profile["prof"] = torch_profile(activities=activities)
                 profile["prof"].__enter__()
+                profile["host"] = HostSampler(meter).__enter__()
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
             sync()
@@ -380,8 +434,11 @@ def step_callbacks(meter: Meter, deadline: float, min_steps: int, profile: dict 
             logs = [r for r in state.log_history if "completions/mean_length" in r]
             if profile is not None and "prof" in profile and "rows" not in profile:
                 sync()
+                host = profile.pop("host")
+                host.__exit__(None, None, None)
                 profile["prof"].__exit__(None, None, None)
                 profile["rows"] = kernel_classes(profile.pop("prof"))
+                profile["rows"]["host"] = host.summary()
                 meter.reset()
                 return
             meter.end_step(None)  # and resets the meter: the next step starts now
