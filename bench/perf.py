@@ -485,7 +485,8 @@ def parse_path(spec: str, default_steps: int) -> tuple[str, set[str], int, int |
 def dropout_check(p: float = 0.05, seed: int = 0) -> dict[str, Any]:
     """On the card: LoRA's dropout of a bf16 input cast to fp32 (PEFT's path; autocast rounds it to bf16 for the
     product) against the dropout of the bf16 input itself (`ac`), same seed, at a projection input's shape: the
-    same masks, and the same bf16 values (the kernel computes in fp32 and rounds once)?"""
+    same masks? the same bf16 values and input gradients where both masks keep (the kernel computes in fp32 and
+    rounds once)?"""
     x = torch.randn(8 * 1400, 3584, device="cuda", dtype=torch.bfloat16)
     g = torch.randn_like(x)
     drop = torch.nn.Dropout(p).train()
@@ -497,9 +498,13 @@ def dropout_check(p: float = 0.05, seed: int = 0) -> dict[str, Any]:
         y.backward(g)
         out.append((y.detach(), xi.grad))
     (a, ga), (b, gb) = out
+    both = (a != 0) & (b != 0)  # kept by both masks: the kernels' arithmetic compared where the draws agree
     return {"elements": x.numel(), "same_mask": bool(torch.equal(a == 0, b == 0)),
             "same_values": bool(torch.equal(a, b)), "same_input_gradients": bool(torch.equal(ga, gb)),
-            "dropped_fraction": float((b == 0).float().mean())}
+            "kept_by_both": int(both.sum()), "same_values_where_both_keep": bool(torch.equal(a[both], b[both])),
+            "same_gradients_where_both_keep": bool(torch.equal(ga[both], gb[both])),
+            "dropped_fraction": float((b == 0).float().mean()),
+            "dropped_fraction_cast_path": float((a == 0).float().mean())}
 
 
 def summarize(steps: list[dict[str, Any]], peak: float) -> dict[str, Any]:
