@@ -429,9 +429,12 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
                                    grouping=grouping, resize=params.get("resize", {}))
     lookup = repic_lookup(len(samples), args.num_generations, seed) if grouping == "repic" else None
     trainer_cls = epoch_seeded(trainer_cls, lookup)
-    # Each distinct image preprocessed once, not TRL's twice a step and once per copy of a prompt: the processor's
-    # own arrays (exact), 16-26 % more tokens/s on an H100 at RePIC's shapes (BENCHMARKS.md, issue 28).
-    trainer_cls = fast_trainer(trainer_cls, preprocess_once=True)
+    # Levers of repic.train.speed, each measured on an H100 at RePIC's shapes (BENCHMARKS.md, issue 28): each
+    # distinct image preprocessed once, not TRL's twice a step and once per copy of a prompt (the processor's own
+    # arrays; +16-26 % tokens/s); under bf16 autocast LoRA's inputs not cast to the adapters' fp32 (the same
+    # products; +9-28 %); on CUDA the frozen vision tower compiled, as captioning runs it (+5-7 %).
+    trainer_cls = fast_trainer(trainer_cls, preprocess_once=True, autocast_lora=True,
+                               compile_vision=device.startswith("cuda"))
     trainer = trainer_cls(
         model=model,
         reward_funcs=rewards,
