@@ -21,6 +21,30 @@ def test_tiny_model_round_trips_through_from_pretrained(tiny_model_dir):
     assert processor.tokenizer.padding_side == "left"
 
 
+def test_load_processor_keeps_the_pil_image_processor_where_transformers_picks_torchvision(tiny_model_dir,
+                                                                                        monkeypatch):
+    """transformers 5 loads its torchvision image processor wherever torchvision is installed (GPU machines; none
+    here): load_processor swaps in the PIL one (RePIC's transformers 4.49 default), with the checkpoint's config."""
+    plain = ImageQwenVLProcessor.from_pretrained(str(tiny_model_dir))
+    assert plain.image_processor.backend == "pil"  # no torchvision here
+
+    class Torchvision:  # what transformers would load beside torchvision
+        backend = "torchvision"
+
+    loaded = ImageQwenVLProcessor.from_pretrained
+
+    def with_torchvision(path, **kwargs):
+        processor = loaded(path, **kwargs)
+        processor.image_processor = Torchvision()
+        return processor
+
+    monkeypatch.setattr(ImageQwenVLProcessor, "from_pretrained", with_torchvision)
+    processor = load_processor(tiny_model_dir)
+    assert type(processor.image_processor).__name__ == "Qwen2VLImageProcessorPil"
+    assert processor.image_processor.to_dict() == plain.image_processor.to_dict()
+    assert processor.tokenizer.padding_side == "left"
+
+
 def test_processor_expands_image_tokens(tiny_model_dir):
     processor = load_processor(tiny_model_dir)
     messages = caption_messages([{"name": "<zorp>", "info": "a red toy"}], "Caption this.")

@@ -73,6 +73,13 @@ def load_processor(path: str | os.PathLike, *, max_pixels: int | None = None) ->
         processor = ImageQwenVLProcessor.from_pretrained(str(path))
     except OSError as exc:
         raise RepicError(f"{path}: cannot load a Qwen2.5-VL processor ({exc})") from None
+    if getattr(processor.image_processor, "backend", "pil") != "pil":
+        # transformers 5 picks its torchvision image processor wherever torchvision is installed (GPU machines);
+        # RePIC's transformers 4.49 ran the PIL/numpy one, as this CPU environment does: the same one everywhere
+        # (and the one repic.vlm.image_memo memoizes)
+        from transformers import AutoImageProcessor
+
+        processor.image_processor = AutoImageProcessor.from_pretrained(str(path), backend="pil")
     processor.tokenizer.padding_side = "left"
     if max_pixels is not None:
         from transformers.image_utils import SizeDict
