@@ -27,9 +27,10 @@ Sections, in this order (`--sections`):
   `model.generate` rollouts, gradient checkpointing), `ours` = `rollout_trainer(GRPOTrainer, "static")` as the
   pipeline trains today, and either with `+`-joined levers (repic.train.speed unless said): `nockpt` (no gradient
   checkpointing: GRPOConfig), `compile` (compile_layers), `vc` (compile_vision), `pp` (preprocess_once: on in the
-  training stage, so `ours+pp` is the pipeline's path), `pr` (rollout prefill one prompt at a time, images once:
-  rollout_trainer's prefill_rows / prefill_vision_once), `cd` (compiled decode step in the rollouts), `ac`
-  (autocast_lora: LoRA inputs left in bf16 under autocast, not cast to the adapters' fp32); not a lever,
+  training stage, as are `ac` and, on CUDA, `vc`: `ours+pp+ac+vc` is the pipeline's path), `pr` (rollout
+  prefill one prompt at a time, images once: rollout_trainer's prefill_rows / prefill_vision_once), `cd`
+  (compiled decode step in the rollouts), `ac` (autocast_lora: LoRA inputs left in bf16 under autocast, not cast
+  to the adapters' fp32); not a lever,
   `lm` trains LoRA on the language model's projections only (`lora_targets: language_model`, params.yaml's
   default: no lm_head adapter, TRL's chunked head), to show the recipe's lm_head cost; `~N` trains
   that path with N completions a micro-step (the step's completions unchanged: more or fewer accumulation steps),
