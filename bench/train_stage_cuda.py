@@ -4,7 +4,8 @@ bench/perf.py are the ones the stage runs: LoRA inputs left in bf16 under autoca
 tower compiled (`compile_vision`, CUDA only). A random-weight Qwen2.5-VL (bench/generation.py's build, `--shape`) is
 saved, then trained for `--steps` steps with configs/paper.yaml's `train_grpo_lora` section on bench/perf.py's
 RePIC-like samples; the JSON records the log, the wall time, the dtypes the adapters' inputs had, and whether the
-tower ran compiled code.
+tower ran compiled code, the image processor's class and backend, and how many images the memo processed of
+those asked for (`preprocess_once`: PIL backend only).
 
     python bench/train_stage_cuda.py --out train_stage.json                   # a GPU (bf16)
     python bench/train_stage_cuda.py --device cpu --out /tmp/train_stage.json # a CPU (fp32: both levers idle)
@@ -60,8 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     state: dict = {}
 
     class Probe(TrainerCallback):
-        def on_train_begin(self, targs, tstate, control, model=None, **kwargs):
+        def on_train_begin(self, targs, tstate, control, model=None, processing_class=None, **kwargs):
             from peft.tuners.lora import LoraLayer
+
+            image_processor = getattr(processing_class, "image_processor", None)
+            state["image_processor"] = [type(image_processor).__name__, getattr(image_processor, "backend", None)]
+            state["processor"] = image_processor
 
             layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
             state["lora_layers"] = len(layers)
@@ -75,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
                  device=args.device, dtype="bfloat16" if cuda else "float32", callbacks=[Probe()])
     wall = time.perf_counter() - t0
     tower = vision._visual(state.pop("model"))
+    from repic.vlm.image_memo import preprocess_counts
+
+    state["images_preprocessed_of_requested"] = preprocess_counts(state.pop("processor"))
     fast = getattr(tower, vision._ATTR, None) or {}
     out = {"shape": args.shape, "device": args.device, "steps": args.steps, "wall_s": wall,
            "gpu": torch.cuda.get_device_name(0) if cuda else None, "log": logs, **state,
