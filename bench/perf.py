@@ -603,7 +603,6 @@ def run_path(model: Any, processor: Any, dataset: Any, spec: str, args: Any, sch
         logs = [r for r in trainer.state.log_history if "completions/mean_length" in r]
         for step, rec in zip(meter.steps, logs):
             step["completion_mean_length"] = rec["completions/mean_length"]
-            step["loss"] = rec.get("loss")  # step 1's rollouts are the same on every path: its loss compares
         out.update(steps=meter.steps, summary=summarize(meter.steps, peak), peak_gib=genbench.peak_gib(),
                    wall_s=time.perf_counter() - start)
         if profile is not None and "rows" in profile:
