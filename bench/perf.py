@@ -30,7 +30,9 @@ Sections, in this order (`--sections`):
   training stage, as are `ac` and, on CUDA, `vc`: `ours+pp+ac+vc` is the pipeline's path), `pr` (rollout
   prefill one prompt at a time, images once: rollout_trainer's prefill_rows / prefill_vision_once), `cd`
   (compiled decode step in the rollouts), `ac` (autocast_lora: LoRA inputs left in bf16 under autocast, not cast
-  to the adapters' fp32); not a lever,
+  to the adapters' fp32), `nw` (GRPOConfig's `dataloader_num_workers=4`: the DataLoader's worker processes decode the
+  dataset's images (PNG in Arrow) ahead of the step, overlapping the GPU; not the training stage's path, which loads
+  its images in `_prepare_inputs`); not a lever,
   `lm` trains LoRA on the language model's projections only (`lora_targets: language_model`, params.yaml's
   default: no lm_head adapter, TRL's chunked head), to show the recipe's lm_head cost; `~N` trains
   that path with N completions a micro-step (the step's completions unchanged: more or fewer accumulation steps),
@@ -86,7 +88,7 @@ import repic_shapes as shapes  # noqa: E402  (bench/repic_shapes.py: captioning 
 from repic.vlm import generation as gen  # noqa: E402
 
 sync = genbench.sync
-LEVERS = ("nockpt", "compile", "vc", "pp", "pr", "cd", "ac")
+LEVERS = ("nockpt", "compile", "vc", "pp", "pr", "cd", "ac", "nw")
 # not a lever: the run's LoRA targets replaced by the language model's projections only (params.yaml's default,
 # `lora_targets: language_model`), to show what the recipe's lm_head adapter costs
 TARGETS = ("lm",)
@@ -559,6 +561,7 @@ def run_path(model: Any, processor: Any, dataset: Any, spec: str, args: Any, sch
     grpo.update(num_generations=args.grpo_generations, per_device_train_batch_size=micro,
                 gradient_accumulation_steps=per_step // micro, max_completion_length=args.grpo_max_new,
                 bf16=cuda, gradient_checkpointing=cuda and "nockpt" not in levers,
+                dataloader_num_workers=4 if "nw" in levers else 0,
                 max_steps=steps + (1 if profile else 0), logging_steps=1, seed=0, shuffle_dataset=False,
                 report_to="none", save_strategy="no")
     targs = grpo_config(grpo, tempfile.mkdtemp(), use_cpu=not cuda)
