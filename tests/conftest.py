@@ -31,6 +31,47 @@ if "torch" in sys.modules:  # imported before this file (a plugin): the env var 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
+# --------------------------------------------------------------------------- SLURM's client with its daemons down
+# Snakemake loads every installed executor plugin when it starts, and the SLURM plugin's (snakemake-executor-plugin-
+# slurm) runs `scontrol show config` while it is imported (for its help text). Where SLURM's client is installed but
+# its controller is down (as `.ci/run` leaves this machine), scontrol retries ~9 s before failing: every local
+# Snakemake start of the suite waited that long (the fast part 260 s instead of 170 s, 2026-12-06). Then, and only
+# then, an `scontrol` that fails at once comes first on PATH for this process and all it spawns; the plugin reads the
+# failure as "no MinJobAge" and goes on. The SLURM tests skip in that case anyway (test_slurm.slurm_up).
+
+
+def slurm_controller_down(conf: Path | None = None, timeout: float = 1.0) -> bool:
+    """Whether `scontrol` is on PATH but no SLURM controller answers on the port slurm.conf names (SLURM_CONF, else
+    /etc/slurm/slurm.conf; a missing file counts as down: scontrol then retries for a minute)."""
+    import socket
+
+    if not shutil.which("scontrol"):
+        return False
+    conf = conf or Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
+    try:
+        text = conf.read_text()
+    except OSError:
+        return True
+    host = re.search(r"^\s*(?:SlurmctldHost|ControlMachine)\s*=\s*([^\s(#]+)(?:\(([^)\s]+)\))?", text, re.M | re.I)
+    port = re.search(r"^\s*SlurmctldPort\s*=\s*(\d+)", text, re.M | re.I)
+    address = (host[2] or host[1]) if host else "localhost"
+    try:
+        socket.create_connection((address, int(port[1]) if port else 6817), timeout=timeout).close()
+    except OSError:
+        return True
+    return False
+
+
+_SHIM: Path | None = None
+if slurm_controller_down():
+    import tempfile
+
+    _SHIM = Path(tempfile.mkdtemp(prefix="repic-no-slurm-"))
+    (_SHIM / "scontrol").write_text("#!/bin/sh\necho 'scontrol: no SLURM controller answers here "
+                                    "(tests/conftest.py)' >&2\nexit 1\n")
+    (_SHIM / "scontrol").chmod(0o755)
+    os.environ["PATH"] = f"{_SHIM}{os.pathsep}{os.environ['PATH']}"
+
 # --------------------------------------------------------------------------- the time budget
 # A test not marked `slow` (or `slurm`) that takes longer than this (setup, with the fixtures it is first to
 # need, plus call) fails: the fast part (`pytest -m "not slow and not slurm"`) stays fast, and a slow test says
@@ -291,6 +332,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             Path("/proc/self/autogroup").write_text(_AUTOGROUP.pop("self"))
         except OSError:
             pass
+    if _SHIM is not None:
+        shutil.rmtree(_SHIM, ignore_errors=True)
 
 
 @pytest.fixture

@@ -61,3 +61,28 @@ def test_the_suite_runs_one_thread_a_process() -> None:
     child = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
                            capture_output=True, text=True, timeout=120, check=True)
     assert child.stdout.strip() == str(threads)
+
+
+def test_slurm_controller_down_reads_the_controller_from_slurm_conf(tmp_path: Path, monkeypatch) -> None:
+    """conftest's check for SLURM's client without a controller (then the suite puts an `scontrol` that fails at once
+    first on PATH): down when nothing listens on slurm.conf's SlurmctldHost address and SlurmctldPort or the file is
+    missing, up when something listens, never where there is no scontrol to shim."""
+    import socket
+
+    from .conftest import slurm_controller_down
+
+    client = tmp_path / "bin"
+    client.mkdir()
+    (client / "scontrol").write_text("#!/bin/sh\nexit 0\n")
+    (client / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", str(client))
+    server = socket.create_server(("127.0.0.1", 0))
+    conf = tmp_path / "slurm.conf"
+    conf.write_text(f"ClusterName=ci\nSlurmctldHost=vm-0(127.0.0.1)  # the controller\n"
+                    f"SlurmctldPort={server.getsockname()[1]}\n")
+    assert not slurm_controller_down(conf)
+    server.close()
+    assert slurm_controller_down(conf)
+    assert slurm_controller_down(tmp_path / "missing.conf")
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    assert not slurm_controller_down(conf)
