@@ -154,6 +154,23 @@ def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, monkey
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     assert any(v.abs().sum() > 0 for k, v in full.items() if "lora_B" in k)  # it did train
 
+    # the images read by the DataLoader's worker processes (repic.train.grpo.preloading, dataloader_num_workers):
+    # none read in this process, the same adapter
+    import repic.train.grpo as grpo
+
+    opened: list[str] = []
+    real_open = grpo._open_rgb
+    monkeypatch.setattr(grpo, "_open_rgb", lambda path, where: opened.append(str(path)) or real_open(path, where))
+    train(tiny_model_dir, samples, tmp_path, tmp_path / "workers",
+          {**params, "grpo": {**params["grpo"], "dataloader_num_workers": 2}},
+          checkpoint_dir=tmp_path / "ck_workers", seed=3, device="cpu")
+    assert opened == []  # a worker's reads land in its own copy of `opened`
+    workers = _adapter_weights(tmp_path / "workers")
+    assert all(torch.equal(full[k], workers[k]) for k in full)
+    train(tiny_model_dir, samples, tmp_path, tmp_path / "in_process", params, checkpoint_dir=tmp_path / "ck_in",
+          seed=3, device="cpu")
+    assert opened  # without workers, this process reads them
+
 
 def test_a_run_killed_in_epoch_2_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, monkeypatch, capfd):
     """The paper trains 2 epochs. A run killed inside epoch 2 must resume epoch 2's sample order, not replay

@@ -190,12 +190,9 @@ def fetch_rng(seed: int, generation: int, position: int, grouping: str, group_si
     return random.Random(f"{seed}/fetch/{generation}/{key}")
 
 
-def fetching_trainer(trainer_cls: type, samples: list[dict[str, Any]], root: str | os.PathLike, *, seed: int,
-                     grouping: str, resize: dict[str, int], cache_images: int = 256) -> type:
-    """`trainer_cls` whose training rows (`{"sample": i}`) become examples when fetched, as RePIC's
-    `LazySupervisedDataset.__getitem__` built them: the prompt routed by method and image count, the ICT text
-    drawn at every fetch (`fetch_rng`), the images resized as RePIC's `_prepare_inputs` (`sample_example`). The
-    last `cache_images` resized images are kept (the G copies of a prompt and the repeated fetches share them)."""
+def _image_cache(resize: dict[str, int], cache_images: int) -> Any:
+    """`load(path, in_list)` -> (original size, the image resized as RePIC's `_prepare_inputs`), the last
+    `cache_images` kept (the G copies of a prompt and the repeated fetches share them)."""
     from collections import OrderedDict
 
     cache: OrderedDict = OrderedDict()
@@ -210,6 +207,53 @@ def fetching_trainer(trainer_cls: type, samples: list[dict[str, Any]], root: str
         cache.move_to_end(key)
         return cache[key]
 
+    return load
+
+
+def training_images(sample: dict[str, Any], root: str | os.PathLike) -> list[tuple[Path, bool]]:
+    """(path, in_list) of each image `sample_example` shows for `sample` (its prompt's image slots: by method and
+    image count, never by the ICT draw)."""
+    in_list = isinstance(sample["image"], list)
+    paths = sample["image"] if in_list else [sample["image"]]
+    slots = training_prompt(sample["problem"], sample["accu_reward_method"], len(paths), random.Random(0))[1]
+    return [(resolve_image(root, rel), in_list) for rel in paths[:slots]]
+
+
+def preloading(dataset: Any, samples: list[dict[str, Any]], root: str | os.PathLike, *, resize: dict[str, int],
+               cache_images: int = 256) -> Any:
+    """`dataset` (a datasets.Dataset of rows `{"sample": i}`) whose rows, when read, carry their sample's training
+    images already read and resized (`preloaded`: {(path, in_list): (original size, image)}), for
+    `fetching_trainer` to use instead of reading them. The Trainer's DataLoader reads the rows: in its worker
+    processes, ahead of the step, when GRPOConfig's `dataloader_num_workers` > 0 (the images' decoding and resizing
+    then overlap the GPU's work), in the training process when 0. The images are the ones `fetching_trainer` would
+    read itself (the same function, the same files)."""
+    load = _image_cache(resize, cache_images)
+
+    def transform(batch: dict[str, list]) -> dict[str, list]:
+        return {"sample": batch["sample"],
+                "preloaded": [{(str(path), in_list): load(path, in_list)
+                               for path, in_list in training_images(samples[i], root)} for i in batch["sample"]]}
+
+    return dataset.with_transform(transform)
+
+
+def fetching_trainer(trainer_cls: type, samples: list[dict[str, Any]], root: str | os.PathLike, *, seed: int,
+                     grouping: str, resize: dict[str, int], cache_images: int = 256) -> type:
+    """`trainer_cls` whose training rows (`{"sample": i}`) become examples when fetched, as RePIC's
+    `LazySupervisedDataset.__getitem__` built them: the prompt routed by method and image count, the ICT text
+    drawn at every fetch (`fetch_rng`), the images resized as RePIC's `_prepare_inputs` (`sample_example`): those a
+    row carries (`preloading`), else read here (the last `cache_images` resized images kept)."""
+    load = _image_cache(resize, cache_images)
+
+    def row_loader(row: dict[str, Any]) -> Any:
+        preloaded = row.get("preloaded") or {}
+
+        def load_row(path: Path, in_list: bool) -> tuple[tuple[int, int], Image.Image]:
+            hit = preloaded.get((str(path), in_list))
+            return hit if hit is not None else load(path, in_list)
+
+        return load_row
+
     class FetchingTrainer(trainer_cls):
         def _prepare_inputs(self, generation_batch):
             if isinstance(generation_batch, list) and generation_batch and "sample" in generation_batch[0]:
@@ -217,7 +261,7 @@ def fetching_trainer(trainer_cls: type, samples: list[dict[str, Any]], root: str
                 generation_batch = [
                     sample_example(samples[row["sample"]], root,
                                    fetch_rng(seed, self.state.global_step, first + r, grouping, self.num_generations),
-                                   index=row["sample"], load=load, **resize)
+                                   index=row["sample"], load=row_loader(row), **resize)
                     for r, row in enumerate(generation_batch)]
             return super()._prepare_inputs(generation_batch)
 
@@ -416,7 +460,10 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
     args = grpo_config({**grpo, "seed": seed}, checkpoint_dir, use_cpu=device == "cpu")
     rewards = reward_functions(params["rewards"], params["protocol"])
     check_images(samples, root)
-    dataset = Dataset.from_list([{"sample": i} for i in range(len(samples))])
+    # rows read with their images (preloading): by the DataLoader's workers, ahead of the step, where
+    # `dataloader_num_workers` > 0 (+16 % tokens/s on an H100 at RePIC's shapes, BENCHMARKS.md)
+    dataset = preloading(Dataset.from_list([{"sample": i} for i in range(len(samples))]), samples, root,
+                         resize=params.get("resize", {}))
     processor = load_processor(model_path)
     # Loaded on the CPU: the Trainer (accelerate) places it, one GPU per process under `accelerate launch`.
     # Seeded before LoRA's random init of lora_A, which the Trainer's own seeding comes too late for.
