@@ -9,6 +9,12 @@ those asked for (`preprocess_once`: PIL backend only).
 
     python bench/train_stage_cuda.py --out train_stage.json                   # a GPU (bf16)
     python bench/train_stage_cuda.py --device cpu --out /tmp/train_stage.json # a CPU (fp32: both levers idle)
+
+`--workers 0 4` trains once per value of GRPOConfig's `dataloader_num_workers` (the stage's images read by the
+DataLoader's workers ahead of the step: repic.train.grpo.preloading), from the same saved model, and records each
+run's step wall times (`step_s`: from one step's end to the next's, so the batch's fetching counts; the
+first step left out): at `--shape 7b --image-scale 1` the
+stage's own step time with and without the workers, in one process.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,13 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--max-new", type=int, default=16)
+    ap.add_argument("--image-scale", type=float, default=0.25, help="RePIC-like image sizes times this")
+    ap.add_argument("--workers", type=int, nargs="+", default=[None],
+                    help="dataloader_num_workers of each run (default: the recipe's)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-
-    from transformers import TrainerCallback
-
-    from repic.train.grpo import train
-    from repic.vlm import vision
 
     cuda = args.device == "cuda"
     work = Path(tempfile.mkdtemp())
@@ -52,11 +57,26 @@ def main(argv: list[str] | None = None) -> int:
     model.save_pretrained(work / "model")
     processor.save_pretrained(work / "model")
     del model
-    samples = perf.grpo_samples(work, args.samples, scale=0.25)
+    samples = perf.grpo_samples(work, args.samples, scale=args.image_scale)
+    runs = [run_stage(args, work, samples, workers, cuda) for workers in args.workers]
+    out = runs[0] if len(runs) == 1 else {"shape": args.shape, "device": args.device, "runs": runs}
+    Path(args.out).write_text(json.dumps(out, indent=1, default=str))
+    return 0
+
+
+def run_stage(args: Any, work: Path, samples: list, workers: int | None, cuda: bool) -> dict[str, Any]:
+    """One run of the training stage (`repic.train.grpo.train`) on the saved model, with its probes."""
+    from transformers import TrainerCallback
+
+    from repic.train.grpo import train
+    from repic.vlm import vision
+
     params = perf.load_recipe("configs/paper.yaml")
     params["grpo"] = {**params["grpo"], "max_steps": args.steps, "max_completion_length": args.max_new,
                       "logging_steps": 1, "save_strategy": "no", "report_to": "none"}
     params["completions_per_step"] = 16
+    if workers is not None:
+        params["grpo"]["dataloader_num_workers"] = workers
     seen: collections.Counter = collections.Counter()
     state: dict = {}
 
@@ -75,23 +95,33 @@ def main(argv: list[str] | None = None) -> int:
                 lambda m, a: seen.update([f"{a[0].dtype} grad={torch.is_grad_enabled()}"]))
             state["model"] = model
 
+        def on_step_end(self, targs, tstate, control, **kwargs):  # step to step: batch fetching included
+            if cuda:
+                torch.cuda.synchronize()
+            state.setdefault("_ends", []).append(time.perf_counter())
+
     t0 = time.perf_counter()
-    logs = train(work / "model", samples, work, work / "adapter", params, checkpoint_dir=work / "ckpt", seed=0,
-                 device=args.device, dtype="bfloat16" if cuda else "float32", callbacks=[Probe()])
+    logs = train(work / "model", samples, work, work / f"adapter{workers}", params,
+                 checkpoint_dir=work / f"ckpt{workers}", seed=0, device=args.device,
+                 dtype="bfloat16" if cuda else "float32", callbacks=[Probe()])
     wall = time.perf_counter() - t0
     tower = vision._visual(state.pop("model"))
     from repic.vlm.image_memo import preprocess_counts
 
     state["images_preprocessed_of_requested"] = preprocess_counts(state.pop("processor"))
     fast = getattr(tower, vision._ATTR, None) or {}
+    ends = state.pop("_ends", [])
+    state["step_s"] = [b - a for a, b in zip(ends, ends[1:])]  # each step after the first, end to end
+    later = sorted(state["step_s"])
     out = {"shape": args.shape, "device": args.device, "steps": args.steps, "wall_s": wall,
+           "dataloader_num_workers": params["grpo"].get("dataloader_num_workers", 0), "image_scale": args.image_scale,
+           "step_s_median": later[len(later) // 2] if later else None,
            "gpu": torch.cuda.get_device_name(0) if cuda else None, "log": logs, **state,
            "adapter_input_dtypes": dict(seen), "vision_compile": fast.get("compile"),
            "vision_compiled_entries": len(fast.get("compiled", {})),
-           "adapter_saved": sorted(p.name for p in (work / "adapter").iterdir())}
-    Path(args.out).write_text(json.dumps(out, indent=1, default=str))
-    print(json.dumps({k: v for k, v in out.items() if k != "log"}, indent=1, default=str))
-    return 0
+           "adapter_saved": sorted(p.name for p in (work / f"adapter{workers}").iterdir())}
+    print(json.dumps({k: v for k, v in out.items() if k != "log"}, indent=1, default=str), flush=True)
+    return out
 
 
 if __name__ == "__main__":
