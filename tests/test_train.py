@@ -121,12 +121,18 @@ def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, monkey
     from repic.train.grpo import train
     from repic.train.rewards import REWARD_REGISTRY
 
+    import repic.train.grpo as grpo
+
     monkeypatch.setitem(REWARD_REGISTRY, "text_variety", lambda protocol: text_variety)
+    opened: list[str] = []  # the training images this process reads (a DataLoader worker's land in its own copy)
+    real_open = grpo._open_rgb
+    monkeypatch.setattr(grpo, "_open_rgb", lambda path, where: opened.append(str(path)) or real_open(path, where))
     samples = _tiny_samples(tmp_path)
     params = {**_tiny_params(), "rewards": ["object_consistency", "text_variety"]}
     log = train(tiny_model_dir, samples, tmp_path, tmp_path / "full", params,
                 checkpoint_dir=tmp_path / "ck_full", seed=3, device="cpu")
     assert [r["step"] for r in log] == [1, 2, 3, 4] and "kl" in log[-1]
+    assert opened
 
     class Crash(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
@@ -143,33 +149,20 @@ def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, monkey
         def on_step_end(self, args, state, control, **kw):
             self.ran.append(state.global_step)
 
-    # evaluation-only keys are not what the checkpoints were trained on: editing them keeps the checkpoints
+    # evaluation-only and hardware keys are not what the checkpoints were trained on: editing them keeps the
+    # checkpoints. With DataLoader workers (repic.train.grpo.preloading) the images are read there, none here.
+    opened[:] = []
     log = train(tiny_model_dir, samples, tmp_path, tmp_path / "resumed",
-                {**params, "heldout_eval": 99, "launch": "accelerate launch --num_processes 1"},
+                {**params, "heldout_eval": 99, "launch": "accelerate launch --num_processes 1",
+                 "grpo": {**params["grpo"], "dataloader_num_workers": 2}},
                 checkpoint_dir=tmp_path / "ck", seed=3, device="cpu", callbacks=[Steps()])
     assert Steps.ran == [3, 4]  # steps 1-2 came from the checkpoint
+    assert opened == []
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
     full, resumed = _adapter_weights(tmp_path / "full"), _adapter_weights(tmp_path / "resumed")
     assert full.keys() == resumed.keys()
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     assert any(v.abs().sum() > 0 for k, v in full.items() if "lora_B" in k)  # it did train
-
-    # the images read by the DataLoader's worker processes (repic.train.grpo.preloading, dataloader_num_workers):
-    # none read in this process, the same adapter
-    import repic.train.grpo as grpo
-
-    opened: list[str] = []
-    real_open = grpo._open_rgb
-    monkeypatch.setattr(grpo, "_open_rgb", lambda path, where: opened.append(str(path)) or real_open(path, where))
-    train(tiny_model_dir, samples, tmp_path, tmp_path / "workers",
-          {**params, "grpo": {**params["grpo"], "dataloader_num_workers": 2}},
-          checkpoint_dir=tmp_path / "ck_workers", seed=3, device="cpu")
-    assert opened == []  # a worker's reads land in its own copy of `opened`
-    workers = _adapter_weights(tmp_path / "workers")
-    assert all(torch.equal(full[k], workers[k]) for k in full)
-    train(tiny_model_dir, samples, tmp_path, tmp_path / "in_process", params, checkpoint_dir=tmp_path / "ck_in",
-          seed=3, device="cpu")
-    assert opened  # without workers, this process reads them
 
 
 def test_a_run_killed_in_epoch_2_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, monkeypatch, capfd):

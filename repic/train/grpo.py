@@ -131,6 +131,8 @@ def reward_functions(names: list[str], protocol: str) -> list:
 
 # What the training loop reads of the `train_grpo_lora` section: checkpoints are keyed on these (and the data,
 # base model, seed, dtype and number of processes), so editing `heldout_eval` or `launch` keeps them.
+# GRPOConfig fields that change how fast, not what, is trained: a checkpoint resumes across them
+HARDWARE_GRPO_KEYS = ("dataloader_num_workers",)
 TRAINING_KEYS = ("rollout_backend", "protocol", "rewards", "resize", "lora", "grpo", "grouping",
                  "completions_per_step", "lora_targets", "rollout_dropout")
 
@@ -502,7 +504,9 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
         # by content, not by path: the same paths with a rebuilt model or redrawn images must not resume
         images = sorted({str(resolve_image(root, rel)) for sample in samples
                          for rel in (sample["image"] if isinstance(sample["image"], list) else [sample["image"]])})
-        fingerprint = {"params": {k: params.get(k) for k in TRAINING_KEYS}, "seed": seed, "samples": samples,
+        trained = {k: params.get(k) for k in TRAINING_KEYS}
+        trained["grpo"] = {k: v for k, v in (trained["grpo"] or {}).items() if k not in HARDWARE_GRPO_KEYS}
+        fingerprint = {"params": trained, "seed": seed, "samples": samples,
                        "dtype": dtype, "world_size": args.world_size,
                        "model": content_digest([model_path]), "images": content_digest(images)}
         prepare_checkpoints(checkpoint_dir, fingerprint)
