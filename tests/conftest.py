@@ -108,12 +108,11 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 # --------------------------------------------------------------------------- the background runs
 # The long runs go in the background so that both cores stay busy: the embedded DAG under `dvc repro`
 # (test_pipeline_e2e's fixture, minutes of one-core work) from the session's start (once the tests are collected,
-# if an e2e test is selected), beside the fast part, and the paper rehearsal (test_rehearsal.py, EARLY) at the lowest
-# priority; with the first slow test, the SLURM run of the embedded DAG (test_slurm.py: mostly waiting for SLURM's
-# queue and Snakemake's status checks), each started by its test module's `start_in_background(tmp)`, and the
-# rehearsal steps up: both at a lower priority than the e2e lane (NICE, below). The foreground runs the other tests
-# meanwhile, the slow ones that mostly wait (WAITING: SLURM's queue) first, while the background runs have work for
-# both cores; the tests reading a background run come last and wait
+# if an e2e test is selected), beside the fast part; with the first slow test, the SLURM run of the embedded DAG
+# (test_slurm.py: mostly waiting for SLURM's queue and Snakemake's status checks) and the paper rehearsal
+# (test_rehearsal.py), each started by its test module's `start_in_background(tmp)` at a lower priority (NICE,
+# below). The foreground runs the other tests meanwhile, the slow ones that mostly wait (WAITING: SLURM's queue)
+# first, while the background runs have work for both cores; the tests reading a background run come last and wait
 # for it (the SLURM run's and the rehearsal's, then test_pipeline_e2e's), or come next, at the next module boundary,
 # once their run has finished (`pytest_runtest_protocol`): the e2e lane ends minutes before the rehearsal, and its
 # tests then run beside the rehearsal instead of after it. One thread a process (above) keeps the shared cores from
@@ -122,12 +121,6 @@ E2E = "tests/test_pipeline_e2e.py"
 BACKGROUND = ("tests/test_slurm.py::test_the_embedded_pipeline_runs_on_slurm",
               "tests/test_rehearsal.py::test_paper_rehearsal_runs_every_stage")
 WAITING = "tests/test_slurm.py"
-# Started with the e2e lane, at the lowest priority (EARLY_NICE) while the fast part runs (whose tests keep their
-# time limit): it takes the CPU the fast part and the lane leave idle (14-25 % of the cores then, 2026-12-07). The
-# rehearsal is a chain of ~30 stage processes one after another that ended last, 814 s into an 826 s session
-# started with the first slow test.
-EARLY = ("tests/test_rehearsal.py::test_paper_rehearsal_runs_every_stage",)
-EARLY_NICE = 19
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -267,7 +260,9 @@ def _embedded_dag(config: pytest.Config) -> EmbeddedDag:
 
 # Priorities. The e2e lane is the session's longest chain (the warm-up): it keeps a core of its own, and everything
 # else steps back from it by NICE (REPIC_TEST_NICE; 0: off): this process (the foreground) once the lane has started,
-# and the other background runs; they share the other core, then both once the lane ends. Linux shares the CPU
+# and the SLURM run; they share the other core, then both once the lane ends. The rehearsal, started with the first
+# slow test, is a chain of its own (~260 CPU s of stages one after another, ending last when it stepped back: 814 of
+# the session's 826 s, the other core idle at the end, 2026-12-07) and keeps the e2e lane's priority too. Linux shares the CPU
 # between sessions' autogroups (/proc/sys/kernel/sched_autogroup_enabled) before it looks at a process's own nice
 # value, and each background run is a session of its own, so `step_back` sets both: the autogroup's nice
 # (/proc/<pid>/autogroup, where the kernel has them) and the process's. Without it the lane shared both cores evenly
@@ -304,34 +299,9 @@ def step_back(pid: int, nice: int) -> None:
         pass
 
 
-def set_nice(pgid: int, nice: int) -> None:
-    """Set the nice value of process group `pgid` (a background run and every process it has started) and of its
-    autogroup to `nice`. Raising a priority (a smaller value) needs root (CI's `make test`): elsewhere nothing
-    changes and the run goes on at the lower priority."""
-    if _autogroup_nice(pgid) is not None:
-        try:
-            Path(f"/proc/{pgid}/autogroup").write_text(str(nice))
-        except OSError:
-            pass
-    try:
-        os.setpriority(os.PRIO_PGRP, pgid, nice)
-    except OSError:
-        pass
-
-
-def _start_background(session: pytest.Session, nodeids: tuple[str, ...]) -> None:
-    """Start the runs of the selected tests among `nodeids` not started yet (their module's
-    `start_in_background(tmp)`; None where the run cannot start here, e.g. SLURM is down, and that test skips)."""
-    runs = _SESSION.setdefault("runs", {})
-    for test in session.items:
-        if test.nodeid in nodeids and test.nodeid not in runs:
-            tmp = session.config._tmp_path_factory.mktemp(test.name[:30])
-            runs[test.nodeid] = test.module.start_in_background(tmp)
-
-
 def pytest_collection_finish(session: pytest.Session) -> None:
     """The e2e lane starts now (session.items: after -m, -k and deselection) if an e2e test is to run; this process
-    then steps back (NICE). The EARLY runs start now too, at nice EARLY_NICE until the first slow test."""
+    then steps back (NICE)."""
     if session.config.option.collectonly:
         return
     if any(i.nodeid.startswith(E2E) for i in session.items):
@@ -340,20 +310,17 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         if own is not None:
             _AUTOGROUP["self"] = str(own)
         step_back(os.getpid(), NICE)
-    if NICE:
-        _start_background(session, EARLY)
-        for run in filter(None, _SESSION["runs"].values()):
-            set_nice(run.proc.pid, EARLY_NICE)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """The first slow test starts the other selected BACKGROUND tests' runs, and the EARLY ones step up to NICE."""
-    if _exempt(item) and not _SESSION.get("all_started"):
-        _SESSION["all_started"] = True
-        early = [run for run in _SESSION.get("runs", {}).values() if run]
-        _start_background(item.session, BACKGROUND)
-        for run in early:
-            set_nice(run.proc.pid, NICE)
+    """The first slow test starts the selected BACKGROUND tests' runs (their module's `start_in_background(tmp)`;
+    None where the run cannot start here, e.g. SLURM is down, and that test skips)."""
+    if _exempt(item) and "runs" not in _SESSION:
+        _SESSION["runs"] = {}
+        for test in item.session.items:
+            if test.nodeid in BACKGROUND:
+                tmp = item.config._tmp_path_factory.mktemp(test.name[:30])
+                _SESSION["runs"][test.nodeid] = test.module.start_in_background(tmp)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
