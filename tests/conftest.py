@@ -260,9 +260,7 @@ def _embedded_dag(config: pytest.Config) -> EmbeddedDag:
 
 # Priorities. The e2e lane is the session's longest chain (the warm-up): it keeps a core of its own, and everything
 # else steps back from it by NICE (REPIC_TEST_NICE; 0: off): this process (the foreground) once the lane has started,
-# and the SLURM run; they share the other core, then both once the lane ends. The rehearsal, started with the first
-# slow test, is a chain of its own (~260 CPU s of stages one after another, ending last when it stepped back: 814 of
-# the session's 826 s, the other core idle at the end, 2026-12-07) and keeps the e2e lane's priority too. Linux shares the CPU
+# and the other background runs; they share the other core, then both once the lane ends. Linux shares the CPU
 # between sessions' autogroups (/proc/sys/kernel/sched_autogroup_enabled) before it looks at a process's own nice
 # value, and each background run is a session of its own, so `step_back` sets both: the autogroup's nice
 # (/proc/<pid>/autogroup, where the kernel has them) and the process's. Without it the lane shared both cores evenly

@@ -50,15 +50,15 @@ def _can_run() -> bool:
 
 
 def start_in_background(tmp: Path):
-    """`python -m repic.rehearsal` (about 4-6 minutes of one-core work), started in the background by conftest.py with
-    the first slow test, at the e2e lane's priority (nice 0): from there it is the session's longest chain (conftest,
-    Priorities); None where it cannot run (no ../shared, no make or project venv: the test says why)."""
+    """`python -m repic.rehearsal` (about 6 minutes of one-core work), started in the background by conftest.py with
+    the first slow test, at a lower priority (conftest.NICE); None where it cannot run (no ../shared, no
+    make or project venv: the test says why)."""
     from .conftest import BackgroundRun
 
     if not ((SHARED / "repic_eval").exists() and _can_run()):
         return None
     return BackgroundRun((os.sys.executable, "-m", "repic.rehearsal", "--work", str(tmp / "work"), "--report",
-                          str(tmp / "rehearsal.json"), "--shared", str(SHARED)), REPO, tmp / "rehearsal.log", nice=0)
+                          str(tmp / "rehearsal.json"), "--shared", str(SHARED)), REPO, tmp / "rehearsal.log")
 
 
 @pytest.mark.slow

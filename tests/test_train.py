@@ -118,10 +118,9 @@ def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, monkey
     import torch
     from transformers import TrainerCallback
 
+    import repic.train.grpo as grpo
     from repic.train.grpo import train
     from repic.train.rewards import REWARD_REGISTRY
-
-    import repic.train.grpo as grpo
 
     monkeypatch.setitem(REWARD_REGISTRY, "text_variety", lambda protocol: text_variety)
     opened: list[str] = []  # the training images this process reads (a DataLoader worker's land in its own copy)
