@@ -131,10 +131,10 @@ def reward_functions(names: list[str], protocol: str) -> list:
 
 # What the training loop reads of the `train_grpo_lora` section: checkpoints are keyed on these (and the data,
 # base model, seed, dtype and number of processes), so editing `heldout_eval` or `launch` keeps them.
-# GRPOConfig fields that change how fast, not what, is trained: a checkpoint resumes across them
-HARDWARE_GRPO_KEYS = ("dataloader_num_workers",)
 TRAINING_KEYS = ("rollout_backend", "protocol", "rewards", "resize", "lora", "grpo", "grouping",
                  "completions_per_step", "lora_targets", "rollout_dropout")
+# ... except these GRPOConfig fields, which change how fast, not what, is trained: a checkpoint resumes across them.
+HARDWARE_GRPO_KEYS = ("dataloader_num_workers",)
 
 
 def epoch_seeded(trainer_cls: type, lookup: list[list[int]] | None = None) -> type:
@@ -463,7 +463,8 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
     rewards = reward_functions(params["rewards"], params["protocol"])
     check_images(samples, root)
     # rows read with their images (preloading): by the DataLoader's workers, ahead of the step, where
-    # `dataloader_num_workers` > 0 (+16 % tokens/s on an H100 at RePIC's shapes, BENCHMARKS.md)
+    # `dataloader_num_workers` > 0 (the same workers over bench/perf.py's rows: +16 % tokens/s on an H100 at
+    # RePIC's shapes, BENCHMARKS.md)
     dataset = preloading(Dataset.from_list([{"sample": i} for i in range(len(samples))]), samples, root,
                          resize=params.get("resize", {}))
     processor = load_processor(model_path)
