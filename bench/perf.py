@@ -31,8 +31,8 @@ Sections, in this order (`--sections`):
   prefill one prompt at a time, images once: rollout_trainer's prefill_rows / prefill_vision_once), `cd`
   (compiled decode step in the rollouts), `ac` (autocast_lora: LoRA inputs left in bf16 under autocast, not cast
   to the adapters' fp32), `nw` (GRPOConfig's `dataloader_num_workers=4`: the DataLoader's worker processes decode the
-  dataset's images (PNG in Arrow) ahead of the step, overlapping the GPU; not the training stage's path, which loads
-  its images in `_prepare_inputs`); not a lever,
+  dataset's images (PNG in Arrow) ahead of the step, overlapping the GPU; the training stage's rows read their image
+  files there too, repic.train.grpo.preloading, with configs/paper.yaml's 4 workers); not a lever,
   `lm` trains LoRA on the language model's projections only (`lora_targets: language_model`, params.yaml's
   default: no lm_head adapter, TRL's chunked head), to show the recipe's lm_head cost; `~N` trains
   that path with N completions a micro-step (the step's completions unchanged: more or fewer accumulation steps),

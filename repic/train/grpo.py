@@ -60,12 +60,10 @@ def sample_example(sample: dict[str, Any], root: str | os.PathLike, rng: random.
     cannot match: unreachable in its data). `solution` is JSON text so one Arrow column holds "yes", boxes and name
     lists alike; the rewards decode it. Original and resized sizes of the last image travel along for the strict
     protocol's box rescaling. `load(path, in_list)`: the resized image (a cache), default: read it."""
-    in_list = isinstance(sample["image"], list)
-    paths = sample["image"] if in_list else [sample["image"]]
-    text, slots = training_prompt(sample["problem"], sample["accu_reward_method"], len(paths), rng)
+    n_images = len(sample["image"]) if isinstance(sample["image"], list) else 1
+    text, _ = training_prompt(sample["problem"], sample["accu_reward_method"], n_images, rng)
     images, sizes, resized = [], [], []
-    for rel in paths[:slots]:
-        path = resolve_image(root, rel)
+    for path, in_list in training_images(sample, root):  # the images `preloading` reads for the row
         if load is None:
             img = _open_rgb(path, f"training sample {index}")
             sizes.append(list(img.size))
