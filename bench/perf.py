@@ -32,8 +32,10 @@ Sections, in this order (`--sections`):
   (compiled decode step in the rollouts), `ac` (autocast_lora: LoRA inputs left in bf16 under autocast, not cast
   to the adapters' fp32), `nw` (GRPOConfig's `dataloader_num_workers=4`: the DataLoader's worker processes decode the
   dataset's images (PNG in Arrow) ahead of the step, overlapping the GPU; the training stage's rows read their image
-  files there too, repic.train.grpo.preloading, with configs/paper.yaml's 4 workers); not a lever,
-  `lm` trains LoRA on the language model's projections only (`lora_targets: language_model`, params.yaml's
+  files there too, repic.train.grpo.preloading, with configs/paper.yaml's 4 workers), `tp` (trim_padding: the
+  step's rows split into micro-batches by length, not at random, and each log-prob forward's rows cut to their own
+  longest row instead of the step's: RePIC's grouping puts a yes/no prompt and a three-image one in one batch);
+  not a lever, `lm` trains LoRA on the language model's projections only (`lora_targets: language_model`, params.yaml's
   default: no lm_head adapter, TRL's chunked head), to show the recipe's lm_head cost; `~N` trains
   that path with N completions a micro-step (the step's completions unchanged: more or fewer accumulation steps),
   `@S` runs S optimizer steps.
@@ -88,7 +90,7 @@ import repic_shapes as shapes  # noqa: E402  (bench/repic_shapes.py: captioning 
 from repic.vlm import generation as gen  # noqa: E402
 
 sync = genbench.sync
-LEVERS = ("nockpt", "compile", "vc", "pp", "pr", "cd", "ac", "nw")
+LEVERS = ("nockpt", "compile", "vc", "pp", "pr", "cd", "ac", "nw", "tp")
 # not a lever: the run's LoRA targets replaced by the language model's projections only (params.yaml's default,
 # `lora_targets: language_model`), to show what the recipe's lm_head adapter costs
 TARGETS = ("lm",)
@@ -572,7 +574,8 @@ def run_path(model: Any, processor: Any, dataset: Any, spec: str, args: Any, sch
                                                       "prefill_vision_once": "pr" in levers})
     cls = fast_trainer(grouped(cls, args.grpo_grouping),
                        compile_layers="compile" in levers, compile_vision="vc" in levers,
-                       preprocess_once="pp" in levers, autocast_lora="ac" in levers)
+                       preprocess_once="pp" in levers, autocast_lora="ac" in levers,
+                       trim_padding="tp" in levers)
     torch.manual_seed(0)
     peft_model = lora_model(model.train(), recipe)
     meter = Meter(peft_model, recipe["lora"]["r"])

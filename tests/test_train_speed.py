@@ -164,6 +164,94 @@ def test_autocast_lora_same_losses_and_gradients(tiny_model_dir, tmp_path):
         assert torch.equal(g, grads_want[name]), name
 
 
+def _rows(inputs, rows):
+    """The batch's `rows` as TRL's split hands them to `_compute_loss`: still padded to the whole batch's width."""
+    grid = inputs["image_grid_thw"]
+    first = [0, *np.cumsum(inputs["num_images"]).tolist()]
+    starts = [0, *grid.prod(-1).cumsum(0).tolist()]
+    out = {k: inputs[k][rows] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask",
+                                        "advantages", "mm_token_type_ids", "ref_per_token_logps")}
+    out["pixel_values"] = torch.cat([inputs["pixel_values"][starts[first[r]]:starts[first[r + 1]]] for r in rows])
+    out["image_grid_thw"] = torch.cat([grid[first[r]:first[r + 1]] for r in rows])
+    out["num_images"] = [inputs["num_images"][r] for r in rows]
+    out["num_items_in_batch"] = out["completion_mask"].sum()
+    return out
+
+
+def test_trim_padding_same_losses_and_gradients(tiny_model_dir, tmp_path):
+    """`trim_padding`: the reference forward in chunks of 2 rows ordered by length, each cut to its own longest row,
+    and the policy forward of a micro-batch of the two shorter rows (padded to the batch's width, as TRL splits it)
+    cut to its own: the reference log-probs of every row, the loss and the LoRA gradients of the padded path
+    within fp32 rounding, while the model sees narrower inputs. LoRA dropout off: its masks are drawn over the
+    input's shape, so a narrower input draws other masks (of the same distribution) for the same tokens."""
+    from trl.trainer.utils import use_adapter
+
+    results, widths = [], []
+    for lever in (False, True):
+        trainer = _trainer(tiny_model_dir, tmp_path, trim_padding=lever)
+        seen = []
+        trainer.model.get_base_model().register_forward_pre_hook(
+            lambda m, a, k, seen=seen: seen.append(tuple(k["input_ids"].shape)), with_kwargs=True)
+        inputs = _batch(trainer.processing_class)
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+        mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+        fields = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "num_images", "mm_token_type_ids")}
+        with torch.no_grad(), use_adapter(trainer.model, None):
+            ref, _, _ = trainer._get_per_token_logps_and_entropies(
+                trainer.model, ids, mask, inputs["completion_ids"].shape[1], batch_size=2, **fields)
+        inputs["ref_per_token_logps"] = ref
+        micro = _rows(inputs, [1, 2])
+        trainer.model.zero_grad()
+        torch.manual_seed(5)
+        loss = trainer._compute_loss(trainer.model, micro)
+        loss.backward()
+        results.append((ref, loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()
+                                             if p.requires_grad}))
+        widths.append(seen)
+    batch = _batch(trainer.processing_class)
+    prompts, completions = batch["prompt_mask"].sum(1).tolist(), batch["completion_mask"].sum(1).tolist()
+    full = batch["prompt_ids"].shape[1] + batch["completion_ids"].shape[1]
+    assert widths[0] == [(2, full), (1, full), (2, full)]  # TRL's chunks in row order, every one the batch's width
+    shorter = sorted(range(3), key=lambda r: prompts[r] + completions[r])[:2]
+    # ordered by length: the two shorter rows in one chunk, cut to its longest prompt + longest completion; the
+    # longest row alone, whole; the micro-batch of rows 1-2 cut to its own
+    assert widths[1][:2] == [(2, max(prompts[r] for r in shorter) + max(completions[r] for r in shorter)),
+                             (1, full)]
+    assert widths[1][2] == (2, max(prompts[1:]) + max(completions[1:])) and widths[1][2][1] < full
+    _assert_same(results[1], results[0], atol=1e-5)
+
+
+def test_micro_batches_by_length_draw_as_trl_and_restore_its_shuffle():
+    """`by_length` draws TRL's permutation (the generator advances as TRL's shuffle advances it) and orders the
+    rows by length, every field alike; `micro_batches_by_length` swaps it in for TRL's shuffle and back."""
+    import trl.trainer.grpo_trainer as grpo
+    from trl.trainer.utils import shuffle_sequence_dict
+
+    from repic.train.speed import by_length, micro_batches_by_length
+
+    lengths = [5, 3, 8, 3, 6, 1]
+    prompt_mask = torch.tensor([[0] * (8 - n) + [1] * n for n in lengths])
+    batch = {"prompt_mask": prompt_mask, "completion_mask": torch.ones(6, 2, dtype=torch.long),
+             "row": torch.arange(6), "pixel_values": [torch.full((n, 3), float(i)) for i, n in enumerate(lengths)],
+             "num_items_in_batch": torch.tensor(12)}
+    torch.manual_seed(3)
+    out = by_length(batch)
+    after = torch.rand(1)
+    torch.manual_seed(3)
+    trl_out = shuffle_sequence_dict(batch)
+    assert torch.rand(1) == after  # one randperm, as TRL's
+    rows = out["row"].tolist()
+    assert [lengths[r] for r in rows] == sorted(lengths) and sorted(rows) == list(range(6))
+    # ties (the two rows of 3) in TRL's shuffled order
+    tied = [r for r in trl_out["row"].tolist() if lengths[r] == 3]
+    assert [r for r in rows if lengths[r] == 3] == tied
+    assert all(int(pv[0, 0]) == r for pv, r in zip(out["pixel_values"], rows))
+    assert torch.equal(out["prompt_mask"], prompt_mask[rows]) and out["num_items_in_batch"] == 12
+    with micro_batches_by_length():
+        assert grpo.shuffle_sequence_dict is by_length
+    assert grpo.shuffle_sequence_dict is shuffle_sequence_dict
+
+
 @pytest.mark.slow
 def test_compiled_layers_same_losses_and_gradients(tiny_model_dir, tmp_path):
     """Decoder layers compiled (inductor's C++ backend here), under gradient checkpointing, LoRA dropout on: the

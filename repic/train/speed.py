@@ -30,12 +30,23 @@ forwards alone, unpadded) was measured and removed: 9.5 % slower on an H100 at R
   (`repic.vlm.preprocess.load_for_processor`) gives one PIL object per file, so a reference image shown in many
   conversations is neither converted nor resized again, and no pixels are hashed.
 
+- `trim_padding`: TRL pads a step's rows to the step's longest (prompts on the left, completions on the right),
+  splits them into micro-batches at random and runs each log-prob forward at that width. Under RePIC's grouping a
+  step mixes a one-image yes/no prompt with a three-image caption, so much of that width is padding. Here the rows
+  go into micro-batches by length (TRL's random draw made, then a stable sort: the loss and its gradient are sums
+  over rows of equal weight, so the split does not change them; not with `bnpo` or the entropy mask, which
+  normalise per micro-batch: TRL's split stays there), and each forward's chunk of rows runs cut to its own
+  longest row (`trimmed_logps`). A dropped column is padding in every row of the chunk, masked out of attention
+  and the loss, and positions come from the mask, so the log-probs are the padded path's up to float rounding;
+  LoRA dropout draws its masks over the narrower input's shape (other masks, the same distribution).
+
 Gradient checkpointing itself is TRL's option (`GRPOConfig.gradient_checkpointing`): off, the backward does not
 recompute each layer's forward, at the price of the activations' memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import types
 import warnings
 from typing import Any
@@ -46,14 +57,29 @@ from repic.vlm.image_memo import memoize_image_processor
 
 
 def fast_trainer(trainer_cls: type, *, compile_layers: bool = False, compile_vision: bool = False,
-                 preprocess_once: bool = False, autocast_lora: bool = False) -> type:
+                 preprocess_once: bool = False, autocast_lora: bool = False, trim_padding: bool = False) -> type:
     """`trainer_cls` (a TRL GRPOTrainer class) with the levers asked for (module docstring); itself if none."""
-    if not (compile_layers or compile_vision or preprocess_once or autocast_lora):
+    if not (compile_layers or compile_vision or preprocess_once or autocast_lora or trim_padding):
         return trainer_cls
 
     class FastGRPOTrainer(trainer_cls):
         speed_options = {"compile_layers": compile_layers, "compile_vision": compile_vision,
-                         "preprocess_once": preprocess_once, "autocast_lora": autocast_lora}
+                         "preprocess_once": preprocess_once, "autocast_lora": autocast_lora,
+                         "trim_padding": trim_padding}
+
+        def _prepare_inputs(self, generation_batch: Any) -> Any:
+            if not (trim_padding and self.model.training and length_groups_keep_the_loss(self)):
+                return super()._prepare_inputs(generation_batch)
+            with micro_batches_by_length():
+                return super()._prepare_inputs(generation_batch)
+
+        def _get_per_token_logps_and_entropies(self, model: Any, input_ids: Any, attention_mask: Any,
+                                               logits_to_keep: int, batch_size: int | None = None,
+                                               **kwargs: Any) -> Any:
+            compute = super()._get_per_token_logps_and_entropies
+            if not trim_padding:
+                return compute(model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size, **kwargs)
+            return trimmed_logps(compute, model, input_ids, attention_mask, logits_to_keep, batch_size, kwargs)
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -170,3 +196,113 @@ def uncompile_language_layers(model: Any) -> None:
     for module in lm.modules():
         if getattr(module, "_repic_eager", False):
             del module.forward, module._repic_eager
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# trim_padding: each forward's rows cut to their own longest
+
+
+# the per-token fields of TRL's log-prob forwards that `trimmed_logps` cuts with the tokens; the image fields it
+# regroups by row; any other field given (another model family's) leaves TRL's path as it is
+_ROW_TOKEN_FIELDS = ("token_type_ids", "mm_token_type_ids")
+_HANDLED_FIELDS = (*_ROW_TOKEN_FIELDS, "pixel_values", "image_grid_thw", "num_images", "compute_entropy",
+                   "compute_aux_loss")
+
+
+def trimmed_logps(compute: Any, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  logits_to_keep: int, batch_size: int | None, kwargs: dict[str, Any]) -> Any:
+    """TRL's `_get_per_token_logps_and_entropies` (`compute`) with each chunk of `batch_size` rows cut to its own
+    longest row: the rows ordered by length (stable) so that a chunk holds rows of like length, the columns no row
+    of the chunk uses (left padding of the prompts, right padding of the completions) dropped, the chunk's images
+    passed with it, and the results put back in the rows' order, zero where a completion column was dropped (no row
+    of that chunk has a token there: TRL masks those positions). A dropped column is padding in every row of its
+    chunk, masked out of attention and of the loss, and positions come from the mask (Qwen2.5-VL's
+    `get_rope_index`), so each token sees what it saw padded."""
+    import torch.nn.functional as F
+
+    given = {k for k, v in kwargs.items() if v is not None and v is not False}
+    pixel_values, grid, num_images = (kwargs.get(k) for k in ("pixel_values", "image_grid_thw", "num_images"))
+    if given - set(_HANDLED_FIELDS) or (pixel_values is not None and (grid is None or num_images is None)):
+        return compute(model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size, **kwargs)
+    n, width = input_ids.shape
+    size = batch_size or n
+    order = (torch.argsort(attention_mask.sum(1).cpu(), stable=True).tolist() if size < n else list(range(n)))
+    if pixel_values is not None:
+        first_image = [0, *torch.tensor(num_images).cumsum(0).tolist()]
+        first_row = [0, *grid.prod(-1).cumsum(0).tolist()]
+    logps, entropies, aux = [], [], []
+    for start in range(0, n, size):
+        rows = order[start:start + size]
+        index = torch.tensor(rows, device=input_ids.device)
+        mask = attention_mask[index]
+        used = mask.any(0).nonzero().flatten().tolist()
+        # the last prompt column is every row's (left padding), so the kept columns are one span through it
+        left, right = min(used[0], width - logits_to_keep - 1), max(used[-1] + 1, width - logits_to_keep + 1)
+        keep = logits_to_keep - (width - right)
+        sub = {k: v for k, v in kwargs.items() if k not in ("pixel_values", "image_grid_thw", "num_images")}
+        for k in _ROW_TOKEN_FIELDS:
+            if kwargs.get(k) is not None:
+                sub[k] = kwargs[k][index][:, left:right]
+        if pixel_values is not None:
+            sub["pixel_values"] = torch.cat([pixel_values[first_row[first_image[r]]:first_row[first_image[r + 1]]]
+                                             for r in rows])
+            sub["image_grid_thw"] = torch.cat([grid[first_image[r]:first_image[r + 1]] for r in rows])
+            sub["num_images"] = [num_images[r] for r in rows]
+        lp, ent, ax = compute(model, input_ids[index][:, left:right], mask[:, left:right], keep,
+                              batch_size=len(rows), **sub)
+        logps.append(F.pad(lp, (0, logits_to_keep - keep)))
+        if ent is not None:
+            entropies.append(F.pad(ent, (0, logits_to_keep - keep)))
+        if ax is not None:
+            aux.append(ax)
+    back = torch.tensor(order, device=input_ids.device)
+
+    def unorder(parts: list[torch.Tensor]) -> torch.Tensor | None:
+        if not parts:
+            return None
+        stacked = torch.cat(parts)
+        out = torch.empty_like(stacked)
+        out[back] = stacked
+        return out
+
+    return unorder(logps), unorder(entropies), torch.stack(aux).mean() if aux else None
+
+
+def length_groups_keep_the_loss(trainer: Any) -> bool:
+    """Whether the loss (and its gradient) is the same however the step's rows are split into micro-batches of
+    equal size: TRL's per-row and whole-batch normalisations are; `bnpo` (tokens of the micro-batch) and the entropy
+    mask (a quantile of the micro-batch) are not."""
+    return trainer.loss_type != "bnpo" and float(getattr(trainer, "top_entropy_quantile", 1.0)) >= 1.0
+
+
+def by_length(seq_dict: dict[str, Any]) -> dict[str, Any]:
+    """TRL's `shuffle_sequence_dict` (the same `torch.randperm` draw), then the rows stably ordered by length
+    (prompt + completion tokens): TRL's split then gives micro-batches of rows of like length, each padded to its
+    own longest row by `trimmed_logps` instead of to the step's."""
+    n = len(next(v for v in seq_dict.values() if v is not None))
+    perm = torch.randperm(n)
+    lengths = (seq_dict["prompt_mask"].sum(1) + seq_dict["completion_mask"].sum(1)).cpu()[perm]
+    perm = perm[torch.argsort(lengths, stable=True)]
+
+    def permute(v: Any) -> Any:
+        if v is None or (isinstance(v, torch.Tensor) and v.ndim == 0):
+            return v
+        if isinstance(v, torch.Tensor):
+            return v[perm.to(v.device)]
+        return [v[i] for i in perm.tolist()]
+
+    return {key: permute(val) for key, val in seq_dict.items()}
+
+
+@contextlib.contextmanager
+def micro_batches_by_length() -> Any:
+    """Within the block, TRL's GRPOTrainer splits a generation batch into micro-batches by length (`by_length`)
+    instead of at random (its `shuffle_sequence_dict`)."""
+    import trl.trainer.grpo_trainer as grpo
+
+    shuffle = grpo.shuffle_sequence_dict
+    grpo.shuffle_sequence_dict = by_length
+    try:
+        yield
+    finally:
+        grpo.shuffle_sequence_dict = shuffle
