@@ -220,13 +220,17 @@ def training_images(sample: dict[str, Any], root: str | os.PathLike) -> list[tup
 
 
 def preloading(dataset: Any, samples: list[dict[str, Any]], root: str | os.PathLike, *, resize: dict[str, int],
-               cache_images: int = 256) -> Any:
+               cache_images: int = 64) -> Any:
     """`dataset` (a datasets.Dataset of rows `{"sample": i}`) whose rows, when read, carry their sample's training
     images already read and resized (`preloaded`: {(path, in_list): (original size, image)}), for
     `fetching_trainer` to use instead of reading them. The Trainer's DataLoader reads the rows: in its worker
     processes, ahead of the step, when GRPOConfig's `dataloader_num_workers` > 0 (the images' decoding and resizing
     then overlap the GPU's work), in the training process when 0. The images are the ones `fetching_trainer` would
-    read itself (the same function, the same files)."""
+    read itself (the same function, the same files). Each process reading rows keeps its own last `cache_images`
+    resized images, a batch's worth (64 at RePIC's sizes, up to 4 MB an image: ~0.25 GB a worker): a DataLoader
+    worker reads whole batches, whose rows repeat an image within the batch (grouping `grpo`: a prompt's G rows)
+    and in the next `steps_per_generation - 1` batches (TRL's sampler repeats a generation batch's rows, which other
+    workers read); under `repic` a sample comes once an epoch."""
     load = _image_cache(resize, cache_images)
 
     def transform(batch: dict[str, list]) -> dict[str, list]:
