@@ -47,12 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-scale", type=float, default=0.25, help="RePIC-like image sizes times this")
     ap.add_argument("--workers", type=int, nargs="+", default=[None],
                     help="dataloader_num_workers of each run (default: the recipe's)")
+    ap.add_argument("--max-pixels", type=int, default=12845056, help="the image processor's (Qwen2.5-VL's)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
     cuda = args.device == "cuda"
     work = Path(tempfile.mkdtemp())
     model, processor = genbench.build(args.shape, args.device, torch.bfloat16 if cuda else torch.float32, 224)
+    # the processor's pixel bounds as bench/perf.py's GRPO section sets them (Qwen2.5-VL's default, RePIC's
+    # training script's max_pixels): the images keep RePIC's training sizes (1024 / 512 short side)
+    processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": args.max_pixels}
     model.generation_config.eos_token_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.save_pretrained(work / "model")
     processor.save_pretrained(work / "model")
@@ -100,11 +104,30 @@ def run_stage(args: Any, work: Path, samples: list, workers: int | None, cuda: b
                 torch.cuda.synchronize()
             state.setdefault("_ends", []).append(time.perf_counter())
 
+    from repic.train import speed
+
+    trimmed = collections.Counter()
+    trim = speed.trimmed_logps
+
+    def counting(compute, model, input_ids, attention_mask, logits_to_keep, batch_size, kwargs):
+        trimmed["forwards"] += 1
+        trimmed["token_slots_padded"] += int(attention_mask.numel())
+        trimmed["real_tokens"] += int(attention_mask.sum())
+
+        def cut(model, ids, mask, *args, **kw):  # what the model is given: the chunks cut
+            trimmed["token_slots_run"] += int(mask.numel())
+            return compute(model, ids, mask, *args, **kw)
+
+        return trim(cut, model, input_ids, attention_mask, logits_to_keep, batch_size, kwargs)
+
+    speed.trimmed_logps = counting
     t0 = time.perf_counter()
     logs = train(work / "model", samples, work, work / f"adapter{workers}", params,
                  checkpoint_dir=work / f"ckpt{workers}", seed=0, device=args.device,
                  dtype="bfloat16" if cuda else "float32", callbacks=[Probe()])
     wall = time.perf_counter() - t0
+    speed.trimmed_logps = trim
+    state["trim_padding_forwards"] = dict(trimmed)  # empty where the stage runs TRL's padded forwards
     tower = vision._visual(state.pop("model"))
     from repic.vlm.image_memo import preprocess_counts
 
