@@ -35,19 +35,6 @@ for i in $(seq 0 $((NODES - 1))); do
   node_lines+=" Gres=gpu:1 State=UNKNOWN"$'\n'
 done
 
-# Each job's tasks run in a session (an autogroup, to the CPU scheduler) of their own; the task prolog steps that
-# autogroup back by SLURM_CI_NICE (default 10, 0: off), as tests/conftest.py steps back every background run: on a
-# shared CI machine the jobs then do not take a core from the session's critical path (the e2e lane, at 0).
-cat > "$RUN/task-prolog.sh" <<'PROLOGEOF'
-#!/bin/sh
-nice_by=${SLURM_CI_NICE:-10}
-if [ "$nice_by" -gt 0 ] && [ -w /proc/self/autogroup ]; then
-  now=$(sed -n 's/.* nice \(-*[0-9]*\)$/\1/p' /proc/self/autogroup)
-  echo $(( ${now:-0} + nice_by > 19 ? 19 : ${now:-0} + nice_by )) > /proc/self/autogroup 2>/dev/null || true
-fi
-PROLOGEOF
-chmod 0755 "$RUN/task-prolog.sh"
-
 cat > "$CONF/slurm.conf" <<CONFEOF
 $MARK: $NODES nodes on one host, one fake GPU each, no slurmdbd. Safe to delete.
 ClusterName=repic-ci
@@ -71,7 +58,6 @@ ReturnToService=2
 # plugin polls (its interval backs off to 180 s), so keep jobs >= 3 x the plugin's first check and more.
 MinJobAge=300
 KillWait=5
-TaskProlog=$RUN/task-prolog.sh
 InactiveLimit=0
 StateSaveLocation=$RUN/ctld
 SlurmdSpoolDir=$RUN/d/%n
