@@ -32,7 +32,8 @@ forwards alone, unpadded) was measured and removed: 9.5 % slower on an H100 at R
 
 - `trim_padding`: TRL pads a step's rows to the step's longest (prompts on the left, completions on the right),
   splits them into micro-batches at random and runs each log-prob forward at that width. Under RePIC's grouping a
-  step mixes a one-image yes/no prompt with a three-image caption, so much of that width is padding. Here the rows
+  step mixes its four tasks (at RePIC's image sizes: 915 tokens for a two-image yes/no prompt, 2,553 for a box
+  prompt with one image at a 1,024-px short side), so much of that width is padding. Here the rows
   go into micro-batches by length (TRL's random draw made, then a stable sort: the loss and its gradient are sums
   over rows of equal weight, so the split does not change them; not with `bnpo` or the entropy mask, which
   normalise per micro-batch: TRL's split stays there), and each forward's chunk of rows runs cut to its own
