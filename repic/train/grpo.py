@@ -465,8 +465,8 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
     rewards = reward_functions(params["rewards"], params["protocol"])
     check_images(samples, root)
     # rows read with their images (preloading): by the DataLoader's workers, ahead of the step, where
-    # `dataloader_num_workers` > 0 (the same workers over bench/perf.py's rows: +16 % tokens/s on an H100 at
-    # RePIC's shapes, BENCHMARKS.md)
+    # `dataloader_num_workers` > 0 (on an H100 at RePIC's shapes, BENCHMARKS.md: +16 % tokens/s over bench/perf.py's
+    # rows, images decoded from Arrow; +2.6 % in this stage's own run, whose image files decoded cheaply)
     dataset = preloading(Dataset.from_list([{"sample": i} for i in range(len(samples))]), samples, root,
                          resize=params.get("resize", {}))
     processor = load_processor(model_path)
