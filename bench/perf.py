@@ -167,6 +167,149 @@ def section_caption(model: Any, processor: Any, plan: list[str], b1_captions: in
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# captioning: RePIC's whole 4-concept evaluation (its conversations, its images' sizes, its recurring references)
+
+
+def repic4_conversations(processor: Any, workload: Path, seed: int = 104
+                         ) -> tuple[list[str], list[list[Image.Image]], list[int], list[str]]:
+    """RePIC's 105 4-concept conversations (bench/repic4_workload.json: RePIC's query map and database): RePIC's
+    captioning conversation (`repic_caption_messages`; display names, filler info of each concept's word count, the
+    four questions in turn), one random-pixel PIL image per distinct image at its size after qwen_vl_utils' resize,
+    shared by every conversation that shows it (the caption stage's loader gives one object per file), and each
+    caption's preset length (40-150 tokens, ending at EOS). Returns texts, images, lengths and each image's id."""
+    from repic.core.prompts import CAPTION_QUESTIONS, repic_caption_messages
+
+    doc = json.loads(workload.read_text(encoding="utf-8"))
+    rng = np.random.RandomState(seed)
+    pixels = {i: Image.fromarray(rng.randint(0, 256, (h, w, 3), dtype=np.uint8)) for i, (w, h) in
+              doc["images"].items()}
+    texts, images, ids = [], [], []
+    for n, prompt in enumerate(doc["prompts"]):
+        refs = [{"name": doc["names"][k], "info": " ".join(["word"] * doc["info_words"][k])} for k in prompt[:-1]]
+        msgs = repic_caption_messages(refs, CAPTION_QUESTIONS[n % len(CAPTION_QUESTIONS)])
+        texts.append(processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
+        images.append([pixels[i] for i in prompt])
+        ids.append(prompt)
+    lengths = np.random.RandomState(seed + 1).randint(40, 151, len(texts)).tolist()
+    return texts, images, lengths, ids
+
+
+def _set_limit(model: Any, batches: list[dict[str, Any]], vision_tflop: float, peak: float, bw: float,
+               measured_s: float | None) -> dict[str, Any]:
+    """`caption_limit` over a sequence of batches: counted FLOPs (`vision_tflop` for the tower: every image shown,
+    or each distinct image once) at the measured rate + each batch's decode steps at the measured bandwidth."""
+    parts = [caption_limit(model, {**b, "vision_tflop": 0.0}, peak, bw, None) for b in batches]
+    flops = (vision_tflop + sum(b["lm_prefill_tflop"] for b in batches)) * 1e12
+    compute_s = flops / peak if peak else None
+    decode_s = sum(p["decode_s"] for p in parts) if bw else None
+    limit_s = compute_s + decode_s if compute_s is not None and decode_s is not None else None
+    return {"tflop": flops / 1e12, "peak_tflops": peak / 1e12, "compute_s": compute_s,
+            "decode_steps": sum(p["decode_steps"] for p in parts), "kv_gb_read": sum(p["kv_gb_read"] for p in parts),
+            "weight_gb_per_step": parts[0]["weight_gb_per_step"] if parts else None,
+            "copy_tb_s": bw / 1e12, "decode_s": decode_s, "limit_s": limit_s, "measured_s": measured_s,
+            "fraction_of_limit": limit_s / measured_s if limit_s and measured_s else None,
+            "arithmetic": "limit_s = tflop / peak_tflops + sum over batches of (weight_gb_per_step * "
+                          "decode_steps + kv_gb_read) / (copy_tb_s * 1e3)"}
+
+
+def section_caption_set(model: Any, processor: Any, batch: int, paths: list[str], b1_n: int, max_new: int,
+                        peak: float, bw: float, deadline: float, save: Any, workload: Path) -> dict[str, Any]:
+    """Every conversation of RePIC's 4-concept evaluation, in `repic.vlm.generation.generate`'s order and batches
+    of `batch`, through each of our paths (`ours_cdmr` = the static backend's CUDA defaults; a trailing `f` = the
+    same with the tower's features kept across batches, `image_features_once`, as `generate` does on CUDA), each
+    path run twice and the second timed (the first compiles and captures); `hf_b1` = RePIC's loop over `b1_n`
+    conversations spread over that order. Captions/s of the whole set; the card's limit twice: counting the tower
+    over every image shown (what RePIC's loop and the path without `f` compute) and over each distinct image once."""
+    from repic.vlm.vision import image_features_once
+
+    texts, images, lengths, ids = repic4_conversations(processor, workload)
+    sizes = [sum(img.width * img.height for img in imgs) + len(t) for t, imgs in zip(texts, images)]
+    order = sorted(range(len(texts)), key=lambda i: sizes[i])  # generate()'s order
+    cfg = model.model.visual.config
+    batches = []
+    for start in range(0, len(order), batch):
+        idx = order[start:start + batch]
+        inputs = shapes.to_device(model, processor, [texts[i] for i in idx], [images[i] for i in idx])
+        batches.append({"idx": idx, "inputs": inputs, "lengths": [lengths[i] for i in idx],
+                        "prompt_tokens": inputs["attention_mask"].sum(1).tolist(),
+                        "lm_prefill_tflop": shapes.lm_prefill_flops(model, inputs["attention_mask"]) / 1e12})
+    grids = {}  # image id -> its grid, from the processor's own output
+    for b in batches:
+        g = b["inputs"]["image_grid_thw"].cpu()
+        flat = [i for j in b["idx"] for i in ids[j]]
+        grids.update({i: g[n:n + 1] for n, i in enumerate(flat)})
+    vision_all = sum(shapes.vision_flops(grids[i], cfg) for j in order for i in ids[j]) / 1e12
+    vision_distinct = sum(shapes.vision_flops(g, cfg) for g in grids.values()) / 1e12
+    res: dict[str, Any] = {
+        "workload": str(workload.name), "conversations": len(texts), "batch": batch,
+        "images_shown": sum(map(len, ids)), "images_distinct": len(grids),
+        "image_tokens_per_conversation": statistics.mean(
+            int((b["inputs"]["input_ids"][r] == model.config.image_token_id).sum()) for b in batches
+            for r in range(len(b["idx"]))),
+        "prompt_tokens": [t for b in batches for t in b["prompt_tokens"]], "lengths": lengths,
+        "tokens": sum(lengths), "vision_tflop_shown": vision_all, "vision_tflop_distinct": vision_distinct,
+        "lm_prefill_tflop": sum(b["lm_prefill_tflop"] for b in batches)}
+    limit_rows = [{k: b[k] for k in ("lengths", "prompt_tokens", "lm_prefill_tflop")} for b in batches]
+    decoders: dict = {}
+    got: dict[str, list] = {}
+    for path in paths:
+        if time.perf_counter() > deadline:
+            res[path] = {"skipped": "deadline"}
+            continue
+        try:
+            if path == "hf_b1":
+                picks = [order[round(i * (len(order) - 1) / max(1, b1_n - 1))] for i in range(b1_n)]
+                total, prefill, out = 0.0, 0.0, []
+                for j in picks:
+                    one = shapes.to_device(model, processor, texts[j:j + 1], images[j:j + 1])
+                    t, split, row_ids = shapes.caption_path(model, one, lengths[j:j + 1], "hf", max_new, decoders)
+                    total, prefill, out = total + t, prefill + split.get("prefill_s", 0.0), out + row_ids
+                res[path] = {"captions": b1_n, "conversations": picks, "s": total, "captions_s": b1_n / total,
+                             "prefill_s": prefill, "decode_s": total - prefill,
+                             "mean_length": statistics.mean(lengths[j] for j in picks),
+                             "set_mean_length": statistics.mean(lengths)}
+                got[path] = [(j, r) for j, r in zip(picks, out)]
+                continue
+            base, once = (path[:-1], True) if path.endswith("f") and path[:-1] in shapes.OURS else (path, False)
+            if base not in shapes.OURS:
+                raise ValueError(f"unknown captioning path {path!r}")
+            for run in range(2):  # the first compiles the tower and decode step, captures the graphs
+                total = prefill = decode = 0.0
+                out = []
+                with image_features_once(model) if once else contextlib.nullcontext() as cache:
+                    for b in batches:
+                        t, split, row_ids = shapes.caption_path(model, b["inputs"], b["lengths"], base, max_new,
+                                                                decoders)
+                        total, prefill, decode = total + t, prefill + split["prefill_s"], decode + split["decode_s"]
+                        out += list(zip(b["idx"], row_ids))
+                    counts = [cache.requested_images, cache.tower_images] if cache is not None else None
+                if run == 0:
+                    first = total
+            res[path] = {"s": total, "captions_s": len(texts) / total, "tokens_s": sum(lengths) / total,
+                         "prefill_s": prefill, "decode_s": decode, "first_call_s": first,
+                         "images_requested_vs_encoded": counts,
+                         "limit_every_image": _set_limit(model, limit_rows, vision_all, peak, bw, total),
+                         "limit_distinct_images": _set_limit(model, limit_rows, vision_distinct, peak, bw, total)}
+            got[path] = out
+        except Exception as exc:  # noqa: BLE001 - reported, the other paths still run
+            res[path] = {"error": repr(exc)[:400], "trace": traceback.format_exc()[-1500:]}
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        save()
+    res["lengths_ok"] = {p: all(len(r) == lengths[j] for j, r in out) for p, out in got.items()}
+    ref = next((p for p in got if p != "hf_b1"), None)
+    if ref is not None:  # token identity between our paths (bf16: the tower's batch differs with `f`)
+        want = dict(got[ref])
+        res["same_tokens_as_" + ref] = {p: statistics.mean(float(want[j] == r) for j, r in out)
+                                        for p, out in got.items()}
+    b1 = res.get("hf_b1", {}).get("captions_s") if isinstance(res.get("hf_b1"), dict) else None
+    if b1:
+        res["vs_hf_b1"] = {p: res[p]["captions_s"] / b1 for p in paths
+                           if p != "hf_b1" and isinstance(res.get(p), dict) and "captions_s" in res[p]}
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # GRPO: inputs
 
 
@@ -693,6 +836,25 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
         lines.append("caption " + json.dumps({k: (v.get("captions_s"), (v.get("limit") or {}).get("fraction_of_limit"))
                                               if isinstance(v, dict) else v for k, v in row.items()
                                               if k not in ("lengths", "prompt_tokens", "trace")}, default=str)[:600])
+    cs = res.get("caption_set") or {}
+    if cs:
+        lines.append(f"caption_set: {cs.get('conversations')} conversations in batches of {cs.get('batch')}, images "
+                     f"shown {cs.get('images_shown')} / distinct {cs.get('images_distinct')}, "
+                     f"{cs.get('image_tokens_per_conversation')} image tokens a conversation; vs_hf_b1 "
+                     f"{cs.get('vs_hf_b1')}; lengths_ok {cs.get('lengths_ok')}; {cs.get('error') or ''}")
+        lines.append("path | captions/s | s | prefill s | decode s | first run s | images requested/encoded | "
+                     "limit s (every image) → fraction | limit s (distinct images) → fraction")
+        for p, v in cs.items():
+            if isinstance(v, dict) and ("captions_s" in v or "error" in v or "skipped" in v):
+                if "captions_s" not in v:
+                    lines.append(f"{p} | {v.get('skipped') or v.get('error')}")
+                    continue
+                le, ld = v.get("limit_every_image") or {}, v.get("limit_distinct_images") or {}
+                lines.append(" | ".join([p, f"{v['captions_s']:.3f}", f"{v['s']:.2f}", f"{v['prefill_s']:.2f}",
+                                         f"{v['decode_s']:.2f}", f"{v.get('first_call_s') or 0:.2f}",
+                                         str(v.get("images_requested_vs_encoded")),
+                                         f"{le.get('limit_s') or 0:.2f} → {le.get('fraction_of_limit') or 0:.3f}",
+                                         f"{ld.get('limit_s') or 0:.2f} → {ld.get('fraction_of_limit') or 0:.3f}"]))
     grpo = res.get("grpo") or {}
     paths = grpo.get("paths") or {}
     ok = {p: r["summary"]["tokens_s_per_gpu"] for p, r in paths.items() if (r.get("summary") or {}).get(
@@ -748,10 +910,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(genbench.SHAPES), default="7b")
     ap.add_argument("--image-px", type=int, default=shapes.CAPTION_PX, help="captioning max_pixels = this²")
-    ap.add_argument("--sections", nargs="+", default=["peak", "caption", "grpo"], choices=["peak", "caption", "grpo"])
+    ap.add_argument("--sections", nargs="+", default=["peak", "caption", "grpo"],
+                    choices=["peak", "caption", "caption_set", "grpo"])
     ap.add_argument("--caption-plan", nargs="*", default=["4:32:ours_cdmr,ours_cdmrv,hf_b1"],
                     help="captioning cells as k:batch:path,path,... (bench/repic_shapes.py's paths)")
     ap.add_argument("--b1-captions", type=int, default=2, help="captions timed in RePIC's batch-1 loop")
+    ap.add_argument("--caption-set", default=None, metavar="B:path,path,...",
+                    help="section caption_set: RePIC's whole 4-concept evaluation in batches of B through these "
+                         "paths (bench/repic4_workload.json)")
+    ap.add_argument("--caption-set-workload", default=str(ROOT / "bench/repic4_workload.json"))
     ap.add_argument("--max-new-tokens", type=int, default=160, help="captioning")
     ap.add_argument("--grpo-paths", nargs="+", default=["ours+pp", "ours", "hf@2", "ours+pp+vc",
                                                         "ours+pp+nockpt", "ours+pp+compile"])
@@ -832,6 +999,22 @@ def main(argv: list[str] | None = None) -> int:
             log("caption " + json.dumps({k: (v.get("captions_s"), (v.get("limit") or {}).get("fraction_of_limit"))
                                          if isinstance(v, dict) else v for k, v in row.items()
                                          if k not in ("lengths", "prompt_tokens", "trace")}, default=str)[:1500])
+    if "caption_set" in args.sections:
+        batch, paths = (args.caption_set or "32:ours_cdmr,ours_cdmrf,hf_b1").split(":")
+        try:
+            res["caption_set"] = section_caption_set(model, processor, int(batch), paths.split(","),
+                                                     args.b1_captions, args.max_new_tokens, peak, bw, deadline,
+                                                     save, Path(args.caption_set_workload))
+        except Exception as exc:  # noqa: BLE001
+            res["caption_set"] = {"error": repr(exc)[:500], "trace": traceback.format_exc()[-2000:]}
+        save()
+        cs = res["caption_set"]
+        log("caption_set " + json.dumps({p: (v.get("captions_s"), v.get("images_requested_vs_encoded"),
+                                             (v.get("limit_every_image") or {}).get("fraction_of_limit"),
+                                             (v.get("limit_distinct_images") or {}).get("fraction_of_limit"))
+                                         for p, v in cs.items() if isinstance(v, dict) and "captions_s" in v}
+                                        | {k: cs.get(k) for k in ("vs_hf_b1", "lengths_ok", "error")},
+                                        default=str)[:1500])
     if "grpo" in args.sections:
         if time.perf_counter() > deadline:
             res["grpo"] = {"skipped": "deadline"}

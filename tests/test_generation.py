@@ -229,6 +229,53 @@ def test_generate_captions_equal_across_backends_and_batch_sizes(tiny):
     assert generate(model, processor, texts, images, backend="static", max_new_tokens=16, batch_size=7) == hf
 
 
+def _recurring(processor, n: int):
+    """Conversations whose references come from a small database (the same image objects, as the caption stage's
+    loader gives) and whose query images recur too, as in RePIC's 4-concept evaluation."""
+    pool = [Image.new("RGB", size, (40 * i, 200 - 30 * i, 90)) for i, size in
+            enumerate([(112, 84), (56, 112), (112, 84), (140, 56)])]  # two of a size: the content tells them apart
+    queries = [Image.new("RGB", (98, 84), (10, 90 * i, 200)) for i in range(2)]
+    texts, images = [], []
+    for i in range(n):
+        refs = [(i + j) % len(pool) for j in range(1 + i % 3)]
+        msgs = caption_messages([{"name": f"<c{r}>", "info": "x" * (3 + 4 * r)} for r in refs], "Caption this.")
+        texts.append(processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
+        images.append([pool[r] for r in refs] + [queries[i % 2]])
+    return texts, images, len(pool) + len(queries)
+
+
+@pytest.mark.parametrize("prefill", ["batch", "rows", "rows_vision_once"])
+def test_features_once_same_captions_each_distinct_image_encoded_once(tiny, prefill):
+    """Captioning with the tower's features kept across batches (`features_once`): the same tokens as HF `generate`
+    (RePIC's path, every image encoded in every prompt), while the tower encodes each distinct image once over all
+    batches; the cache is gone after the call."""
+    model, processor = tiny
+    texts, images, distinct = _recurring(processor, 8)
+    shown = sum(map(len, images))
+    assert (shown, distinct) == (23, 6)
+    encoded = []
+    hook = model.model.visual.register_forward_pre_hook(lambda m, a, k: encoded.append(len(k["grid_thw"])),
+                                                        with_kwargs=True)
+    kw = dict(max_new_tokens=16, batch_size=3)
+    try:
+        hf = generate(model, processor, texts, images, backend="hf", **kw)
+        assert sum(encoded) == shown
+        encoded.clear()
+        once = generate(model, processor, texts, images, backend="static", features_once=True,
+                        prefill_rows=prefill != "batch", prefill_vision_once=prefill == "rows_vision_once", **kw)
+        assert sum(encoded) == distinct
+        encoded.clear()
+        every = generate(model, processor, texts, images, backend="static", features_once=False, **kw)
+        assert sum(encoded) == shown
+    finally:
+        hook.remove()
+    assert once == hf == every
+    assert len(set(hf)) > 1  # captions depend on the images and text, so a wrong feature would show
+    assert not hasattr(model.model, "_repic_feature_cache")
+    with pytest.raises(RepicError, match="features_once needs backend 'static'"):
+        generate(model, processor, texts, images, backend="hf", features_once=True, **kw)
+
+
 def test_repeats_share_one_prefill_and_sampling_is_seeded(tiny):
     model, processor = tiny
     texts, images = _prompts(processor, 2)

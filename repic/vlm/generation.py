@@ -26,6 +26,7 @@ trainer's forwards run the vision tower through repic.vlm.vision (windows bucket
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 import types
@@ -62,19 +63,39 @@ _REFUSED = {
 @torch.inference_mode()
 def generate(model: Any, processor: Any, texts: Sequence[str], images: Sequence[Sequence[Any]], *,
              backend: str = "hf", max_new_tokens: int, batch_size: int, hit_limit: list[bool] | None = None,
-             on_batch: Any = None, **generation_kwargs: Any) -> list[str]:
+             on_batch: Any = None, features_once: bool | None = None, **generation_kwargs: Any) -> list[str]:
     """Greedy completions of chat-templated `texts` (each with its list of PIL `images`), in input order.
 
     Batches hold prompts of similar size (sorted by image area + text length), left padded; each batch's images
     are preprocessed once. `generation_kwargs` go to `generate` (hf) or are honoured alike (static), e.g.
     `repetition_penalty`; the model's `generation_config` supplies the rest, as in `generate`. `hit_limit`, when
     given, receives per text whether it stopped at `max_new_tokens` without an EOS (a cut-off caption);
-    `on_batch(n)`, when given, is called after each batch of `n` texts (progress).
+    `on_batch(n)`, when given, is called after each batch of `n` texts (progress). `features_once`: the vision
+    tower encodes each distinct image once over all batches (`repic.vlm.vision.image_features_once`; a database's
+    reference images recur across conversations); default on for the static backend on CUDA. The hf backend is
+    RePIC's path (every image encoded in every conversation): refused there.
     """
     check_backend(backend)
     sizes = [sum(img.width * img.height for img in imgs) + len(t) for t, imgs in zip(texts, images)]
     order = sorted(range(len(texts)), key=lambda i: sizes[i])
     device = next(model.parameters()).device
+    if features_once is None:
+        features_once = backend == "static" and device.type == "cuda"
+    if features_once and backend != "static":
+        raise RepicError(f"features_once needs backend 'static', not {backend!r} (hf is RePIC's own path)")
+    with contextlib.ExitStack() as stack:
+        if features_once and images:
+            from repic.vlm.vision import image_features_once
+
+            stack.enter_context(image_features_once(model))
+        return _generate_batches(model, processor, texts, images, order, device, backend=backend,
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size, hit_limit=hit_limit,
+                                 on_batch=on_batch, generation_kwargs=generation_kwargs)
+
+
+def _generate_batches(model: Any, processor: Any, texts: Sequence[str], images: Sequence[Sequence[Any]],
+                      order: list[int], device: torch.device, *, backend: str, max_new_tokens: int, batch_size: int,
+                      hit_limit: list[bool] | None, on_batch: Any, generation_kwargs: dict[str, Any]) -> list[str]:
     pad = processor.tokenizer.pad_token_id
     out: list[str] = [""] * len(texts)
     cut = [False] * len(texts)

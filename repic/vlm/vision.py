@@ -19,7 +19,9 @@ H200 (BENCHMARKS.md) the tower went from 64 TFLOP/s (transformers) to 181 (bucke
 (bucketed, compiled). Where compilation fails the tower warns and runs eagerly.
 
 `enable_image_feature_cache(model)` encodes each distinct image once (GRPO's G completions of a prompt share their
-images; the reference and policy forwards of a step see the same ones) while the tower is frozen.
+images; the reference and policy forwards of a step see the same ones) while the tower is frozen;
+`image_features_once(model)` does so for a block of inference (captioning on CUDA: a database's reference images
+recur across conversations).
 """
 
 from __future__ import annotations
@@ -268,23 +270,31 @@ def _tower(self: Any, state: dict, hidden_states: torch.Tensor, grid_thw: torch.
 
 
 class _FeatureCache:
-    """Features of recently seen images, keyed by grid and a checksum, confirmed by exact pixel equality."""
+    """Features of recently seen images, keyed by grid and a checksum, confirmed by exact pixel equality; the least
+    recently used entry goes first. `inference`: also keep features computed under `torch.inference_mode`
+    (captioning, which never backpropagates through them)."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, inference: bool = False) -> None:
         self.capacity = capacity
-        self.entries: list[tuple[tuple, torch.Tensor, torch.Tensor]] = []  # (key, pixels, features)
+        self.inference = inference
+        self.entries: list[tuple[tuple, torch.Tensor, torch.Tensor]] = []  # (key, pixels, features), oldest first
         self.tower_images = 0  # images the tower actually encoded (for tests and benchmarks)
         self.requested_images = 0
 
     def find(self, key: tuple, pixels: torch.Tensor) -> torch.Tensor | None:
-        for k, p, f in self.entries:
+        for i, (k, p, f) in enumerate(self.entries):
             if k == key and torch.equal(p, pixels):
+                self.entries.append(self.entries.pop(i))  # most recently used last
                 return f
         return None
 
     def add(self, key: tuple, pixels: torch.Tensor, features: torch.Tensor) -> None:
         self.entries.append((key, pixels, features))
         del self.entries[:-self.capacity]
+
+    def keeps(self) -> bool:
+        # an inference tensor cannot enter a later autograd pass (training's reference and policy forwards)
+        return self.inference or not torch.is_inference_mode_enabled()
 
 
 def _language_and_vision(model: Any) -> Any:
@@ -296,24 +306,25 @@ def _language_and_vision(model: Any) -> Any:
     return getattr(inner, "model", inner)
 
 
-def enable_image_feature_cache(model: Any, capacity: int = 32) -> _FeatureCache:
+def enable_image_feature_cache(model: Any, capacity: int = 32, inference: bool = False) -> _FeatureCache:
     """Encode each distinct image once: repeated images in a batch (GRPO's G completions of one prompt share
     theirs) and images seen by a recent call (the reference forward, then the policy forward of one step) reuse
-    their features. Only while the tower is frozen (no parameter requires grad), since cached features carry no
-    graph; otherwise the model's own `get_image_features` runs. Returns the cache (its counters say how many
-    images the tower encoded)."""
+    their features. Only while the tower is frozen (no parameter requires grad) or no graph is recorded (inference),
+    since cached features carry no graph; otherwise the model's own `get_image_features` runs. `inference`: keep
+    features computed under `torch.inference_mode` too (see `image_features_once`). Returns the cache (its counters
+    say how many images the tower encoded)."""
     visual = _visual(model)
     inner = _language_and_vision(model)
     if getattr(inner, "_repic_feature_cache", None) is not None:
         return inner._repic_feature_cache
     original = inner.get_image_features
-    cache = _FeatureCache(capacity)
+    cache = _FeatureCache(capacity, inference)
 
     def get_image_features(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None, **kwargs: Any):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        if (image_grid_thw is None or pixel_values.requires_grad
-                or any(p.requires_grad for p in visual.parameters())):
+        if image_grid_thw is None or (torch.is_grad_enabled() and (
+                pixel_values.requires_grad or any(p.requires_grad for p in visual.parameters()))):
             return original(pixel_values, image_grid_thw, **kwargs)
         pixels = pixel_values.type(visual.dtype)
         sizes = image_grid_thw.prod(-1).tolist()
@@ -342,7 +353,7 @@ def enable_image_feature_cache(model: Any, capacity: int = 32) -> _FeatureCache:
                                image_grid_thw[todo], **kwargs)
             for j, f in zip(todo, out.pooler_output):
                 features[j] = f
-                if not torch.is_inference_mode_enabled():  # inference tensors cannot enter a later autograd pass
+                if cache.keeps():
                     cache.add(keys[j], chunks[j], f)
         for i, j in same_as.items():
             features[i] = features[j]
@@ -358,3 +369,21 @@ def disable_image_feature_cache(model: Any) -> None:
     if getattr(inner, "_repic_feature_cache", None) is not None:
         del inner.get_image_features
         del inner._repic_feature_cache
+
+
+@contextlib.contextmanager
+def image_features_once(model: Any, capacity: int = 256) -> Iterator[_FeatureCache | None]:
+    """Within the block, the tower encodes each distinct image once, for every batch (captioning: a database's
+    reference images recur across conversations; RePIC's 4-concept evaluation shows 35 distinct images in 105
+    conversations of 5). `capacity` images are kept, least recently used dropped (a 1,024-token image's features
+    are 7 MB at 7B in bf16). Yields the cache (its counters), or None where one was already installed (left as
+    it is, e.g. a GRPO trainer's)."""
+    inner = _language_and_vision(model)
+    if getattr(inner, "_repic_feature_cache", None) is not None:
+        yield None
+        return
+    cache = enable_image_feature_cache(model, capacity, inference=True)
+    try:
+        yield cache
+    finally:
+        disable_image_feature_cache(model)
