@@ -22,7 +22,8 @@ Sections (each saved to --out as it finishes; a section that would start past --
   (`generate` batched), `hf_static` (`generate(cache_implementation="static")`, transformers' compiled decode) and
   the static backend + repic.vlm.vision (`OURS`: `ours` eager tower and decode step, `ours_c` compiled tower, `ours_cd`
   and compiled decode step, `ours_cdm` and matmul attention, `ours_cdmr` and a padded batch prefilled one prompt
-  at a time: the default; `ours_cdmrv` and the batch's images encoded in one tower call first). Captions/s,
+  at a time; `ours_cdmrv` and the batch's images encoded in one tower call first; `ours_cdmrp` and prompts that
+  begin alike prefilled from each other's cache). Captions/s,
   prefill / decode split, vision and LM prefill TFLOP/s.
 - `grpo`: one TRL GRPOTrainer step at RePIC's training-sample shape: the four task types in turn (OCT yes/no with
   2 images, VLT box with 1 image, ICT caption with 2 images, ICT multi caption with 3 images), images resized as
@@ -351,9 +352,13 @@ def profile_vision(model: Any, visual: Any, pixels: torch.Tensor, grid: torch.Te
 
 # our paths: (vision blocks compiled, decode step compiled, decode attention, padded batch prefilled by rows,
 # those rows' images encoded in one tower call for the batch)
-OURS = {"ours": (False, False, "sdpa", False, False), "ours_c": (True, False, "sdpa", False, False),
-        "ours_cd": (True, True, "sdpa", False, False), "ours_cdm": (True, True, "matmul", False, False),
-        "ours_cdmr": (True, True, "matmul", True, False), "ours_cdmrv": (True, True, "matmul", True, True)}
+# path -> (compiled tower, compiled decode step, decode attention, prefill by rows, rows' images in one tower call,
+#          rows' shared prefixes prefilled once)
+_F = False
+OURS = {"ours": (_F, _F, "sdpa", _F, _F, _F), "ours_c": (True, _F, "sdpa", _F, _F, _F),
+        "ours_cd": (True, True, "sdpa", _F, _F, _F), "ours_cdm": (True, True, "matmul", _F, _F, _F),
+        "ours_cdmr": (True, True, "matmul", True, _F, _F), "ours_cdmrv": (True, True, "matmul", True, True, _F),
+        "ours_cdmrp": (True, True, "matmul", True, _F, True)}
 
 
 def caption_path(model: Any, inputs: Any, lengths: list[int], path: str, max_new: int, decoders: dict
@@ -363,13 +368,14 @@ def caption_path(model: Any, inputs: Any, lengths: list[int], path: str, max_new
     Lengths.current = lengths
     split: dict[str, Any] = {}
     if path in OURS:
-        vision_c, decode_c, attention, by_rows, vision_once = OURS[path]
+        vision_c, decode_c, attention, by_rows, vision_once, prefix = OURS[path]
         stats: dict[str, Any] = {}
         with fast_vision(model, compile=vision_c):
             ids, t = timed(lambda: gen.generate_ids(model, inputs, backend="static", max_new_tokens=max_new,
                                                     do_sample=False, stats=stats, _decoders=decoders,
                                                     decode_compile=decode_c, decode_attention=attention,
-                                                    prefill_rows=by_rows, prefill_vision_once=vision_once))
+                                                    prefill_rows=by_rows, prefill_vision_once=vision_once,
+                                                    prefill_prefix=prefix))
         split = {"prefill_s": stats["prefill_s"], "decode_s": stats["decode_s"], "capture_s": stats["capture_s"],
                  "decode_steps": stats["decode_steps"], "graph": stats["graph"], "compiled": stats["compiled"],
                  "compile_error": stats["compile_error"]}

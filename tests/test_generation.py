@@ -165,6 +165,52 @@ def test_prefill_by_rows_equals_the_padded_batch(tiny, mode):
         generate_ids(model, inputs, backend="hf", **kw)
 
 
+def test_shared_prefixes_prefilled_once_equal_the_padded_batch(tiny):
+    """Prompts that begin alike (the same first references, as RePIC's conversations of one photo), prefilled one at
+    a time from the cache of the prompt before them (`rows_prefix`): the padded batch's cache and last logits within
+    fp32 rounding, `generate`'s tokens, and the language model runs fewer tokens (only each prompt's own suffix;
+    an image is shared whole or not at all, the tower encoding only the suffixes' images)."""
+    from repic.vlm.generation import _prefill, _prompt_positions, _prompt_units
+
+    model, processor = tiny
+    texts, images, _ = _recurring(processor, 6)
+    # two more prompts: one equal to the first but for its query image, one a duplicate of the second
+    texts += [texts[0], texts[1]]
+    images += [images[0][:-1] + [images[1][-1]], list(images[1])]
+    inputs = _batch(processor, texts, images)
+    mask = inputs["attention_mask"].bool()
+    units, _ = _prompt_units(inputs, model.config)
+    query = max(i for i, u in enumerate(units[0]) if u < 0)  # the query image's unit: the last image
+    assert units[6][:query] == units[0][:query] and units[6][query] != units[0][query] and units[7] == units[1]
+    fed, encoded = [], []
+    lm = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: fed.append(k["inputs_embeds"].shape[1]), with_kwargs=True)
+    tower = model.model.visual.register_forward_pre_hook(lambda m, a, k: encoded.append(len(k["grid_thw"])),
+                                                         with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            positions = _prompt_positions(model, inputs)
+            batched, logits = _prefill(model, inputs, positions, "batch")
+            fed.clear()
+            encoded.clear()
+            shared, shared_logits = _prefill(model, inputs, positions, "rows_prefix")
+    finally:
+        lm.remove()
+        tower.remove()
+    tokens = [int(n) for n in mask.sum(1)]
+    assert len(fed) == 8 and sum(fed) < sum(tokens) - 200  # the common beginnings ran once
+    assert sorted(fed)[0] == 1  # the duplicate: only its last token
+    assert sum(encoded) < sum(map(len, images))
+    assert torch.allclose(shared_logits, logits, atol=1e-4, rtol=1e-4)
+    for a, b in zip(batched.layers, shared.layers):
+        keep = mask[:, None, :, None].expand_as(a.keys)
+        assert torch.allclose(b.keys[keep], a.keys[keep], atol=1e-5) and not b.keys[~keep].any()
+        assert torch.allclose(b.values[keep], a.values[keep], atol=1e-5)
+    kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    assert generate_ids(model, inputs, backend="static", prefill_rows=True, prefill_prefix=True, **kw) == \
+        generate_ids(model, inputs, backend="hf", **kw)
+
+
 def test_compile_failure_decodes_eagerly_with_a_warning(tiny, monkeypatch):
     from repic.vlm import generation
 

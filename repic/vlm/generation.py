@@ -129,7 +129,8 @@ def check_backend(backend: str) -> str:
 def generate_ids(model: Any, inputs: Mapping[str, torch.Tensor], *, backend: str, max_new_tokens: int,
                  repeats: int = 1, stats: dict[str, float] | None = None, _decoders: dict | None = None,
                  decode_compile: bool | None = None, decode_attention: str | None = None,
-                 prefill_rows: bool | None = None, prefill_vision_once: bool = False, keep_mode: bool = False,
+                 prefill_rows: bool | None = None, prefill_vision_once: bool = False,
+                 prefill_prefix: bool | None = None, keep_mode: bool = False,
                  **generation_kwargs: Any) -> list[list[int]]:
     """New token ids for each prompt row of `inputs` (a left-padded processor batch on the model's device).
 
@@ -142,6 +143,8 @@ def generate_ids(model: Any, inputs: Mapping[str, torch.Tensor], *, backend: str
     prompt at a time, unpadded (`_prefill`); None: on CUDA (as measured for captioning), off elsewhere.
     `prefill_vision_once`: with `prefill_rows`, the images of the whole batch go through the vision tower in one call
     and each prompt's forward takes its features (transformers' `mm_encoder_outputs`) instead of encoding its own.
+    `prefill_prefix`: with `prefill_rows`, prompts that begin alike share the prefill of their common beginning
+    (`_prefill_shared_prefixes`); off unless asked for (until measured on a GPU). Not with `prefill_vision_once`.
     `keep_mode`: the static path runs the model in its current mode (training: LoRA dropout active, as TRL's `hf`
     rollouts and RePIC's) instead of eval mode.
     """
@@ -159,7 +162,11 @@ def generate_ids(model: Any, inputs: Mapping[str, torch.Tensor], *, backend: str
         device = inputs["input_ids"].device
         options = _decode_options(device, decode_compile, decode_attention)
         by_rows = device.type == "cuda" if prefill_rows is None else prefill_rows
-        prefill = ("rows_vision_once" if prefill_vision_once else "rows") if by_rows else "batch"
+        prefix = bool(prefill_prefix)
+        if prefix and prefill_vision_once:
+            raise RepicError("generation: prefill_prefix and prefill_vision_once exclude each other")
+        prefill = ("rows_vision_once" if prefill_vision_once else "rows_prefix" if prefix else "rows") \
+            if by_rows else "batch"
         rows = _static_generate(model, inputs, cfg, eos, repeats, stats,
                                 _decoders if _decoders is not None else {}, options, prefill, keep_mode).tolist()
     return [_cut_at_eos(r, eos) for r in rows]
@@ -360,11 +367,14 @@ def _prefill(core: Any, inputs: Mapping[str, torch.Tensor], positions: torch.Ten
     (BENCHMARKS.md: 16 % more captions/s at 4 references, B = 32, on an H200; 1.5 % fewer at 1 reference). The
     pad slots stay zero; the decode mask never attends them. "rows_vision_once": the same, with every image of the
     batch encoded in one tower call first (each prompt's forward takes its images' features), as the batched
-    prefill encodes them; "batch": one forward of the padded batch."""
+    prefill encodes them; "rows_prefix": one prompt at a time, each starting from the cache of the prompt before it
+    where they begin alike (`_prefill_shared_prefixes`); "batch": one forward of the padded batch."""
     mask = inputs["attention_mask"]
-    if mode == "batch" or len(mask) == 1 or bool(mask.all()):
+    if mode == "batch" or len(mask) == 1 or (bool(mask.all()) and mode != "rows_prefix"):
         out = core(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
         return out.cache, out.logits[:, -1]
+    if mode == "rows_prefix":
+        return _prefill_shared_prefixes(core, inputs, positions)
     features, first_image = None, None
     if mode == "rows_vision_once" and inputs.get("image_grid_thw") is not None:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -395,6 +405,119 @@ def _prefill(core: Any, inputs: Mapping[str, torch.Tensor], positions: torch.Ten
             values[i][b, :, start:] = layer.values[0]
         logits.append(out.logits[0, -1])
         del out
+    cache = types.SimpleNamespace(layers=[types.SimpleNamespace(keys=k, values=v) for k, v in zip(keys, values)])
+    return cache, torch.stack(logits)
+
+
+def _image_identities(inputs: Mapping[str, torch.Tensor]) -> list[int]:
+    """For each image of the batch, a number shared by the images with equal grid and pixels (checksums fetched in
+    one sync, equality then confirmed exactly)."""
+    grid = inputs.get("image_grid_thw")
+    if grid is None:
+        return []
+    pixels = inputs["pixel_values"]
+    chunks = pixels.split(grid.prod(-1).tolist())
+    weights = torch.arange(1, pixels.shape[-1] + 1, device=pixels.device, dtype=torch.float64)
+    sums = torch.stack([torch.stack([c.double().sum(), (c.double() * weights).sum()]) for c in chunks]).tolist()
+    seen: dict[tuple, list[tuple[torch.Tensor, int]]] = {}
+    out = []
+    for g, c, k in zip(grid.tolist(), chunks, sums):
+        same = seen.setdefault((*g, *k), [])
+        uid = next((u for other, u in same if torch.equal(other, c)), None)
+        if uid is None:
+            uid = sum(map(len, seen.values()))
+            same.append((c, uid))
+        out.append(uid)
+    return out
+
+
+def _prompt_units(inputs: Mapping[str, torch.Tensor], config: Any) -> tuple[list[list[int]], list[list[int]]]:
+    """Each prompt as units, a text token (its id) or a whole image (-1 - its identity), and the token offset of
+    each unit in the unpadded prompt (plus its length)."""
+    mask = inputs["attention_mask"]
+    first_image = _first_images(inputs, config)
+    uids = _image_identities(inputs)
+    starts = (mask.shape[1] - mask.sum(1)).tolist()
+    units, offsets = [], []
+    for b, start in enumerate(starts):
+        row = inputs["input_ids"][b, start:].tolist()
+        image, u, at = first_image[b], [], []
+        for i, t in enumerate(row):
+            if t == config.image_token_id:
+                if i and row[i - 1] == config.image_token_id:
+                    continue
+                u.append(-1 - uids[image])
+                image += 1
+            else:
+                u.append(t)
+            at.append(i)
+        at.append(len(row))
+        units.append(u)
+        offsets.append(at)
+    return units, offsets
+
+
+def _prefill_shared_prefixes(core: Any, inputs: Mapping[str, torch.Tensor], positions: torch.Tensor
+                             ) -> tuple[Any, torch.Tensor]:
+    """`_prefill`'s "rows" with shared prefixes computed once. RePIC's conversations start alike (its system prompt,
+    then the references in database order: prompts of one photo often share their first references). The prompts
+    are prefilled in lexicographic order of their units (`_prompt_units`), each from the cache of the one before it
+    over their common units (an image is shared whole or not at all; the last token is always computed, for its
+    logits): the language model runs only the prompt's own suffix, attending the copied prefix (transformers'
+    chunked prefill: a cache and the suffix's positions), and the tower encodes only the suffix's images. Keys and
+    values are causal, so the copied prefix equals the prompt's own (tests: within fp32 rounding)."""
+    from transformers import DynamicCache
+
+    config = core.config
+    mask = inputs["attention_mask"]
+    n, width = mask.shape
+    first_image = _first_images(inputs, config)
+    grid = inputs.get("image_grid_thw")
+    first_patch = [0]
+    for p in (grid.prod(-1).tolist() if grid is not None else []):
+        first_patch.append(first_patch[-1] + p)
+    starts = (width - mask.sum(1)).tolist()
+    units, offsets = _prompt_units(inputs, config)
+    keys: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+    logits: list[torch.Tensor] = [mask.new_zeros(())] * n
+    previous = None
+    for b in sorted(range(n), key=lambda r: units[r]):
+        shared = 0
+        if previous is not None:
+            for x, y in zip(units[b], units[previous]):
+                if x != y:
+                    break
+                shared += 1
+            shared = min(shared, len(units[b]) - 1)
+        cut, start = offsets[b][shared], starts[b]
+        row = select_rows(inputs, [b], config)  # without its all-padding columns
+        past = {}
+        if cut:
+            s = starts[previous]
+            past["past_key_values"] = DynamicCache(ddp_cache_data=[
+                (k[previous:previous + 1, :, s:s + cut], v[previous:previous + 1, :, s:s + cut])
+                for k, v in zip(keys, values)])
+            for k in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"):
+                if k in row and k != "attention_mask":
+                    row[k] = row[k][:, cut:]
+            if grid is not None:
+                mine = list(range(first_image[b] + sum(1 for x in units[b][:shared] if x < 0), first_image[b + 1]))
+                row.pop("image_grid_thw", None)
+                row.pop("pixel_values", None)
+                if mine:
+                    row["image_grid_thw"] = grid[mine]
+                    row["pixel_values"] = inputs["pixel_values"][first_patch[mine[0]]:first_patch[mine[-1] + 1]]
+        out = core(**row, position_ids=positions[:, b:b + 1, start + cut:], use_cache=True, logits_to_keep=1, **past)
+        for i, layer in enumerate(out.cache.layers):
+            if len(keys) <= i:
+                keys.append(layer.keys.new_zeros(n, layer.keys.shape[1], width, layer.keys.shape[3]))
+                values.append(layer.values.new_zeros(n, layer.values.shape[1], width, layer.values.shape[3]))
+            keys[i][b, :, start:] = layer.keys[0]
+            values[i][b, :, start:] = layer.values[0]
+        logits[b] = out.logits[0, -1]
+        previous = b
+        del out, past
     cache = types.SimpleNamespace(layers=[types.SimpleNamespace(keys=k, values=v) for k, v in zip(keys, values)])
     return cache, torch.stack(logits)
 
