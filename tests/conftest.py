@@ -114,9 +114,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 # lower priority (NICE, below). The foreground runs the other tests meanwhile, the slow ones that mostly wait
 # (WAITING: SLURM's queue) first, while the background runs have work for both cores; the tests reading a background
 # run come last and wait for it (the SLURM run's and the rehearsal's, then test_pipeline_e2e's), or come next, at the
-# next module boundary, once their run has finished (`pytest_runtest_protocol`): the e2e lane ends minutes before the rehearsal, and its
-# tests then run beside the rehearsal instead of after it. One thread a process (above) keeps the shared cores from
-# spinning.
+# next module boundary, once their run has finished (`pytest_runtest_protocol`): the e2e lane ends minutes before
+# the rehearsal, and its tests then run beside the rehearsal instead of after it. One thread a process (above) keeps
+# the shared cores from spinning.
 E2E = "tests/test_pipeline_e2e.py"
 BACKGROUND = ("tests/test_slurm.py::test_the_embedded_pipeline_runs_on_slurm",
               "tests/test_rehearsal.py::test_paper_rehearsal_runs_every_stage")
