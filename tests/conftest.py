@@ -109,21 +109,18 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 # The long runs go in the background so that both cores stay busy: the embedded DAG under `dvc repro`
 # (test_pipeline_e2e's fixture, minutes of one-core work) from the session's start (once the tests are collected,
 # if an e2e test is selected), beside the fast part; with the first slow test, the SLURM run of the embedded DAG
-# (test_slurm.py: mostly waiting for SLURM's queue and Snakemake's status checks), and from the session's start the
-# paper rehearsal (test_rehearsal.py; EARLY), each started by its test module's `start_in_background(tmp)` at a
-# lower priority (NICE, below). The foreground runs the other tests meanwhile, the slow ones that mostly wait
-# (WAITING: SLURM's queue) first, while the background runs have work for both cores; the tests reading a background
-# run come last and wait for it (the SLURM run's and the rehearsal's, then test_pipeline_e2e's), or come next, at the
-# next module boundary, once their run has finished (`pytest_runtest_protocol`): the e2e lane ends minutes before
-# the rehearsal, and its tests then run beside the rehearsal instead of after it. One thread a process (above) keeps
-# the shared cores from spinning.
+# (test_slurm.py: mostly waiting for SLURM's queue and Snakemake's status checks) and the paper rehearsal
+# (test_rehearsal.py), each started by its test module's `start_in_background(tmp)` at a lower priority (NICE,
+# below). The foreground runs the other tests meanwhile, the slow ones that mostly wait (WAITING: SLURM's queue)
+# first, while the background runs have work for both cores; the tests reading a background run come last and wait
+# for it (the SLURM run's and the rehearsal's, then test_pipeline_e2e's), or come next, at the next module boundary,
+# once their run has finished (`pytest_runtest_protocol`): the e2e lane ends minutes before the rehearsal, and its
+# tests then run beside the rehearsal instead of after it. One thread a process (above) keeps the shared cores from
+# spinning.
 E2E = "tests/test_pipeline_e2e.py"
 BACKGROUND = ("tests/test_slurm.py::test_the_embedded_pipeline_runs_on_slurm",
               "tests/test_rehearsal.py::test_paper_rehearsal_runs_every_stage")
 WAITING = "tests/test_slurm.py"
-# The rehearsal starts with the session, not with the first slow test: it is the session's last run to end, and its
-# `make paper` stages run one after another, so started late it ended alone with a core idle (2026-12-07).
-EARLY = ("tests/test_rehearsal.py::test_paper_rehearsal_runs_every_stage",)
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -140,8 +137,8 @@ def _ready(item: pytest.Item) -> bool:
     """Whether `item` reads a background run that has finished (its test no longer waits)."""
     if item.nodeid.startswith(E2E):
         run = _SESSION.get("dag")
-    elif item.nodeid in _SESSION.get("runs", {}):  # started (or None: it could not start, and its test skips)
-        run = _SESSION["runs"][item.nodeid]
+    elif item.nodeid in BACKGROUND and "runs" in _SESSION:
+        run = _SESSION["runs"].get(item.nodeid)
     else:
         return False
     return run is None or run.finished()
@@ -311,24 +308,17 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         if own is not None:
             _AUTOGROUP["self"] = str(own)
         step_back(os.getpid(), NICE)
-    _start_background(session, EARLY)
-
-
-def _start_background(session: pytest.Session, nodeids: tuple[str, ...]) -> None:
-    """Start the runs of the selected tests among `nodeids` not started yet (their module's
-    `start_in_background(tmp)`; None where the run cannot start here, e.g. SLURM is down, and that test skips)."""
-    runs = _SESSION.setdefault("runs", {})
-    for test in session.items:
-        if test.nodeid in nodeids and test.nodeid not in runs:
-            runs[test.nodeid] = test.module.start_in_background(
-                session.config._tmp_path_factory.mktemp(test.name[:30]))
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """The first slow test starts the selected BACKGROUND tests' runs not started with the session (EARLY)."""
-    if _exempt(item) and not _SESSION.get("slow_started"):
-        _SESSION["slow_started"] = True
-        _start_background(item.session, BACKGROUND)
+    """The first slow test starts the selected BACKGROUND tests' runs (their module's `start_in_background(tmp)`;
+    None where the run cannot start here, e.g. SLURM is down, and that test skips)."""
+    if _exempt(item) and "runs" not in _SESSION:
+        _SESSION["runs"] = {}
+        for test in item.session.items:
+            if test.nodeid in BACKGROUND:
+                tmp = item.config._tmp_path_factory.mktemp(test.name[:30])
+                _SESSION["runs"][test.nodeid] = test.module.start_in_background(tmp)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -346,8 +336,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 @pytest.fixture
 def background(request: pytest.FixtureRequest) -> BackgroundRun | None:
-    """The background run of this test (one of BACKGROUND), started with the first slow test or, EARLY, with the
-    session (None: it could not start here)."""
+    """The background run of this test (one of BACKGROUND), started with the first slow test (None: it could not
+    start here)."""
     return _SESSION.get("runs", {}).get(request.node.nodeid)
 
 

@@ -51,7 +51,7 @@ def _can_run() -> bool:
 
 def start_in_background(tmp: Path):
     """`python -m repic.rehearsal` (about 6 minutes of one-core work), started in the background by conftest.py with
-    the session (conftest.EARLY), at a lower priority (conftest.NICE); None where it cannot run (no ../shared, no
+    the first slow test, at a lower priority (conftest.NICE); None where it cannot run (no ../shared, no
     make or project venv: the test says why)."""
     from .conftest import BackgroundRun
 
