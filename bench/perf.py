@@ -10,6 +10,11 @@ Sections, in this order (`--sections`):
   `--b1-captions` captions); each of our paths with the card's limit: the cell's counted FLOPs (vision tower + LM
   prefill) at the measured bf16 rate, plus its decode steps at the measured copy bandwidth (weights once a step, each
   running row's KV cache), every term in the JSON (`limit`).
+- `caption_set`: RePIC's whole 4-concept evaluation (`--caption-set B:path,...`; bench/repic4_workload.json: its 105
+  conversations, its images' real sizes, its references recurring across conversations) in `generate`'s order and
+  batches through each path (a trailing `f`: the tower's features kept across batches, as `generate` on CUDA),
+  against RePIC's loop (`hf_b1`, also at the set's mean caption length) and the card's limit counted two ways
+  (every image shown through the tower; each distinct image once).
 - `grpo`: TRL 1.16 `GRPOTrainer` steps at RePIC's training-sample shapes (bench/repic_shapes.py's four task types
   in turn: OCT yes/no with 2 images, VLT box with 1, ICT caption with 2, ICT multi caption with 3; images of
   1000-1600 px resized by repic.train.grpo.build_examples, processed at Qwen2.5-VL's default max_pixels; answers end

@@ -387,3 +387,28 @@ def test_grpo_rollouts_through_static_backend(tiny_model_dir, tmp_path):
     trainer.train()
     assert calls == [4]
     assert model.training  # the trainer's modes come back after the eval-mode rollouts
+
+
+def test_the_benchmarks_4_concept_workload_is_repics(tmp_path):
+    """bench/repic4_workload.json (bench/perf.py's captioning workload) is what bench/make_repic4_workload.py makes
+    from RePIC's own 4-concept query map and database, and its conversations are RePIC's skip-retrieval references:
+    the ground-truth keys of each subset in `concept_dict` order (`skip_references`), the query photo last."""
+    import importlib.util
+    import json
+
+    from repic.eval.captioning import skip_references
+
+    from .conftest import REPO, SHARED, need_shared
+
+    data = need_shared(SHARED / "repic_eval/data", "RePIC's 4-concept query map and database")
+    spec = importlib.util.spec_from_file_location("make_repic4", REPO / "bench/make_repic4_workload.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(str(data), str(tmp_path / "w.json"))
+    made = json.loads((tmp_path / "w.json").read_text())
+    assert made == json.loads((REPO / "bench/repic4_workload.json").read_text())
+    database = json.loads((data / "database_tot/database_4_concepts/database_mod.json").read_text())
+    subsets = [s for q in json.loads((data / "query_tot/4_concept_query_templates.json").read_text()).values()
+               for s in q]
+    assert [p[:-1] for p in made["prompts"]] == [skip_references(s, database, "repic") for s in subsets]
+    assert (len(made["prompts"]), sum(map(len, made["prompts"])), len(made["images"])) == (105, 525, 35)
