@@ -129,6 +129,15 @@ def test_functional_decode_step_equals_hf_generate(tiny_model_dir, monkeypatch, 
     assert generate_ids(model, inputs, backend="static", decode_compile=False, decode_attention=attention, **kw) == hf
 
 
+def _assert_same_cache(cache, batched, mask):
+    """`cache` holds the padded batch's keys and values where the rows hold tokens (within fp32 rounding), zeros
+    in the pad slots."""
+    for a, b in zip(batched.layers, cache.layers):
+        keep = mask[:, None, :, None].expand_as(a.keys)
+        assert torch.allclose(b.keys[keep], a.keys[keep], atol=1e-5) and not b.keys[~keep].any()
+        assert torch.allclose(b.values[keep], a.values[keep], atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["rows", "rows_vision_once"])
 def test_prefill_by_rows_equals_the_padded_batch(tiny, mode):
     """A padded batch prefilled one unpadded prompt at a time (its images encoded per prompt, or the whole batch's
@@ -155,10 +164,7 @@ def test_prefill_by_rows_equals_the_padded_batch(tiny, mode):
     per_prompt = [int(n) for n in ((inputs["input_ids"] == model.config.vision_start_token_id) & mask).sum(1)]
     assert tower_calls[1:] == ([sum(per_prompt)] if mode == "rows_vision_once" else per_prompt)
     assert torch.allclose(row_logits, logits, atol=1e-4, rtol=1e-4)
-    for a, b in zip(batched.layers, rows.layers):
-        keep = mask[:, None, :, None].expand_as(a.keys)
-        assert torch.allclose(b.keys[keep], a.keys[keep], atol=1e-5) and not b.keys[~keep].any()
-        assert torch.allclose(b.values[keep], a.values[keep], atol=1e-5)
+    _assert_same_cache(rows, batched, mask)
     kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
     assert generate_ids(model, inputs, backend="static", prefill_rows=True,
                         prefill_vision_once=mode == "rows_vision_once", **kw) == \
@@ -202,10 +208,7 @@ def test_shared_prefixes_prefilled_once_equal_the_padded_batch(tiny):
     assert sorted(fed)[0] == 1  # the duplicate: only its last token
     assert sum(encoded) < sum(map(len, images))
     assert torch.allclose(shared_logits, logits, atol=1e-4, rtol=1e-4)
-    for a, b in zip(batched.layers, shared.layers):
-        keep = mask[:, None, :, None].expand_as(a.keys)
-        assert torch.allclose(b.keys[keep], a.keys[keep], atol=1e-5) and not b.keys[~keep].any()
-        assert torch.allclose(b.values[keep], a.values[keep], atol=1e-5)
+    _assert_same_cache(shared, batched, mask)
     kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
     assert generate_ids(model, inputs, backend="static", prefill_rows=True, prefill_prefix=True, **kw) == \
         generate_ids(model, inputs, backend="hf", **kw)

@@ -180,16 +180,13 @@ def select_rows(inputs: Mapping[str, torch.Tensor], rows: Sequence[int], config:
     """
     if inputs.get("pixel_values_videos") is not None:
         raise RepicError("generation: video inputs are not supported")
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    ids = inputs["input_ids"]
     index = torch.as_tensor(list(rows), device=ids.device)
     out = {k: v.index_select(0, index) for k, v in inputs.items()
            if k not in ("pixel_values", "image_grid_thw") and torch.is_tensor(v) and v.shape[:1] == ids.shape[:1]}
     if inputs.get("image_grid_thw") is not None:
         grid, pixels = inputs["image_grid_thw"], inputs["pixel_values"]
-        counts = ((ids == config.vision_start_token_id) & mask.bool()).sum(1).tolist()
-        first_image = [0]
-        for c in counts:
-            first_image.append(first_image[-1] + c)
+        first_image = _first_images(inputs, config)
         patches = grid.prod(-1).tolist()
         first_patch = [0]
         for p in patches:
@@ -398,32 +395,36 @@ def _prefill(core: Any, inputs: Mapping[str, torch.Tensor], positions: torch.Ten
                 pooler_output=features[first_image[b]:first_image[b + 1]])}}
         start = width - row["input_ids"].shape[1]
         out = core(**row, position_ids=positions[:, b:b + 1, start:], use_cache=True, logits_to_keep=1, **encoded)
-        for i, layer in enumerate(out.cache.layers):
-            if b == 0:
-                keys.append(layer.keys.new_zeros(n, layer.keys.shape[1], width, layer.keys.shape[3]))
-                values.append(layer.values.new_zeros(n, layer.values.shape[1], width, layer.values.shape[3]))
-            keys[i][b, :, start:] = layer.keys[0]
-            values[i][b, :, start:] = layer.values[0]
+        _store_row(keys, values, out.cache, b, n, width, start)
         logits.append(out.logits[0, -1])
         del out
     cache = types.SimpleNamespace(layers=[types.SimpleNamespace(keys=k, values=v) for k, v in zip(keys, values)])
     return cache, torch.stack(logits)
 
 
+def _store_row(keys: list[torch.Tensor], values: list[torch.Tensor], cache: Any, b: int, n: int, width: int,
+               start: int) -> None:
+    """Row `b`'s cache (one unpadded prompt) into the left-padded batch cache [n, kv heads, width, d] per layer,
+    from column `start`; the batch tensors are made at the first row stored."""
+    for i, layer in enumerate(cache.layers):
+        if len(keys) <= i:
+            keys.append(layer.keys.new_zeros(n, layer.keys.shape[1], width, layer.keys.shape[3]))
+            values.append(layer.values.new_zeros(n, layer.values.shape[1], width, layer.values.shape[3]))
+        keys[i][b, :, start:] = layer.keys[0]
+        values[i][b, :, start:] = layer.values[0]
+
+
 def _image_identities(inputs: Mapping[str, torch.Tensor]) -> list[int]:
-    """For each image of the batch, a number shared by the images with equal grid and pixels (checksums fetched in
-    one sync, equality then confirmed exactly)."""
-    grid = inputs.get("image_grid_thw")
-    if grid is None:
+    """For each image of the batch, a number shared by the images with equal grid and pixels (`image_keys`'
+    checksums, equality then confirmed exactly)."""
+    from repic.vlm.vision import image_keys
+
+    if inputs.get("image_grid_thw") is None:
         return []
-    pixels = inputs["pixel_values"]
-    chunks = pixels.split(grid.prod(-1).tolist())
-    weights = torch.arange(1, pixels.shape[-1] + 1, device=pixels.device, dtype=torch.float64)
-    sums = torch.stack([torch.stack([c.double().sum(), (c.double() * weights).sum()]) for c in chunks]).tolist()
     seen: dict[tuple, list[tuple[torch.Tensor, int]]] = {}
     out = []
-    for g, c, k in zip(grid.tolist(), chunks, sums):
-        same = seen.setdefault((*g, *k), [])
+    for c, k in zip(*image_keys(inputs["pixel_values"], inputs["image_grid_thw"])):
+        same = seen.setdefault(k, [])
         uid = next((u for other, u in same if torch.equal(other, c)), None)
         if uid is None:
             uid = sum(map(len, seen.values()))
@@ -472,11 +473,6 @@ def _prefill_shared_prefixes(core: Any, inputs: Mapping[str, torch.Tensor], posi
     config = core.config
     mask = inputs["attention_mask"]
     n, width = mask.shape
-    first_image = _first_images(inputs, config)
-    grid = inputs.get("image_grid_thw")
-    first_patch = [0]
-    for p in (grid.prod(-1).tolist() if grid is not None else []):
-        first_patch.append(first_patch[-1] + p)
     starts = (width - mask.sum(1)).tolist()
     units, offsets = _prompt_units(inputs, config)
     keys: list[torch.Tensor] = []
@@ -499,23 +495,17 @@ def _prefill_shared_prefixes(core: Any, inputs: Mapping[str, torch.Tensor], posi
             past["past_key_values"] = DynamicCache(ddp_cache_data=[
                 (k[previous:previous + 1, :, s:s + cut], v[previous:previous + 1, :, s:s + cut])
                 for k, v in zip(keys, values)])
-            for k in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"):
-                if k in row and k != "attention_mask":
+            for k in ("input_ids", "mm_token_type_ids", "token_type_ids"):  # the mask stays whole: prefix + suffix
+                if k in row:
                     row[k] = row[k][:, cut:]
-            if grid is not None:
-                mine = list(range(first_image[b] + sum(1 for x in units[b][:shared] if x < 0), first_image[b + 1]))
-                row.pop("image_grid_thw", None)
-                row.pop("pixel_values", None)
-                if mine:
-                    row["image_grid_thw"] = grid[mine]
-                    row["pixel_values"] = inputs["pixel_values"][first_patch[mine[0]]:first_patch[mine[-1] + 1]]
+            if "image_grid_thw" in row:  # the suffix's images: the row's after those of the shared prefix
+                grid, skip = row.pop("image_grid_thw"), sum(1 for x in units[b][:shared] if x < 0)
+                pixels = row.pop("pixel_values")
+                if skip < len(grid):
+                    row["image_grid_thw"] = grid[skip:]
+                    row["pixel_values"] = pixels[int(grid[:skip].prod(-1).sum()):]
         out = core(**row, position_ids=positions[:, b:b + 1, start + cut:], use_cache=True, logits_to_keep=1, **past)
-        for i, layer in enumerate(out.cache.layers):
-            if len(keys) <= i:
-                keys.append(layer.keys.new_zeros(n, layer.keys.shape[1], width, layer.keys.shape[3]))
-                values.append(layer.values.new_zeros(n, layer.values.shape[1], width, layer.values.shape[3]))
-            keys[i][b, :, start:] = layer.keys[0]
-            values[i][b, :, start:] = layer.values[0]
+        _store_row(keys, values, out.cache, b, n, width, start)
         logits[b] = out.logits[0, -1]
         previous = b
         del out, past

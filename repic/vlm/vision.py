@@ -297,6 +297,15 @@ class _FeatureCache:
         return self.inference or not torch.is_inference_mode_enabled()
 
 
+def image_keys(pixel_values: torch.Tensor, grid: torch.Tensor) -> tuple[list[torch.Tensor], list[tuple]]:
+    """Each image's patches (`pixel_values` split by `grid`) and a key: its grid and two checksums of its pixels,
+    fetched in one sync. Equal images have equal keys; callers confirm a match with `torch.equal` on the patches."""
+    chunks = list(pixel_values.split(grid.prod(-1).tolist()))
+    weights = torch.arange(1, pixel_values.shape[-1] + 1, device=pixel_values.device, dtype=torch.float64)
+    sums = torch.stack([torch.stack([c.double().sum(), (c.double() * weights).sum()]) for c in chunks])
+    return chunks, [(tuple(g), *k) for g, k in zip(grid.tolist(), sums.tolist())]
+
+
 def _language_and_vision(model: Any) -> Any:
     """The Qwen2.5-VL model inside PEFT / DDP / DeepSpeed wrappers and the generation head: the object whose
     `get_image_features` the forward calls."""
@@ -326,13 +335,8 @@ def enable_image_feature_cache(model: Any, capacity: int = 32, inference: bool =
         if image_grid_thw is None or (torch.is_grad_enabled() and (
                 pixel_values.requires_grad or any(p.requires_grad for p in visual.parameters()))):
             return original(pixel_values, image_grid_thw, **kwargs)
-        pixels = pixel_values.type(visual.dtype)
         sizes = image_grid_thw.prod(-1).tolist()
-        chunks = pixels.split(sizes)
-        # one checksum per image, fetched in one sync; equality is then confirmed exactly
-        weights = torch.arange(1, pixels.shape[-1] + 1, device=pixels.device, dtype=torch.float64)
-        sums = torch.stack([torch.stack([c.double().sum(), (c.double() * weights).sum()]) for c in chunks])
-        keys = [(tuple(g), *s) for g, s in zip(image_grid_thw.tolist(), sums.tolist())]
+        chunks, keys = image_keys(pixel_values.type(visual.dtype), image_grid_thw)
         cache.requested_images += len(chunks)
         features: list[torch.Tensor | None] = [None] * len(chunks)
         todo: list[int] = []  # first occurrence of each image not in the cache
