@@ -39,7 +39,9 @@ Sections, in this order (`--sections`):
   dataset's images (PNG in Arrow) ahead of the step, overlapping the GPU; the training stage's rows read their image
   files there too, repic.train.grpo.preloading, with configs/paper.yaml's 4 workers), `tp` (trim_padding: the
   step's rows split into micro-batches by length, not at random, and each log-prob forward's rows cut to their own
-  longest row instead of the step's: RePIC's grouping puts a yes/no prompt and a three-image one in one batch);
+  longest row instead of the step's: RePIC's grouping puts a yes/no prompt and a three-image one in one batch),
+  `rx` (the baseline of a default: the image features a rollout computes are not kept, so the step's reference
+  forward encodes its images again, as before 2026-12-07);
   not a lever, `lm` trains LoRA on the language model's projections only (`lora_targets: language_model`, params.yaml's
   default: no lm_head adapter, TRL's chunked head), to show the recipe's lm_head cost; `~N` trains
   that path with N completions a micro-step (the step's completions unchanged: more or fewer accumulation steps),
@@ -95,7 +97,7 @@ import repic_shapes as shapes  # noqa: E402  (bench/repic_shapes.py: captioning 
 from repic.vlm import generation as gen  # noqa: E402
 
 sync = genbench.sync
-LEVERS = ("nockpt", "compile", "vc", "pp", "pr", "cd", "ac", "nw", "tp")
+LEVERS = ("nockpt", "compile", "vc", "pp", "pr", "cd", "ac", "nw", "tp", "rx")
 # not a lever: the run's LoRA targets replaced by the language model's projections only (params.yaml's default,
 # `lora_targets: language_model`), to show what the recipe's lm_head adapter costs
 TARGETS = ("lm",)
@@ -642,6 +644,16 @@ def parse_path(spec: str, default_steps: int) -> tuple[str, set[str], int, int |
     return base, set(levers), int(steps) if steps else default_steps, int(micro) if micro else None
 
 
+def forget_rollout_features(cache: Any) -> None:
+    """`rx`: the feature cache keeps nothing computed under inference mode (a rollout), as before 2026-12-07."""
+    add = cache.add
+
+    def add_unless_inference(key: tuple, pixels: torch.Tensor, features: torch.Tensor) -> None:
+        if not torch.is_inference_mode_enabled():
+            add(key, pixels, features)
+    cache.add = add_unless_inference
+
+
 def dropout_check(p: float = 0.05, seed: int = 0) -> dict[str, Any]:
     """On the card: LoRA's dropout of a bf16 input cast to fp32 (PEFT's path; autocast rounds it to bf16 for the
     product) against the dropout of the bf16 input itself (`ac`), same seed, at a projection input's shape: the
@@ -760,6 +772,8 @@ def run_path(model: Any, processor: Any, dataset: Any, spec: str, args: Any, sch
             model=peft_model, args=targs, train_dataset=dataset, processing_class=processor,
             reward_funcs=reward_functions(recipe["rewards"], recipe["protocol"]),
             callbacks=step_callbacks(meter, deadline, 2, profile))
+        if "rx" in levers and getattr(trainer, "image_feature_cache", None) is not None:
+            forget_rollout_features(trainer.image_feature_cache)
         trainer.train()
         logs = [r for r in trainer.state.log_history if "completions/mean_length" in r]
         for step, rec in zip(meter.steps, logs):

@@ -19,7 +19,7 @@ H200 (BENCHMARKS.md) the tower went from 64 TFLOP/s (transformers) to 181 (bucke
 (bucketed, compiled). Where compilation fails the tower warns and runs eagerly.
 
 `enable_image_feature_cache(model)` encodes each distinct image once (GRPO's G completions of a prompt share their
-images; the reference and policy forwards of a step see the same ones) while the tower is frozen;
+images; a step's rollout, reference forward and policy forward see the same ones) while the tower is frozen;
 `image_features_once(model)` does so for a block of inference (captioning on CUDA: a database's reference images
 recur across conversations).
 """
@@ -271,12 +271,10 @@ def _tower(self: Any, state: dict, hidden_states: torch.Tensor, grid_thw: torch.
 
 class _FeatureCache:
     """Features of recently seen images, keyed by grid and a checksum, confirmed by exact pixel equality; the least
-    recently used entry goes first. `inference`: also keep features computed under `torch.inference_mode`
-    (captioning, which never backpropagates through them)."""
+    recently used entry goes first."""
 
-    def __init__(self, capacity: int, inference: bool = False) -> None:
+    def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.inference = inference
         self.entries: list[tuple[tuple, torch.Tensor, torch.Tensor]] = []  # (key, pixels, features), oldest first
         self.tower_images = 0  # images the tower actually encoded (for tests and benchmarks)
         self.requested_images = 0
@@ -291,10 +289,6 @@ class _FeatureCache:
     def add(self, key: tuple, pixels: torch.Tensor, features: torch.Tensor) -> None:
         self.entries.append((key, pixels, features))
         del self.entries[:-self.capacity]
-
-    def keeps(self) -> bool:
-        # an inference tensor cannot enter a later autograd pass (training's reference and policy forwards)
-        return self.inference or not torch.is_inference_mode_enabled()
 
 
 def image_keys(pixel_values: torch.Tensor, grid: torch.Tensor) -> tuple[list[torch.Tensor], list[tuple]]:
@@ -315,19 +309,20 @@ def _language_and_vision(model: Any) -> Any:
     return getattr(inner, "model", inner)
 
 
-def enable_image_feature_cache(model: Any, capacity: int = 32, inference: bool = False) -> _FeatureCache:
+def enable_image_feature_cache(model: Any, capacity: int = 32) -> _FeatureCache:
     """Encode each distinct image once: repeated images in a batch (GRPO's G completions of one prompt share
-    theirs) and images seen by a recent call (the reference forward, then the policy forward of one step) reuse
+    theirs) and images seen by a recent call (a step's rollout, then its reference and policy forwards) reuse
     their features. Only while the tower is frozen (no parameter requires grad) or no graph is recorded (inference),
-    since cached features carry no graph; otherwise the model's own `get_image_features` runs. `inference`: keep
-    features computed under `torch.inference_mode` too (see `image_features_once`). Returns the cache (its counters
-    say how many images the tower encoded)."""
+    since cached features carry no graph; otherwise the model's own `get_image_features` runs. The tower runs
+    outside `torch.inference_mode` (under `no_grad`), so features computed in a rollout or a caption batch are
+    ordinary tensors that a later autograd pass may use. Returns the cache (its counters say how many images the
+    tower encoded)."""
     visual = _visual(model)
     inner = _language_and_vision(model)
     if getattr(inner, "_repic_feature_cache", None) is not None:
         return inner._repic_feature_cache
     original = inner.get_image_features
-    cache = _FeatureCache(capacity, inference)
+    cache = _FeatureCache(capacity)
 
     def get_image_features(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None, **kwargs: Any):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -352,13 +347,13 @@ def enable_image_feature_cache(model: Any, capacity: int = 32, inference: bool =
                 same_as[i] = twin
         if todo:
             cache.tower_images += len(todo)
-            with torch.no_grad():
+            # an inference tensor could not enter the reference and policy forwards that follow a rollout
+            with torch.inference_mode(False), torch.no_grad():
                 out = original(torch.cat([pixel_values[sum(sizes[:j]):sum(sizes[:j + 1])] for j in todo]),
                                image_grid_thw[todo], **kwargs)
             for j, f in zip(todo, out.pooler_output):
                 features[j] = f
-                if cache.keeps():
-                    cache.add(keys[j], chunks[j], f)
+                cache.add(keys[j], chunks[j], f)
         for i, j in same_as.items():
             features[i] = features[j]
         return BaseModelOutputWithPooling(last_hidden_state=None, pooler_output=tuple(features))
@@ -387,7 +382,7 @@ def image_features_once(model: Any, capacity: int = 128) -> Iterator[_FeatureCac
     if getattr(inner, "_repic_feature_cache", None) is not None:
         yield None
         return
-    cache = enable_image_feature_cache(model, capacity, inference=True)
+    cache = enable_image_feature_cache(model, capacity)
     try:
         yield cache
     finally:
