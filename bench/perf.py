@@ -779,7 +779,9 @@ def run_path(model: Any, processor: Any, dataset: Any, spec: str, args: Any, sch
         for step, rec in zip(meter.steps, logs):
             step["completion_mean_length"] = rec["completions/mean_length"]
         out.update(steps=meter.steps, summary=summarize(meter.steps, peak), peak_gib=genbench.peak_gib(),
-                   wall_s=time.perf_counter() - start)
+                   wall_s=time.perf_counter() - start,
+                   checkpointed_layers=sum(bool(getattr(m, "gradient_checkpointing", False))
+                                           for m in peft_model.modules()))
         if profile is not None and "rows" in profile:
             out["profile_last_step"] = profile["rows"]
         cache = getattr(trainer, "image_feature_cache", None)
@@ -796,6 +798,11 @@ def run_path(model: Any, processor: Any, dataset: Any, spec: str, args: Any, sch
     lora_inputs_cast(peft_model)
     unmemoize_image_processor(processor.image_processor)
     model = peft_model.unload()
+    # the trainer turned on gradient checkpointing and TRL's input-gradient hook on the shared base model: off again,
+    # so that the next path's arguments decide (a `nockpt` path after a checkpointed one was checkpointed before
+    # 2026-12-07)
+    model.activation_checkpointing_disable()
+    model.disable_input_require_grads()
     # the fused-head forwards TRL (add_fused_lm_head) and lora_head_trainer set on the instance: the next path's
     # trainer sets its own on the model's class forward
     vars(gen._core(model)).pop("forward", None)
@@ -831,20 +838,24 @@ def section_grpo(model: Any, processor: Any, args: Any, peak: float, deadline: f
                    lengths_per_call=schedule, processor_size=dict(processor.image_processor.size), paths={})
     shapes.patch_hf_generate(type(gen._core(model)))
     for spec in args.grpo_paths:
+        # a path given twice (the process's first path is slow, so a baseline is often run again last) keeps both
+        # results: the second under `<spec> #2`
+        runs = sum(k.split(" #")[0] == spec for k in results["paths"])
+        key = f"{spec} #{runs + 1}" if runs else spec
         if time.perf_counter() > deadline:
-            results["paths"][spec] = {"skipped": "deadline"}
+            results["paths"][key] = {"skipped": "deadline"}
             continue
-        results["paths"][spec], model = run_path(model, processor, dataset, spec, args, schedule, peak, deadline)
+        results["paths"][key], model = run_path(model, processor, dataset, spec, args, schedule, peak, deadline)
         save()
-        s = results["paths"][spec].get("summary") or {}
-        print(f"[grpo] {spec}: tokens/s/GPU {s.get('tokens_s_per_gpu')}, step {s.get('step_s_median')}, "
+        s = results["paths"][key].get("summary") or {}
+        print(f"[grpo] {key}: tokens/s/GPU {s.get('tokens_s_per_gpu')}, step {s.get('step_s_median')}, "
               f"training TFLOP/s {s.get('training_tflops_useful')}, "
-              f"error {results['paths'][spec].get('error')}", flush=True)
+              f"error {results['paths'][key].get('error')}", flush=True)
     ok = {p: r["summary"]["tokens_s_per_gpu"] for p, r in results["paths"].items()
           if (r.get("summary") or {}).get("tokens_s_per_gpu")}
     for ref in ("hf", "ours"):
-        base = next((v for p, v in ok.items() if parse_path(p, 1)[:2] == (ref, set()) and parse_path(p, 1)[3]
-                     is None), None)
+        base = next((v for p, v in ok.items() if parse_path(p.split(" #")[0], 1)[:2] == (ref, set())
+                     and parse_path(p.split(" #")[0], 1)[3] is None), None)
         if base:
             results[f"tokens_s_vs_{ref}"] = {p: v / base for p, v in ok.items()}
     return model
