@@ -644,6 +644,11 @@ def parse_path(spec: str, default_steps: int) -> tuple[str, set[str], int, int |
     return base, set(levers), int(steps) if steps else default_steps, int(micro) if micro else None
 
 
+def path_of(key: str) -> str:
+    """The path spec of a results key: a path given twice keeps its second run as `<spec> #2`."""
+    return key.split(" #")[0]
+
+
 def forget_rollout_features(cache: Any) -> None:
     """`rx`: the feature cache keeps nothing computed under inference mode (a rollout), as before 2026-12-07."""
     add = cache.add
@@ -840,7 +845,7 @@ def section_grpo(model: Any, processor: Any, args: Any, peak: float, deadline: f
     for spec in args.grpo_paths:
         # a path given twice (the process's first path is slow, so a baseline is often run again last) keeps both
         # results: the second under `<spec> #2`
-        runs = sum(k.split(" #")[0] == spec for k in results["paths"])
+        runs = sum(path_of(k) == spec for k in results["paths"])
         key = f"{spec} #{runs + 1}" if runs else spec
         if time.perf_counter() > deadline:
             results["paths"][key] = {"skipped": "deadline"}
@@ -854,8 +859,8 @@ def section_grpo(model: Any, processor: Any, args: Any, peak: float, deadline: f
     ok = {p: r["summary"]["tokens_s_per_gpu"] for p, r in results["paths"].items()
           if (r.get("summary") or {}).get("tokens_s_per_gpu")}
     for ref in ("hf", "ours"):
-        base = next((v for p, v in ok.items() if parse_path(p.split(" #")[0], 1)[:2] == (ref, set())
-                     and parse_path(p.split(" #")[0], 1)[3] is None), None)
+        base = next((v for p, v in ok.items() if parse_path(path_of(p), 1)[:2] == (ref, set())
+                     and parse_path(path_of(p), 1)[3] is None), None)
         if base:
             results[f"tokens_s_vs_{ref}"] = {p: v / base for p, v in ok.items()}
     return model
