@@ -129,6 +129,38 @@ def test_functional_decode_step_equals_hf_generate(tiny_model_dir, monkeypatch, 
     assert generate_ids(model, inputs, backend="static", decode_compile=False, decode_attention=attention, **kw) == hf
 
 
+def test_prefill_autocast_computes_lora_as_the_all_bf16_model(tiny_model_dir):
+    """`prefill_autocast` (the GRPO rollouts' prefill on CUDA): a bf16 model with PEFT's fp32 adapters prefills
+    exactly as the same model with its adapters cast to bf16 (RePIC's DeepSpeed bf16 model), and as its decode step
+    computes them; without it the prefill's LoRA products are fp32 and its logits differ (the test can fail)."""
+    import copy
+
+    from repic.vlm.generation import _core, _prefill, _prompt_positions
+
+    processor = load_processor(tiny_model_dir)
+    model = _lora_model(tiny_model_dir).to(torch.bfloat16)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()  # PEFT's default with a bf16 base: fp32 adapters
+    repic_bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    inputs = _batch(processor, *_prompts(processor, 3))
+    core, ref_core = _core(model), _core(repic_bf16)
+    with torch.inference_mode():
+        positions = _prompt_positions(core, inputs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cache, logits = _prefill(core, inputs, positions)
+        ref_cache, ref_logits = _prefill(ref_core, inputs, positions)
+        _, fp32_logits = _prefill(core, inputs, positions)
+    assert torch.equal(logits, ref_logits)
+    assert all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+               for a, b in zip(cache.layers, ref_cache.layers))
+    assert not torch.equal(fp32_logits, ref_logits)
+    kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    assert generate_ids(model, inputs, backend="static", prefill_autocast=True, **kw) == \
+        generate_ids(repic_bf16, inputs, backend="static", **kw)
+
+
 def _assert_same_cache(cache, batched, mask):
     """`cache` holds the padded batch's keys and values where the rows hold tokens (within fp32 rounding), zeros
     in the pad slots."""

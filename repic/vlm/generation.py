@@ -130,7 +130,7 @@ def generate_ids(model: Any, inputs: Mapping[str, torch.Tensor], *, backend: str
                  repeats: int = 1, stats: dict[str, float] | None = None, _decoders: dict | None = None,
                  decode_compile: bool | None = None, decode_attention: str | None = None,
                  prefill_rows: bool | None = None, prefill_vision_once: bool = False,
-                 prefill_prefix: bool | None = None, keep_mode: bool = False,
+                 prefill_prefix: bool | None = None, keep_mode: bool = False, prefill_autocast: bool = False,
                  **generation_kwargs: Any) -> list[list[int]]:
     """New token ids for each prompt row of `inputs` (a left-padded processor batch on the model's device).
 
@@ -148,6 +148,10 @@ def generate_ids(model: Any, inputs: Mapping[str, torch.Tensor], *, backend: str
     at B = 16 on an H200), off elsewhere. Not with `prefill_vision_once`.
     `keep_mode`: the static path runs the model in its current mode (training: LoRA dropout active, as TRL's `hf`
     rollouts and RePIC's) instead of eval mode.
+    `prefill_autocast`: the static path's prefill runs under autocast to the language model's dtype (bf16), so a
+    PEFT LoRA layer's adapter products (fp32 adapters, PEFT's default) are computed in that dtype, as the decode
+    step computes them (its low-rank copies in the model's dtype) and as RePIC's all-bf16 model (DeepSpeed bf16)
+    does; without it the prefill multiplies and adds in fp32. Nothing changes for a model in fp32.
     """
     check_backend(backend)
     cfg = _generation_config(model, max_new_tokens, generation_kwargs)
@@ -169,7 +173,8 @@ def generate_ids(model: Any, inputs: Mapping[str, torch.Tensor], *, backend: str
         prefill = ("rows_vision_once" if prefill_vision_once else "rows_prefix" if prefix else "rows") \
             if by_rows else "batch"
         rows = _static_generate(model, inputs, cfg, eos, repeats, stats,
-                                _decoders if _decoders is not None else {}, options, prefill, keep_mode).tolist()
+                                _decoders if _decoders is not None else {}, options, prefill, keep_mode,
+                                prefill_autocast).tolist()
     return [_cut_at_eos(r, eos) for r in rows]
 
 
@@ -222,6 +227,8 @@ def rollout_trainer(trainer_cls: type, backend: str = "static") -> type:
         # with the batch's images encoded once (`generate_ids`' prefill_rows / prefill_vision_once)
         prefill_rows = False
         prefill_vision_once = False
+        # the prefill under autocast to the model's dtype: LoRA's products in bf16, as the decode step's (generate_ids)
+        prefill_autocast = False
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -258,7 +265,7 @@ def rollout_trainer(trainer_cls: type, backend: str = "static") -> type:
                     suppress_tokens=[config.image_token_id] if self._is_vlm else None,
                     decode_compile=self.decode_compile, prefill_rows=self.prefill_rows,
                     prefill_vision_once=self.prefill_vision_once, prefill_prefix=False,
-                    keep_mode=getattr(self, "rollout_keep_mode", False),
+                    keep_mode=getattr(self, "rollout_keep_mode", False), prefill_autocast=self.prefill_autocast,
                 )
             return completion_ids, None
 
@@ -328,13 +335,15 @@ def _decode_options(device: torch.device, compile: bool | None, attention: str |
 
 def _static_generate(model: Any, inputs: Mapping[str, torch.Tensor], cfg: Any, eos: list[int], repeats: int,
                      stats: dict[str, float] | None, decoders: dict, options: tuple[bool, str] = (False, "sdpa"),
-                     prefill: str = "batch", keep_mode: bool = False) -> torch.Tensor:
+                     prefill: str = "batch", keep_mode: bool = False, prefill_autocast: bool = False
+                     ) -> torch.Tensor:
     core = _core(model)
     modes = {m: m.training for m in core.modules()}
     if not keep_mode:
         core.eval()
     try:
-        return _static_generate_eval(core, inputs, cfg, eos, repeats, stats, decoders, options, prefill)
+        return _static_generate_eval(core, inputs, cfg, eos, repeats, stats, decoders, options, prefill,
+                                     prefill_autocast)
     finally:
         for m, training in modes.items():
             m.training = training
@@ -525,7 +534,7 @@ def _first_images(inputs: Mapping[str, torch.Tensor], config: Any) -> list[int]:
 
 def _static_generate_eval(core: Any, inputs: Mapping[str, torch.Tensor], cfg: Any, eos: list[int], repeats: int,
                           stats: dict[str, float] | None, decoders: dict, options: tuple[bool, str],
-                          prefill: str = "batch") -> torch.Tensor:
+                          prefill: str = "batch", prefill_autocast: bool = False) -> torch.Tensor:
     device = inputs["input_ids"].device
     max_new = int(cfg.max_new_tokens)
     _sync(device)
@@ -538,7 +547,10 @@ def _static_generate_eval(core: Any, inputs: Mapping[str, torch.Tensor], cfg: An
     # blocks around the attention compiled too (BENCHMARKS.md: the tower at 362-372 TFLOP/s on an H200, 181
     # eager). A tower set up by the GRPO trainer keeps its own setting (eager: a few images per step).
     compile_vision = None if fast_vision_enabled(core) else device.type == "cuda"
-    with fast_vision(core, compile=compile_vision):
+    dtype = core.model.language_model.embed_tokens.weight.dtype
+    amp = torch.autocast(device.type, dtype=dtype) if prefill_autocast and dtype != torch.float32 \
+        else contextlib.nullcontext()
+    with fast_vision(core, compile=compile_vision), amp:
         cache, logits = _prefill(core, inputs, positions, prefill)
     _sync(device)
     n_prompts, prompt_len = inputs["input_ids"].shape
