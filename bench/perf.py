@@ -32,8 +32,8 @@ Sections, in this order (`--sections`):
   `model.generate` rollouts, gradient checkpointing), `ours` = `rollout_trainer(GRPOTrainer, "static")` as the
   pipeline trains today, and either with `+`-joined levers (repic.train.speed unless said): `nockpt` (no gradient
   checkpointing: GRPOConfig), `compile` (compile_layers), `vc` (compile_vision), `pp` (preprocess_once: on in the
-  training stage, as are `ac` and, on CUDA, `vc`: `ours+pp+ac+vc` is the pipeline's path), `pr` (rollout
-  prefill one prompt at a time, images once: rollout_trainer's prefill_rows / prefill_vision_once), `cd`
+  training stage, as are `ac`, `ra` and, on CUDA, `vc` and `tp`, with configs/paper.yaml's 4 DataLoader
+  workers, `nw`: `ours+pp+ac+vc+tp+nw+ra` is the paper run's path), `pr` (rollout prefill one prompt at a time, images once: rollout_trainer's prefill_rows / prefill_vision_once), `cd`
   (compiled decode step in the rollouts), `ac` (autocast_lora: LoRA inputs left in bf16 under autocast, not cast
   to the adapters' fp32), `nw` (GRPOConfig's `dataloader_num_workers=4`: the DataLoader's worker processes decode the
   dataset's images (PNG in Arrow) ahead of the step, overlapping the GPU; the training stage's rows read their image
@@ -41,7 +41,9 @@ Sections, in this order (`--sections`):
   step's rows split into micro-batches by length, not at random, and each log-prob forward's rows cut to their own
   longest row instead of the step's: RePIC's grouping puts a yes/no prompt and a three-image one in one batch),
   `rx` (the baseline of a default: the image features a rollout computes are not kept, so the step's reference
-  forward encodes its images again, as before 2026-12-07);
+  forward encodes its images again, as before 2026-12-07), `ra` (rollout_trainer's prefill_autocast: the rollout's
+  prefill under bf16 autocast, so LoRA's products there are bf16, as the decode step's and RePIC's bf16 model's,
+  not PEFT's fp32);
   not a lever, `lm` trains LoRA on the language model's projections only (`lora_targets: language_model`, params.yaml's
   default: no lm_head adapter, TRL's chunked head), to show the recipe's lm_head cost; `~N` trains
   that path with N completions a micro-step (the step's completions unchanged: more or fewer accumulation steps),
@@ -97,7 +99,7 @@ import repic_shapes as shapes  # noqa: E402  (bench/repic_shapes.py: captioning 
 from repic.vlm import generation as gen  # noqa: E402
 
 sync = genbench.sync
-LEVERS = ("nockpt", "compile", "vc", "pp", "pr", "cd", "ac", "nw", "tp", "rx")
+LEVERS = ("nockpt", "compile", "vc", "pp", "pr", "cd", "ac", "nw", "tp", "rx", "ra")
 # not a lever: the run's LoRA targets replaced by the language model's projections only (params.yaml's default,
 # `lora_targets: language_model`), to show what the recipe's lm_head adapter costs
 TARGETS = ("lm",)
@@ -471,7 +473,10 @@ class Meter:
         self.steps.append({"wall_s": wall, "tokens": self.tokens, "tokens_s": self.tokens / wall,
                            "split_s": {**self.time, "other": other},
                            "tflop": {k: v / 1e12 for k, v in self.flops.items()},
-                           "completion_mean_length": completion_mean})
+                           "completion_mean_length": completion_mean,
+                           # the caching allocator's frees-and-retries so far (a step that nears the card's memory)
+                           "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries")
+                           if torch.cuda.is_available() else None})
         self.reset()
 
 
@@ -639,8 +644,8 @@ def parse_path(spec: str, default_steps: int) -> tuple[str, set[str], int, int |
         raise SystemExit(f"--grpo-paths: bad path {spec!r} (hf|ours, then +{'|+'.join(LEVERS + TARGETS)}, "
                          "optional ~N "
                          "completions per micro-step, optional @steps)")
-    if base == "hf" and {"pr", "cd"} & set(levers):
-        raise SystemExit(f"--grpo-paths: {spec!r}: pr and cd are levers of the static rollouts (ours)")
+    if base == "hf" and {"pr", "cd", "ra"} & set(levers):
+        raise SystemExit(f"--grpo-paths: {spec!r}: pr, cd and ra are levers of the static rollouts (ours)")
     return base, set(levers), int(steps) if steps else default_steps, int(micro) if micro else None
 
 
@@ -743,7 +748,8 @@ def run_path(model: Any, processor: Any, dataset: Any, spec: str, args: Any, sch
     if base == "ours":
         cls = type("Levers" + cls.__name__, (cls,), {"decode_compile": "cd" in levers,
                                                       "prefill_rows": "pr" in levers,
-                                                      "prefill_vision_once": "pr" in levers})
+                                                      "prefill_vision_once": "pr" in levers,
+                                                      "prefill_autocast": "ra" in levers})
     cls = fast_trainer(grouped(cls, args.grpo_grouping),
                        compile_layers="compile" in levers, compile_vision="vc" in levers,
                        preprocess_once="pp" in levers, autocast_lora="ac" in levers,
