@@ -33,17 +33,17 @@ Sections, in this order (`--sections`):
   pipeline trains today, and either with `+`-joined levers (repic.train.speed unless said): `nockpt` (no gradient
   checkpointing: GRPOConfig), `compile` (compile_layers), `vc` (compile_vision), `pp` (preprocess_once: on in the
   training stage, as are `ac`, `ra` and, on CUDA, `vc` and `tp`, with configs/paper.yaml's 4 DataLoader
-  workers, `nw`: `ours+pp+ac+vc+tp+nw+ra` is the paper run's path), `pr` (rollout prefill one prompt at a time, images once: rollout_trainer's prefill_rows / prefill_vision_once), `cd`
-  (compiled decode step in the rollouts), `ac` (autocast_lora: LoRA inputs left in bf16 under autocast, not cast
-  to the adapters' fp32), `nw` (GRPOConfig's `dataloader_num_workers=4`: the DataLoader's worker processes decode the
-  dataset's images (PNG in Arrow) ahead of the step, overlapping the GPU; the training stage's rows read their image
-  files there too, repic.train.grpo.preloading, with configs/paper.yaml's 4 workers), `tp` (trim_padding: the
-  step's rows split into micro-batches by length, not at random, and each log-prob forward's rows cut to their own
-  longest row instead of the step's: RePIC's grouping puts a yes/no prompt and a three-image one in one batch),
-  `rx` (the baseline of a default: the image features a rollout computes are not kept, so the step's reference
-  forward encodes its images again, as before 2026-12-07), `ra` (rollout_trainer's prefill_autocast: the rollout's
-  prefill under bf16 autocast, so LoRA's products there are bf16, as the decode step's and RePIC's bf16 model's,
-  not PEFT's fp32);
+  workers, `nw`: `ours+pp+ac+vc+tp+nw+ra` is the paper run's path), `pr` (rollout prefill one prompt at a time,
+  images once: rollout_trainer's prefill_rows / prefill_vision_once), `cd` (compiled decode step in the rollouts),
+  `ac` (autocast_lora: LoRA inputs left in bf16 under autocast, not cast to the adapters' fp32), `nw` (GRPOConfig's
+  `dataloader_num_workers=4`: the DataLoader's worker processes decode the dataset's images (PNG in Arrow) ahead of
+  the step, overlapping the GPU; the training stage's rows read their image files there too,
+  repic.train.grpo.preloading, with configs/paper.yaml's 4 workers), `tp` (trim_padding: the step's rows split into
+  micro-batches by length, not at random, and each log-prob forward's rows cut to their own longest row instead of the
+  step's: RePIC's grouping puts a yes/no prompt and a three-image one in one batch), `rx` (the baseline of a default:
+  the image features a rollout computes are not kept, so the step's reference forward encodes its images again, as
+  before 2026-12-07), `ra` (rollout_trainer's prefill_autocast: the rollout's prefill under bf16 autocast, so LoRA's
+  products there are bf16, as the decode step's and RePIC's bf16 model's, not PEFT's fp32);
   not a lever, `lm` trains LoRA on the language model's projections only (`lora_targets: language_model`, params.yaml's
   default: no lm_head adapter, TRL's chunked head), to show the recipe's lm_head cost; `~N` trains
   that path with N completions a micro-step (the step's completions unchanged: more or fewer accumulation steps),

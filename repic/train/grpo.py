@@ -492,8 +492,8 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
     trainer_cls = fast_trainer(trainer_cls, preprocess_once=True, autocast_lora=True, compile_vision=cuda,
                                trim_padding=cuda)
     # static rollouts: the prefill under autocast to the model's dtype, so LoRA's products there are bf16 as the
-    # decode step's and RePIC's bf16 model's, not fp32 (+6-10 %, the rollout 4.7-4.8 -> 4.0 s a step on an H100;
-    # BENCHMARKS.md, issue 28, call 19); nothing changes for an fp32 model (CPU runs)
+    # decode step's and RePIC's bf16 model's, not fp32 (+6.0-11.1 % tokens/s, the rollout 4.7-5.0 -> 4.0 s a step on
+    # an H100; BENCHMARKS.md, issue 28, calls 19-20); nothing changes for an fp32 model (CPU runs)
     trainer_cls.prefill_autocast = True
     trainer = trainer_cls(
         model=model,
