@@ -506,7 +506,8 @@ def test_lm_head_adapter_log_probs_equal_repic_and_it_trains(repic, untied_model
     """TRL 1.16 computes log-probabilities from `lm_head.weight` (its fused head) and refuses an adapter there.
     Ours: the completion tokens' log-probs through the adapted head equal RePIC's `_get_per_token_logps` (the
     model's logits, log-softmax), where TRL's fused head misses the adapter; and a training run with
-    `lora_targets: repic` moves the lm_head adapter."""
+    `lora_targets: repic` (and the paper config's static rollouts, whose prefill the stage runs under autocast)
+    moves the lm_head adapter."""
     import torch
     from peft import get_peft_model
     from safetensors.torch import load_file
@@ -551,10 +552,17 @@ def test_lm_head_adapter_log_probs_equal_repic_and_it_trains(repic, untied_model
 
     monkeypatch.setitem(REWARD_REGISTRY, "text_variety", lambda protocol: text_variety)
     params = {**_tiny_params(max_steps=2), "rewards": ["text_variety"], "lora_targets": "repic",
-              "grouping": "repic", "completions_per_step": 2, "rollout_dropout": True}
+              "grouping": "repic", "completions_per_step": 2, "rollout_dropout": True, "rollout_backend": "static"}
     params["grpo"] = {k: v for k, v in params["grpo"].items() if k != "per_device_train_batch_size"}
+    from repic.vlm import generation
+
+    rollouts = []  # the training stage's static rollouts: their prefill under autocast (a no-op for this fp32 model)
+    generate_ids = generation.generate_ids
+    monkeypatch.setattr(generation, "generate_ids",
+                        lambda *a, **kw: rollouts.append(kw["prefill_autocast"]) or generate_ids(*a, **kw))
     train(untied_model_dir, _tiny_samples(tmp_path), tmp_path, tmp_path / "adapter", params,
           checkpoint_dir=tmp_path / "ck", seed=0, device="cpu")
+    assert rollouts and all(rollouts)
     weights = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     head = [k for k in weights if "lm_head" in k and "lora_B" in k]
     assert head and all(weights[k].abs().sum() > 0 for k in head)  # lora_B starts at 0: it was trained
