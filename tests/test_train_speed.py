@@ -221,6 +221,37 @@ def test_trim_padding_same_losses_and_gradients(tiny_model_dir, tmp_path):
     _assert_same(results[1], results[0], atol=1e-5)
 
 
+def test_packed_forwards_same_losses_and_gradients(tiny_model_dir, tmp_path):
+    """`packed`: the reference forward and the policy forward (gradient checkpointing on: the backward replays the
+    packed attention) run the decoder layers on one row of the batch's real tokens, each row attending to its own
+    positions only; the reference log-probs, the loss and the LoRA gradients are the padded path's within fp32
+    rounding. A forward with a KV cache (a rollout's) is not packed, and `disable_packing` restores SDPA."""
+    from repic.train.speed import PACKED, disable_packing, packed_forwards
+
+    results, shapes = [], []
+    for lever in (False, True):
+        trainer = _trainer(tiny_model_dir, tmp_path, checkpointing=True, packed=lever)
+        lm = trainer.model.get_base_model().model.language_model
+        seen = []
+        lm.layers[0].register_forward_pre_hook(lambda m, a, k, seen=seen: seen.append(
+            tuple((a[0] if a else k["hidden_states"]).shape[:2])), with_kwargs=True)
+        results.append(_step(trainer))
+        shapes.append(seen)
+    batch = _batch(trainer.processing_class)
+    real = int(batch["prompt_mask"].sum() + batch["completion_mask"].sum())
+    width = batch["prompt_ids"].shape[1] + batch["completion_ids"].shape[1]
+    assert shapes == [[(3, width), (3, width)], [(1, real), (1, real)]]
+    _assert_same(results[1], results[0], atol=1e-5)
+
+    assert lm.config._attn_implementation == PACKED
+    ids = batch["prompt_ids"][:1, -4:]  # text only: a cached forward, as a rollout's, inside the block
+    with torch.no_grad(), packed_forwards(trainer.model):
+        out = trainer.model(input_ids=ids, use_cache=True)
+    assert out.past_key_values is not None and seen[-1] == (1, 4)
+    disable_packing(trainer.model)
+    assert lm.config._attn_implementation == "sdpa" and "forward" not in vars(lm)
+
+
 def test_micro_batches_by_length_draw_as_trl_and_restore_its_shuffle():
     """`by_length` draws TRL's permutation (the generator advances as TRL's shuffle advances it) and orders the
     rows by length, every field alike; `micro_batches_by_length` swaps it in for TRL's shuffle and back."""

@@ -41,6 +41,17 @@ forwards alone, unpadded) was measured and removed: 9.5 % slower on an H100 at R
   and the loss, and positions come from the mask, so the log-probs are the padded path's up to float rounding;
   LoRA dropout draws its masks over the narrower input's shape (other masks, the same distribution).
 
+- `packed`: the log-prob forwards' decoder layers run padding-free. TRL's rows are padded (prompts on the left,
+  completions on the right; at RePIC's shapes, even cut by `trim_padding`, a quarter of a forward's positions are
+  padding, and every product, elementwise kernel and the masked attention ran over them). Here the language model
+  takes each row's real positions only, packed into one sequence ([1, tokens]: the image features merged and the
+  M-RoPE positions computed on the padded rows first, as before), its attention runs per row (causal, over that
+  row's positions: flash attention's variable-length kernel where torch has it on the device, else one causal
+  product per row), and its output is scattered back to the padded shape (zeros at padding, which TRL masks) for
+  TRL's log-probabilities. Each token sees the positions and keys it saw padded (the padded mask is causal and
+  hides padding keys), so the log-probs are the padded path's up to float rounding; LoRA dropout draws its masks
+  over the packed shape (other masks, the same distribution). Rollouts (a KV cache) are not packed.
+
 Gradient checkpointing itself is TRL's option (`GRPOConfig.gradient_checkpointing`): off, the backward does not
 recompute each layer's forward, at the price of the activations' memory.
 """
@@ -58,15 +69,16 @@ from repic.vlm.image_memo import memoize_image_processor
 
 
 def fast_trainer(trainer_cls: type, *, compile_layers: bool = False, compile_vision: bool = False,
-                 preprocess_once: bool = False, autocast_lora: bool = False, trim_padding: bool = False) -> type:
+                 preprocess_once: bool = False, autocast_lora: bool = False, trim_padding: bool = False,
+                 packed: bool = False) -> type:
     """`trainer_cls` (a TRL GRPOTrainer class) with the levers asked for (module docstring); itself if none."""
-    if not (compile_layers or compile_vision or preprocess_once or autocast_lora or trim_padding):
+    if not (compile_layers or compile_vision or preprocess_once or autocast_lora or trim_padding or packed):
         return trainer_cls
 
     class FastGRPOTrainer(trainer_cls):
         speed_options = {"compile_layers": compile_layers, "compile_vision": compile_vision,
                          "preprocess_once": preprocess_once, "autocast_lora": autocast_lora,
-                         "trim_padding": trim_padding}
+                         "trim_padding": trim_padding, "packed": packed}
 
         def _prepare_inputs(self, generation_batch: Any) -> Any:
             if not (trim_padding and self.model.training and length_groups_keep_the_loss(self)):
@@ -78,9 +90,10 @@ def fast_trainer(trainer_cls: type, *, compile_layers: bool = False, compile_vis
                                                logits_to_keep: int, batch_size: int | None = None,
                                                **kwargs: Any) -> Any:
             compute = super()._get_per_token_logps_and_entropies
-            if not trim_padding:
-                return compute(model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size, **kwargs)
-            return trimmed_logps(compute, model, input_ids, attention_mask, logits_to_keep, batch_size, kwargs)
+            with packed_forwards(model) if packed else contextlib.nullcontext():
+                if not trim_padding:
+                    return compute(model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size, **kwargs)
+                return trimmed_logps(compute, model, input_ids, attention_mask, logits_to_keep, batch_size, kwargs)
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -94,6 +107,8 @@ def fast_trainer(trainer_cls: type, *, compile_layers: bool = False, compile_vis
                 enable_fast_vision(self.model, compile=True)
             if compile_layers:
                 compile_language_layers(self.model)
+            if packed:
+                enable_packing(self.model)
 
     FastGRPOTrainer.__name__ = f"Fast{trainer_cls.__name__}"
     return FastGRPOTrainer
@@ -131,6 +146,149 @@ def lora_inputs_cast(model: Any) -> None:
 
 
 _COMPILED_CLASSES: dict[tuple[type, Any], type] = {}
+
+# ----------------------------------------------------------------------------------------------------------------
+# `packed`: padding-free log-prob forwards
+
+PACKED = "repic_packed"  # the attention implementation's name: SDPA, or per-row attention over packed rows
+# which per-row kernel packed rows use: "auto" (flash attention's variable-length kernel on CUDA where torch has
+# it, else "rows"), "varlen", or "rows" (one causal SDPA product per row)
+PACKED_ATTENTION = {"kernel": "auto"}
+
+
+def _language_model(model: Any) -> Any:
+    from repic.vlm.generation import _core
+
+    return _core(model).model.language_model
+
+
+def packed_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, except for packed rows (`cu_seq_lens_q`: a forward of `packed_forwards`,
+    replayed as is by gradient checkpointing): there each row attends causally to its own positions only."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if kwargs.get("dropout") or query.shape[0] != 1:
+        raise ValueError("packed attention: one packed row and no attention dropout expected, got "
+                         f"{query.shape[0]} rows, dropout {kwargs.get('dropout')}")
+    scale = kwargs.get("scaling")
+    kernel = PACKED_ATTENTION["kernel"]
+    if kernel == "varlen" or (kernel == "auto" and query.is_cuda and _varlen_attn() is not None):
+        out = _varlen(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), bounds,
+                      int(kwargs["max_length_q"]), scale)
+        return out.unsqueeze(0), None
+    cuts = bounds.tolist()
+    rows = [torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scale,
+        enable_gqa=key.shape[1] != query.shape[1]) for a, b in zip(cuts, cuts[1:]) if b > a]
+    return torch.cat(rows, 2).transpose(1, 2), None
+
+
+def varlen_available() -> bool:
+    """Whether this torch has flash attention's variable-length kernel (`torch.nn.attention.varlen`, 2.10+), which
+    `packed` forwards use on CUDA (one causal product per row otherwise: slower than the padded path there)."""
+    return _varlen_attn() is not None
+
+
+def _varlen_attn() -> Any:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: torch.Tensor, longest: int,
+            scale: float | None) -> torch.Tensor:
+    """torch's variable-length flash attention, causal, over [tokens, heads, dim] (its arguments vary across torch
+    releases: `is_causal` in 2.10, `window_size` after; grouped keys and values natively from 2.12)."""
+    import inspect
+
+    varlen_attn = _varlen_attn()
+    params = inspect.signature(varlen_attn).parameters
+    kw: dict[str, Any] = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    if "scale" in params:
+        kw["scale"] = scale
+    elif scale is not None and abs(scale - q.shape[-1] ** -0.5) > 1e-12:
+        raise ValueError(f"packed attention: this torch's varlen_attn takes no scale, the model asks {scale}")
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    return varlen_attn(q, k, v, bounds, bounds, longest, longest, **kw)
+
+
+def enable_packing(model: Any) -> None:
+    """Let `packed_forwards` pack `model`'s language model: its attention becomes `packed_attention` (SDPA's own
+    path for every forward that is not packed) and its forward packs the rows while `packed_forwards` is on."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+    lm = _language_model(model)
+    if lm.config._attn_implementation not in ("sdpa", PACKED):
+        raise ValueError(f"packed forwards: the language model's attention is {lm.config._attn_implementation!r}, "
+                         "expected 'sdpa'")
+    if any(t != "full_attention" for t in lm.config.layer_types):
+        raise ValueError("packed forwards: sliding-window layers are not supported")
+    AttentionInterface.register(PACKED, packed_attention)
+    if PACKED not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionMaskInterface.register(PACKED, sdpa_mask)
+    lm.config._attn_implementation = PACKED
+    lm.forward = types.MethodType(_packing_forward, lm)
+    lm.packing = False
+
+
+def disable_packing(model: Any) -> None:
+    """Undo `enable_packing`."""
+    lm = _language_model(model)
+    if lm.config._attn_implementation == PACKED:
+        lm.config._attn_implementation = "sdpa"
+    vars(lm).pop("forward", None)
+    vars(lm).pop("packing", None)
+
+
+@contextlib.contextmanager
+def packed_forwards(model: Any) -> Any:
+    """Within the block, forwards of `model` (one `enable_packing` prepared) without a cache run packed."""
+    lm = _language_model(model)
+    if "packing" not in vars(lm):
+        raise ValueError("packed_forwards: enable_packing(model) first")
+    outer, lm.packing = lm.packing, True
+    try:
+        yield
+    finally:
+        lm.packing = outer
+
+
+def _packing_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """The language model's forward (`enable_packing`): while `packing`, a forward of padded rows without a cache
+    runs on their real positions packed into one row, and its output is put back in the padded shape."""
+    raw = type(self).forward
+    mask, embeds, positions = (kwargs.get(k) for k in ("attention_mask", "inputs_embeds", "position_ids"))
+    if (not self.packing or args or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+            or kwargs.get("use_cache") or embeds is None or positions is None
+            or not isinstance(mask, torch.Tensor) or mask.ndim != 2):
+        return raw(self, *args, **kwargs)
+    keep = mask.bool()
+    rows, width = keep.shape
+    lengths = keep.sum(1, dtype=torch.int32)
+    index = keep.flatten().nonzero().squeeze(1)
+    bounds = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    longest = int(lengths.max())
+    rest = {k: v for k, v in kwargs.items() if k not in ("attention_mask", "inputs_embeds", "position_ids",
+                                                          "input_ids", "cache", "use_cache")}
+    out = raw(self, input_ids=None, attention_mask=dict.fromkeys(self.config.layer_types),
+              position_ids=positions.flatten(-2)[..., index].unsqueeze(-2), cache=None,
+              inputs_embeds=embeds.flatten(0, 1).index_select(0, index).unsqueeze(0), use_cache=False,
+              cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest, **rest)
+    hidden = out.last_hidden_state[0]
+    out.last_hidden_state = hidden.new_zeros(rows * width, hidden.shape[-1]).index_copy(0, index, hidden).view(
+        rows, width, -1)
+    return out
 
 
 def compile_language_layers(model: Any, backend: Any = "inductor") -> int:
