@@ -49,7 +49,7 @@ cat "$OUT/env.txt"
 timeout -k 10 "$LIMIT" $PY bench/perf.py --sections $SECTIONS --caption-plan $CAPTION_PLAN --b1-captions "$B1" \
   --caption-set "$CAPTION_SET" \
   --grpo-paths $PATHS --grpo-steps "$STEPS" --grpo-per-device "$PER_DEVICE" --grpo-grad-accum "$ACCUM" \
-  --grpo-grouping "$GROUPING" --grpo-recipe "$RECIPE" ${PROFILE:+--grpo-profile "$PROFILE"} \
+  --grpo-grouping "$GROUPING" --grpo-recipe "$RECIPE" ${PROFILE:+--grpo-profile $PROFILE} \
   --deadline-s "$DEADLINE" "${EXTRA[@]}" --out "$OUT/perf.json" > "$OUT/perf.log" 2>&1
 rc=$?
 echo "rc=$rc"

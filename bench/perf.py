@@ -43,7 +43,9 @@ Sections, in this order (`--sections`):
   step's: RePIC's grouping puts a yes/no prompt and a three-image one in one batch), `rx` (the baseline of a default:
   the image features a rollout computes are not kept, so the step's reference forward encodes its images again, as
   before 2026-12-07), `ra` (rollout_trainer's prefill_autocast: the rollout's prefill under bf16 autocast, so LoRA's
-  products there are bf16, as the decode step's and RePIC's bf16 model's, not PEFT's fp32);
+  products there are bf16, as the decode step's and RePIC's bf16 model's, not PEFT's fp32), `pk` (packed: the
+  log-prob forwards' decoder layers on each row's real positions only, packed into one row, attention per row:
+  torch's variable-length flash kernel on CUDA; `pkr`: the same with one causal SDPA product per row);
   not a lever, `lm` trains LoRA on the language model's projections only (`lora_targets: language_model`, params.yaml's
   default: no lm_head adapter, TRL's chunked head), to show the recipe's lm_head cost; `~N` trains
   that path with N completions a micro-step (the step's completions unchanged: more or fewer accumulation steps),
@@ -53,8 +55,8 @@ Sections, in this order (`--sections`):
   logging), tokens (every sequence's prompt, image tokens included, + completion: EasyR1's "tokens per second per
   GPU"), counted FLOPs by phase (below), peak memory. Summary over steps 2..N: tokens/s per GPU, the split, the
   training phase's TFLOP/s (reference + policy forward + backward FLOPs over their time) against the measured peak.
-  `--grpo-profile PATH` adds one profiled step to that path (kernel time by class, and `HostSampler`: where the
-  host time between phases goes; not in its statistics).
+  `--grpo-profile PATH...` adds one profiled step to each (kernel time by class, the same by phase:
+  `phase_kernels`, and `HostSampler`: where the host time between phases goes; not in its statistics).
 
 FLOPs counted per forward from the real (unpadded) tokens: 2 × (decoder-layer parameters) per token, causal
 attention 2·L²·hidden per layer per sequence, the LM head over completion tokens only (TRL's fused head scores
@@ -83,6 +85,7 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +102,7 @@ import repic_shapes as shapes  # noqa: E402  (bench/repic_shapes.py: captioning 
 from repic.vlm import generation as gen  # noqa: E402
 
 sync = genbench.sync
-LEVERS = ("nockpt", "compile", "vc", "pp", "pr", "cd", "ac", "nw", "tp", "rx", "ra")
+LEVERS = ("nockpt", "compile", "vc", "pp", "pr", "cd", "ac", "nw", "tp", "rx", "ra", "pk", "pkr")
 # not a lever: the run's LoRA targets replaced by the language model's projections only (params.yaml's default,
 # `lora_targets: language_model`), to show what the recipe's lm_head adapter costs
 TARGETS = ("lm",)
@@ -403,7 +406,7 @@ class Meter:
         from repic.vlm.generation import _core
 
         core = _core(model)
-        lm = core.model.language_model
+        lm = self.language_model = core.model.language_model
         self.cfg = lm.config
         self.layer_params = sum(p.numel() for n, p in lm.layers.named_parameters() if "lora_" not in n)
         self.head_params = core.lm_head.weight.numel()
@@ -418,6 +421,7 @@ class Meter:
                                  if hasattr(head, "lora_A") else 0)
         self.visual_cfg = core.model.visual.config
         self.phase: str | None = None
+        self.markers: list[str] | None = None  # the phases entered, while a step is profiled (`mark`)
         self.steps: list[dict[str, Any]] = []
         self.reset()
 
@@ -426,6 +430,8 @@ class Meter:
         self.flops = dict.fromkeys(("rollout_vision", "reference_forward", "policy_forward", "backward",
                                     "recompute"), 0.0)
         self.tokens = 0
+        # the language model's input positions in the log-prob forwards, padding included (rows × width)
+        self.executed_tokens = {"reference_forward": 0, "policy_forward": 0}
         self.t0 = time.perf_counter()
 
     @contextlib.contextmanager
@@ -433,13 +439,22 @@ class Meter:
         sync()
         t0 = time.perf_counter()
         outer, self.phase = self.phase, phase
+        self.mark(phase)
         try:
             yield
         finally:
             sync()
             self.phase = outer
+            self.mark(outer or "other")
             if outer is None:  # nested phases (none expected) count once, in the outer one
                 self.time[phase] += time.perf_counter() - t0
+
+    def mark(self, phase: str) -> None:
+        """In a profiled step, a marker kernel (`torch.cuda._sleep`'s, a few cycles) where the GPU's work enters
+        `phase`: `phase_kernels` splits the step's kernels at the markers, in the order they were launched."""
+        if self.markers is not None and torch.cuda.is_available():
+            self.markers.append(phase)
+            torch.cuda._sleep(1)
 
     def vision(self, grid: torch.Tensor) -> None:
         flops = shapes.vision_flops(grid.cpu(), self.visual_cfg)
@@ -447,6 +462,16 @@ class Meter:
             self.flops["rollout_vision"] += flops
         elif self.phase in ("reference_forward", "policy_forward"):
             self.flops[self.phase] += flops
+
+    def language_model_input(self, kwargs: dict[str, Any], args: tuple) -> None:
+        x = kwargs.get("inputs_embeds")
+        x = x if x is not None else kwargs.get("input_ids", args[0] if args else None)
+        if self.phase in self.executed_tokens and x is not None:
+            # packed (`pk`): the language model runs the real positions only
+            packing = getattr(self.language_model, "packing", False) and kwargs.get("cache") is None
+            mask = kwargs.get("attention_mask")
+            self.executed_tokens[self.phase] += (int(mask.sum()) if packing and isinstance(mask, torch.Tensor)
+                                                 else int(x.shape[0] * x.shape[1]))
 
     def forward(self, attention_mask: torch.Tensor, logits_to_keep: int, adapter: bool, training: bool,
                 checkpointing: bool) -> None:
@@ -471,6 +496,7 @@ class Meter:
         wall = time.perf_counter() - self.t0
         other = wall - sum(self.time.values())
         self.steps.append({"wall_s": wall, "tokens": self.tokens, "tokens_s": self.tokens / wall,
+                           "executed_tokens": dict(self.executed_tokens),
                            "split_s": {**self.time, "other": other},
                            "tflop": {k: v / 1e12 for k, v in self.flops.items()},
                            "completion_mean_length": completion_mean,
@@ -564,7 +590,10 @@ class HostSampler:
         leaf = Counter(stack[0] for stack in other if stack)
         owner = Counter(next((f for f in stack if f.startswith(self.OWNERS)), stack[-1] if stack else "?")
                         for stack in other)
+        by_phase = {str(ph): Counter(stack[0] for p, stack in self.samples if p == ph and stack).most_common(8)
+                    for ph in ("reference_forward", "policy_forward", "backward")}
         return {"every_s": self.every_s, "samples_by_phase": dict(phases),
+                "leaf_by_phase": {ph: [[f, n] for f, n in rows] for ph, rows in by_phase.items()},
                 "other_s_estimate": len(other) * self.every_s,
                 "other_by_leaf": [[f, n] for f, n in leaf.most_common(top)],
                 "other_by_owner": [[f, n] for f, n in owner.most_common(top)]}
@@ -587,6 +616,7 @@ def step_callbacks(meter: Meter, deadline: float, min_steps: int, profile: dict 
                 activities = [ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]
                 profile["prof"] = torch_profile(activities=activities)
                 profile["prof"].__enter__()
+                meter.markers = ["other"]
                 profile["host"] = HostSampler(meter).__enter__()
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -604,7 +634,13 @@ def step_callbacks(meter: Meter, deadline: float, min_steps: int, profile: dict 
                 host = profile.pop("host")
                 host.__exit__(None, None, None)
                 profile["prof"].__exit__(None, None, None)
-                profile["rows"] = kernel_classes(profile.pop("prof"))
+                prof = profile.pop("prof")
+                profile["rows"] = kernel_classes(prof)
+                markers, meter.markers = meter.markers, None
+                try:
+                    profile["rows"]["by_phase"] = phase_kernels(prof, markers)
+                except Exception:  # noqa: BLE001 - the step's other figures stand
+                    profile["rows"]["by_phase_error"] = traceback.format_exc()[-1500:]
                 profile["rows"]["host"] = host.summary()
                 meter.reset()
                 return
@@ -627,6 +663,49 @@ def kernel_classes(prof: Any) -> dict[str, Any]:
                                                                                  key=lambda kv: -kv[1])),
             "top": [{"name": e.key[:110], "calls": e.count, "ms": getattr(e, total) / 1e3}
                     for e in sorted(events, key=lambda e: -getattr(e, total))[:25]]}
+
+
+def phase_kernels(prof: Any, markers: list[str], top: int = 15) -> dict[str, Any]:
+    """The profiled step's GPU work by phase, split at the meter's marker kernels (`Meter.mark`: one where the work
+    enters each phase, launched after a synchronisation, so the GPU runs the phase's kernels between its marker and
+    the next): per phase the GPU time from its marker to the next (`window_ms`, summed over the phase's spans),
+    its kernel time, the time at least one kernel ran (`busy_ms`; the rest of the window the GPU waited on the
+    host), kernel time by class, and the top kernels."""
+    from torch.autograd import DeviceType
+
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                     if e.device_type == DeviceType.CUDA)
+    spins = [i for i, k in enumerate(kernels) if "spin_kernel" in k[2] or "sleep" in k[2].lower()]
+    if len(spins) != len(markers) - 1:  # markers[0] is the state before the first marker
+        raise ValueError(f"{len(spins)} marker kernels for {len(markers) - 1} phase changes")
+    cuts = [0, *spins, len(kernels)]
+    starts = [kernels[0][0] if kernels else 0.0, *(kernels[i][0] for i in spins)]
+    out: dict[str, dict[str, Any]] = {}
+    for n, phase in enumerate(markers):
+        span = kernels[cuts[n] + (n > 0):cuts[n + 1]]
+        row = out.setdefault(phase, {"window_ms": 0.0, "kernel_ms": 0.0, "busy_ms": 0.0, "by_class_ms": {},
+                                     "kernels": {}})
+        end = starts[n + 1] if n + 1 < len(starts) else max((k[1] for k in span), default=starts[n])
+        row["window_ms"] += (end - starts[n]) / 1e3
+        reach = None
+        for start, stop, name in span:
+            ms = (stop - start) / 1e3
+            row["kernel_ms"] += ms
+            cls = shapes.kernel_class(name)
+            row["by_class_ms"][cls] = row["by_class_ms"].get(cls, 0.0) + ms
+            calls, total = row["kernels"].get(name[:110], (0, 0.0))
+            row["kernels"][name[:110]] = (calls + 1, total + ms)
+            if reach is None or start >= reach:
+                row["busy_ms"] += ms
+                reach = stop
+            elif stop > reach:
+                row["busy_ms"] += (stop - reach) / 1e3
+                reach = stop
+    for row in out.values():
+        row["kernels"] = [{"name": k, "calls": c, "ms": ms}
+                          for k, (c, ms) in sorted(row["kernels"].items(), key=lambda kv: -kv[1][1])[:top]]
+        row["by_class_ms"] = dict(sorted(row["by_class_ms"].items(), key=lambda kv: -kv[1]))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -662,6 +741,66 @@ def forget_rollout_features(cache: Any) -> None:
         if not torch.is_inference_mode_enabled():
             add(key, pixels, features)
     cache.add = add_unless_inference
+
+
+def packed_attention_check(lengths: tuple[int, ...] = (915, 1224, 1830, 2553), heads: int = 28, kv_heads: int = 4,
+                           dim: int = 128, reps: int = 5) -> dict[str, Any]:
+    """`pk`'s attention on the card: torch's variable-length flash kernel against one causal SDPA product per row
+    (bf16, RePIC's row lengths, Qwen2.5-VL-7B's heads), forward outputs and input gradients, and each kernel's time
+    (forward + backward) against SDPA over the same rows padded to the longest with a mask (today's padded path)."""
+    from repic.train.speed import PACKED_ATTENTION, _varlen_attn, packed_attention
+
+    if _varlen_attn() is None:
+        return {"varlen_attn": None}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    total = sum(lengths)
+    q0, k0, v0 = (torch.randn(1, h, total, dim, device="cuda", dtype=torch.bfloat16, generator=g)
+                  for h in (heads, kv_heads, kv_heads))
+    bounds = torch.tensor([0, *np.cumsum(lengths)], device="cuda", dtype=torch.int32)
+    module = types.SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True)
+    out: dict[str, Any] = {"lengths": list(lengths)}
+    grads = {}
+    for kernel in ("varlen", "rows"):
+        PACKED_ATTENTION["kernel"] = kernel
+        q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+
+        def run(q=q, k=k, v=v):
+            o, _ = packed_attention(module, q, k, v, None, scaling=dim ** -0.5, dropout=0.0,
+                                    cu_seq_lens_q=bounds, max_length_q=max(lengths))
+            o.float().square().sum().backward()
+            return o
+        try:
+            o = run()
+            grads[kernel] = (o.detach(), q.grad.clone(), k.grad.clone())
+            sync()
+            t = time.perf_counter()
+            for _ in range(reps):
+                q.grad = k.grad = v.grad = None
+                run()
+            sync()
+            out[f"{kernel}_ms"] = (time.perf_counter() - t) / reps * 1e3
+        except Exception as exc:  # noqa: BLE001 - reported
+            out[f"{kernel}_error"] = repr(exc)[:300]
+    PACKED_ATTENTION["kernel"] = "auto"
+    if len(grads) == 2:
+        for i, name in enumerate(("output", "grad_q", "grad_k")):
+            a, b = grads["varlen"][i].float(), grads["rows"][i].float()
+            out[f"{name}_max_abs_diff"] = float((a - b).abs().max())
+            out[f"{name}_max_abs"] = float(b.abs().max())
+    # the padded path: the rows padded to the longest, SDPA with the causal and padding mask
+    longest, n = max(lengths), len(lengths)
+    keep = torch.arange(longest, device="cuda")[None] >= (longest - torch.tensor(lengths, device="cuda"))[:, None]
+    mask = (keep[:, None, None, :] & torch.ones(longest, longest, device="cuda", dtype=torch.bool).tril()[None, None])
+    qp, kp, vp = (torch.randn(n, h, longest, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True,
+                              generator=g) for h in (heads, kv_heads, kv_heads))
+    sync()
+    t = time.perf_counter()
+    for _ in range(reps):
+        o = torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=True)
+        o.float().square().sum().backward()
+    sync()
+    out["padded_sdpa_ms"] = (time.perf_counter() - t) / reps * 1e3
+    return out
 
 
 def dropout_check(p: float = 0.05, seed: int = 0) -> dict[str, Any]:
@@ -708,6 +847,11 @@ def summarize(steps: list[dict[str, Any]], peak: float) -> dict[str, Any]:
            "training_phase_s_mean": train_s / len(warm), "training_tflop_per_step": useful / len(warm),
            "training_tflops_useful": useful / train_s if train_s else None,
            "training_tflops_executed": executed / train_s if train_s else None}
+    executed_tokens = [s.get("executed_tokens") or {} for s in warm]
+    if all(executed_tokens) and tokens:
+        # the log-prob forwards' input positions (padding included) over their real tokens: 1.0 = no padding
+        out["forward_positions_over_tokens"] = {
+            k: sum(e[k] for e in executed_tokens) / tokens for k in ("reference_forward", "policy_forward")}
     if peak and train_s:
         out["training_pct_of_peak_useful"] = 100 * useful * 1e12 / train_s / peak
         out["training_pct_of_peak_executed"] = 100 * executed * 1e12 / train_s / peak
@@ -718,14 +862,15 @@ def run_path(model: Any, processor: Any, dataset: Any, spec: str, args: Any, sch
              peak: float, deadline: float) -> tuple[dict[str, Any], Any]:
     from trl import GRPOTrainer
 
+    from repic.train import speed
     from repic.train.grpo import grpo_config, lora_model, recipe_trainer, reward_functions
-    from repic.train.speed import fast_trainer, lora_inputs_cast, uncompile_language_layers
+    from repic.train.speed import disable_packing, fast_trainer, lora_inputs_cast, uncompile_language_layers
     from repic.vlm.image_memo import unmemoize_image_processor
     from repic.vlm.vision import disable_fast_vision, disable_image_feature_cache
 
     cuda = torch.cuda.is_available()
     base, levers, steps, micro = parse_path(spec, args.grpo_steps)
-    profile = {"at": steps} if spec == args.grpo_profile else None  # one more step, profiled, not counted
+    profile = {"at": steps} if spec in args.grpo_profile else None  # one more step, profiled, not counted
     per_step = args.grpo_per_device * args.grpo_grad_accum  # completions an optimizer step, in one rollout call
     micro = micro or args.grpo_per_device
     if per_step % micro:
@@ -753,13 +898,16 @@ def run_path(model: Any, processor: Any, dataset: Any, spec: str, args: Any, sch
     cls = fast_trainer(grouped(cls, args.grpo_grouping),
                        compile_layers="compile" in levers, compile_vision="vc" in levers,
                        preprocess_once="pp" in levers, autocast_lora="ac" in levers,
-                       trim_padding="tp" in levers)
+                       trim_padding="tp" in levers, packed=bool({"pk", "pkr"} & levers))
+    speed.PACKED_ATTENTION["kernel"] = "rows" if "pkr" in levers else "auto"
     torch.manual_seed(0)
     peft_model = lora_model(model.train(), recipe)
     meter = Meter(peft_model, recipe["lora"]["r"])
     visual = peft_model.get_base_model().model.visual
     hook = visual.register_forward_pre_hook(lambda m, a, k: meter.vision(k.get("grid_thw", a[1] if len(a) > 1
                                                                               else None)), with_kwargs=True)
+    lm_hook = peft_model.get_base_model().model.language_model.register_forward_pre_hook(
+        lambda m, a, k: meter.language_model_input(k, a), with_kwargs=True)
     shapes.Lengths.schedule = [list(x) for x in schedule]
     head = gen._core(peft_model).lm_head
     out: dict[str, Any] = {"path": spec, "levers": sorted(levers - set(TARGETS)),
@@ -802,10 +950,12 @@ def run_path(model: Any, processor: Any, dataset: Any, spec: str, args: Any, sch
         out.update(error=repr(exc)[:500], trace=traceback.format_exc()[-2500:], steps=meter.steps,
                    summary=summarize(meter.steps, peak))
     hook.remove()
+    lm_hook.remove()
     trainer = None
     disable_fast_vision(peft_model)
     disable_image_feature_cache(peft_model)
     uncompile_language_layers(peft_model)
+    disable_packing(peft_model)
     lora_inputs_cast(peft_model)
     unmemoize_image_processor(processor.image_processor)
     model = peft_model.unload()
@@ -935,6 +1085,15 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
             lines.append(f"  profile of {p} ({prof['time']}, {prof['ms']:.0f} ms): "
                          + ", ".join(f"{k} {v:.0f}" for k, v in prof["by_class_ms"].items()))
             lines.extend(f"    {t['ms']:8.1f} ms {t['calls']:6d}x {t['name']}" for t in prof["top"][:12])
+            for phase, row in (prof.get("by_phase") or {}).items():
+                lines.append(f"  phase {phase}: GPU window {row['window_ms']:.0f} ms, kernels {row['kernel_ms']:.0f} "
+                             f"ms, busy {row['busy_ms']:.0f} ms: "
+                             + ", ".join(f"{k} {v:.0f}" for k, v in row["by_class_ms"].items()))
+                lines.extend(f"    {t['ms']:8.1f} ms {t['calls']:6d}x {t['name']}" for t in row["kernels"][:8])
+            if prof.get("by_phase_error"):
+                lines.append(f"  by phase: {prof['by_phase_error'][-300:]}")
+        if s.get("forward_positions_over_tokens"):
+            lines.append(f"  forward positions / tokens: {s['forward_positions_over_tokens']}")
     if grpo.get("error"):
         lines.append(f"grpo error: {grpo['error'][:300]}")
     return lines
@@ -981,7 +1140,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the params overlay whose train_grpo_lora section is trained (its LoRA, lm_head adapter, "
                          "rollout dropout, sampling, loss; '-': params.yaml's own)")
     ap.add_argument("--grpo-max-new", type=int, default=256)
-    ap.add_argument("--grpo-profile", default=None, help="a path of --grpo-paths to profile one extra step of")
+    ap.add_argument("--grpo-profile", nargs="*", default=[],
+                    help="paths of --grpo-paths to profile one extra step of")
     ap.add_argument("--grpo-max-pixels", type=int, default=12845056, help="the processor's (Qwen2.5-VL's default)")
     ap.add_argument("--grpo-image-scale", type=float, default=1.0, help="original image sizes x this (CPU only)")
     ap.add_argument("--deadline-s", type=float, default=1e9, help="no new section, path or step after this")
@@ -995,8 +1155,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--out is required")
     for p in args.grpo_paths:
         parse_path(p, 1)
-    if args.grpo_profile and args.grpo_profile not in args.grpo_paths:
-        raise SystemExit(f"--grpo-profile {args.grpo_profile!r} is not one of --grpo-paths")
+    if set(args.grpo_profile) - set(args.grpo_paths):
+        raise SystemExit(f"--grpo-profile {args.grpo_profile!r}: not all of them are --grpo-paths")
     args.recipe = load_recipe(args.grpo_recipe)
 
     t0 = time.perf_counter()
@@ -1019,6 +1179,11 @@ def main(argv: list[str] | None = None) -> int:
     if "peak" in args.sections and cuda:
         res["peak"] = shapes.measure_peak()
         res["lora_dropout_bf16"] = dropout_check()
+        try:
+            res["packed_attention"] = packed_attention_check()
+        except Exception as exc:  # noqa: BLE001 - reported, the run goes on
+            res["packed_attention"] = {"error": repr(exc)[:500]}
+        log(f"packed attention {res['packed_attention']}")
         log(f"peak {res['peak']}")
     save()
     peak = res.get("peak", {}).get("bf16_matmul_tflops", 0) * 1e12

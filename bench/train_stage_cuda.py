@@ -1,21 +1,12 @@
 """The training stage's own GRPO path (`repic.train.grpo.train`: its data fetching, RePIC's grouping, the recipe's
 trainer class and the speed levers it turns on) run on a GPU in bf16, to show that the levers measured by
-bench/perf.py are the ones the stage runs: LoRA inputs left in bf16 under autocast (`autocast_lora`) and the vision
-tower compiled (`compile_vision`, CUDA only). A random-weight Qwen2.5-VL (bench/generation.py's build, `--shape`) is
-saved, then trained for `--steps` steps with configs/paper.yaml's `train_grpo_lora` section on bench/perf.py's
-RePIC-like samples; the JSON records the log, the wall time, the dtypes the adapters' inputs had, and whether the
-tower ran compiled code, the image processor's class and backend, and how many images the memo processed of
-those asked for (`preprocess_once`: PIL backend only).
-
-    python bench/train_stage_cuda.py --out train_stage.json                   # a GPU (bf16)
-    python bench/train_stage_cuda.py --device cpu --out /tmp/train_stage.json # a CPU (fp32: both levers idle)
-
-`--workers 0 4` trains once per value of GRPOConfig's `dataloader_num_workers` (the stage's images read by the
-DataLoader's workers ahead of the step: repic.train.grpo.preloading), from the same saved model, and records each
-run's step wall times (`step_s`: from one step's end to the next's, so the batch's fetching counts; the
-first step left out): at `--shape 7b --image-scale 1` the
-stage's own step time with and without the workers, in one process.
-"""
+bench/perf.py are the ones the stage runs: LoRA inputs left in bf16 under autocast (`autocast_lora`), the vision
+tower compiled (`compile_vision`, CUDA only) and the log-prob forwards packed (`packed`, CUDA only). A random-weight
+Qwen2.5-VL (bench/generation.py's build, `--shape`) is saved, then trained for `--steps` steps with
+configs/paper.yaml's `train_grpo_lora` section on bench/perf.py's RePIC-like samples; the JSON records the log, the
+wall time, the dtypes the adapters' inputs had, the language model's forwards by whether they ran packed, and
+whether the tower ran compiled code, the image processor's class and backend, and how many images the memo
+processed of those asked for (`preprocess_once`: PIL backend only)."""
 
 from __future__ import annotations
 
@@ -82,6 +73,7 @@ def run_stage(args: Any, work: Path, samples: list, workers: int | None, cuda: b
     if workers is not None:
         params["grpo"]["dataloader_num_workers"] = workers
     seen: collections.Counter = collections.Counter()
+    packed: collections.Counter = collections.Counter()
     state: dict = {}
 
     class Probe(TrainerCallback):
@@ -98,6 +90,11 @@ def run_stage(args: Any, work: Path, samples: list, workers: int | None, cuda: b
             layers[0].lora_A["default"].register_forward_pre_hook(
                 lambda m, a: seen.update([f"{a[0].dtype} grad={torch.is_grad_enabled()}"]))
             state["model"] = model
+            lm = model.get_base_model().model.language_model
+            state["language_model_attention"] = lm.config._attn_implementation  # repic_packed: `packed` is on
+            # the language model's forwards by whether they ran packed (`packed`: the log-prob forwards on CUDA)
+            lm.register_forward_pre_hook(lambda m, a, k: packed.update(
+                [f"packed={getattr(m, 'packing', False)} cache={k.get('cache') is not None}"]), with_kwargs=True)
 
         def on_step_end(self, targs, tstate, control, **kwargs):  # step to step: batch fetching included
             if cuda:
@@ -140,7 +137,8 @@ def run_stage(args: Any, work: Path, samples: list, workers: int | None, cuda: b
            "dataloader_num_workers": params["grpo"].get("dataloader_num_workers", 0), "image_scale": args.image_scale,
            "step_s_median": later[len(later) // 2] if later else None,
            "gpu": torch.cuda.get_device_name(0) if cuda else None, "log": logs, **state,
-           "adapter_input_dtypes": dict(seen), "vision_compile": fast.get("compile"),
+           "adapter_input_dtypes": dict(seen), "language_model_forwards": dict(packed),
+           "vision_compile": fast.get("compile"),
            "vision_compiled_entries": len(fast.get("compiled", {})),
            "adapter_saved": sorted(p.name for p in (work / f"adapter{workers}").iterdir())}
     print(json.dumps({k: v for k, v in out.items() if k != "log"}, indent=1, default=str), flush=True)
