@@ -2,8 +2,9 @@
 
 `fast_trainer(trainer_cls, compile_layers=..., compile_vision=..., preprocess_once=...)` returns
 a subclass of the trainer class (TRL's, or `repic.vlm.generation.rollout_trainer`'s) with these levers, each off
-unless asked for (bench/perf.py measures them; BENCHMARKS.md has the figures). A padding-free lever (each sequence's
-forwards alone, unpadded) was measured and removed: 9.5 % slower on an H100 at RePIC's shapes (BENCHMARKS.md, issue 28).
+unless asked for (bench/perf.py measures them; BENCHMARKS.md has the figures). A padding-free lever that ran each
+sequence's forwards alone was measured and removed (9.5 % slower on an H100 at RePIC's shapes: small products);
+`packed` below is padding-free with the rows' positions in one forward (BENCHMARKS.md, issue 28).
 
 
 - `compile_layers`: each decoder layer of the language model runs as `torch.compile(dynamic=True)` code (one graph
