@@ -252,6 +252,54 @@ def test_packed_forwards_same_losses_and_gradients(tiny_model_dir, tmp_path):
     assert lm.config._attn_implementation == "sdpa" and "forward" not in vars(lm)
 
 
+@pytest.mark.parametrize("release", ["2.10", "2.11", "2.13"])
+def test_packed_attention_calls_each_torch_releases_varlen_attn(monkeypatch, release):
+    """On CUDA `packed` attention runs torch's `varlen_attn`, whose arguments changed across releases (2.10:
+    `is_causal`, no scale; 2.11: `window_size`, `scale`; 2.12+: also `enable_gqa`). A stand-in with each release's
+    signature (per-row causal products inside, asserting how it is called) gives the per-row path's output for
+    grouped keys: the adapter asks for causal attention, the model's scale, and repeats the key heads where the
+    release cannot group them."""
+    import torch.nn.functional as F
+
+    from repic.train import speed
+
+    def per_row(q, k, v, cu_q, cu_k, max_q, max_k, scale=None):
+        assert q.shape[1] == k.shape[1] or release == "2.13"
+        assert max_q == max_k == 5 and torch.equal(cu_q, cu_k)
+        cuts = cu_q.tolist()
+        return torch.cat([F.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True, scale=scale,
+            enable_gqa=True).transpose(0, 1) for a, b in zip(cuts, cuts[1:])])
+
+    def v210(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+        assert is_causal
+        return per_row(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k)
+
+    def v211(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+             window_size=(-1, -1)):
+        assert window_size == (-1, 0)
+        return per_row(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale)
+
+    def v213(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+             window_size=(-1, -1), enable_gqa=False):
+        assert window_size == (-1, 0) and enable_gqa
+        return per_row(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale)
+
+    monkeypatch.setattr(speed, "_varlen_attn", lambda: {"2.10": v210, "2.11": v211, "2.13": v213}[release])
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 9, 8, generator=g) for h in (4, 2, 2))
+    bounds = torch.tensor([0, 4, 9], dtype=torch.int32)
+    module = type("Attention", (), {"num_key_value_groups": 2})()
+    scaling = 8 ** -0.5  # the model's (2.10 takes none: its default is the same)
+    out = {}
+    for kernel in ("varlen", "rows"):
+        monkeypatch.setitem(speed.PACKED_ATTENTION, "kernel", kernel)
+        out[kernel], _ = speed.packed_attention(module, q, k, v, None, dropout=0.0, scaling=scaling,
+                                                cu_seq_lens_q=bounds, max_length_q=5)
+    assert out["rows"].shape == (1, 9, 4, 8)
+    torch.testing.assert_close(out["varlen"], out["rows"])
+
+
 def test_micro_batches_by_length_draw_as_trl_and_restore_its_shuffle():
     """`by_length` draws TRL's permutation (the generator advances as TRL's shuffle advances it) and orders the
     rows by length, every field alike; `micro_batches_by_length` swaps it in for TRL's shuffle and back."""

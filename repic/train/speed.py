@@ -60,6 +60,7 @@ recompute each layer's forward, at the price of the activations' memory.
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
 import warnings
 from typing import Any
@@ -202,14 +203,19 @@ def _varlen_attn() -> Any:
     return varlen_attn
 
 
+@functools.cache
+def _parameters(fn: Any) -> Any:
+    import inspect
+
+    return inspect.signature(fn).parameters
+
+
 def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: torch.Tensor, longest: int,
             scale: float | None) -> torch.Tensor:
     """torch's variable-length flash attention, causal, over [tokens, heads, dim] (its arguments vary across torch
     releases: `is_causal` in 2.10, `window_size` after; grouped keys and values natively from 2.12)."""
-    import inspect
-
     varlen_attn = _varlen_attn()
-    params = inspect.signature(varlen_attn).parameters
+    params = _parameters(varlen_attn)
     kw: dict[str, Any] = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
     if "scale" in params:
         kw["scale"] = scale
