@@ -747,7 +747,7 @@ def packed_attention_check(lengths: tuple[int, ...] = (915, 1224, 1830, 2553), h
                            dim: int = 128, reps: int = 5) -> dict[str, Any]:
     """`pk`'s attention on the card: torch's variable-length flash kernel against one causal SDPA product per row
     (bf16, RePIC's row lengths, Qwen2.5-VL-7B's heads), forward outputs and input gradients, and each kernel's time
-    (forward + backward) against SDPA over the same rows padded to the longest with a mask (today's padded path)."""
+    (forward + backward)."""
     from repic.train.speed import PACKED_ATTENTION, _varlen_attn, packed_attention
 
     if _varlen_attn() is None:
@@ -787,19 +787,6 @@ def packed_attention_check(lengths: tuple[int, ...] = (915, 1224, 1830, 2553), h
             a, b = grads["varlen"][i].float(), grads["rows"][i].float()
             out[f"{name}_max_abs_diff"] = float((a - b).abs().max())
             out[f"{name}_max_abs"] = float(b.abs().max())
-    # the padded path: the rows padded to the longest, SDPA with the causal and padding mask
-    longest, n = max(lengths), len(lengths)
-    keep = torch.arange(longest, device="cuda")[None] >= (longest - torch.tensor(lengths, device="cuda"))[:, None]
-    mask = (keep[:, None, None, :] & torch.ones(longest, longest, device="cuda", dtype=torch.bool).tril()[None, None])
-    qp, kp, vp = (torch.randn(n, h, longest, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True,
-                              generator=g) for h in (heads, kv_heads, kv_heads))
-    sync()
-    t = time.perf_counter()
-    for _ in range(reps):
-        o = torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=True)
-        o.float().square().sum().backward()
-    sync()
-    out["padded_sdpa_ms"] = (time.perf_counter() - t) / reps * 1e3
     return out
 
 
