@@ -406,7 +406,7 @@ class Meter:
         from repic.vlm.generation import _core
 
         core = _core(model)
-        lm = self.language_model = core.model.language_model
+        lm = core.model.language_model
         self.cfg = lm.config
         self.layer_params = sum(p.numel() for n, p in lm.layers.named_parameters() if "lora_" not in n)
         self.head_params = core.lm_head.weight.numel()
@@ -430,7 +430,7 @@ class Meter:
         self.flops = dict.fromkeys(("rollout_vision", "reference_forward", "policy_forward", "backward",
                                     "recompute"), 0.0)
         self.tokens = 0
-        # the language model's input positions in the log-prob forwards, padding included (rows × width)
+        # the positions the decoder layers ran in the log-prob forwards, padding included (rows × width)
         self.executed_tokens = {"reference_forward": 0, "policy_forward": 0}
         self.t0 = time.perf_counter()
 
@@ -463,15 +463,12 @@ class Meter:
         elif self.phase in ("reference_forward", "policy_forward"):
             self.flops[self.phase] += flops
 
-    def language_model_input(self, kwargs: dict[str, Any], args: tuple) -> None:
-        x = kwargs.get("inputs_embeds")
-        x = x if x is not None else kwargs.get("input_ids", args[0] if args else None)
+    def layer_input(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        """The first decoder layer's input (a forward pre-hook: a checkpointed layer's recompute runs without it):
+        its rows × positions, as padded or packed (`pk`) as they ran."""
+        x = args[0] if args else kwargs.get("hidden_states")
         if self.phase in self.executed_tokens and x is not None:
-            # packed (`pk`): the language model runs the real positions only
-            packing = getattr(self.language_model, "packing", False) and kwargs.get("cache") is None
-            mask = kwargs.get("attention_mask")
-            self.executed_tokens[self.phase] += (int(mask.sum()) if packing and isinstance(mask, torch.Tensor)
-                                                 else int(x.shape[0] * x.shape[1]))
+            self.executed_tokens[self.phase] += int(x.shape[0] * x.shape[1])
 
     def forward(self, attention_mask: torch.Tensor, logits_to_keep: int, adapter: bool, training: bool,
                 checkpointing: bool) -> None:
@@ -893,8 +890,8 @@ def run_path(model: Any, processor: Any, dataset: Any, spec: str, args: Any, sch
     visual = peft_model.get_base_model().model.visual
     hook = visual.register_forward_pre_hook(lambda m, a, k: meter.vision(k.get("grid_thw", a[1] if len(a) > 1
                                                                               else None)), with_kwargs=True)
-    lm_hook = peft_model.get_base_model().model.language_model.register_forward_pre_hook(
-        lambda m, a, k: meter.language_model_input(k, a), with_kwargs=True)
+    lm_hook = peft_model.get_base_model().model.language_model.layers[0].register_forward_pre_hook(
+        lambda m, a, k: meter.layer_input(a, k), with_kwargs=True)
     shapes.Lengths.schedule = [list(x) for x in schedule]
     head = gen._core(peft_model).lm_head
     out: dict[str, Any] = {"path": spec, "levers": sorted(levers - set(TARGETS)),

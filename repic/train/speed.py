@@ -195,6 +195,7 @@ def varlen_available() -> bool:
     return _varlen_attn() is not None
 
 
+@functools.cache
 def _varlen_attn() -> Any:
     try:
         from torch.nn.attention.varlen import varlen_attn
