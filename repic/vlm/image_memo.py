@@ -46,10 +46,10 @@ _MEMOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _memo_preprocess(self: Any, images: list, *args: Any, **kwargs: Any) -> Any:
     """The image processor's `_preprocess` (a loop of independent per-image steps), each distinct image once."""
-    import hashlib
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
+    import xxhash
     from transformers.image_processing_utils import BatchFeature
 
     memo: _PatchMemo = _MEMOS[self]
@@ -59,7 +59,8 @@ def _memo_preprocess(self: Any, images: list, *args: Any, **kwargs: Any) -> Any:
     if args or any(not isinstance(im, np.ndarray) for im in images):
         return original(images, *args, **kwargs)
     options = repr(sorted((k, v) for k, v in kwargs.items() if k != "return_tensors"))
-    keys = [(im.shape, str(im.dtype), hashlib.blake2b(np.ascontiguousarray(im).data, digest_size=16).digest(),
+    # content key: XXH3's 128 bits (~40x blake2b's speed: a step's images hashed in milliseconds, not 0.25 s)
+    keys = [(im.shape, str(im.dtype), xxhash.xxh3_128_digest(np.ascontiguousarray(im).data),
              options) for im in images]
     memo.requested += len(images)
     found = {key: memo.get(key) for key in keys}
