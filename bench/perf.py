@@ -34,8 +34,9 @@ Sections, in this order (`--sections`):
   checkpointing: GRPOConfig), `compile` (compile_layers), `vc` (compile_vision), `pp` (preprocess_once: on in the
   training stage, as are `ac`, `ra` and, on CUDA, `vc` and `tp`, with configs/paper.yaml's 4 DataLoader
   workers, `nw`: `ours+pp+ac+vc+tp+nw+ra` is the paper run's path), `pr` (rollout prefill one prompt at a time,
-  images once: rollout_trainer's prefill_rows / prefill_vision_once), `cd` (compiled decode step in the rollouts),
-  `ac` (autocast_lora: LoRA inputs left in bf16 under autocast, not cast to the adapters' fp32), `nw` (GRPOConfig's
+  images once: rollout_trainer's prefill_rows / prefill_vision_once), `cd` (compiled decode step in the rollouts,
+  LoRA dropout included), `ac` (autocast_lora: LoRA inputs left in bf16 under autocast, not cast to the adapters'
+  fp32), `nw` (GRPOConfig's
   `dataloader_num_workers=4`: the DataLoader's worker processes decode the dataset's images (PNG in Arrow) ahead of
   the step, overlapping the GPU; the training stage's rows read their image files there too,
   repic.train.grpo.preloading, with configs/paper.yaml's 4 workers), `tp` (trim_padding: the step's rows split into
@@ -787,6 +788,33 @@ def packed_attention_check(lengths: tuple[int, ...] = (915, 1224, 1830, 2553), h
     return out
 
 
+def graph_dropout_check(p: float = 0.05, shape: tuple[int, int, int] = (16, 1, 3584), replays: int = 3
+                        ) -> dict[str, Any]:
+    """`cd` with LoRA dropout on the card: the compiled decode step draws its masks with inductor's generator inside a
+    CUDA graph. A compiled dropout captured as the decoder captures its step (two warm-up calls on a side stream,
+    then the graph), replayed: does each replay draw new masks, at rate p?"""
+    import torch.nn.functional as F
+
+    fn = torch.compile(lambda x: F.dropout(x, p, training=True), fullgraph=True)
+    x = torch.ones(shape, device="cuda", dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            y = fn(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fn(x)
+    masks = []
+    for _ in range(replays):
+        graph.replay()
+        masks.append(y == 0)
+    sync()
+    return {"p": p, "replays": replays, "dropped_fraction": [float(m.float().mean()) for m in masks],
+            "replays_differ": all(not torch.equal(a, b) for a, b in zip(masks, masks[1:]))}
+
+
 def dropout_check(p: float = 0.05, seed: int = 0) -> dict[str, Any]:
     """On the card: LoRA's dropout of a bf16 input cast to fp32 (PEFT's path; autocast rounds it to bf16 for the
     product) against the dropout of the bf16 input itself (`ac`), same seed, at a projection input's shape: the
@@ -930,6 +958,8 @@ def run_path(model: Any, processor: Any, dataset: Any, spec: str, args: Any, sch
         cache = getattr(trainer, "image_feature_cache", None)
         if cache is not None:
             out["images_requested_vs_encoded"] = [cache.requested_images, cache.tower_images]
+        if getattr(trainer, "rollout_stats", None):  # the static backend's last rollout: decode compiled, graphed
+            out["last_rollout"] = dict(trainer.rollout_stats)
     except Exception as exc:  # noqa: BLE001 - reported, the other paths still run
         out.update(error=repr(exc)[:500], trace=traceback.format_exc()[-2500:], steps=meter.steps,
                    summary=summarize(meter.steps, peak))
@@ -1163,6 +1193,11 @@ def main(argv: list[str] | None = None) -> int:
     if "peak" in args.sections and cuda:
         res["peak"] = shapes.measure_peak()
         res["lora_dropout_bf16"] = dropout_check()
+        try:
+            res["graph_dropout"] = graph_dropout_check()
+        except Exception as exc:  # noqa: BLE001 - reported, the run goes on
+            res["graph_dropout"] = {"error": repr(exc)[:500]}
+        log(f"compiled dropout in a CUDA graph {res['graph_dropout']}")
         try:
             res["packed_attention"] = packed_attention_check()
         except Exception as exc:  # noqa: BLE001 - reported, the run goes on

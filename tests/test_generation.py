@@ -129,6 +129,50 @@ def test_functional_decode_step_equals_hf_generate(tiny_model_dir, monkeypatch, 
     assert generate_ids(model, inputs, backend="static", decode_compile=False, decode_attention=attention, **kw) == hf
 
 
+def _dropout_runner(tiny_model_dir):
+    """generate_ids on a LoRA model with dropout 0.5 (and strong adapters), `keep_mode`, greedy, seeded: run(backend,
+    train=True, **options) -> (tokens, stats)."""
+    from peft import get_peft_model
+
+    from repic.core.params import lora_config
+
+    processor = load_processor(tiny_model_dir)
+    torch.manual_seed(0)
+    model = get_peft_model(_chaotic(load_model(tiny_model_dir, device="cpu", dtype="float32")),
+                           lora_config({"r": 4, "lora_alpha": 8, "lora_dropout": 0.5}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 2.0)
+    texts, images = _prompts(processor, 3)
+    inputs = _batch(processor, texts, images)
+    kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+
+    def run(backend, train=True, **options):
+        model.train(train)
+        torch.manual_seed(7)
+        stats: dict = {}
+        return generate_ids(model, inputs, backend=backend, stats=stats, keep_mode=True, **kw, **options), stats
+
+    return run
+
+
+def test_functional_decode_step_drops_lora_inputs_as_peft_in_training_mode(tiny_model_dir, monkeypatch):
+    """GRPO rollouts with LoRA dropout (`keep_mode`, the model in training mode): the compiled step's functions (run
+    uncompiled here) drop each adapter's input as PEFT's forward does, one mask per adapter drawn in the eager
+    step's order: the same tokens as the eager step and as `generate` from the same seed, and other tokens than
+    the same run without dropout (so the masks are really drawn)."""
+    from repic.vlm import generation
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    monkeypatch.setattr(generation, "_COMPILED", {})
+    run = _dropout_runner(tiny_model_dir)
+    compiled, stats = run("static", decode_compile=True)
+    assert stats["compiled"] and stats["compile_error"] is None
+    assert compiled == run("static", decode_compile=False)[0] == run("hf")[0]
+    assert compiled != run("static", train=False, decode_compile=True)[0]
+
+
 def test_prefill_autocast_computes_lora_as_the_all_bf16_model(tiny_model_dir):
     """`prefill_autocast` (the GRPO rollouts' prefill on CUDA): a bf16 model with PEFT's fp32 adapters prefills
     exactly as the same model with its adapters cast to bf16 (RePIC's DeepSpeed bf16 model), and as its decode step
@@ -281,6 +325,12 @@ def test_compiled_decode_step_equals_hf_generate(tiny_model_dir):
     static = generate_ids(model, inputs, backend="static", stats=stats, decode_compile=True, **kw)
     assert stats["compiled"], stats["compile_error"]
     assert static == generate_ids(model, inputs, backend="hf", **kw)
+    # training mode, LoRA dropout active (GRPO rollouts): compiled too; inductor draws its own masks, so the
+    # tokens are not the eager step's, but they are not the undropped model's either
+    run = _dropout_runner(tiny_model_dir)
+    dropped, stats = run("static", decode_compile=True)
+    assert stats["compiled"], stats["compile_error"]
+    assert dropped != run("static", train=False, decode_compile=True)[0]
 
 
 def test_static_runs_past_eos_rows_and_without_eos(tiny):

@@ -238,6 +238,7 @@ def rollout_trainer(trainer_cls: type, backend: str = "static") -> type:
             # bucketed windows, and each distinct image encoded once per step (not once per completion and pass)
             enable_fast_vision(self.model)
             self.image_feature_cache = enable_image_feature_cache(self.model)
+            self.rollout_stats: dict[str, Any] = {}  # the last static rollout's (generate_ids' `stats`)
 
         def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
                                   has_tool_images=False):
@@ -266,6 +267,7 @@ def rollout_trainer(trainer_cls: type, backend: str = "static") -> type:
                     decode_compile=self.decode_compile, prefill_rows=self.prefill_rows,
                     prefill_vision_once=self.prefill_vision_once, prefill_prefix=False,
                     keep_mode=getattr(self, "rollout_keep_mode", False), prefill_autocast=self.prefill_autocast,
+                    stats=self.rollout_stats,
                 )
             return completion_ids, None
 
@@ -674,9 +676,7 @@ class _Decoder:
             entry = self.low_rank.get(id(m))
             if entry is not None:
                 base, adapters = entry
-                if any(p for _, _, (_, _, p) in adapters):
-                    raise TypeError("LoRA dropout is active (training mode)")
-                return base.weight, base.bias, tuple((a, b) for a, b, _ in adapters)
+                return base.weight, base.bias, tuple((a, b, p) for a, b, (_, _, p) in adapters)
             if type(m) is not torch.nn.Linear:
                 raise TypeError(f"{type(m).__name__} is not a plain Linear or LoRA layer")
             return m.weight, m.bias, ()
@@ -833,7 +833,10 @@ class _Decoder:
 
 
 # The decode step's layer parts as functions of plain tensors: one compiled graph serves every layer (a module
-# argument would compile once per layer). `p` of a projection: (weight, bias or None, ((A, B·scaling), ...)).
+# argument would compile once per layer). `p` of a projection: (weight, bias or None, ((A, B·scaling, dropout), ...)):
+# a LoRA layer in training mode (GRPO rollouts, `keep_mode`) drops its adapter's input as PEFT's forward does, each
+# adapter its own mask, drawn in the eager step's order; compiled, inductor draws them with its own generator (from
+# seeds the CUDA generator gives each call, fresh at each CUDA-graph replay).
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -846,8 +849,8 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def _proj(x: torch.Tensor, p: tuple) -> torch.Tensor:
     weight, bias, low_rank = p
     y = F.linear(x, weight, bias)
-    for a, b in low_rank:
-        y = y + F.linear(F.linear(x, a), b)
+    for a, b, drop in low_rank:
+        y = y + F.linear(F.linear(F.dropout(x, drop, training=True) if drop else x, a), b)
     return y
 
 
