@@ -1,7 +1,8 @@
 """The training stage's own GRPO path (`repic.train.grpo.train`: its data fetching, RePIC's grouping, the recipe's
 trainer class and the speed levers it turns on) run on a GPU in bf16, to show that the levers measured by
 bench/perf.py are the ones the stage runs: LoRA inputs left in bf16 under autocast (`autocast_lora`), the vision
-tower compiled (`compile_vision`, CUDA only) and the log-prob forwards packed (`packed`, CUDA only). A random-weight
+tower compiled (`compile_vision`, CUDA only), the log-prob forwards packed (`packed`, CUDA only) and the static
+rollouts' decode step compiled and prefill by rows (`decode_compile`, `prefill_rows`: CUDA only). A random-weight
 Qwen2.5-VL (bench/generation.py's build, `--shape`) is saved, then trained for `--steps` steps with
 configs/paper.yaml's `train_grpo_lora` section on bench/perf.py's RePIC-like samples; the JSON records the log, the
 wall time, the dtypes the adapters' inputs had, the language model's forwards by whether they ran packed, and
@@ -118,12 +119,28 @@ def run_stage(args: Any, work: Path, samples: list, workers: int | None, cuda: b
         return trim(cut, model, input_ids, attention_mask, logits_to_keep, batch_size, kwargs)
 
     speed.trimmed_logps = counting
+    from repic.vlm import generation
+
+    rollouts: list[dict[str, Any]] = []
+    static_eval = generation._static_generate_eval
+
+    def recording(*a: Any, **kw: Any) -> Any:  # each static rollout: its prefill mode and the decode step's stats
+        out = static_eval(*a, **kw)
+        stats = a[5] if len(a) > 5 else kw.get("stats")
+        rollouts.append({"prefill": a[8] if len(a) > 8 else kw.get("prefill"), **{
+            k: (stats or {}).get(k) for k in ("compiled", "compile_error", "graph", "decode_steps")}})
+        return out
+
+    generation._static_generate_eval = recording
     t0 = time.perf_counter()
     logs = train(work / "model", samples, work, work / f"adapter{workers}", params,
                  checkpoint_dir=work / f"ckpt{workers}", seed=0, device=args.device,
                  dtype="bfloat16" if cuda else "float32", callbacks=[Probe()])
     wall = time.perf_counter() - t0
     speed.trimmed_logps = trim
+    generation._static_generate_eval = static_eval
+    state["rollouts"] = collections.Counter(json.dumps({k: v for k, v in r.items() if k != "decode_steps"})
+                                            for r in rollouts)
     state["trim_padding_forwards"] = dict(trimmed)  # empty where the stage runs TRL's padded forwards
     tower = vision._visual(state.pop("model"))
     from repic.vlm.image_memo import preprocess_counts

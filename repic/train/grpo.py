@@ -498,6 +498,12 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
     # decode step's and RePIC's bf16 model's, not fp32 (+6.0-11.1 % tokens/s, the rollout 4.7-5.0 -> 4.0 s a step on
     # an H100; BENCHMARKS.md, issue 28, calls 19-20); nothing changes for an fp32 model (CPU runs)
     trainer_cls.prefill_autocast = True
+    # on CUDA the decode step compiled, LoRA dropout included (+9.7-12.7 % tokens/s, the rollout 4.1 -> 3.5 s a step)
+    # and the prefill one prompt at a time without its padding, the batch's images in one tower call (RePIC's grouping
+    # puts G different prompts, 915-2,553 tokens, in one rollout: +3.9-5.9 %, the prefill 1.76 -> 1.38 s); H100,
+    # BENCHMARKS.md, issue 28, calls 24-25. The CPU keeps the eager step and the padded prefill.
+    trainer_cls.decode_compile = cuda
+    trainer_cls.prefill_rows = trainer_cls.prefill_vision_once = cuda
     trainer = trainer_cls(
         model=model,
         reward_funcs=rewards,
