@@ -32,11 +32,11 @@ Sections, in this order (`--sections`):
   `model.generate` rollouts, gradient checkpointing), `ours` = `rollout_trainer(GRPOTrainer, "static")` as the
   pipeline trains today, and either with `+`-joined levers (repic.train.speed unless said): `nockpt` (no gradient
   checkpointing: GRPOConfig), `compile` (compile_layers), `vc` (compile_vision), `pp` (preprocess_once: on in the
-  training stage, as are `ac`, `ra` and, on CUDA, `vc` and `tp`, with configs/paper.yaml's 4 DataLoader
-  workers, `nw`: `ours+pp+ac+vc+tp+nw+ra` is the paper run's path), `pr` (rollout prefill one prompt at a time,
-  images once: rollout_trainer's prefill_rows / prefill_vision_once), `cd` (compiled decode step in the rollouts,
-  LoRA dropout included), `ac` (autocast_lora: LoRA inputs left in bf16 under autocast, not cast to the adapters'
-  fp32), `nw` (GRPOConfig's
+  training stage, as are `ac`, `ra` and, on CUDA, `vc`, `tp`, `pk`, `cd` and `pr`, with configs/paper.yaml's 4
+  DataLoader workers, `nw`: `ours+pp+ac+vc+tp+nw+ra+pk+cd+pr` is the paper run's path on CUDA), `pr` (rollout
+  prefill one prompt at a time, images once: rollout_trainer's prefill_rows / prefill_vision_once), `cd` (compiled
+  decode step in the rollouts, LoRA dropout included), `ac` (autocast_lora: LoRA inputs left in bf16 under
+  autocast, not cast to the adapters' fp32), `nw` (GRPOConfig's
   `dataloader_num_workers=4`: the DataLoader's worker processes decode the dataset's images (PNG in Arrow) ahead of
   the step, overlapping the GPU; the training stage's rows read their image files there too,
   repic.train.grpo.preloading, with configs/paper.yaml's 4 workers), `tp` (trim_padding: the step's rows split into

@@ -221,10 +221,11 @@ def rollout_trainer(trainer_cls: type, backend: str = "static") -> type:
 
     class StaticRolloutGRPOTrainer(trainer_cls):
         rollout_backend = backend
-        # the eager decode step, as the GRPO step was measured (BENCHMARKS.md, issue 12)
+        # the decode step eager or compiled (LoRA dropout included); the training stage compiles it on CUDA
+        # (repic.train.grpo: +9.7-12.7 % tokens/s on an H100, BENCHMARKS.md, issue 28, call 24)
         decode_compile = False
-        # the rollout prefill: a padded batch of distinct prompts at once (as measured), or one prompt at a time
-        # with the batch's images encoded once (`generate_ids`' prefill_rows / prefill_vision_once)
+        # the rollout prefill: a padded batch of distinct prompts at once, or one prompt at a time with the batch's
+        # images encoded once (`generate_ids`' prefill_rows / prefill_vision_once; the stage's on CUDA, call 25)
         prefill_rows = False
         prefill_vision_once = False
         # the prefill under autocast to the model's dtype: LoRA's products in bf16, as the decode step's (generate_ids)
