@@ -15,7 +15,8 @@ WHL=${WHL:-.whl}
 mkdir -p "$OUT"
 SECTIONS=${SECTIONS:-"peak caption grpo"}
 RECIPE=${RECIPE:-configs/paper.yaml}  # the params overlay whose train_grpo_lora section is trained (its LoRA targets)
-PATHS=${PATHS:-"ours+pp ours hf@2 ours+pp+vc ours+pp+nockpt ours+pp+compile"}
+STAGE=ours+pp+ac+vc+tp+nw+ra+pk+cd+pr  # the training stage's path on CUDA (repic.train.grpo), BENCHMARKS.md calls 24-26
+PATHS=${PATHS:-"$STAGE@2 $STAGE hf@2"}
 CAPTION_PLAN=${CAPTION_PLAN:-"4:32:ours_cdmr,ours_cdmrv,hf_b1"}
 CAPTION_SET=${CAPTION_SET:-"32:ours_cdmr,ours_cdmrf,hf_b1"}  # section caption_set: RePIC's whole 4-concept evaluation
 B1=${B1:-2}                 # captions timed in RePIC's batch-1 loop
@@ -28,7 +29,7 @@ LIMIT=${LIMIT:-490}         # perf.py is stopped here (what it saved stays in $O
 PROFILE=${PROFILE:-}
 EXTRA=()
 if [ "${CPU_REHEARSAL:-0}" = 1 ]; then  # the same command on a CPU: tiny model, short answers, small batches
-  PATHS=${CPU_PATHS:-"ours+pp ours hf@2 ours+pp+compile~2"}
+  PATHS=${CPU_PATHS:-"ours+pp+ac+nw+ra ours hf@2"}  # the stage on a CPU: no vc, tp, pk, cd, pr
   CAPTION_PLAN=${CPU_CAPTION_PLAN:-"2:2:ours_cdmr,ours_cdmrv,hf_b1"}
   CAPTION_SET=${CPU_CAPTION_SET:-"32:ours_cdmr,ours_cdmrf,hf_b1"}
   PER_DEVICE=4 ACCUM=2 STEPS=2 DEADLINE=100000 LIMIT=100000
