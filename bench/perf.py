@@ -46,7 +46,9 @@ Sections, in this order (`--sections`):
   before 2026-12-07), `ra` (rollout_trainer's prefill_autocast: the rollout's prefill under bf16 autocast, so LoRA's
   products there are bf16, as the decode step's and RePIC's bf16 model's, not PEFT's fp32), `pk` (packed: the
   log-prob forwards' decoder layers on each row's real positions only, packed into one row, attention per row:
-  torch's variable-length flash kernel on CUDA; `pkr`: the same with one causal SDPA product per row);
+  torch's variable-length flash kernel on CUDA; `pkr`: the same with one causal SDPA product per row), `pkp`
+  (rollout_trainer's prefill_packed: the rollout's prefill as one forward of its prompts packed into one row; with
+  `pk`'s attention; instead of `pr`'s prefill by rows);
   not a lever, `lm` trains LoRA on the language model's projections only (`lora_targets: language_model`, params.yaml's
   default: no lm_head adapter, TRL's chunked head), to show the recipe's lm_head cost; `~N` trains
   that path with N completions a micro-step (the step's completions unchanged: more or fewer accumulation steps),
@@ -103,7 +105,7 @@ import repic_shapes as shapes  # noqa: E402  (bench/repic_shapes.py: captioning 
 from repic.vlm import generation as gen  # noqa: E402
 
 sync = genbench.sync
-LEVERS = ("nockpt", "compile", "vc", "pp", "pr", "cd", "ac", "nw", "tp", "rx", "ra", "pk", "pkr")
+LEVERS = ("nockpt", "compile", "vc", "pp", "pr", "cd", "ac", "nw", "tp", "rx", "ra", "pk", "pkr", "pkp")
 # not a lever: the run's LoRA targets replaced by the language model's projections only (params.yaml's default,
 # `lora_targets: language_model`), to show what the recipe's lm_head adapter costs
 TARGETS = ("lm",)
@@ -906,11 +908,12 @@ def run_path(model: Any, processor: Any, dataset: Any, spec: str, args: Any, sch
         cls = type("Levers" + cls.__name__, (cls,), {"decode_compile": "cd" in levers,
                                                       "prefill_rows": "pr" in levers,
                                                       "prefill_vision_once": "pr" in levers,
-                                                      "prefill_autocast": "ra" in levers})
+                                                      "prefill_autocast": "ra" in levers,
+                                                      "prefill_packed": "pkp" in levers})
     cls = fast_trainer(grouped(cls, args.grpo_grouping),
                        compile_layers="compile" in levers, compile_vision="vc" in levers,
                        preprocess_once="pp" in levers, autocast_lora="ac" in levers,
-                       trim_padding="tp" in levers, packed=bool({"pk", "pkr"} & levers))
+                       trim_padding="tp" in levers, packed=bool({"pk", "pkr", "pkp"} & levers))
     speed.PACKED_ATTENTION["kernel"] = "rows" if "pkr" in levers else "auto"
     torch.manual_seed(0)
     peft_model = lora_model(model.train(), recipe)

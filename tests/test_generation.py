@@ -247,6 +247,45 @@ def test_prefill_by_rows_equals_the_padded_batch(tiny, mode):
         generate_ids(model, inputs, backend="hf", **kw)
 
 
+def test_packed_prefill_equals_the_padded_batch(tiny):
+    """A padded batch prefilled as one forward of its prompts' real tokens packed into one row (`prefill_packed`,
+    each prompt attending to its own): the padded batch's cache where the rows hold tokens (zeros in the pad slots)
+    and last logits within fp32 rounding, `generate`'s tokens; the decoder layers see one row of the real tokens."""
+    from repic.train.speed import disable_packing, enable_packing
+    from repic.vlm.generation import _prefill, _prompt_positions
+
+    model, processor = tiny
+    texts, images = _prompts(processor, 4)
+    inputs = _batch(processor, texts, images)
+    mask = inputs["attention_mask"].bool()
+    assert not mask.all()
+    with torch.inference_mode():
+        positions = _prompt_positions(model, inputs)
+        batched, logits = _prefill(model, inputs, positions, "batch")
+        with pytest.raises(ValueError, match="enable_packing"):
+            _prefill(model, inputs, positions, "packed")
+    kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    want = generate_ids(model, inputs, backend="hf", **kw)
+    enable_packing(model)
+    widths = []  # the first decoder layer's input: [rows, positions]
+    hook = model.model.language_model.layers[0].register_forward_pre_hook(
+        lambda m, a, k: widths.append(tuple((a[0] if a else k["hidden_states"]).shape[:2])), with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            packed, packed_logits = _prefill(model, inputs, positions, "packed")
+        assert widths == [(1, int(mask.sum()))]
+        assert torch.allclose(packed_logits, logits, atol=1e-4, rtol=1e-4)
+        _assert_same_cache(packed, batched, mask)
+        stats: dict = {}
+        assert generate_ids(model, inputs, backend="static", prefill_packed=True, stats=stats, **kw) == want
+        assert stats["prefill"] == "packed"
+        with pytest.raises(RepicError, match="prefill_packed excludes"):
+            generate_ids(model, inputs, backend="static", prefill_packed=True, prefill_vision_once=True, **kw)
+    finally:
+        hook.remove()
+        disable_packing(model)
+
+
 def test_shared_prefixes_prefilled_once_equal_the_padded_batch(tiny):
     """Prompts that begin alike (the same first references, as RePIC's conversations of one photo), prefilled one at
     a time from the cache of the prompt before them (`rows_prefix`): the padded batch's cache and last logits within

@@ -272,13 +272,30 @@ def packed_forwards(model: Any) -> Any:
         lm.packing = outer
 
 
+@contextlib.contextmanager
+def packed_prefill(model: Any) -> Any:
+    """Within the block, a forward of `model` (one `enable_packing` prepared) that starts a KV cache (`use_cache`,
+    none given: a rollout's prefill) runs packed too; its cache comes back in the padded rows' layout, zeros in the
+    pad slots (as `repic.vlm.generation`'s prefill by rows leaves them)."""
+    lm = _language_model(model)
+    if "packing" not in vars(lm):
+        raise ValueError("packed_prefill: enable_packing(model) first")
+    outer, lm.packing = lm.packing, "prefill"
+    try:
+        yield
+    finally:
+        lm.packing = outer
+
+
 def _packing_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     """The language model's forward (`enable_packing`): while `packing`, a forward of padded rows without a cache
-    runs on their real positions packed into one row, and its output is put back in the padded shape."""
+    runs on their real positions packed into one row, and its output is put back in the padded shape; under
+    `packed_prefill` a forward that starts a cache too, its keys and values put back in the padded shape."""
     raw = type(self).forward
     mask, embeds, positions = (kwargs.get(k) for k in ("attention_mask", "inputs_embeds", "position_ids"))
+    prefill = self.packing == "prefill" and bool(kwargs.get("use_cache"))
     if (not self.packing or args or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
-            or kwargs.get("use_cache") or embeds is None or positions is None
+            or (kwargs.get("use_cache") and not prefill) or embeds is None or positions is None
             or not isinstance(mask, torch.Tensor) or mask.ndim != 2):
         return raw(self, *args, **kwargs)
     keep = mask.bool()
@@ -291,11 +308,18 @@ def _packing_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
                                                           "input_ids", "cache", "use_cache")}
     out = raw(self, input_ids=None, attention_mask=dict.fromkeys(self.config.layer_types),
               position_ids=positions.flatten(-2)[..., index].unsqueeze(-2), cache=None,
-              inputs_embeds=embeds.flatten(0, 1).index_select(0, index).unsqueeze(0), use_cache=False,
+              inputs_embeds=embeds.flatten(0, 1).index_select(0, index).unsqueeze(0), use_cache=prefill,
               cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest, **rest)
-    hidden = out.last_hidden_state[0]
-    out.last_hidden_state = hidden.new_zeros(rows * width, hidden.shape[-1]).index_copy(0, index, hidden).view(
-        rows, width, -1)
+
+    def unpack(packed: torch.Tensor) -> torch.Tensor:  # [tokens, ...] -> [rows, width, ...], zeros where padded
+        return packed.new_zeros(rows * width, *packed.shape[1:]).index_copy(0, index, packed).view(
+            rows, width, *packed.shape[1:])
+
+    out.last_hidden_state = unpack(out.last_hidden_state[0])
+    if prefill:  # [1, kv heads, tokens, d] -> [rows, kv heads, width, d]
+        for layer in out.cache.layers:
+            layer.keys = unpack(layer.keys[0].transpose(0, 1)).transpose(1, 2)
+            layer.values = unpack(layer.values[0].transpose(0, 1)).transpose(1, 2)
     return out
 
 

@@ -131,16 +131,16 @@ def generate_ids(model: Any, inputs: Mapping[str, torch.Tensor], *, backend: str
                  decode_compile: bool | None = None, decode_attention: str | None = None,
                  prefill_rows: bool | None = None, prefill_vision_once: bool = False,
                  prefill_prefix: bool | None = None, keep_mode: bool = False, prefill_autocast: bool = False,
-                 **generation_kwargs: Any) -> list[list[int]]:
+                 prefill_packed: bool = False, **generation_kwargs: Any) -> list[list[int]]:
     """New token ids for each prompt row of `inputs` (a left-padded processor batch on the model's device).
 
     Row `i * repeats + j` of the result is sample `j` of prompt `i`; each row ends at its first EOS (kept).
     `generation_kwargs`: `generate`'s own (`do_sample`, `temperature`, `top_k`, `eos_token_id`, `pad_token_id`,
     `repetition_penalty`, `suppress_tokens`, ...). `stats`, when given, receives timings of the static path
-    (`prefill_s`, `decode_s`, `decode_steps`, `capture_s`, `graph`: whether the step ran as a CUDA graph,
-    `compiled`: whether it ran inductor's kernels). `decode_compile`, `decode_attention`: the static decode step's
-    options (module docstring); None takes `_decode_options`' defaults. `prefill_rows`: prefill a padded batch one
-    prompt at a time, unpadded (`_prefill`); None: on CUDA (as measured for captioning), off elsewhere.
+    (`prefill`: its mode, `prefill_s`, `decode_s`, `decode_steps`, `capture_s`, `graph`: whether the step ran as a
+    CUDA graph, `compiled`: whether it ran inductor's kernels). `decode_compile`, `decode_attention`: the static
+    decode step's options (module docstring); None takes `_decode_options`' defaults. `prefill_rows`: prefill a padded
+    batch one prompt at a time, unpadded (`_prefill`); None: on CUDA (as measured for captioning), off elsewhere.
     `prefill_vision_once`: with `prefill_rows`, the images of the whole batch go through the vision tower in one call
     and each prompt's forward takes its features (transformers' `mm_encoder_outputs`) instead of encoding its own.
     `prefill_prefix`: with `prefill_rows`, prompts that begin alike share the prefill of their common beginning
@@ -152,6 +152,9 @@ def generate_ids(model: Any, inputs: Mapping[str, torch.Tensor], *, backend: str
     PEFT LoRA layer's adapter products (fp32 adapters, PEFT's default) are computed in that dtype, as the decode
     step computes them (its low-rank copies in the model's dtype) and as RePIC's all-bf16 model (DeepSpeed bf16)
     does; without it the prefill multiplies and adds in fp32. Nothing changes for a model in fp32.
+    `prefill_packed`: a padded batch prefilled in one forward of its prompts' real tokens packed into one row, each
+    attending to its own (repic.train.speed's `packed_prefill`; the model prepared by `enable_packing`); not with
+    `prefill_vision_once` or `prefill_prefix`.
     """
     check_backend(backend)
     cfg = _generation_config(model, max_new_tokens, generation_kwargs)
@@ -169,9 +172,12 @@ def generate_ids(model: Any, inputs: Mapping[str, torch.Tensor], *, backend: str
         by_rows = device.type == "cuda" if prefill_rows is None else prefill_rows
         if prefill_prefix and prefill_vision_once:
             raise RepicError("generation: prefill_prefix and prefill_vision_once exclude each other")
+        if prefill_packed and (prefill_vision_once or prefill_prefix):
+            raise RepicError("generation: prefill_packed excludes prefill_vision_once and prefill_prefix")
         prefix = (device.type == "cuda" and not prefill_vision_once) if prefill_prefix is None else prefill_prefix
         prefill = ("rows_vision_once" if prefill_vision_once else "rows_prefix" if prefix else "rows") \
             if by_rows else "batch"
+        prefill = "packed" if prefill_packed else prefill
         rows = _static_generate(model, inputs, cfg, eos, repeats, stats,
                                 _decoders if _decoders is not None else {}, options, prefill, keep_mode,
                                 prefill_autocast).tolist()
@@ -230,6 +236,9 @@ def rollout_trainer(trainer_cls: type, backend: str = "static") -> type:
         prefill_vision_once = False
         # the prefill under autocast to the model's dtype: LoRA's products in bf16, as the decode step's (generate_ids)
         prefill_autocast = False
+        # the prefill as one forward of the prompts packed into one row (`generate_ids`' prefill_packed; the model
+        # prepared by repic.train.speed's enable_packing); instead of prefill_rows / prefill_vision_once
+        prefill_packed = False
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -266,7 +275,8 @@ def rollout_trainer(trainer_cls: type, backend: str = "static") -> type:
                     pad_token_id=self._tokenizer.pad_token_id,
                     suppress_tokens=[config.image_token_id] if self._is_vlm else None,
                     decode_compile=self.decode_compile, prefill_rows=self.prefill_rows,
-                    prefill_vision_once=self.prefill_vision_once, prefill_prefix=False,
+                    prefill_vision_once=self.prefill_vision_once and not self.prefill_packed, prefill_prefix=False,
+                    prefill_packed=self.prefill_packed,
                     keep_mode=getattr(self, "rollout_keep_mode", False), prefill_autocast=self.prefill_autocast,
                     stats=self.rollout_stats,
                 )
@@ -378,10 +388,18 @@ def _prefill(core: Any, inputs: Mapping[str, torch.Tensor], positions: torch.Ten
     pad slots stay zero; the decode mask never attends them. "rows_vision_once": the same, with every image of the
     batch encoded in one tower call first (each prompt's forward takes its images' features), as the batched
     prefill encodes them; "rows_prefix": one prompt at a time, each starting from the cache of the prompt before it
-    where they begin alike (`_prefill_shared_prefixes`); "batch": one forward of the padded batch."""
+    where they begin alike (`_prefill_shared_prefixes`); "batch": one forward of the padded batch; "packed": one
+    forward of the prompts' real tokens packed into one row, each attending causally to its own (repic.train.speed's
+    `packed_prefill`: the images encoded and merged, and the positions computed, on the padded batch first)."""
     mask = inputs["attention_mask"]
     if mode == "batch" or len(mask) == 1 or (bool(mask.all()) and mode != "rows_prefix"):
         out = core(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
+        return out.cache, out.logits[:, -1]
+    if mode == "packed":
+        from repic.train.speed import packed_prefill
+
+        with packed_prefill(core):
+            out = core(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
         return out.cache, out.logits[:, -1]
     if mode == "rows_prefix":
         return _prefill_shared_prefixes(core, inputs, positions)
@@ -574,7 +592,7 @@ def _static_generate_eval(core: Any, inputs: Mapping[str, torch.Tensor], cfg: An
     _sync(device)
     t3 = time.perf_counter()
     if stats is not None:
-        stats.update(prefill_s=t1 - t0, capture_s=t2 - t1, decode_s=t3 - t2, decode_steps=steps,
+        stats.update(prefill=prefill, prefill_s=t1 - t0, capture_s=t2 - t1, decode_s=t3 - t2, decode_steps=steps,
                      graph=decoder.graph is not None, capture_error=decoder.capture_error,
                      compiled=decoder.parts is not None, compile_error=decoder.compile_error)
     return decoder.tokens[:, :steps + 1].cpu()
