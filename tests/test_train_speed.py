@@ -355,6 +355,25 @@ def test_compiled_layers_same_losses_and_gradients(tiny_model_dir, tmp_path):
     assert counter.frame_count == frames
 
 
+def test_memo_content_key_reads_arrays_in_memory_order():
+    """The memo's key of an image array: its bytes as they lie (a channel-first view of a channel-last buffer, as
+    the processor passes them, needs no transposing copy), equal for equal arrays, other for one changed pixel; an
+    array with no memory order (a broadcast) is keyed by a contiguous copy."""
+    from repic.vlm.image_memo import _content_key
+
+    hwc = np.random.RandomState(0).randint(0, 256, (40, 30, 3), dtype=np.uint8)
+    view = hwc.transpose(2, 0, 1)
+    order, digest = _content_key(view)
+    assert order == (1, 2, 0) and _content_key(hwc.copy().transpose(2, 0, 1)) == (order, digest)
+    changed = hwc.copy()
+    changed[5, 7, 1] ^= 1
+    assert _content_key(changed.transpose(2, 0, 1))[1] != digest
+    row = np.arange(30, dtype=np.uint8)
+    wide = np.broadcast_to(row, (4, 30))
+    assert _content_key(wide) == _content_key(np.tile(row, (4, 1)))
+    assert _content_key(np.broadcast_to(row[::-1], (4, 30))) != _content_key(wide)
+
+
 def test_preprocess_once_gives_the_processors_patches(tiny_model_dir, tmp_path):
     """Each distinct image (by content) preprocessed once, in threads: the same pixel values and grids as the
     processor's own; its saved config is unchanged."""
@@ -376,7 +395,9 @@ def test_preprocess_once_gives_the_processors_patches(tiny_model_dir, tmp_path):
         assert got.keys() == want.keys()
         for key in want:
             assert torch.equal(got[key], want[key]), key
-    assert (memo.requested, memo.processed) == (8, 4)
+        arrays = memoized(text=texts[:len(images)], images=images, return_tensors="np", padding=True)
+        assert all(isinstance(arrays[k], np.ndarray) and np.array_equal(arrays[k], want[k].numpy()) for k in want)
+    assert (memo.requested, memo.processed) == (16, 4)
     plain.save_pretrained(tmp_path / "plain")
     memoized.save_pretrained(tmp_path / "memo")
     names = sorted(p.name for p in (tmp_path / "plain").iterdir())
