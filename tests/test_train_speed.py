@@ -398,6 +398,12 @@ def test_preprocess_once_gives_the_processors_patches(tiny_model_dir, tmp_path):
         arrays = memoized(text=texts[:len(images)], images=images, return_tensors="np", padding=True)
         assert all(isinstance(arrays[k], np.ndarray) and np.array_equal(arrays[k], want[k].numpy()) for k in want)
     assert (memo.requested, memo.processed) == (16, 4)
+    # a call with more distinct images than the memo held: the memo grows to hold them, so a second call of the
+    # same images (TRL's second of a step) processes none
+    many = [Image.fromarray(rng.randint(0, 256, (28, 28, 3), dtype=np.uint8)) for _ in range(memo.capacity + 3)]
+    for _ in range(2):
+        memoized.image_processor(many, return_tensors="pt")
+    assert memo.processed == 4 + len(many) and memo.capacity == len(many)
     plain.save_pretrained(tmp_path / "plain")
     memoized.save_pretrained(tmp_path / "memo")
     names = sorted(p.name for p in (tmp_path / "plain").iterdir())

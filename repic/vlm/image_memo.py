@@ -73,6 +73,9 @@ def _memo_preprocess(self: Any, images: list, *args: Any, **kwargs: Any) -> Any:
         return original(images, *args, **kwargs)
     options = repr(sorted((k, v) for k, v in kwargs.items() if k != "return_tensors"))
     keys = [(im.shape, str(im.dtype), *_content_key(im), options) for im in images]
+    # room for every image of the largest call: TRL processes a step's images twice, and a step with more images than
+    # the memo holds would reprocess the overflow at every call (RePIC's grouping: 16 prompts of 1-3 images a step)
+    memo.capacity = max(memo.capacity, len(set(keys)))
     memo.requested += len(images)
     found = {key: memo.get(key) for key in keys}
     todo = {}  # key -> the first image with it, among those not processed before
@@ -153,7 +156,8 @@ def memoize_image_processor(image_processor: Any, capacity: int = 32, workers: i
                             by: str = "content") -> _PatchMemo:
     """`image_processor` (this instance; a transformers image processor whose `_preprocess` loops over images
     independently, as Qwen2-VL's does) processing each distinct image once and the new ones of a call in
-    `workers` threads; keeps the patches of the last `capacity` images. Its saved config (`to_dict`) is unchanged.
+    `workers` threads; keeps the patches of the last `capacity` images (by content: at least the largest call's
+    distinct images). Its saved config (`to_dict`) is unchanged.
     `by`: `content` (an image's pixels and the options: training, where a dataset re-reads its files) or `object`
     (the same PIL image object and options, not even converted again: captioning, whose loader gives one object per
     file; the caller must not modify an image it passed). Returns the memo (its counters)."""
