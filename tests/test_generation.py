@@ -262,7 +262,7 @@ def test_packed_prefill_equals_the_padded_batch(tiny):
     with torch.inference_mode():
         positions = _prompt_positions(model, inputs)
         batched, logits = _prefill(model, inputs, positions, "batch")
-        with pytest.raises(ValueError, match="enable_packing"):
+        with pytest.raises(RepicError, match="enable_packing"):
             _prefill(model, inputs, positions, "packed")
     kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
     want = generate_ids(model, inputs, backend="hf", **kw)

@@ -272,25 +272,12 @@ def packed_forwards(model: Any) -> Any:
         lm.packing = outer
 
 
-@contextlib.contextmanager
-def packed_prefill(model: Any) -> Any:
-    """Within the block, a forward of `model` (one `enable_packing` prepared) that starts a KV cache (`use_cache`,
-    none given: a rollout's prefill) runs packed too; its cache comes back in the padded rows' layout, zeros in the
-    pad slots (as `repic.vlm.generation`'s prefill by rows leaves them)."""
-    lm = _language_model(model)
-    if "packing" not in vars(lm):
-        raise ValueError("packed_prefill: enable_packing(model) first")
-    outer, lm.packing = lm.packing, "prefill"
-    try:
-        yield
-    finally:
-        lm.packing = outer
-
-
 def _packing_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     """The language model's forward (`enable_packing`): while `packing`, a forward of padded rows without a cache
-    runs on their real positions packed into one row, and its output is put back in the padded shape; under
-    `packed_prefill` a forward that starts a cache too, its keys and values put back in the padded shape."""
+    runs on their real positions packed into one row, and its output is put back in the padded shape. With
+    `packing == "prefill"` (repic.vlm.generation's packed rollout prefill, `prefill_packed`) a forward that starts a
+    cache (`use_cache`, none given) runs packed too, its keys and values put back in the padded shape, zeros in the
+    pad slots (as the prefill by rows leaves them)."""
     raw = type(self).forward
     mask, embeds, positions = (kwargs.get(k) for k in ("attention_mask", "inputs_embeds", "position_ids"))
     prefill = self.packing == "prefill" and bool(kwargs.get("use_cache"))

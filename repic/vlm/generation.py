@@ -153,7 +153,7 @@ def generate_ids(model: Any, inputs: Mapping[str, torch.Tensor], *, backend: str
     step computes them (its low-rank copies in the model's dtype) and as RePIC's all-bf16 model (DeepSpeed bf16)
     does; without it the prefill multiplies and adds in fp32. Nothing changes for a model in fp32.
     `prefill_packed`: a padded batch prefilled in one forward of its prompts' real tokens packed into one row, each
-    attending to its own (repic.train.speed's `packed_prefill`; the model prepared by `enable_packing`); not with
+    attending to its own (the model prepared by repic.train.speed's `enable_packing`); not with
     `prefill_vision_once` or `prefill_prefix`.
     """
     check_backend(backend)
@@ -390,16 +390,20 @@ def _prefill(core: Any, inputs: Mapping[str, torch.Tensor], positions: torch.Ten
     prefill encodes them; "rows_prefix": one prompt at a time, each starting from the cache of the prompt before it
     where they begin alike (`_prefill_shared_prefixes`); "batch": one forward of the padded batch; "packed": one
     forward of the prompts' real tokens packed into one row, each attending causally to its own (repic.train.speed's
-    `packed_prefill`: the images encoded and merged, and the positions computed, on the padded batch first)."""
+    `_packing_forward`: the images encoded and merged, and the positions computed, on the padded batch first)."""
     mask = inputs["attention_mask"]
     if mode == "batch" or len(mask) == 1 or (bool(mask.all()) and mode != "rows_prefix"):
         out = core(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
         return out.cache, out.logits[:, -1]
-    if mode == "packed":
-        from repic.train.speed import packed_prefill
-
-        with packed_prefill(core):
+    if mode == "packed":  # the language model's `packing` attribute: repic.train.speed's enable_packing sets it
+        lm = core.model.language_model
+        if "packing" not in vars(lm):
+            raise RepicError("generation: prefill_packed needs a model prepared by repic.train.speed.enable_packing")
+        outer, lm.packing = lm.packing, "prefill"  # its forward packs a cache-starting forward too
+        try:
             out = core(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
+        finally:
+            lm.packing = outer
         return out.cache, out.logits[:, -1]
     if mode == "rows_prefix":
         return _prefill_shared_prefixes(core, inputs, positions)

@@ -46,8 +46,8 @@ _MEMOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _content_key(array: Any) -> tuple[tuple[int, ...], bytes]:
     """(axis order, XXH3-128 of the bytes) of a numpy array, read in its memory order: the processor's images are
-    channel-first views of channel-last buffers, hashed as they lie (no transposing copy). Arrays with equal keys and
-    shapes are equal; an equal array laid out otherwise only gets another key."""
+    channel-first views of channel-last buffers, hashed as they lie (no transposing copy). Arrays with equal keys,
+    shapes and dtypes are equal; an equal array laid out otherwise only gets another key."""
     import numpy as np
     import xxhash
 
