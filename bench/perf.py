@@ -793,25 +793,18 @@ def packed_attention_check(lengths: tuple[int, ...] = (915, 1224, 1830, 2553), h
 def graph_dropout_check(p: float = 0.05, shape: tuple[int, int, int] = (16, 1, 3584), replays: int = 3
                         ) -> dict[str, Any]:
     """`cd` with LoRA dropout on the card: the compiled decode step draws its masks with inductor's generator inside a
-    CUDA graph. A compiled dropout captured as the decoder captures its step (two warm-up calls on a side stream,
-    then the graph), replayed: does each replay draw new masks, at rate p?"""
+    CUDA graph. A compiled dropout captured by the decoder's own capture (`generation.capture_graph`), replayed:
+    does each replay draw new masks, at rate p?"""
     import torch.nn.functional as F
 
     fn = torch.compile(lambda x: F.dropout(x, p, training=True), fullgraph=True)
     x = torch.ones(shape, device="cuda", dtype=torch.bfloat16)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            y = fn(x)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = fn(x)
+    out: dict[str, torch.Tensor] = {}
+    graph = gen.capture_graph(lambda: out.update(y=fn(x)))
     masks = []
     for _ in range(replays):
         graph.replay()
-        masks.append(y == 0)
+        masks.append(out["y"] == 0)
     sync()
     return {"p": p, "replays": replays, "dropped_fraction": [float(m.float().mean()) for m in masks],
             "replays_differ": all(not torch.equal(a, b) for a, b in zip(masks, masks[1:]))}

@@ -7,7 +7,16 @@ Qwen2.5-VL (bench/generation.py's build, `--shape`) is saved, then trained for `
 configs/paper.yaml's `train_grpo_lora` section on bench/perf.py's RePIC-like samples; the JSON records the log, the
 wall time, the dtypes the adapters' inputs had, the language model's forwards by whether they ran packed, and
 whether the tower ran compiled code, the image processor's class and backend, and how many images the memo
-processed of those asked for (`preprocess_once`: PIL backend only)."""
+processed of those asked for (`preprocess_once`: PIL backend only).
+
+    python bench/train_stage_cuda.py --out train_stage.json                   # a GPU (bf16)
+    python bench/train_stage_cuda.py --device cpu --out /tmp/train_stage.json # a CPU (fp32: the CUDA levers idle)
+
+`--workers 0 4` trains once per value of GRPOConfig's `dataloader_num_workers` (the stage's images read by the
+DataLoader's workers ahead of the step: repic.train.grpo.preloading), from the same saved model, and records each
+run's step wall times (`step_s`: from one step's end to the next's, so the batch's fetching counts; the first step
+left out): at `--shape 7b --image-scale 1` the stage's own step time with and without the workers, in one process.
+"""
 
 from __future__ import annotations
 
@@ -124,11 +133,10 @@ def run_stage(args: Any, work: Path, samples: list, workers: int | None, cuda: b
     rollouts: list[dict[str, Any]] = []
     static_eval = generation._static_generate_eval
 
-    def recording(*a: Any, **kw: Any) -> Any:  # each static rollout: its prefill mode and the decode step's stats
+    def recording(*a: Any, **kw: Any) -> Any:  # each static rollout's stats (`generate_ids`'): prefill mode, decode
         out = static_eval(*a, **kw)
-        stats = a[5] if len(a) > 5 else kw.get("stats")
-        rollouts.append({"prefill": a[8] if len(a) > 8 else kw.get("prefill"), **{
-            k: (stats or {}).get(k) for k in ("compiled", "compile_error", "graph", "decode_steps")}})
+        stats = a[5] if len(a) > 5 else kw.get("stats")  # the rollout trainer's `rollout_stats`
+        rollouts.append({k: (stats or {}).get(k) for k in ("prefill", "compiled", "compile_error", "graph")})
         return out
 
     generation._static_generate_eval = recording
@@ -139,8 +147,7 @@ def run_stage(args: Any, work: Path, samples: list, workers: int | None, cuda: b
     wall = time.perf_counter() - t0
     speed.trimmed_logps = trim
     generation._static_generate_eval = static_eval
-    state["rollouts"] = collections.Counter(json.dumps({k: v for k, v in r.items() if k != "decode_steps"})
-                                            for r in rollouts)
+    state["rollouts"] = collections.Counter(json.dumps(r) for r in rollouts)
     state["trim_padding_forwards"] = dict(trimmed)  # empty where the stage runs TRL's padded forwards
     tower = vision._visual(state.pop("model"))
     from repic.vlm.image_memo import preprocess_counts

@@ -51,7 +51,8 @@ sequence's forwards alone was measured and removed (9.5 % slower on an H100 at R
   product per row), and its output is scattered back to the padded shape (zeros at padding, which TRL masks) for
   TRL's log-probabilities. Each token sees the positions and keys it saw padded (the padded mask is causal and
   hides padding keys), so the log-probs are the padded path's up to float rounding; LoRA dropout draws its masks
-  over the packed shape (other masks, the same distribution). Rollouts (a KV cache) are not packed.
+  over the packed shape (other masks, the same distribution). Rollouts (a KV cache) are not packed, unless
+  repic.vlm.generation's `prefill_packed` asks for their prefill (`_packing_forward`'s "prefill" mode).
 
 Gradient checkpointing itself is TRL's option (`GRPOConfig.gradient_checkpointing`): off, the backward does not
 recompute each layer's forward, at the price of the activations' memory.

@@ -807,16 +807,7 @@ class _Decoder:
         # warm-up steps compute finite values.
         self.col.fill_(1)
         self.is_new.fill_(True)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: lazy cuBLAS/attention initialisation stays out of the graph
-                self.step()
-                self.col.fill_(1)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.step()
+        self.graph = capture_graph(self.step, reset=lambda: self.col.fill_(1))
         for buf in self.keys + self.values:
             buf.zero_()
         torch.cuda.synchronize()
@@ -853,6 +844,23 @@ class _Decoder:
             if steps % SYNC_EVERY == 0 and bool(self.done.all()):
                 break
         return steps
+
+
+def capture_graph(step: Any, reset: Any = None, warmups: int = 2) -> torch.cuda.CUDAGraph:
+    """`step()` captured as a CUDA graph, as the decode step is: `warmups` calls on a side stream first (lazy
+    cuBLAS / attention / inductor initialisation stays out of the graph), `reset()` after each."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmups):
+            step()
+            if reset is not None:
+                reset()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
 
 
 # The decode step's layer parts as functions of plain tensors: one compiled graph serves every layer (a module
