@@ -15,7 +15,7 @@ WHL=${WHL:-.whl}
 mkdir -p "$OUT"
 SECTIONS=${SECTIONS:-"peak caption grpo"}
 RECIPE=${RECIPE:-configs/paper.yaml}  # the params overlay whose train_grpo_lora section is trained (its LoRA targets)
-STAGE=ours+pp+ac+vc+tp+nw+ra+pk+cd+pr  # the training stage's path on CUDA (repic.train.grpo), BENCHMARKS.md calls 24-26
+STAGE=ours+pp+ac+vc+tp+nw+ra+pk+cd+pkp  # the training stage's path on CUDA (repic.train.grpo), BENCHMARKS.md calls 27-29
 PATHS=${PATHS:-"$STAGE@2 $STAGE hf@2"}
 CAPTION_PLAN=${CAPTION_PLAN:-"4:32:ours_cdmr,ours_cdmrv,hf_b1"}
 CAPTION_SET=${CAPTION_SET:-"32:ours_cdmr,ours_cdmrf,hf_b1"}  # section caption_set: RePIC's whole 4-concept evaluation

@@ -2,7 +2,7 @@
 trainer class and the speed levers it turns on) run on a GPU in bf16, to show that the levers measured by
 bench/perf.py are the ones the stage runs: LoRA inputs left in bf16 under autocast (`autocast_lora`), the vision
 tower compiled (`compile_vision`, CUDA only), the log-prob forwards packed (`packed`, CUDA only) and the static
-rollouts' decode step compiled and prefill by rows (`decode_compile`, `prefill_rows`: CUDA only). A random-weight
+rollouts' decode step compiled and prefill packed (`decode_compile`, `prefill_packed`: CUDA only). A random-weight
 Qwen2.5-VL (bench/generation.py's build, `--shape`) is saved, then trained for `--steps` steps with
 configs/paper.yaml's `train_grpo_lora` section on bench/perf.py's RePIC-like samples; the JSON records the log, the
 wall time, the dtypes the adapters' inputs had, the language model's forwards by whether they ran packed, and

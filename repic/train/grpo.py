@@ -492,18 +492,23 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
     # real positions only, attention per row; +15.0-16.6 % tokens/s, the training phase 26.7 -> 36.5 % of the
     # peak on an H100, issue 28, call 23).
     cuda = device.startswith("cuda")
+    packed = cuda and varlen_available()
     trainer_cls = fast_trainer(trainer_cls, preprocess_once=True, autocast_lora=True, compile_vision=cuda,
-                               trim_padding=cuda, packed=cuda and varlen_available())
+                               trim_padding=cuda, packed=packed)
     # static rollouts: the prefill under autocast to the model's dtype, so LoRA's products there are bf16 as the
     # decode step's and RePIC's bf16 model's, not fp32 (+6.0-11.1 % tokens/s, the rollout 4.7-5.0 -> 4.0 s a step on
     # an H100; BENCHMARKS.md, issue 28, calls 19-20); nothing changes for an fp32 model (CPU runs)
     trainer_cls.prefill_autocast = True
-    # on CUDA the decode step compiled, LoRA dropout included (+9.7-12.7 % tokens/s, the rollout 4.1 -> 3.5 s a step)
-    # and the prefill one prompt at a time without its padding, the batch's images in one tower call (RePIC's grouping
-    # puts G different prompts, 915-2,553 tokens, in one rollout: +3.9-5.9 %, the prefill 1.76 -> 1.38 s); H100,
-    # BENCHMARKS.md, issue 28, calls 24-25. The CPU keeps the eager step and the padded prefill.
+    # on CUDA the decode step compiled, LoRA dropout included (+9.7-12.7 % tokens/s, the rollout 4.1 -> 3.5 s a step;
+    # H100, BENCHMARKS.md, issue 28, call 24). RePIC's grouping puts G different prompts (915-2,553 tokens) in one
+    # rollout: where the log-prob forwards are packed, the prefill is one forward of the prompts' real tokens packed
+    # into one row, attention per prompt (`prefill_packed`: +11.3-12.9 % over the prefill by prompt, the rollout
+    # 3.70 -> 2.97 s a step; call 27); elsewhere on CUDA one prompt at a time without its padding, the batch's images
+    # in one tower call (+3.9-5.9 % over the padded batch; call 25). The CPU keeps the eager step and the padded
+    # prefill.
     trainer_cls.decode_compile = cuda
-    trainer_cls.prefill_rows = trainer_cls.prefill_vision_once = cuda
+    trainer_cls.prefill_packed = packed
+    trainer_cls.prefill_rows = trainer_cls.prefill_vision_once = cuda and not packed
     trainer = trainer_cls(
         model=model,
         reward_funcs=rewards,
