@@ -279,6 +279,9 @@ def test_packed_prefill_equals_the_padded_batch(tiny):
         stats: dict = {}
         assert generate_ids(model, inputs, backend="static", prefill_packed=True, stats=stats, **kw) == want
         assert stats["prefill"] == "packed"
+        # G copies of each prompt (grouping `grpo`): the distinct prompts packed, the cache expanded for the decode
+        assert generate_ids(model, inputs, backend="static", prefill_packed=True, repeats=2, **kw) == \
+            [row for row in want for _ in range(2)]
         with pytest.raises(RepicError, match="prefill_packed excludes"):
             generate_ids(model, inputs, backend="static", prefill_packed=True, prefill_vision_once=True, **kw)
     finally:
