@@ -131,22 +131,21 @@ def run_stage(args: Any, work: Path, samples: list, workers: int | None, cuda: b
     from repic.vlm import generation
 
     rollouts: list[dict[str, Any]] = []
-    static_eval = generation._static_generate_eval
+    generate_ids = generation.generate_ids
 
-    def recording(*a: Any, **kw: Any) -> Any:  # each static rollout's stats (`generate_ids`'): prefill mode, decode
-        out = static_eval(*a, **kw)
-        stats = a[5] if len(a) > 5 else kw.get("stats")  # the rollout trainer's `rollout_stats`
-        rollouts.append({k: (stats or {}).get(k) for k in ("prefill", "compiled", "compile_error", "graph")})
+    def recording(*a: Any, **kw: Any) -> Any:  # each rollout's stats (the trainer's `rollout_stats`): prefill, decode
+        out = generate_ids(*a, **kw)
+        rollouts.append({k: (kw.get("stats") or {}).get(k) for k in ("prefill", "compiled", "compile_error", "graph")})
         return out
 
-    generation._static_generate_eval = recording
+    generation.generate_ids = recording
     t0 = time.perf_counter()
     logs = train(work / "model", samples, work, work / f"adapter{workers}", params,
                  checkpoint_dir=work / f"ckpt{workers}", seed=0, device=args.device,
                  dtype="bfloat16" if cuda else "float32", callbacks=[Probe()])
     wall = time.perf_counter() - t0
     speed.trimmed_logps = trim
-    generation._static_generate_eval = static_eval
+    generation.generate_ids = generate_ids
     state["rollouts"] = collections.Counter(json.dumps(r) for r in rollouts)
     state["trim_padding_forwards"] = dict(trimmed)  # empty where the stage runs TRL's padded forwards
     tower = vision._visual(state.pop("model"))
