@@ -14,5 +14,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 timeout -k 10 "${LIMIT:-500}" python3 bench/train_stage_cuda.py --shape 7b --image-scale 1 --steps "${STEPS:-4}" \
   --max-new "${MAX_NEW:-64}" --workers ${WORKERS:-4 0 4} --out "$OUT/train_stage_7b.json" > "$OUT/train_stage_7b.log" 2>&1
 echo "rc=$?"
-grep -a '"step_s\|dataloader_num_workers\|images_preprocessed\|"wall_s\|Error\|error' "$OUT/train_stage_7b.log" | head -40
+grep -a '"step_s\|"gpu_peak\|dataloader_num_workers\|images_preprocessed\|"wall_s\|Error\|error' "$OUT/train_stage_7b.log" | head -40
 tail -5 "$OUT/train_stage_7b.log"

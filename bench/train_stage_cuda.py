@@ -5,9 +5,9 @@ tower compiled (`compile_vision`, CUDA only), the log-prob forwards packed (`pac
 rollouts' decode step compiled and prefill packed (`decode_compile`, `prefill_packed`: CUDA only). A random-weight
 Qwen2.5-VL (bench/generation.py's build, `--shape`) is saved, then trained for `--steps` steps with
 configs/paper.yaml's `train_grpo_lora` section on bench/perf.py's RePIC-like samples; the JSON records the log, the
-wall time, the dtypes the adapters' inputs had, the language model's forwards by whether they ran packed, and
-whether the tower ran compiled code, the image processor's class and backend, and how many images the memo
-processed of those asked for (`preprocess_once`: PIL backend only).
+wall time, the GPU's peak allocated memory, the dtypes the adapters' inputs had, the language model's forwards by
+whether they ran packed, and whether the tower ran compiled code, the image processor's class and backend, and how
+many images the memo processed of those asked for (`preprocess_once`: PIL backend only).
 
     python bench/train_stage_cuda.py --out train_stage.json                   # a GPU (bf16)
     python bench/train_stage_cuda.py --device cpu --out /tmp/train_stage.json # a CPU (fp32: the CUDA levers idle)
@@ -139,6 +139,8 @@ def run_stage(args: Any, work: Path, samples: list, workers: int | None, cuda: b
         return out
 
     generation.generate_ids = recording
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     logs = train(work / "model", samples, work, work / f"adapter{workers}", params,
                  checkpoint_dir=work / f"ckpt{workers}", seed=0, device=args.device,
@@ -159,7 +161,8 @@ def run_stage(args: Any, work: Path, samples: list, workers: int | None, cuda: b
     out = {"shape": args.shape, "device": args.device, "steps": args.steps, "wall_s": wall,
            "dataloader_num_workers": params["grpo"].get("dataloader_num_workers", 0), "image_scale": args.image_scale,
            "step_s_median": later[len(later) // 2] if later else None,
-           "gpu": torch.cuda.get_device_name(0) if cuda else None, "log": logs, **state,
+           "gpu": torch.cuda.get_device_name(0) if cuda else None,
+           "gpu_peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None, "log": logs, **state,
            "adapter_input_dtypes": dict(seen), "language_model_forwards": dict(packed),
            "vision_compile": fast.get("compile"),
            "vision_compiled_entries": len(fast.get("compiled", {})),
