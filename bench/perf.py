@@ -31,9 +31,9 @@ Sections, in this order (`--sections`):
   `grpo` (G completions of one prompt, TRL's sampler). Paths (`--grpo-paths`): `hf` = TRL's default (its
   `model.generate` rollouts, gradient checkpointing), `ours` = `rollout_trainer(GRPOTrainer, "static")` as the
   pipeline trains today, and either with `+`-joined levers (repic.train.speed unless said): `nockpt` (no gradient
-  checkpointing: GRPOConfig), `compile` (compile_layers), `vc` (compile_vision), `pp` (preprocess_once: on in the
-  training stage, as are `ac`, `ra` and, on CUDA, `vc`, `tp`, `pk`, `cd` and `pr`, with configs/paper.yaml's 4
-  DataLoader workers, `nw`: `ours+pp+ac+vc+tp+nw+ra+pk+cd+pr` is the paper run's path on CUDA), `pr` (rollout
+  checkpointing: GRPOConfig), `vc` (compile_vision), `pp` (preprocess_once: on in the training stage, as are `ac`,
+  `ra` and, on CUDA, `vc`, `tp`, `pk`, `cd` and `pkp`, with configs/paper.yaml's 4 DataLoader workers, `nw`:
+  `ours+pp+ac+vc+tp+nw+ra+pk+cd+pkp`, STAGE below, is the paper run's path on CUDA), `pr` (rollout
   prefill one prompt at a time, images once: rollout_trainer's prefill_rows / prefill_vision_once), `cd` (compiled
   decode step in the rollouts, LoRA dropout included), `ac` (autocast_lora: LoRA inputs left in bf16 under
   autocast, not cast to the adapters' fp32), `nw` (GRPOConfig's
@@ -105,7 +105,9 @@ import repic_shapes as shapes  # noqa: E402  (bench/repic_shapes.py: captioning 
 from repic.vlm import generation as gen  # noqa: E402
 
 sync = genbench.sync
-LEVERS = ("nockpt", "compile", "vc", "pp", "pr", "cd", "ac", "nw", "tp", "rx", "ra", "pk", "pkr", "pkp")
+# the training stage's path on CUDA (repic.train.grpo.train; bench/device_perf.sh's STAGE)
+STAGE = "ours+pp+ac+vc+tp+nw+ra+pk+cd+pkp"
+LEVERS = ("nockpt", "vc", "pp", "pr", "cd", "ac", "nw", "tp", "rx", "ra", "pk", "pkr", "pkp")
 # not a lever: the run's LoRA targets replaced by the language model's projections only (params.yaml's default,
 # `lora_targets: language_model`), to show what the recipe's lm_head adapter costs
 TARGETS = ("lm",)
@@ -871,7 +873,7 @@ def run_path(model: Any, processor: Any, dataset: Any, spec: str, args: Any, sch
 
     from repic.train import speed
     from repic.train.grpo import grpo_config, lora_model, recipe_trainer, reward_functions
-    from repic.train.speed import disable_packing, fast_trainer, lora_inputs_cast, uncompile_language_layers
+    from repic.train.speed import disable_packing, fast_trainer, lora_inputs_cast
     from repic.vlm.image_memo import unmemoize_image_processor
     from repic.vlm.vision import disable_fast_vision, disable_image_feature_cache
 
@@ -903,8 +905,7 @@ def run_path(model: Any, processor: Any, dataset: Any, spec: str, args: Any, sch
                                                       "prefill_vision_once": "pr" in levers,
                                                       "prefill_autocast": "ra" in levers,
                                                       "prefill_packed": "pkp" in levers})
-    cls = fast_trainer(grouped(cls, args.grpo_grouping),
-                       compile_layers="compile" in levers, compile_vision="vc" in levers,
+    cls = fast_trainer(grouped(cls, args.grpo_grouping), compile_vision="vc" in levers,
                        preprocess_once="pp" in levers, autocast_lora="ac" in levers,
                        trim_padding="tp" in levers, packed=bool({"pk", "pkr", "pkp"} & levers))
     speed.PACKED_ATTENTION["kernel"] = "rows" if "pkr" in levers else "auto"
@@ -964,7 +965,6 @@ def run_path(model: Any, processor: Any, dataset: Any, spec: str, args: Any, sch
     trainer = None
     disable_fast_vision(peft_model)
     disable_image_feature_cache(peft_model)
-    uncompile_language_layers(peft_model)
     disable_packing(peft_model)
     lora_inputs_cast(peft_model)
     unmemoize_image_processor(processor.image_processor)
@@ -1138,8 +1138,8 @@ def main(argv: list[str] | None = None) -> int:
                          "paths (bench/repic4_workload.json)")
     ap.add_argument("--caption-set-workload", default=str(ROOT / "bench/repic4_workload.json"))
     ap.add_argument("--max-new-tokens", type=int, default=160, help="captioning")
-    ap.add_argument("--grpo-paths", nargs="+", default=["ours+pp", "ours", "hf@2", "ours+pp+vc",
-                                                        "ours+pp+nockpt", "ours+pp+compile"])
+    ap.add_argument("--grpo-paths", nargs="+", default=[f"{STAGE}@2", STAGE, "hf@2"],
+                    help="GRPO paths (module docstring); default: the training stage's on CUDA twice, TRL's")
     ap.add_argument("--grpo-steps", type=int, default=3, help="optimizer steps per path (the first is warm-up)")
     ap.add_argument("--grpo-per-device", type=int, default=8, help="completions per micro-step "
                     "(per_device_train_batch_size)")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from repic.train.speed import compile_language_layers, fast_trainer
+from repic.train.speed import fast_trainer
 
 
 def _model(model_dir, dropout: float, dtype: str = "float32"):
@@ -329,30 +329,6 @@ def test_micro_batches_by_length_draw_as_trl_and_restore_its_shuffle():
     with micro_batches_by_length():
         assert grpo.shuffle_sequence_dict is by_length
     assert grpo.shuffle_sequence_dict is shuffle_sequence_dict
-
-
-@pytest.mark.slow
-def test_compiled_layers_same_losses_and_gradients(tiny_model_dir, tmp_path):
-    """Decoder layers compiled (inductor's C++ backend here), under gradient checkpointing, LoRA dropout on: the
-    eager path's loss and gradients; LoRA dropout stays eager, so its masks are the same."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    want = _step(_trainer(tiny_model_dir, tmp_path, dropout=0.05, checkpointing=True))
-    trainer = _trainer(tiny_model_dir, tmp_path, dropout=0.05, checkpointing=True)
-    counter = CompileCounterWithBackend("inductor")
-    assert compile_language_layers(trainer.model, backend=counter) == 2
-    got = _step(trainer)
-    assert counter.frame_count > 0  # compiled code ran
-    _assert_same(got, want, atol=1e-5)
-    # forwards with a KV cache (rollout prefills, `generate`) stay eager: nothing more compiles
-    from repic.vlm.generation import generate_ids
-
-    frames = counter.frame_count
-    inputs = trainer.processing_class(text=["<|vision_start|><|image_pad|><|vision_end|>Is it?"],
-                                      images=[Image.new("RGB", (56, 56), "red")], return_tensors="pt")
-    generate_ids(trainer.model, inputs, backend="static", max_new_tokens=3, do_sample=False)
-    generate_ids(trainer.model, inputs, backend="hf", max_new_tokens=3, do_sample=False)
-    assert counter.frame_count == frames
 
 
 def test_memo_content_key_reads_arrays_in_memory_order():

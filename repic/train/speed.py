@@ -1,18 +1,12 @@
 """Faster training forwards for TRL's `GRPOTrainer`, each one exact: what is trained does not change.
 
-`fast_trainer(trainer_cls, compile_layers=..., compile_vision=..., preprocess_once=...)` returns
-a subclass of the trainer class (TRL's, or `repic.vlm.generation.rollout_trainer`'s) with these levers, each off
-unless asked for (bench/perf.py measures them; BENCHMARKS.md has the figures). A padding-free lever that ran each
-sequence's forwards alone was measured and removed (9.5 % slower on an H100 at RePIC's shapes: small products);
-`packed` below is padding-free with the rows' positions in one forward (BENCHMARKS.md, issue 28).
+`fast_trainer(trainer_cls, compile_vision=..., preprocess_once=...)` returns a subclass of the trainer class (TRL's,
+or `repic.vlm.generation.rollout_trainer`'s) with these levers, each off unless asked for (bench/perf.py measures
+them; BENCHMARKS.md has the figures). Two levers were measured and removed: one that ran each sequence's forwards
+alone (9.5 % slower on an H100 at RePIC's shapes: small products; `packed` below is padding-free with the rows'
+positions in one forward), and one that compiled each decoder layer with `torch.compile` (at most +1.6-3.2 % on an
+H100 on top of the stage's path, with a first step of 77-120 s: under issue 28's 5 % bar; BENCHMARKS.md).
 
-
-- `compile_layers`: each decoder layer of the language model runs as `torch.compile(dynamic=True)` code (one graph
-  for all layers and sequence lengths), which fuses the eager elementwise chains around the matrix products
-  (RMSNorm and rotary in fp32, LoRA's casts and scaling, SiLU, residual adds) in the forward and the backward; only
-  in forwards without a KV cache (TRL's reference and policy forwards), not in rollouts.
-  LoRA's dropout modules stay eager (`torch.compiler.disable`), so they draw the same masks from the same generator
-  as the eager layer; gradient checkpointing wraps the compiled layer as it wraps the eager one.
 - `compile_vision`: the frozen vision tower's blocks compiled (repic.vlm.vision), as captioning does on CUDA.
 - `autocast_lora`: under bf16 autocast (TRL's log-prob forwards with `bf16: true`), PEFT casts each LoRA layer's
   input to its adapter's dtype (fp32) before the dropout, and autocast casts it back to bf16 for the adapter's
@@ -63,7 +57,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
-import warnings
 from typing import Any
 
 import torch
@@ -71,15 +64,15 @@ import torch
 from repic.vlm.image_memo import memoize_image_processor
 
 
-def fast_trainer(trainer_cls: type, *, compile_layers: bool = False, compile_vision: bool = False,
+def fast_trainer(trainer_cls: type, *, compile_vision: bool = False,
                  preprocess_once: bool = False, autocast_lora: bool = False, trim_padding: bool = False,
                  packed: bool = False) -> type:
     """`trainer_cls` (a TRL GRPOTrainer class) with the levers asked for (module docstring); itself if none."""
-    if not (compile_layers or compile_vision or preprocess_once or autocast_lora or trim_padding or packed):
+    if not (compile_vision or preprocess_once or autocast_lora or trim_padding or packed):
         return trainer_cls
 
     class FastGRPOTrainer(trainer_cls):
-        speed_options = {"compile_layers": compile_layers, "compile_vision": compile_vision,
+        speed_options = {"compile_vision": compile_vision,
                          "preprocess_once": preprocess_once, "autocast_lora": autocast_lora,
                          "trim_padding": trim_padding, "packed": packed}
 
@@ -108,8 +101,6 @@ def fast_trainer(trainer_cls: type, *, compile_layers: bool = False, compile_vis
                 from repic.vlm.vision import enable_fast_vision
 
                 enable_fast_vision(self.model, compile=True)
-            if compile_layers:
-                compile_language_layers(self.model)
             if packed:
                 enable_packing(self.model)
 
@@ -147,8 +138,6 @@ def lora_inputs_cast(model: Any) -> None:
         if getattr(module.__dict__.get("_cast_input_dtype"), "__func__", None) is _cast_unless_autocast:
             del module._cast_input_dtype
 
-
-_COMPILED_CLASSES: dict[tuple[type, Any], type] = {}
 
 # ----------------------------------------------------------------------------------------------------------------
 # `packed`: padding-free log-prob forwards
@@ -309,72 +298,6 @@ def _packing_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
             layer.keys = unpack(layer.keys[0].transpose(0, 1)).transpose(1, 2)
             layer.values = unpack(layer.values[0].transpose(0, 1)).transpose(1, 2)
     return out
-
-
-def compile_language_layers(model: Any, backend: Any = "inductor") -> int:
-    """Each decoder layer of `model`'s language model (under PEFT / accelerate wrappers) as compiled code, LoRA
-    dropout left eager; returns the number of layers compiled. A layer class without transformers' checkpointing
-    wrapper (`GradientCheckpointingLayer`) is left as it is, with a warning. `backend`: torch.compile's (tests: a
-    counting one)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    from repic.vlm.generation import _core
-
-    lm = _core(model).model.language_model
-    done = 0
-    for layer in lm.layers:
-        cls = type(layer)
-        if getattr(cls, "_repic_compiled", False):
-            done += 1
-            continue
-        raw = getattr(cls.forward, "__wrapped__", None)  # the forward under transformers' checkpointing wrapper
-        if not issubclass(cls, GradientCheckpointingLayer) or raw is None:
-            warnings.warn(f"compile_layers: {cls.__name__} left eager (not a GradientCheckpointingLayer)",
-                          stacklevel=2)
-            continue
-        key = (cls, backend)
-        if key not in _COMPILED_CLASSES:
-            # a subclass whose forward is the compiled raw forward: GradientCheckpointingLayer.__init_subclass__
-            # wraps it in the same checkpointing logic as the eager class's
-            _COMPILED_CLASSES[key] = type(f"Compiled{cls.__name__}", (cls,), {
-                "forward": _training_forward(raw, torch.compile(raw, dynamic=True, backend=backend)),
-                "_repic_compiled": True})
-        layer.__class__ = _COMPILED_CLASSES[key]
-        done += 1
-    for module in lm.modules():
-        if isinstance(module, torch.nn.Dropout) and not getattr(module, "_repic_eager", False):
-            # eager: the masks come from the global generator in the eager layer's order (inductor would draw its
-            # own); the compiled code breaks its graph around each dropout
-            module.forward = torch.compiler.disable(module.forward)
-            module._repic_eager = True
-    return done
-
-
-def _training_forward(raw: Any, compiled: Any) -> Any:
-    """The compiled forward for forwards without a KV cache (TRL's log-prob forwards); the eager one with a cache
-    (rollout prefills, `generate`), whose per-layer cache writes would compile once per layer."""
-    import functools
-
-    @functools.wraps(raw)
-    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
-            return compiled(self, *args, **kwargs)
-        return raw(self, *args, **kwargs)
-
-    return forward
-
-
-def uncompile_language_layers(model: Any) -> None:
-    """Undo `compile_language_layers` (the eager layer classes and dropout forwards back)."""
-    from repic.vlm.generation import _core
-
-    lm = _core(model).model.language_model
-    for layer in lm.layers:
-        if getattr(type(layer), "_repic_compiled", False):
-            layer.__class__ = type(layer).__mro__[1]
-    for module in lm.modules():
-        if getattr(module, "_repic_eager", False):
-            del module.forward, module._repic_eager
 
 
 # ----------------------------------------------------------------------------------------------------------------
