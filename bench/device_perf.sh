@@ -15,8 +15,8 @@ WHL=${WHL:-.whl}
 mkdir -p "$OUT"
 SECTIONS=${SECTIONS:-"peak caption grpo"}
 RECIPE=${RECIPE:-configs/paper.yaml}  # the params overlay whose train_grpo_lora section is trained (its LoRA targets)
-STAGE=ours+pp+ac+vc+tp+nw+ra+pk+cd+pkp  # the training stage's path on CUDA (repic.train.grpo), BENCHMARKS.md calls 27-29
-PATHS=${PATHS:-"$STAGE@2 $STAGE hf@2"}
+# PATHS: GRPO paths; unset, bench/perf.py's default: its STAGE (the training stage's path on CUDA, BENCHMARKS.md calls
+# 27-29) twice, then TRL's
 CAPTION_PLAN=${CAPTION_PLAN:-"4:32:ours_cdmr,ours_cdmrv,hf_b1"}
 CAPTION_SET=${CAPTION_SET:-"32:ours_cdmr,ours_cdmrf,hf_b1"}  # section caption_set: RePIC's whole 4-concept evaluation
 B1=${B1:-2}                 # captions timed in RePIC's batch-1 loop
@@ -49,7 +49,7 @@ cat "$OUT/env.txt"
 # shellcheck disable=SC2086  # SECTIONS is a word list
 timeout -k 10 "$LIMIT" $PY bench/perf.py --sections $SECTIONS --caption-plan $CAPTION_PLAN --b1-captions "$B1" \
   --caption-set "$CAPTION_SET" \
-  --grpo-paths $PATHS --grpo-steps "$STEPS" --grpo-per-device "$PER_DEVICE" --grpo-grad-accum "$ACCUM" \
+  ${PATHS:+--grpo-paths $PATHS} --grpo-steps "$STEPS" --grpo-per-device "$PER_DEVICE" --grpo-grad-accum "$ACCUM" \
   --grpo-grouping "$GROUPING" --grpo-recipe "$RECIPE" ${PROFILE:+--grpo-profile $PROFILE} \
   --deadline-s "$DEADLINE" "${EXTRA[@]}" --out "$OUT/perf.json" > "$OUT/perf.log" 2>&1
 rc=$?

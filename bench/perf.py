@@ -105,7 +105,7 @@ import repic_shapes as shapes  # noqa: E402  (bench/repic_shapes.py: captioning 
 from repic.vlm import generation as gen  # noqa: E402
 
 sync = genbench.sync
-# the training stage's path on CUDA (repic.train.grpo.train; bench/device_perf.sh's STAGE)
+# the training stage's path on CUDA (repic.train.grpo.train), the default of --grpo-paths and bench/device_perf.sh
 STAGE = "ours+pp+ac+vc+tp+nw+ra+pk+cd+pkp"
 LEVERS = ("nockpt", "vc", "pp", "pr", "cd", "ac", "nw", "tp", "rx", "ra", "pk", "pkr", "pkp")
 # not a lever: the run's LoRA targets replaced by the language model's projections only (params.yaml's default,
