@@ -1,6 +1,7 @@
 """Training as RePIC trained, proved against its own code (../shared/repic_training, loaded with `ast`: its functions
 and methods run here without its heavy imports): rewards, prompt building, resize, the sampler's index -> sample
-mapping under `grouping: repic`, the completions an optimizer step, LoRA targets, rollout sampling (issue 22)."""
+mapping under `grouping: repic`, the completions an optimizer step, LoRA targets, rollout sampling (issue 22), and
+the advantages, loss, KL and gradients of a training step."""
 
 from __future__ import annotations
 
@@ -53,8 +54,9 @@ def _method(tree: ast.Module, cls: str, name: str) -> ast.FunctionDef:
 def repic() -> SimpleNamespace:
     """RePIC's rewards and `LazySupervisedDataset` (its `random` is the namespace's: a test swaps in a seeded
     generator), and from its trainer: `RepeatRandomSampler`, `_get_train_sampler`, `_get_per_token_logps`,
-    `find_all_linear_names` (nested in `__init__`), the image loop of `_generate_and_score_completions` as a
-    function of `inputs`, and the keywords of its rollouts' `GenerationConfig`."""
+    `compute_loss`, `find_all_linear_names` (nested in `__init__`), the image loop of
+    `_generate_and_score_completions` as a function of `inputs`, its statements from the gather of the rewards to
+    the advantages as a function of `rewards_per_func`, and the keywords of its rollouts' `GenerationConfig`."""
     import PIL.Image
     import torch
     import yaml
@@ -77,13 +79,24 @@ def repic() -> SimpleNamespace:
     loop = next(n for n in score.body if isinstance(n, ast.For))  # `for x in inputs:` -> `images`
     images_fn = ast.parse("def prepare_images(inputs):\n    images = []\n    return images").body[0]
     images_fn.body.insert(1, loop)
-    methods = [_method(trainer_tree, "Qwen2VLGRPOTrainer", m) for m in ("_get_train_sampler", "_get_per_token_logps")]
+    # the advantages: from the gather of every process's rewards to `advantages = ...`, as a function of them
+    first = next(i for i, n in enumerate(score.body) if isinstance(n, ast.Assign)
+                 and ast.unparse(n.value) == "self.accelerator.gather(rewards_per_func)")
+    last = next(i for i, n in enumerate(score.body) if isinstance(n, ast.Assign)
+                and ast.unparse(n.targets[0]) == "advantages")
+    advantages_fn = ast.parse("def advantages(self, rewards_per_func):\n    return advantages").body[0]
+    advantages_fn.body[:0] = score.body[first:last + 1]
+    methods = [_method(trainer_tree, "Qwen2VLGRPOTrainer", m)
+               for m in ("_get_train_sampler", "_get_per_token_logps", "compute_loss")]
     ast.fix_missing_locations(images_fn)
-    trainer = _exec([*_top_level(trainer_tree, {"RepeatRandomSampler"}), find_all, images_fn, *methods],
+    ast.fix_missing_locations(advantages_fn)
+    trainer = _exec([*_top_level(trainer_tree, {"RepeatRandomSampler"}), find_all, images_fn, advantages_fn,
+                     *methods],
                     TRAINER_PY, {"torch": torch, "PIL": PIL, "Sampler": object, "Sized": Sized, "Optional": Optional})
     return SimpleNamespace(
         data=data, accuracy_reward=data["accuracy_reward"], dataset=data["LazySupervisedDataset"],
         sampler=trainer["_get_train_sampler"], per_token_logps=trainer["_get_per_token_logps"],
+        advantages=trainer["advantages"], compute_loss=trainer["compute_loss"],
         find_all_linear_names=trainer["find_all_linear_names"], prepare_images=trainer["prepare_images"],
         generation_keywords={k.arg: ast.literal_eval(k.value) if isinstance(k.value, ast.Constant) else None
                              for k in generation_call.keywords})
@@ -603,3 +616,159 @@ def test_rollout_dropout_reaches_every_adapter_of_the_static_decode(untied_model
     assert generate_ids(model, inputs, backend="static", keep_mode=True, **greedy) == plain
     assert generate_ids(model, inputs, backend="hf", **greedy) == plain  # TRL's path, in training mode
     assert generate_ids(model, inputs, backend="static", **greedy) == adapted  # eval mode inside, by default
+
+
+# ---------------------------------------------------------------- advantages, loss, KL
+
+
+def _repic_config_defaults() -> dict[str, Any]:
+    """RePIC's GRPOConfig field defaults (its grpo_config.py) overridden by its launch script's flags."""
+    tree = ast.parse((OPEN_R1 / "trainer" / "grpo_config.py").read_text(encoding="utf-8"))
+    defaults = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.value, ast.Call):
+            for kw in node.value.keywords:
+                if kw.arg == "default" and isinstance(kw.value, ast.Constant):
+                    defaults[node.target.id] = kw.value.value
+    script = (OPEN_R1.parents[1] / "run_scripts" / "RePIC_training_lora.sh").read_text(encoding="utf-8")
+    for key in ("beta", "num_generations", "per_device_train_batch_size", "gradient_accumulation_steps"):
+        defaults[key] = float(re.search(rf"--{key} (\S+)", script).group(1))
+    return defaults
+
+
+def test_advantages_loss_kl_and_gradients_equal_repic_compute_loss(repic, paper, untied_model_dir, tmp_path,
+                                                                    monkeypatch):
+    """The paper recipe's optimizer step as RePIC's trainer takes it. Our training stage runs two steps of the
+    paper config (its `train_grpo_lora` section whole, but for sizes and CPU settings: G = 8, 16 completions a
+    step, 8 x accumulation 2 on one process, `grouping: repic`, lm_head adapted, static rollouts) on the tiny
+    model, and its second step (the adapter moved, so the KL term is live) is recorded: the rewards, TRL's rollout
+    batch, the adapter, the loss and the LoRA gradients before clipping. RePIC's code, run from its source on the
+    same rollouts, gives the same: its statements from the gather of the rewards to `(r - mean) / (std + 1e-4)`
+    per group of 8 the same advantages; its `_get_per_token_logps` with the adapter disabled the same reference
+    log-probs; its `compute_loss` (clipped ratio at its GRPOConfig's epsilon, k3 KL at its script's beta,
+    per-sequence token mean), one completion a call, unpadded, as each of its 8 processes ran at accumulation 2,
+    then reduced as DeepSpeed does (summed over micro-steps / accumulation, averaged over processes), the same loss
+    and gradients. TRL 1.16's default `use_bias_correction_kl: true` (the KL term times the importance ratio, whose
+    gradient is not zero on-policy) moves these gradients by ~2e-4 of their scale, 400x this test's rounding: the
+    paper config turns it off."""
+    from collections import defaultdict
+
+    import torch
+    import transformers
+    from trl import GRPOTrainer
+
+    from repic.train.grpo import lora_model, train
+    from repic.train.rewards import REWARD_REGISTRY
+    from repic.vlm.models import load_model
+
+    from .test_train import _tiny_samples, text_variety
+
+    theirs = _repic_config_defaults()
+    train_params = paper["train_grpo_lora"]
+    ours = train_params["grpo"]
+    assert (ours["beta"], ours["num_generations"], train_params["completions_per_step"]) == (
+        theirs["beta"], theirs["num_generations"],
+        theirs["num_generations"] * theirs["per_device_train_batch_size"] * theirs["gradient_accumulation_steps"])
+
+    records: dict[str, list] = defaultdict(list)
+
+    def record(owner, name, keep=None):
+        original = getattr(owner, name)
+
+        def wrapped(self, *args, **kwargs):
+            if keep is None:  # the gradients as they reach clipping
+                records[name].append((self.state.global_step, {n: p.grad.detach().clone() for n, p in
+                                      self.model.named_parameters() if p.requires_grad}))
+            out = original(self, *args, **kwargs)
+            if keep is not None:
+                records[name].append((self.state.global_step, keep(self, out)))
+            return out
+        monkeypatch.setattr(owner, name, wrapped)
+
+    def adapter_and_batch(self, out):
+        weights = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        return weights, {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in out.items()}
+
+    record(GRPOTrainer, "_generate_and_score_completions", adapter_and_batch)
+    record(GRPOTrainer, "_calculate_rewards", lambda self, out: out.detach().clone())
+    record(GRPOTrainer, "_compute_loss", lambda self, out: (out.detach().clone(), self.epsilon_low,
+                                                             self.epsilon_high, self.num_iterations, self.beta))
+    record(transformers.Trainer, "_clip_grad_norm")
+    monkeypatch.setitem(REWARD_REGISTRY, "text_variety", lambda protocol: text_variety)
+    sizes = {"max_completion_length": 6, "max_steps": 2, "bf16": False, "gradient_checkpointing": False,
+             "dataloader_num_workers": 0, "report_to": "none", "save_strategy": "no",
+             "learning_rate": 1e-2}  # the adapter moves enough in one step for the KL term to show
+    grpo = {**{k: v for k, v in ours.items() if k not in ("num_train_epochs", "save_steps", "save_total_limit")},
+            **sizes}
+    params = {**train_params, "rewards": ["text_variety"], "grpo": grpo,
+              "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}}  # RePIC's 0.05 draws masks: none here
+    train(untied_model_dir, _tiny_samples(tmp_path), tmp_path, tmp_path / "adapter", params,
+          checkpoint_dir=tmp_path / "ck", seed=0, device="cpu")
+
+    step = 1
+    (weights, batch), = [r for s, r in records["_generate_and_score_completions"] if s == step]
+    rewards_per_func, = [r for s, r in records["_calculate_rewards"] if s == step]
+    losses = [r for s, r in records["_compute_loss"] if s == step]
+    trl_grads, = [r for s, r in records["_clip_grad_norm"] if s == step]
+    n = len(batch["completion_ids"])
+    processes = int(theirs["num_generations"])  # RePIC: one completion a process, a group = the 8 processes
+    accumulation = n // processes
+    assert n == 16 and len(losses) == accumulation == theirs["gradient_accumulation_steps"]
+    assert {(eps_low, eps_high, iterations, beta) for _, eps_low, eps_high, iterations, beta in losses} == {
+        (theirs["epsilon"], theirs["epsilon"], theirs["num_iterations"], theirs["beta"])}
+
+    # the advantages: RePIC's statements on the same rewards (one reward function here, so its sum is the reward)
+    fake = SimpleNamespace(num_generations=processes, accelerator=SimpleNamespace(gather=lambda t: t))
+    advantages = repic.advantages(fake, rewards_per_func)
+    assert advantages.abs().max() > 0.1  # rewards with spread: the policy term is live
+    assert torch.allclose(batch["advantages"], advantages, atol=1e-6, rtol=1e-6)
+
+    # the same adapter, and RePIC's model call: transformers 5 takes Qwen2.5-VL's 3D positions from
+    # `mm_token_type_ids`, which 4.49 derived from the image tokens of `input_ids`
+    torch.manual_seed(0)
+    model = lora_model(load_model(untied_model_dir, device="cpu", dtype="float32").train(), params)
+    assert not model.load_state_dict(weights, strict=False).unexpected_keys
+    image_token = model.config.image_token_id
+
+    def repic_model(input_ids, **kwargs):
+        return model(input_ids=input_ids, mm_token_type_ids=(input_ids == image_token).long(), **kwargs)
+
+    metrics: dict[str, list] = defaultdict(list)
+    self = SimpleNamespace(
+        state=SimpleNamespace(global_step=step), num_iterations=int(theirs["num_iterations"]), _step=0,
+        _buffered_inputs=[None] * accumulation, args=SimpleNamespace(gradient_accumulation_steps=accumulation),
+        epsilon=theirs["epsilon"], beta=theirs["beta"], _metrics=metrics,
+        accelerator=SimpleNamespace(gather_for_metrics=lambda t: t),
+        _get_per_token_logps=lambda *a: repic.per_token_logps(None, *a))
+    patches = [int(t.prod()) for t in batch["image_grid_thw"]]
+    first_image = [sum(batch["num_images"][:r]) for r in range(n + 1)]
+    model.zero_grad()
+    total = 0.0
+    for r in range(n):  # row r: RePIC's process r % 8 at micro-step r // 8 (any assignment sums the same)
+        prompt = batch["prompt_ids"][r][batch["prompt_mask"][r].bool()][None]
+        length = int(batch["completion_mask"][r].sum())
+        completion = batch["completion_ids"][r, :length][None]
+        images = slice(first_image[r], first_image[r + 1])
+        pixels = slice(sum(patches[:images.start]), sum(patches[:images.stop]))
+        pixel_values, grid = batch["pixel_values"][pixels], batch["image_grid_thw"][images]
+        ids = torch.cat([prompt, completion], 1)
+        with torch.no_grad(), model.disable_adapter():  # RePIC's reference: the policy with the adapter disabled
+            ref = repic.per_token_logps(None, repic_model, ids, torch.ones_like(ids), pixel_values, grid)
+        ref = ref[:, prompt.shape[1] - 1:]
+        assert torch.allclose(ref[0], batch["ref_per_token_logps"][r, :length], atol=1e-5), r
+        rollout = {"prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt), "completion_ids": completion,
+                   "completion_mask": torch.ones_like(completion), "old_per_token_logps": None,
+                   "ref_per_token_logps": ref, "advantages": advantages[r:r + 1], "pixel_values": pixel_values,
+                   "image_grid_thw": grid}
+        self._generate_and_score_completions = lambda inputs, model, rollout=rollout: rollout
+        loss = repic.compute_loss(self, repic_model, None)
+        (loss / accumulation / processes).backward()  # DeepSpeed: / accumulation, mean over processes
+        total += loss.item() / accumulation / processes
+    assert min(metrics["kl"]) > 0  # the KL term is live: the adapter has moved from the reference
+    assert total == pytest.approx(float(sum(loss for loss, *_ in losses)), rel=1e-5, abs=1e-7)
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert grads.keys() == trl_grads.keys() and any("lm_head" in name for name in grads)
+    scale = max(float(g.abs().max()) for g in trl_grads.values())
+    assert scale > 0
+    for name, grad in grads.items():  # rounding here: 5e-7 of the scale; TRL's bias-corrected KL: 2e-4
+        assert torch.allclose(grad, trl_grads[name], atol=2e-6 * scale, rtol=1e-5), name
