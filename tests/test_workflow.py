@@ -35,21 +35,22 @@ from pathlib import Path
 from snakemake.api import SnakemakeApi
 from snakemake.io import is_flagged
 from snakemake.settings.types import ConfigSettings, ResourceSettings
-with SnakemakeApi() as api:
-    wf = api.workflow(resource_settings=ResourceSettings(),
-                      config_settings=ConfigSettings(config=json.loads(sys.argv[1])),
-                      snakefile=Path("workflow/Snakefile"), workdir=Path("."))._workflow
-    rules = {r.name: {
-        "input": list(r.input),
-        "output": [str(o) for o in r.output],
-        "directory": [str(o) for o in r.output if is_flagged(o, "directory")],
-        "update": [str(o) for o in r.output if is_flagged(o, "update")],
-        "params": dict(r.params.items()) if r.params else {},
-        "threads": r.resources["_cores"].value,
-        "resources": {k: v.value for k, v in r.resources.items() if not k.startswith("_") and k != "tmpdir"},
-        "local": r.name in wf._localrules,
-    } for r in wf.rules}
-print("RULES=" + json.dumps(rules, default=str))
+out = []
+for config in json.loads(sys.argv[1]):  # one process parses the Snakefile under each config: one import of it all
+    with SnakemakeApi() as api:
+        wf = api.workflow(resource_settings=ResourceSettings(), config_settings=ConfigSettings(config=config),
+                          snakefile=Path("workflow/Snakefile"), workdir=Path("."))._workflow
+        out.append({r.name: {
+            "input": list(r.input),
+            "output": [str(o) for o in r.output],
+            "directory": [str(o) for o in r.output if is_flagged(o, "directory")],
+            "update": [str(o) for o in r.output if is_flagged(o, "update")],
+            "params": dict(r.params.items()) if r.params else {},
+            "threads": r.resources["_cores"].value,
+            "resources": {k: v.value for k, v in r.resources.items() if not k.startswith("_") and k != "tmpdir"},
+            "local": r.name in wf._localrules,
+        } for r in wf.rules})
+print("RULES=" + json.dumps(out, default=str))
 """
 
 
@@ -68,9 +69,12 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess
     return proc
 
 
-def snakemake_rules(repo: Path, config: dict | None = None) -> dict[str, dict]:
-    out = run([sys.executable, "-c", DUMP_RULES, json.dumps(config or {})], repo).stdout
-    return json.loads(out.rsplit("RULES=", 1)[1])
+def snakemake_rules(repo: Path, *configs: dict) -> dict[str, dict] | list[dict[str, dict]]:
+    """The rules Snakemake builds from `repo`'s Snakefile under `configs` (default: none); one config: its
+    rules, several: a list, all from one process."""
+    out = run([sys.executable, "-c", DUMP_RULES, json.dumps(list(configs or [{}]))], repo).stdout
+    rules = json.loads(out.rsplit("RULES=", 1)[1])
+    return rules if len(configs) > 1 else rules[0]
 
 
 def dvc_stages(repo: Path) -> list:
@@ -279,7 +283,8 @@ def test_resources_come_from_dvc_meta_and_profiles_cap_them() -> None:
     # training asks for nodes x GPUs a node (one node of 8 by default): on one node that is `gpu`
     assert stages["train_grpo_lora"]["nodes"] == 1 and "gpu" not in stages["train_grpo_lora"]
     gpus = {name: meta.get("gpu", meta.get("gpus_per_node")) for name, meta in stages.items()}
-    rules = snakemake_rules(ROOT)
+    caps = {"max_gpu": 1, "max_mem_mb": 3000, "max_threads": 2, "max_runtime": 20, "local_cpu_stages": True}
+    rules, capped = snakemake_rules(ROOT, {}, caps)
     for name, meta in stages.items():
         assert rules[name]["threads"] == meta["threads"]
         assert {k: rules[name]["resources"][k] for k in ("gpu", "mem_mb", "runtime")} == {
@@ -290,8 +295,6 @@ def test_resources_come_from_dvc_meta_and_profiles_cap_them() -> None:
         multinode = f"python workflow/multinode.py {shlex.quote(rules[name]['params']['cmd'])}"
         assert rules[name]["params"]["run"] == (multinode if "nodes" in meta else rules[name]["params"]["cmd"])
 
-    caps = {"max_gpu": 1, "max_mem_mb": 3000, "max_threads": 2, "max_runtime": 20, "local_cpu_stages": True}
-    capped = snakemake_rules(ROOT, caps)
     for name, meta in stages.items():
         assert capped[name]["threads"] == min(meta["threads"], 2)
         assert capped[name]["resources"]["gpu"] == min(gpus[name], 1)
