@@ -573,12 +573,8 @@ def test_lm_head_adapter_log_probs_equal_repic_and_it_trains(repic, untied_model
     generate_ids = generation.generate_ids
     monkeypatch.setattr(generation, "generate_ids",
                         lambda *a, **kw: rollouts.append(kw["prefill_autocast"]) or generate_ids(*a, **kw))
-    samples = _tiny_samples(tmp_path)  # prompts of several lengths (left padding): 1 or 2 images, ICT suffixes
-    for i, sample in enumerate(samples[::2]):
-        sample.update(image=sample["image"][0], accu_reward_method="yes_no_name", solution=f"<x{i}>",
-                      problem=f"Who is in the image? Answer with a name{', please' * i}.")
-    train(untied_model_dir, samples, tmp_path, tmp_path / "adapter", params, checkpoint_dir=tmp_path / "ck",
-          seed=0, device="cpu")
+    train(untied_model_dir, _tiny_samples(tmp_path), tmp_path, tmp_path / "adapter", params,
+          checkpoint_dir=tmp_path / "ck", seed=0, device="cpu")
     assert rollouts and all(rollouts)
     weights = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     head = [k for k in weights if "lm_head" in k and "lora_B" in k]
@@ -626,7 +622,8 @@ def test_rollout_dropout_reaches_every_adapter_of_the_static_decode(untied_model
 
 
 def _repic_config_defaults() -> dict[str, Any]:
-    """RePIC's GRPOConfig field defaults (its grpo_config.py) overridden by its launch script's flags."""
+    """RePIC's GRPOConfig field defaults (its grpo_config.py) overridden by its launch script's flags, and its
+    GRPOScriptArguments' image processor bounds."""
     tree = ast.parse((OPEN_R1 / "trainer" / "grpo_config.py").read_text(encoding="utf-8"))
     defaults = {}
     for node in ast.walk(tree):
@@ -634,6 +631,12 @@ def _repic_config_defaults() -> dict[str, Any]:
             for kw in node.value.keywords:
                 if kw.arg == "default" and isinstance(kw.value, ast.Constant):
                     defaults[node.target.id] = kw.value.value
+    script_args = ast.parse(DATASET_PY.read_text(encoding="utf-8"))  # GRPOScriptArguments: the processor's bounds
+    klass = next(n for n in script_args.body if isinstance(n, ast.ClassDef) and n.name == "GRPOScriptArguments")
+    for node in klass.body:
+        if isinstance(node, ast.AnnAssign) and node.target.id in ("min_pixels", "max_pixels"):
+            defaults[node.target.id] = next(ast.literal_eval(kw.value) for kw in node.value.keywords
+                                            if kw.arg == "default")
     script = (OPEN_R1.parents[1] / "run_scripts" / "RePIC_training_lora.sh").read_text(encoding="utf-8")
     for key in ("beta", "num_generations", "per_device_train_batch_size", "gradient_accumulation_steps"):
         defaults[key] = float(re.search(rf"--{key} (\S+)", script).group(1))
@@ -658,8 +661,10 @@ def test_advantages_loss_kl_and_gradients_equal_repic_compute_loss(repic, paper,
     (~2e-7): the paper config turns it off."""
     from collections import defaultdict
 
+    import numpy as np
     import torch
     import transformers
+    from transformers.image_utils import SizeDict
     from trl import GRPOTrainer
 
     from repic.train.grpo import lora_model, train
@@ -671,6 +676,7 @@ def test_advantages_loss_kl_and_gradients_equal_repic_compute_loss(repic, paper,
     theirs = _repic_config_defaults()
     train_params = paper["train_grpo_lora"]
     ours = train_params["grpo"]
+    assert (train_params["min_pixels"], train_params["max_pixels"]) == (theirs["min_pixels"], theirs["max_pixels"])
     assert (ours["beta"], ours["num_generations"], train_params["completions_per_step"]) == (
         theirs["beta"], theirs["num_generations"],
         theirs["num_generations"] * theirs["per_device_train_batch_size"] * theirs["gradient_accumulation_steps"])
@@ -714,8 +720,10 @@ def test_advantages_loss_kl_and_gradients_equal_repic_compute_loss(repic, paper,
     params = {**train_params, "rewards": ["text_variety"], "grpo": grpo,
               "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}}  # RePIC's 0.05 draws masks: none here
     samples = _tiny_samples(tmp_path)  # prompts of several lengths (left padding): 1 or 2 images, ICT suffixes
-    for i, sample in enumerate(samples[::2]):
-        sample.update(image=sample["image"][0], accu_reward_method="yes_no_name", solution=f"<x{i}>",
+    rng = np.random.default_rng(0)
+    for i, sample in enumerate(samples[::2]):  # single images over the tiny base's own max_pixels (12,544)
+        Image.fromarray(rng.integers(0, 256, (168, 224, 3), dtype=np.uint8)).save(tmp_path / f"data/big{i}.png")
+        sample.update(image=f"./data/big{i}.png", accu_reward_method="yes_no_name", solution=f"<x{i}>",
                       problem=f"Who is in the image? Answer with a name{', please' * i}.")
     train(untied_model_dir, samples, tmp_path, tmp_path / "adapter", params, checkpoint_dir=tmp_path / "ck",
           seed=0, device="cpu")
@@ -735,11 +743,13 @@ def test_advantages_loss_kl_and_gradients_equal_repic_compute_loss(repic, paper,
     # the prompts: RePIC's text (its TRL's `maybe_apply_chat_template` of a conversational prompt: the chat template
     # with the generation prompt) and processor call give TRL 1.16's prompt tokens and pixels
     rows, = [inputs for s, inputs in examples if s == step]
-    processor = load_processor(untied_model_dir)
+    processor = load_processor(untied_model_dir)  # with RePIC's bounds (4.49's `min_pixels`/`max_pixels`: 5's `size`)
+    processor.image_processor.size = SizeDict(shortest_edge=theirs["min_pixels"], longest_edge=theirs["max_pixels"])
     texts = [processor.apply_chat_template(x["prompt"], tokenize=False, add_generation_prompt=True) for x in rows]
     theirs_inputs = processor(text=texts, images=[x["images"] for x in rows], return_tensors="pt", padding=True,
                               padding_side="left", add_special_tokens=False)
     assert len(set(batch["prompt_mask"].sum(1).tolist())) > 2  # prompts of several lengths, left padded
+    assert max(int(t.prod()) for t in batch["image_grid_thw"]) * 14 * 14 > 12544  # the bounds are RePIC's
     assert torch.equal(theirs_inputs["input_ids"], batch["prompt_ids"])
     assert torch.equal(theirs_inputs["attention_mask"], batch["prompt_mask"])
     assert torch.equal(theirs_inputs["pixel_values"], batch["pixel_values"])

@@ -169,7 +169,8 @@ SCHEMA: dict[str, Any] = _obj({
         "rollout_dropout": {"type": "boolean"},
         "lora": {"type": "object"},
         "grpo": {"type": "object"},
-    }),
+    }, optional={"min_pixels": {"type": "integer", "minimum": 3136},  # the processor's bounds (RePIC's
+                 "max_pixels": {"type": "integer", "minimum": 3136}}),  # trainer sets both); absent: the base's
     "models": {"type": "object", "minProperties": 1, "propertyNames": {"pattern": _MODEL_NAME},
                "additionalProperties": _MODEL_ROW},
     "score": _obj({"protocol": {"enum": list(PROTOCOLS)}}),

@@ -129,8 +129,8 @@ def reward_functions(names: list[str], protocol: str) -> list:
 
 # What the training loop reads of the `train_grpo_lora` section: checkpoints are keyed on these (and the data,
 # base model, seed, dtype and number of processes), so editing `heldout_eval` or `launch` keeps them.
-TRAINING_KEYS = ("rollout_backend", "protocol", "rewards", "resize", "lora", "grpo", "grouping",
-                 "completions_per_step", "lora_targets", "rollout_dropout")
+TRAINING_KEYS = ("rollout_backend", "protocol", "rewards", "resize", "min_pixels", "max_pixels", "lora", "grpo",
+                 "grouping", "completions_per_step", "lora_targets", "rollout_dropout")
 # ... except these GRPOConfig fields, which change how fast, not what, is trained: a checkpoint resumes across them.
 HARDWARE_GRPO_KEYS = ("dataloader_num_workers",)
 
@@ -395,6 +395,14 @@ def recipe_trainer(trainer_cls: type, params: dict[str, Any]) -> type:
     return lora_head_trainer(cls)
 
 
+def training_processor(model_path: str | os.PathLike, params: dict[str, Any]) -> Any:
+    """The checkpoint's processor with the `train_grpo_lora` section's image pixel bounds (`min_pixels`,
+    `max_pixels`; absent: the checkpoint's own), as RePIC's trainer sets them on its processor."""
+    from repic.vlm.models import load_processor
+
+    return load_processor(model_path, min_pixels=params.get("min_pixels"), max_pixels=params.get("max_pixels"))
+
+
 def content_digest(paths: list[str | os.PathLike]) -> str:
     """sha256 over the bytes of `paths` (folders walked, files in sorted order, each with its relative name):
     what the checkpoints were trained from, by content, so that a rebuilt base model or redrawn images at the same
@@ -451,7 +459,7 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
     from transformers import set_seed
     from trl import GRPOTrainer
 
-    from repic.vlm.models import load_model, load_processor, pick_device
+    from repic.vlm.models import load_model, pick_device
 
     device = pick_device(device)
     grouping = params.get("grouping", "grpo")
@@ -469,7 +477,7 @@ def train(model_path: str | os.PathLike, samples: list[dict[str, Any]], root: st
     # rows, images decoded from Arrow; +2.6 % in this stage's own run, whose image files decoded cheaply)
     dataset = preloading(Dataset.from_list([{"sample": i} for i in range(len(samples))]), samples, root,
                          resize=params.get("resize", {}))
-    processor = load_processor(model_path)
+    processor = training_processor(model_path, params)
     # Loaded on the CPU: the Trainer (accelerate) places it, one GPU per process under `accelerate launch`.
     # Seeded before LoRA's random init of lora_A, which the Trainer's own seeding comes too late for.
     set_seed(seed)
@@ -563,13 +571,13 @@ def heldout_rewards(model_path: str | os.PathLike, adapter_dir: str | os.PathLik
     from peft import PeftModel
 
     from repic.vlm.generation import generate_captions
-    from repic.vlm.models import load_model, load_processor
+    from repic.vlm.models import load_model
 
     examples = build_examples(samples, root, seed=seed, **params.get("resize", {}))
     conversations = [(ex["prompt"], ex["images"]) for ex in examples]
     gen = dict(batch_size=batch_size, max_new_tokens=params["grpo"].get("max_completion_length", 256),
                backend=params.get("rollout_backend", "hf"))
-    processor = load_processor(model_path)
+    processor = training_processor(model_path, params)
     model = load_model(model_path, device=device, dtype=dtype)
     answers = {"base": generate_captions(model, processor, conversations, **gen)}
     model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()

@@ -66,9 +66,11 @@ def attn_implementation() -> str:
     return "sdpa"
 
 
-def load_processor(path: str | os.PathLike, *, max_pixels: int | None = None) -> ImageQwenVLProcessor:
+def load_processor(path: str | os.PathLike, *, max_pixels: int | None = None,
+                   min_pixels: int | None = None) -> ImageQwenVLProcessor:
     """The checkpoint's processor, left padding; `max_pixels` caps the image size (RePIC's captioning uses
-    1024*28*28); None keeps the checkpoint's own."""
+    1024*28*28) and `min_pixels` floors it (RePIC's training sets both: 12845056 and 3136); None keeps the
+    checkpoint's own."""
     try:
         processor = ImageQwenVLProcessor.from_pretrained(str(path))
     except OSError as exc:
@@ -81,12 +83,15 @@ def load_processor(path: str | os.PathLike, *, max_pixels: int | None = None) ->
 
         processor.image_processor = AutoImageProcessor.from_pretrained(str(path), backend="pil")
     processor.tokenizer.padding_side = "left"
-    if max_pixels is not None:
+    if max_pixels is not None or min_pixels is not None:
         from transformers.image_utils import SizeDict
 
-        # `size`, not a max_pixels kwarg: transformers deprecates passing max_pixels through to each call.
-        shortest = processor.image_processor.size["shortest_edge"]
-        processor.image_processor.size = SizeDict(shortest_edge=shortest, longest_edge=int(max_pixels))
+        # `size`, not max_pixels/min_pixels kwargs: transformers deprecates passing them through to each call
+        # (transformers 4.49 read its `max_pixels`/`min_pixels` attributes, which RePIC's training sets, instead)
+        size = processor.image_processor.size
+        processor.image_processor.size = SizeDict(
+            shortest_edge=int(min_pixels if min_pixels is not None else size["shortest_edge"]),
+            longest_edge=int(max_pixels if max_pixels is not None else size["longest_edge"]))
     return processor
 
 
