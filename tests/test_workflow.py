@@ -205,13 +205,14 @@ def dvc_clean(repo: Path) -> None:
 # --------------------------------------------------------------------------- the real dvc.yaml
 
 
-def assert_same_dag(repo: Path, exact_inputs: bool = True) -> None:
-    """Snakemake's rules for `repo` have DVC's stages, commands, outputs, params and edges, and (unless a
-    dep only overlaps an out, which DVC links and Snakemake must name exactly) DVC's deps as inputs."""
+def assert_same_dag(repo: Path, exact_inputs: bool = True, rules: dict[str, dict] | None = None) -> None:
+    """Snakemake's rules for `repo` (`rules`, else parsed here) have DVC's stages, commands, outputs, params and
+    edges, and (unless a dep only overlaps an out, which DVC links and Snakemake must name exactly) DVC's deps as
+    inputs."""
     from dvc.dependency.param import ParamsDependency
     from dvc.repo import Repo
 
-    rules = snakemake_rules(repo)
+    rules = rules or snakemake_rules(repo)
     names = {dvc_dag.rule_name(dvc_dag.stage_address(s, repo)): s for s in dvc_stages(repo)}
     assert set(rules) - {"all"} == set(names)
     every_out = [rel(repo, o.fs_path) for s in names.values() for o in s.outs]
@@ -249,9 +250,18 @@ def assert_same_dag(repo: Path, exact_inputs: bool = True) -> None:
     assert snakemake_edges == {(rule[a], rule[b]) for a, b in graph.edges}
 
 
-def test_rules_are_the_dvc_stages() -> None:
+CAPS = {"max_gpu": 1, "max_mem_mb": 3000, "max_threads": 2, "max_runtime": 20, "local_cpu_stages": True}
+
+
+@pytest.fixture(scope="module")
+def root_rules() -> tuple[dict[str, dict], dict[str, dict]]:
+    """The real Snakefile's rules, as built and under `CAPS` (a profile's caps): one Snakemake process."""
+    return snakemake_rules(ROOT, {}, CAPS)
+
+
+def test_rules_are_the_dvc_stages(root_rules) -> None:
     """The real dvc.yaml: same stages, commands, inputs, outputs, params and edges as DVC's own DAG."""
-    assert_same_dag(ROOT)
+    assert_same_dag(ROOT, rules=root_rules[0])
 
 
 def test_deps_that_overlap_outs_link_the_same_stages(tmp_path: Path) -> None:
@@ -278,13 +288,12 @@ def test_deps_that_overlap_outs_link_the_same_stages(tmp_path: Path) -> None:
     assert rules["collect"]["input"] == ["results/a.txt", "results/b.txt"]
 
 
-def test_resources_come_from_dvc_meta_and_profiles_cap_them() -> None:
+def test_resources_come_from_dvc_meta_and_profiles_cap_them(root_rules) -> None:
     stages = {dvc_dag.rule_name(dvc_dag.stage_address(s, ROOT)): s.meta["resources"] for s in dvc_stages(ROOT)}
     # training asks for nodes x GPUs a node (one node of 8 by default): on one node that is `gpu`
     assert stages["train_grpo_lora"]["nodes"] == 1 and "gpu" not in stages["train_grpo_lora"]
     gpus = {name: meta.get("gpu", meta.get("gpus_per_node")) for name, meta in stages.items()}
-    caps = {"max_gpu": 1, "max_mem_mb": 3000, "max_threads": 2, "max_runtime": 20, "local_cpu_stages": True}
-    rules, capped = snakemake_rules(ROOT, {}, caps)
+    rules, capped = root_rules
     for name, meta in stages.items():
         assert rules[name]["threads"] == meta["threads"]
         assert {k: rules[name]["resources"][k] for k in ("gpu", "mem_mb", "runtime")} == {
