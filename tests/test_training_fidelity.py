@@ -650,14 +650,14 @@ def test_advantages_loss_kl_and_gradients_equal_repic_compute_loss(repic, paper,
     step, 8 x accumulation 2 on one process, `grouping: repic`, lm_head adapted, static rollouts) on the tiny
     model, and its second step (the adapter moved, so the KL term is live) is recorded: the rows, the rewards, TRL's
     rollout batch, the adapter, the loss and the LoRA gradients before clipping. RePIC's code, run from its source
-    on the same rollouts, gives the same: its prompt text and processor call the same prompt tokens and pixels; its
-    statements from the gather of the rewards to `(r - mean) / (std + 1e-4)`
-    per group of 8 the same advantages; its `_get_per_token_logps` with the adapter disabled the same reference
-    log-probs; its `compute_loss` (clipped ratio at its GRPOConfig's epsilon, k3 KL at its script's beta,
-    per-sequence token mean), one completion a call, unpadded, as each of its 8 processes ran at accumulation 2,
-    then reduced as DeepSpeed does (summed over micro-steps / accumulation, averaged over processes), the same loss
-    and gradients. TRL 1.16's default `use_bias_correction_kl: true` (the KL term times the importance ratio, whose
-    gradient is not zero on-policy) moves these gradients by ~4e-4 of their scale, over 1000x this test's rounding
+    on the same rollouts, gives the same: its prompt text and processor call (its pixel bounds) the same prompt
+    tokens and pixels; its statements from the gather of the rewards to `(r - mean) / (std + 1e-4)` per group of 8
+    the same advantages; its `_get_per_token_logps` with the adapter disabled the same reference log-probs; its
+    `compute_loss` (clipped ratio at its GRPOConfig's epsilon, k3 KL at its script's beta, per-sequence token
+    mean), one completion a call, unpadded, as each of its 8 processes ran at accumulation 2, then reduced as
+    DeepSpeed does (summed over micro-steps / accumulation, averaged over processes), the same loss and gradients.
+    TRL 1.16's default `use_bias_correction_kl: true` (the KL term times the importance ratio, whose gradient is
+    not zero on-policy) moves these gradients by ~4e-4 of their scale, over 1000x this test's rounding
     (~2e-7): the paper config turns it off."""
     from collections import defaultdict
 
