@@ -40,6 +40,20 @@ def test_mistyped_value_is_named(tmp_path):
         load_params(_write(tmp_path, params))
 
 
+def test_training_pixel_bounds_are_checked(tmp_path):
+    """`train_grpo_lora.min_pixels`/`max_pixels` (the paper config sets RePIC's): whole numbers from 3136 up, the
+    floor not above the cap."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train_grpo_lora"].update(min_pixels=20000, max_pixels=10000)
+    with pytest.raises(RepicError, match=r"train_grpo_lora\.min_pixels: 20000 is above max_pixels 10000"):
+        load_params(_write(tmp_path, params))
+    params["train_grpo_lora"]["min_pixels"] = 100
+    with pytest.raises(RepicError, match=r"train_grpo_lora\.min_pixels: 100 is less than the minimum of 3136"):
+        load_params(_write(tmp_path, params))
+    params["train_grpo_lora"]["min_pixels"] = 3136
+    assert load_params(_write(tmp_path, params))["train_grpo_lora"]["max_pixels"] == 10000
+
+
 def test_missing_section_is_named(tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     del params["score"]

@@ -247,6 +247,10 @@ def validate(params: dict[str, Any], source: str = "params.yaml") -> None:
     errors = sorted(validator.iter_errors(params), key=lambda e: list(e.absolute_path))
     if not errors:
         check_models(params, source)
+        pixels = {k: params["train_grpo_lora"].get(k) for k in ("min_pixels", "max_pixels")}
+        if None not in pixels.values() and pixels["min_pixels"] > pixels["max_pixels"]:
+            raise RepicError(f"{source}: train_grpo_lora.min_pixels: {pixels['min_pixels']} is above max_pixels "
+                             f"{pixels['max_pixels']}")
         return
     err = errors[0]
     where = ".".join(str(p) for p in err.absolute_path)
