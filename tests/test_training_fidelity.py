@@ -692,24 +692,18 @@ def test_advantages_loss_kl_and_gradients_equal_repic_compute_loss(repic, paper,
                                       self.model.named_parameters() if p.requires_grad}))
             out = original(self, *args, **kwargs)
             if keep is not None:
-                records[name].append((self.state.global_step, keep(self, out)))
+                records[name].append((self.state.global_step, keep(self, args, out)))
             return out
         monkeypatch.setattr(owner, name, wrapped)
 
-    def adapter_and_batch(self, out):
+    def rows_adapter_and_batch(self, args, out):  # the rows as RePIC's `__getitem__` built them, and the rollout
         weights = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-        return weights, {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in out.items()}
+        return args[0], weights, {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in out.items()}
 
-    examples = []  # the rows TRL's rollout received, as RePIC's `__getitem__` built them
-    generate_and_score = GRPOTrainer._generate_and_score_completions
-    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions",
-                        lambda self, inputs: examples.append((self.state.global_step, inputs))
-                        or generate_and_score(self, inputs))
-
-    record(GRPOTrainer, "_generate_and_score_completions", adapter_and_batch)
-    record(GRPOTrainer, "_calculate_rewards", lambda self, out: out.detach().clone())
-    record(GRPOTrainer, "_compute_loss", lambda self, out: (out.detach().clone(), self.epsilon_low,
-                                                             self.epsilon_high, self.num_iterations, self.beta))
+    record(GRPOTrainer, "_generate_and_score_completions", rows_adapter_and_batch)
+    record(GRPOTrainer, "_calculate_rewards", lambda self, args, out: out.detach().clone())
+    record(GRPOTrainer, "_compute_loss", lambda self, args, out: (out.detach().clone(), self.epsilon_low,
+                                                                   self.epsilon_high, self.num_iterations, self.beta))
     record(transformers.Trainer, "_clip_grad_norm")
     monkeypatch.setitem(REWARD_REGISTRY, "text_variety", lambda protocol: text_variety)
     sizes = {"max_completion_length": 6, "max_steps": 2, "bf16": False, "gradient_checkpointing": False,
@@ -729,7 +723,7 @@ def test_advantages_loss_kl_and_gradients_equal_repic_compute_loss(repic, paper,
           seed=0, device="cpu")
 
     step = 1
-    (weights, batch), = [r for s, r in records["_generate_and_score_completions"] if s == step]
+    (rows, weights, batch), = [r for s, r in records["_generate_and_score_completions"] if s == step]
     rewards_per_func, = [r for s, r in records["_calculate_rewards"] if s == step]
     losses = [r for s, r in records["_compute_loss"] if s == step]
     trl_grads, = [r for s, r in records["_clip_grad_norm"] if s == step]
@@ -742,7 +736,6 @@ def test_advantages_loss_kl_and_gradients_equal_repic_compute_loss(repic, paper,
 
     # the prompts: RePIC's text (its TRL's `maybe_apply_chat_template` of a conversational prompt: the chat template
     # with the generation prompt) and processor call give TRL 1.16's prompt tokens and pixels
-    rows, = [inputs for s, inputs in examples if s == step]
     processor = load_processor(untied_model_dir)  # with RePIC's bounds (4.49's `min_pixels`/`max_pixels`: 5's `size`)
     processor.image_processor.size = SizeDict(shortest_edge=theirs["min_pixels"], longest_edge=theirs["max_pixels"])
     texts = [processor.apply_chat_template(x["prompt"], tokenize=False, add_generation_prompt=True) for x in rows]

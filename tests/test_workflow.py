@@ -69,12 +69,14 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess
     return proc
 
 
-def snakemake_rules(repo: Path, *configs: dict) -> dict[str, dict] | list[dict[str, dict]]:
-    """The rules Snakemake builds from `repo`'s Snakefile under `configs` (default: none); one config: its
-    rules, several: a list, all from one process."""
-    out = run([sys.executable, "-c", DUMP_RULES, json.dumps(list(configs or [{}]))], repo).stdout
-    rules = json.loads(out.rsplit("RULES=", 1)[1])
-    return rules if len(configs) > 1 else rules[0]
+def snakemake_rules_each(repo: Path, configs: list[dict]) -> list[dict[str, dict]]:
+    """The rules Snakemake builds from `repo`'s Snakefile under each of `configs`, all from one process."""
+    out = run([sys.executable, "-c", DUMP_RULES, json.dumps(configs)], repo).stdout
+    return json.loads(out.rsplit("RULES=", 1)[1])
+
+
+def snakemake_rules(repo: Path) -> dict[str, dict]:
+    return snakemake_rules_each(repo, [{}])[0]
 
 
 def dvc_stages(repo: Path) -> list:
@@ -256,7 +258,7 @@ CAPS = {"max_gpu": 1, "max_mem_mb": 3000, "max_threads": 2, "max_runtime": 20, "
 @pytest.fixture(scope="module")
 def root_rules() -> tuple[dict[str, dict], dict[str, dict]]:
     """The real Snakefile's rules, as built and under `CAPS` (a profile's caps): one Snakemake process."""
-    return snakemake_rules(ROOT, {}, CAPS)
+    return tuple(snakemake_rules_each(ROOT, [{}, CAPS]))
 
 
 def test_rules_are_the_dvc_stages(root_rules) -> None:
